@@ -1,0 +1,1 @@
+"""Cache kinds and the pure functions that operate on any of them."""

@@ -1,0 +1,159 @@
+"""Full (static, preallocated) KV cache, and the doubling "dynamic" growth of it.
+
+Layout: keys and values are `[L, B, K, S, H]` buffers allocated once at a fixed capacity S. Row b's
+token at position p lives in slot p, keys stored already rotated by RoPE (they never move, so they
+never need re-rotation).
+
+Invariants (checked by tests/caches/test_full.py against a NumPy oracle):
+  * after any sequence of appends, slots [0, lengths[b]) of row b hold exactly the concatenation of
+    what was appended to row b, in order; `view().mask` is true on those slots only;
+  * rows never see each other's slots: every write and every read is indexed by the row's own length;
+  * overflow: a token whose position is >= S is not stored (the write is dropped, never clamped onto
+    another slot); `lengths` keeps counting and `overflowed()` turns true for that row. Outside `jit`
+    `kvjax.append` raises `CapacityError` instead; `kvjax.generate` checks capacity before it runs.
+
+Attention reads only the blocks below the longest row (`blockwise_attention`), so a step's cost
+follows the tokens held. "Dynamic" caching is the same pytree grown by `grow()` (doubling the
+capacity) between jitted segments: one compile per capacity bucket.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import RoPE, blockwise_attention, group_queries
+from kvjax.caches import base
+
+
+@struct.dataclass
+class FullCache:
+  """Preallocated cache. k, v: [L, B, K, S, H]; lengths: int32 [B] tokens seen per row."""
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  block_size: int = struct.field(pytree_node=False, default=256)
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+           dtype=jnp.float32, block_size: int | None = None) -> "FullCache":
+    if capacity <= 0:
+      raise ValueError(f"FullCache: capacity must be positive, got {capacity}")
+    shape = (n_layers, batch, kv_heads, capacity, head_dim)
+    bs = block_size or base.pick_block_size(capacity)
+    if capacity % bs:
+      raise ValueError(f"FullCache: block_size {bs} must divide capacity {capacity}")
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               lengths=jnp.zeros((batch,), jnp.int32), block_size=bs)
+
+  # ---- static facts ---------------------------------------------------------------------------
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[3]
+
+  @property
+  def n_layers(self) -> int:
+    return self.k.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.k.shape[4]
+
+  def overflowed(self) -> jax.Array:
+    """bool [B]: rows that were given more tokens than the capacity (those tokens were dropped)."""
+    return self.lengths > self.capacity
+
+  def has_room(self, n: int) -> jax.Array:
+    """bool []: every row can take n more tokens (traceable; the decode loop's guard)."""
+    return jnp.max(self.lengths) + n <= self.capacity
+
+  def fits(self, n_tokens: int) -> bool:
+    """Python bool: a row of n_tokens tokens fits (checked before jitting)."""
+    return n_tokens <= self.capacity
+
+  def filled(self) -> jax.Array:
+    """int32 [B]: slots that hold a token."""
+    return jnp.minimum(self.lengths, self.capacity)
+
+  # ---- protocol -------------------------------------------------------------------------------
+  def write(self, layer: int, k, v, n_valid=None) -> "FullCache":
+    """Stores k, v [B, T, K, H] of one layer at each row's own next slots (lengths unchanged).
+
+    Tokens at positions >= capacity are dropped (scatter mode "drop"), never clamped. Padding tokens
+    (t >= n_valid[b]) are written too but stay outside the valid region: the next append of that
+    row overwrites them.
+    """
+    slots = base.row_slots(self.lengths, k.shape[1])  # [B, T]
+    rows = jnp.arange(self.batch)[:, None]  # [B, 1]
+    new_k = self.k.at[layer, rows, :, slots, :].set(k.astype(self.k.dtype), mode="drop")
+    new_v = self.v.at[layer, rows, :, slots, :].set(v.astype(self.v.dtype), mode="drop")
+    return self.replace(k=new_k, v=new_v)
+
+  def advance(self, n_valid) -> "FullCache":
+    return self.replace(lengths=self.lengths + n_valid)
+
+  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+    """Rotates, stores, and attends over the filled blocks of `layer`. Returns (out [B,T,N,H], cache)."""
+    positions = base.row_slots(self.lengths, q.shape[1])  # [B, T]
+    q = rope.apply(q, positions)
+    k = rope.apply(k, positions)
+    cache = self.write(layer, k, v)
+    kv_len = jnp.minimum(self.lengths + n_valid, self.capacity)
+    qg = group_queries(q * (q.shape[-1] ** -0.5), self.kv_heads)
+    bs = self.block_size
+
+    def load_block(_, __, start):
+      shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
+      idx = (layer, 0, 0, start, 0)
+      kb = jax.lax.dynamic_slice(cache.k, idx, shape)[0]
+      vb = jax.lax.dynamic_slice(cache.v, idx, shape)[0]
+      return kb, vb
+
+    out = blockwise_attention(qg, None, None, positions, kv_len, block_size=bs, load_block=load_block)
+    return out, cache
+
+  def view(self) -> base.CacheView:
+    slots = jnp.arange(self.capacity, dtype=jnp.int32)
+    live = slots[None, :] < self.filled()[:, None]  # [B, S]
+    shape = (self.n_layers, self.batch, self.kv_heads, self.capacity)
+    mask = jnp.broadcast_to(live[None, :, None, :], shape)
+    positions = jnp.broadcast_to(jnp.where(live, slots[None, :], -1)[None, :, None, :], shape)
+    return base.CacheView(keys=self.k, values=self.v, mask=mask, positions=positions)
+
+  def reset(self) -> "FullCache":
+    """Empty cache of the same shapes (buffers keep stale values, hidden by lengths = 0)."""
+    return self.replace(lengths=jnp.zeros_like(self.lengths))
+
+  def nbytes(self) -> dict[str, int]:
+    return base.tree_nbytes(self)
+
+  # ---- beam search / speculative decoding -------------------------------------------------------
+  def crop(self, length) -> "FullCache":
+    """Forgets every token at position >= length (per row if length is [B])."""
+    return self.replace(lengths=jnp.minimum(self.lengths, jnp.asarray(length, jnp.int32)))
+
+  def reorder(self, indices) -> "FullCache":
+    """Row b of the result is row indices[b] of this cache (beam reordering)."""
+    indices = jnp.asarray(indices, jnp.int32)
+    return self.replace(k=jnp.take(self.k, indices, axis=1), v=jnp.take(self.v, indices, axis=1),
+                        lengths=jnp.take(self.lengths, indices, axis=0))
+
+  def grow(self, capacity: int) -> "FullCache":
+    """Same contents in a larger buffer (call outside jit; shapes change)."""
+    if capacity < self.capacity:
+      raise ValueError(f"grow: new capacity {capacity} is smaller than the current {self.capacity}")
+    pad = [(0, 0)] * 5
+    pad[3] = (0, capacity - self.capacity)
+    return FullCache(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad), lengths=self.lengths,
+                     block_size=base.pick_block_size(capacity))

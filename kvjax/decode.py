@@ -1,0 +1,366 @@
+"""Generation: one jitted prefill of the whole prompt, then a jitted `lax.while_loop` decode.
+
+The decode loop knows the model only through `Llama.apply` and the cache only through its
+protocol. Its carry (`DecodeState`) has fixed shapes; each step writes one token per row into the
+cache (in place, the state is donated) and into a preallocated output buffer.
+
+Compiles: one prefill and one decode executable per (batch, prompt bucket, capacity, output
+bucket, cache spec, sampler, dtype). Prompt lengths are padded up to a bucket (powers of two to
+256, then multiples of 256); `max_new_tokens` is a run-time value bounded by the output bucket.
+`compile_stats()` reports how many executables were built and how long that took.
+
+`cache="none"` is the uncached baseline: every step runs the full causal forward over the prefix,
+padded to a multiple of 32 tokens (one compile per bucket), so its cost grows with the prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kvjax import spec as spec_lib
+from kvjax.caches.base import CapacityError
+from kvjax.models.llama import Llama, params_dtype
+from kvjax.sampling import GREEDY, Sampler
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets and the executable table
+# ---------------------------------------------------------------------------------------------
+def prompt_bucket(n: int) -> int:
+  """Padded prompt length: powers of two from 16 up to 256, then multiples of 256."""
+  if n <= 256:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+  return -(-n // 256) * 256
+
+
+def output_bucket(n: int) -> int:
+  """Size of the generated-token buffer: a power of two >= n (at least 16)."""
+  return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def capacity_for(n_tokens: int) -> int:
+  """Default static capacity: a power of two up to 256, then a multiple of 256."""
+  return prompt_bucket(n_tokens)
+
+
+@dataclasses.dataclass
+class _Executables:
+  """Compiled executables keyed by function, static settings and argument shapes."""
+
+  table: dict = dataclasses.field(default_factory=dict)
+  n_compiles: int = 0
+  compile_s: float = 0.0
+
+  def get(self, fn: Callable, static: dict, args: tuple, donate: tuple = ()):
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    signature = tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+    key = (fn.__name__, tuple(sorted(static.items())), treedef, signature, donate)
+    compiled = self.table.get(key)
+    if compiled is None:
+      start = time.perf_counter()
+      jitted = jax.jit(lambda *a: fn(*a, **static), donate_argnums=donate)
+      compiled = jitted.lower(*args).compile()
+      self.compile_s += time.perf_counter() - start
+      self.n_compiles += 1
+      self.table[key] = compiled
+    return compiled
+
+
+_EXECUTABLES = _Executables()
+
+
+def compile_stats() -> dict:
+  """{'n_compiles': executables built so far in this process, 'compile_s': time spent building}."""
+  return {"n_compiles": _EXECUTABLES.n_compiles, "compile_s": _EXECUTABLES.compile_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pieces
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class DecodeState:
+  """Carry of the decode loop.
+
+  cache: the cache pytree.  out: int32 [B, O] generated ids (pad after a row's EOS).
+  last: int32 [B] the token to feed next.  step: int32 [] tokens generated so far.
+  done: bool [B] rows that produced EOS.  n_generated: int32 [B].  key: PRNG key.
+  """
+
+  cache: Any
+  out: jax.Array
+  last: jax.Array
+  step: jax.Array
+  done: jax.Array
+  n_generated: jax.Array
+  key: jax.Array
+
+
+def _prefill(params, tokens, prompt_lengths, cache, key, eos_id, *, config, sampler, dtype, out_size):
+  model = Llama(config, dtype)
+  logits, cache = model.apply({"params": params}, tokens, cache, prompt_lengths,
+                              logits_at=prompt_lengths - 1)
+  key, sub = jax.random.split(key)
+  first = sampler(logits, sub)
+  batch = tokens.shape[0]
+  out = jnp.zeros((batch, out_size), jnp.int32).at[:, 0].set(first)
+  return DecodeState(cache=cache, out=out, last=first, step=jnp.int32(1), done=first == eos_id,
+                     n_generated=jnp.ones((batch,), jnp.int32), key=key), logits
+
+
+def _decode(params, state: DecodeState, stop_at, eos_id, pad_id, *, config, sampler, dtype):
+  model = Llama(config, dtype)
+
+  def cond(s: DecodeState):
+    return (s.step < stop_at) & ~jnp.all(s.done) & s.cache.has_room(1)
+
+  def body(s: DecodeState):
+    logits, cache = model.apply({"params": params}, s.last[:, None], s.cache)
+    key, sub = jax.random.split(s.key)
+    token = sampler(logits[:, 0], sub)
+    token = jnp.where(s.done, pad_id, token)
+    out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))
+    return DecodeState(cache=cache, out=out, last=token, step=s.step + 1,
+                       done=s.done | (token == eos_id), n_generated=s.n_generated + (~s.done),
+                       key=key)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def _uncached_step(params, tokens, lengths, key, *, config, sampler, dtype):
+  model = Llama(config, dtype)
+  logits, _ = model.apply({"params": params}, tokens, None, lengths, logits_at=lengths - 1)
+  key, sub = jax.random.split(key)
+  return sampler(logits, sub), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt handling
+# ---------------------------------------------------------------------------------------------
+def normalize_prompts(prompts, tokenizer=None, prompt_lengths=None, padding: str = "right"):
+  """Returns (ids int32 [B, P] right-padded with 0, lengths int32 [B]).
+
+  Accepts: a string or list of strings (needs `tokenizer`), a list of ints (one row), a list of
+  lists of ints (ragged rows), or a 2-D array with optional `prompt_lengths` and `padding`
+  ('right': real tokens first, 'left': real tokens last).
+  """
+  if padding not in ("left", "right"):
+    raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+  if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                  and all(isinstance(p, str) for p in prompts)):
+    if tokenizer is None:
+      raise TypeError("text prompts need a model with a tokenizer; pass token ids instead")
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    rows = [tokenizer.encode(t) for t in texts]
+  elif isinstance(prompts, (list, tuple)):
+    if not prompts:
+      raise ValueError("empty prompt: give at least one token")
+    if all(isinstance(p, (int, np.integer)) for p in prompts):
+      rows = [list(prompts)]
+    elif all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
+      rows = [list(np.asarray(p).reshape(-1)) for p in prompts]
+    else:
+      raise TypeError("prompts must be a string, a list of ints, a list of lists of ints, or a 2-D array")
+  else:
+    arr = np.asarray(prompts)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2:
+      raise ValueError(f"prompt array must be [batch, length], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise TypeError(f"prompt ids must be integers, got dtype {arr.dtype}")
+    lengths = np.full(arr.shape[0], arr.shape[1]) if prompt_lengths is None else np.asarray(prompt_lengths)
+    if lengths.shape != (arr.shape[0],):
+      raise ValueError(f"prompt_lengths must have shape [batch]=({arr.shape[0]},), got {lengths.shape}")
+    if (lengths > arr.shape[1]).any() or (lengths < 0).any():
+      raise ValueError(f"prompt_lengths must lie in [1, {arr.shape[1]}], got {lengths.tolist()}")
+    if padding == "right":
+      rows = [list(arr[b, :n]) for b, n in enumerate(lengths)]
+    else:
+      rows = [list(arr[b, arr.shape[1] - n:]) for b, n in enumerate(lengths)]
+  if not rows:
+    raise ValueError("empty prompt batch: give at least one prompt")
+  for b, row in enumerate(rows):
+    if len(row) == 0:
+      raise ValueError(f"empty prompt in row {b}: every row needs at least one token")
+  lengths = np.array([len(r) for r in rows], np.int32)
+  ids = np.zeros((len(rows), lengths.max()), np.int32)
+  for b, row in enumerate(rows):
+    ids[b, :len(row)] = np.asarray(row, np.int64)
+  return ids, lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GenerateResult:
+  """What `generate` returns. tokens: int32 [B, max_new_tokens], pad_id after a row's EOS."""
+
+  tokens: np.ndarray
+  n_generated: np.ndarray
+  prompt_ids: np.ndarray
+  prompt_lengths: np.ndarray
+  cache: Any
+  prefill_s: float
+  decode_s: float
+  compile_s: float
+  n_compiles: int
+  spec: str
+
+  @property
+  def decode_tok_per_s(self) -> float:
+    """Tokens produced by the decode loop (all rows, after the prefill's first) per second."""
+    produced = int(np.sum(np.maximum(self.n_generated - 1, 0)))
+    return produced / self.decode_s if self.decode_s > 0 else float("nan")
+
+  @property
+  def cache_bytes(self) -> dict:
+    return {} if self.cache is None else self.cache.nbytes()
+
+
+def _validate_vocab(ids: np.ndarray, vocab: int):
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+    raise ValueError(f"prompt token ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
+
+
+def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int | None = None,
+             sampler: Sampler = GREEDY, seed: int | jax.Array = 0, eos_id: int | None = None,
+             pad_id: int | None = None, prompt_lengths=None, padding: str = "right",
+             stop_at_eos: bool = True, on_tokens: Callable[[np.ndarray], None] | None = None,
+             stream_chunk: int = 1) -> GenerateResult:
+  """Generates up to `max_new_tokens` per row.
+
+  Args:
+    model: anything with `.config` and `.params` (and `.tokenizer` for text prompts), e.g. the
+      result of `kvjax.load`.
+    prompts: see `normalize_prompts`; ragged rows are fine.
+    cache: spec string or `CacheSpec` ("full", "dynamic", "none", ...).
+    capacity: cache slots per row (full cache); default: the prompt plus max_new_tokens, bucketed.
+    sampler: `Sampler` (greedy by default); seed: int or PRNG key.
+    eos_id: stop a row when it emits this id (default: the tokenizer's EOS if `stop_at_eos`).
+    on_tokens: called with each new block of tokens [B, n] as they are produced (streaming).
+  """
+  cfg = model.config
+  params = model.params
+  tokenizer = getattr(model, "tokenizer", None)
+  spec = spec_lib.parse_spec(cache)
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if not isinstance(sampler, Sampler):
+    raise TypeError(f"sampler must be a kvjax.Sampler, got {type(sampler).__name__}")
+  ids, lengths = normalize_prompts(prompts, tokenizer, prompt_lengths, padding)
+  _validate_vocab(ids, cfg.vocab_size)
+  if eos_id is None and stop_at_eos and tokenizer is not None:
+    eos_id = tokenizer.eos_id
+  eos = -1 if eos_id is None else int(eos_id)
+  pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
+  key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
+  dtype = params_dtype(params)
+  static = dict(config=cfg, sampler=sampler, dtype=dtype)
+
+  if spec.mode == "none":
+    return _generate_uncached(params, ids, lengths, max_new_tokens, key, eos, pad, static, spec, on_tokens)
+
+  batch, p_max = ids.shape
+  longest = int(lengths.max())
+  needed = longest + max_new_tokens - 1  # the last sampled token is never fed back
+  if spec.mode == "dynamic":
+    cap = capacity or max(64, 1 << longest.bit_length())
+  else:
+    cap = capacity or capacity_for(needed)
+  if capacity is not None and (not isinstance(capacity, (int, np.integer)) or capacity < 1):
+    raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+  if cap < longest:
+    raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
+  kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype)
+  if spec.mode == "full" and not kv_cache.fits(needed):
+    raise CapacityError(
+        f"max_new_tokens={max_new_tokens} with a {longest}-token prompt needs {needed} cache slots, "
+        f"but the cache capacity is {cap}; raise capacity or lower max_new_tokens")
+
+  # Padding tokens past the capacity are dropped by the cache's write, so the bucket may exceed it.
+  p_bucket = prompt_bucket(p_max)
+  tokens = np.zeros((batch, p_bucket), np.int32)
+  tokens[:, :p_max] = ids
+  args = (params, jnp.asarray(tokens), jnp.asarray(lengths), kv_cache, key, jnp.int32(eos))
+  prefill = _EXECUTABLES.get(_prefill, dict(static, out_size=output_bucket(max_new_tokens)), args,
+                             donate=(3,))
+  start = time.perf_counter()
+  state, _ = prefill(*args)
+  jax.block_until_ready(state)
+  prefill_s = time.perf_counter() - start
+  if on_tokens is not None:
+    on_tokens(np.asarray(state.out[:, :1]))
+
+  decode_s = 0.0
+  emitted = 1
+  while True:
+    step = int(state.step)
+    if step >= max_new_tokens or bool(jnp.all(state.done)):
+      break
+    if not bool(state.cache.has_room(1)):
+      state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
+    stop_at = max_new_tokens if on_tokens is None else min(max_new_tokens, step + stream_chunk)
+    dargs = (params, state, jnp.int32(stop_at), jnp.int32(eos), jnp.int32(pad))
+    decode = _EXECUTABLES.get(_decode, static, dargs, donate=(1,))
+    start = time.perf_counter()
+    state = decode(*dargs)
+    jax.block_until_ready(state)
+    decode_s += time.perf_counter() - start
+    if on_tokens is not None:
+      new_step = int(state.step)
+      on_tokens(np.asarray(state.out[:, emitted:new_step]))
+      emitted = new_step
+
+  out = np.asarray(state.out[:, :max_new_tokens])
+  n_gen = np.asarray(state.n_generated)
+  out = np.where(np.arange(max_new_tokens)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
+  stats = compile_stats()
+  return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
+                        cache=state.cache, prefill_s=prefill_s, decode_s=decode_s,
+                        compile_s=stats["compile_s"], n_compiles=stats["n_compiles"], spec=str(spec))
+
+
+def _generate_uncached(params, ids, lengths, max_new, key, eos, pad, static, spec, on_tokens):
+  batch = ids.shape[0]
+  total = int(lengths.max()) + max_new
+  buf = np.zeros((batch, total + 32), np.int32)
+  buf[:, :ids.shape[1]] = ids
+  cur = lengths.copy()
+  out = np.full((batch, max_new), pad, np.int32)
+  done = np.zeros(batch, bool)
+  n_gen = np.zeros(batch, np.int32)
+  prefill_s = decode_s = 0.0
+  for step in range(max_new):
+    width = -(-int(cur.max()) // 32) * 32
+    args = (params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key)
+    fn = _EXECUTABLES.get(_uncached_step, static, args)
+    start = time.perf_counter()
+    token, key = fn(*args)
+    token = np.asarray(token)
+    elapsed = time.perf_counter() - start
+    if step == 0:
+      prefill_s = elapsed
+    else:
+      decode_s += elapsed
+    token = np.where(done, pad, token)
+    out[:, step] = token
+    n_gen += ~done
+    done |= token == eos
+    buf[np.arange(batch), cur] = token
+    cur = cur + 1
+    if on_tokens is not None:
+      on_tokens(token[:, None])
+    if done.all():
+      break
+  stats = compile_stats()
+  return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
+                        cache=None, prefill_s=prefill_s, decode_s=decode_s,
+                        compile_s=stats["compile_s"], n_compiles=stats["n_compiles"], spec=str(spec))

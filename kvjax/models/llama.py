@@ -1,0 +1,180 @@
+"""Llama-architecture decoder in Flax (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+
+The model never owns a cache: `__call__` takes one and returns the new one, and each attention
+layer hands its new keys/values to `cache.attend(layer, ...)`, which decides how to store them and
+what to attend over. With `cache=None` it is the plain causal forward (training-style, and the
+uncached baseline).
+
+Weights are stored `[out, in]` (as GGUF and PyTorch store them), one set of arrays per layer
+(`layers_0`, `layers_1`, ...): slicing layers out of stacked arrays inside the step cost 2.6x on CPU.
+
+Param tree:
+  embed/embedding [V, D]
+  layers_i/attn_norm/scale [D]
+  layers_i/attn/{wq [N*H, D], wk [K*H, D], wv [K*H, D], wo [D, N*H]}
+  layers_i/mlp_norm/scale [D]
+  layers_i/mlp/{w_gate [F, D], w_up [F, D], w_down [D, F]}
+  final_norm/scale [D]
+  lm_head/kernel [V, D]        (only when embeddings are not tied)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.attention import RoPE, causal_attention
+from kvjax.models.config import LlamaConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] times w [out, in] -> [..., out]."""
+  return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+
+
+def default_dtype():
+  """fp32 on CPU (bf16 is slower there), bf16 on accelerators."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * scale).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cache, n_valid, positions):
+    c = self.config
+    b, t, _ = x.shape
+    wq = self.param("wq", _init, (c.n_heads * c.head_dim, c.dim), self.dtype)
+    wk = self.param("wk", _init, (c.n_kv_heads * c.head_dim, c.dim), self.dtype)
+    wv = self.param("wv", _init, (c.n_kv_heads * c.head_dim, c.dim), self.dtype)
+    wo = self.param("wo", _init, (c.dim, c.n_heads * c.head_dim), self.dtype)
+    q = linear(x, wq).reshape(b, t, c.n_heads, c.head_dim)  # [B, T, N, H]
+    k = linear(x, wk).reshape(b, t, c.n_kv_heads, c.head_dim)  # [B, T, K, H]
+    v = linear(x, wv).reshape(b, t, c.n_kv_heads, c.head_dim)
+    rope = RoPE(c.head_dim, c.rope_theta)
+    if cache is None:
+      out = causal_attention(rope.apply(q, positions), rope.apply(k, positions), v, positions, n_valid)
+    else:
+      out, cache = cache.attend(self.layer, q, k, v, rope, n_valid)
+    return linear(out.reshape(b, t, c.n_heads * c.head_dim), wo), cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    w_gate = self.param("w_gate", _init, (c.ffn_dim, c.dim), self.dtype)
+    w_up = self.param("w_up", _init, (c.ffn_dim, c.dim), self.dtype)
+    w_down = self.param("w_down", _init, (c.dim, c.ffn_dim), self.dtype)
+    return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cache, n_valid, positions):
+    c = self.config
+    h, cache = Attention(c, self.layer, self.dtype, name="attn")(
+        RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), cache, n_valid, positions)
+    x = x + h
+    x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x))
+    return x, cache
+
+
+class Llama(nn.Module):
+  """Decoder. `__call__(tokens [B, T], cache, n_valid [B], logits_at [B]) -> (logits, cache)`.
+
+  * cache None: causal forward over `tokens` at positions 0..T-1 (`n_valid` masks right padding).
+  * cache given: the tokens continue each row at `cache.lengths`; `n_valid[b]` of them are real.
+  * logits_at: if given, only the hidden state at index `logits_at[b]` of each row goes through the
+    LM head, and logits are [B, V] instead of [B, T, V] (prefill needs just the last one).
+  """
+
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, cache=None, n_valid=None, logits_at=None):
+    c = self.config
+    b, t = tokens.shape
+    embedding = Embed(c, self.dtype, name="embed")()  # [V, D]
+    x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [B, T, D]
+    if n_valid is None:
+      n_valid = jnp.full((b,), t, jnp.int32)
+    if cache is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    else:
+      positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+    for i in range(c.n_layers):
+      x, cache = Block(c, i, self.dtype, name=f"layers_{i}")(x, cache, n_valid, positions)
+    if cache is not None:
+      cache = cache.advance(n_valid)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
+    x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
+    head = embedding if c.tie_embeddings else LMHead(c, self.dtype, name="lm_head")()  # [V, D]
+    logits = jnp.einsum("...d,vd->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return logits, cache
+
+
+class Embed(nn.Module):
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param("embedding", _init, (self.config.vocab_size, self.config.dim), self.dtype)
+
+
+class LMHead(nn.Module):
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", _init, (self.config.vocab_size, self.config.dim), self.dtype)
+
+
+def init_params(config: LlamaConfig, seed: int = 0, dtype=None):
+  """Random weights (normal, std 0.02; norms at 1) with the param tree documented above."""
+  dtype = dtype or default_dtype()
+  model = Llama(config, dtype)
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+  return jax.tree_util.tree_map(lambda p: p.astype(dtype) if p.ndim > 1 else p, params)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def forward(config: LlamaConfig, params, tokens, n_valid=None):
+  """Full causal forward without a cache: tokens [B, T] -> logits [B, T, V] (fp32)."""
+  logits, _ = Llama(config, params_dtype(params)).apply({"params": params}, tokens, None, n_valid)
+  return logits
+
+
+def params_dtype(params):
+  """Compute dtype of a param tree: the dtype its embedding is stored in."""
+  return params["embed"]["embedding"].dtype

@@ -1,0 +1,52 @@
+"""Token samplers: greedy, temperature, top-k and top-p, from an explicit PRNG key.
+
+A `Sampler` is a frozen dataclass (static under jit): `sampler(logits [B, V], key) -> ids [B]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 mean no truncation."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"Sampler: temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"Sampler: top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"Sampler: top_p must lie in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+  def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    if self.greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / self.temperature
+    if self.top_k:
+      kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][..., -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if self.top_p < 1.0:
+      sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+      cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+      # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+      keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < self.top_p
+      cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+      logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+GREEDY = Sampler()
