@@ -1,13 +1,27 @@
 """Cache specs: the typed description of a cache, and its string form.
 
-A spec string is terms joined by `+`, e.g. `full`, `none`, `dynamic`. `parse_spec` turns it into a
-`CacheSpec` (frozen, hashable: a static jit argument); `str(spec)` gives the canonical string back.
-`make_cache(spec, config, batch, capacity)` builds the cache pytree of the kind the spec names.
+A spec string is terms joined by `+`:
+
+  full | dynamic | none        how the token axis is allocated (default full: static, preallocated)
+  window:N                     keep the N most recent tokens (ring buffer)
+  sink:S                       also keep the first S tokens forever (StreamingLLM; needs window)
+  int8 | int4 | int2 | int3    quantized storage, bit-packed, with per-group scales
+  residual:R                   the R most recent tokens stay full precision (needs intN)
+  group:G                      quantization group size (default 32)
+  h2o:K                        keep the K heaviest-attended tokens (needs window for the recent part)
+  offload                      older blocks live in host memory
+  tier:64:fp32,512:int8,4096:int2   budgets per precision tier, newest first
+  share:G  |  share:G:cal      layers in groups of G share one cache (cal: calibrated linear maps)
+
+`parse_spec` turns a string into a `CacheSpec` (frozen, hashable: a static jit argument) and
+rejects unknown, malformed and contradictory terms with a `SpecError` naming the term; `str(spec)`
+gives the canonical string back. `make_cache` builds the cache pytree of the kind the spec names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax.numpy as jnp
 
@@ -18,29 +32,149 @@ class SpecError(ValueError):
   """A cache spec that names an unknown, malformed or contradictory term."""
 
 
+SUPPORTED_BITS = (8, 4, 3, 2)
+TIER_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "int3", "int2")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-  """Typed cache configuration.
-
-  mode: "full" (static preallocated), "dynamic" (full, grown by doubling between jitted segments)
-    or "none" (no cache: every step recomputes the whole prefix).
-  """
+  """Typed cache configuration; see the module docstring for the meaning of each term."""
 
   mode: str = "full"
+  window: int | None = None
+  sink: int = 0
+  bits: int | None = None
+  residual: int | None = None
+  group: int = 32
+  h2o: int | None = None
+  offload: bool = False
+  tiers: tuple[tuple[int, str], ...] | None = None
+  share: int = 1
+  share_calibrated: bool = False
 
   def __post_init__(self):
+    def positive(term, value):
+      if value is not None and (not isinstance(value, int) or value <= 0):
+        raise SpecError(f"{term}:{value} must be a positive integer")
+
     if self.mode not in ("full", "dynamic", "none"):
       raise SpecError(f"unknown cache mode {self.mode!r}; expected full, dynamic or none")
+    positive("window", self.window)
+    positive("residual", self.residual)
+    positive("group", self.group)
+    positive("h2o", self.h2o)
+    positive("share", self.share)
+    if not isinstance(self.sink, int) or self.sink < 0:
+      raise SpecError(f"sink:{self.sink} must be a non-negative integer")
+    if self.bits is not None and self.bits not in SUPPORTED_BITS:
+      raise SpecError(f"int{self.bits}: unsupported bit width; supported: "
+                      + ", ".join(f"int{b}" for b in SUPPORTED_BITS))
+    if self.sink and self.window is None:
+      raise SpecError(f"sink:{self.sink} needs a window:N term (sinks are kept beside a recent window)")
+    if self.residual is not None and self.bits is None:
+      raise SpecError(f"residual:{self.residual} needs a quantized storage term (int8, int4, int2)")
+    if self.residual is not None and self.residual % self.group:
+      raise SpecError(f"residual:{self.residual} must be a multiple of group:{self.group}")
+    if self.h2o is not None and self.window is None:
+      raise SpecError(f"h2o:{self.h2o} needs a window:N term for the recent tokens it always keeps")
+    bounded = self.window is not None or self.tiers is not None
+    if self.mode == "none" and (bounded or self.bits or self.h2o or self.offload or self.share > 1):
+      raise SpecError("'none' (no cache) cannot be combined with other cache terms")
+    if self.mode == "dynamic" and bounded:
+      raise SpecError("'dynamic' grows an unbounded cache; it contradicts window/tier budgets")
+    if self.tiers is not None:
+      if self.window is not None or self.bits is not None or self.h2o is not None:
+        raise SpecError("tier:... sets its own budgets and precisions; drop window/intN/h2o terms")
+      for budget, dtype in self.tiers:
+        if dtype not in TIER_DTYPES:
+          raise SpecError(f"tier dtype {dtype!r} is unknown; expected one of {', '.join(TIER_DTYPES)}")
+        positive("tier budget", budget)
+    if self.share_calibrated and self.share == 1:
+      raise SpecError("share:1:cal shares nothing; use share:G with G >= 2")
+    if self.offload and (self.window is not None or self.tiers is not None):
+      raise SpecError("offload moves old blocks of an unbounded cache to host memory; "
+                      "a window/tier cache is already bounded")
 
-  def __str__(self) -> str:
-    return self.mode
-
+  # ---- derived facts --------------------------------------------------------------------------
   @property
   def uses_cache(self) -> bool:
     return self.mode != "none"
 
+  @property
+  def bounded(self) -> bool:
+    """True when memory stays fixed however long the sequence (window, sinks, h2o, tiers)."""
+    return self.window is not None or self.tiers is not None
 
-_MODES = ("full", "dynamic", "none")
+  @property
+  def budget(self) -> int | None:
+    """Tokens a bounded cache holds at most (per row, layer and kv head)."""
+    if self.tiers is not None:
+      return sum(b for b, _ in self.tiers)
+    if self.window is not None:
+      return self.window + self.sink + (self.h2o or 0)
+    return None
+
+  @property
+  def lossless(self) -> bool:
+    """True when the cache keeps every token at full precision (same logits as no cache)."""
+    return (self.uses_cache and self.bits is None and not self.bounded
+            and not (self.share > 1))
+
+  @property
+  def kind(self) -> str:
+    """Name of the module in kvjax.caches that implements this spec."""
+    if self.share > 1:
+      return "shared"
+    if self.tiers is not None:
+      return "tiered"
+    if self.h2o is not None:
+      return "h2o"
+    if self.window is not None:
+      return "window"
+    if self.bits is not None:
+      return "quantized"
+    if self.offload:
+      return "offload"
+    return "full"
+
+  def replace(self, **changes) -> "CacheSpec":
+    return dataclasses.replace(self, **changes)
+
+  def __str__(self) -> str:
+    terms = []
+    if self.mode != "full" or not any((self.window, self.bits, self.h2o, self.offload, self.tiers,
+                                       self.share > 1)):
+      terms.append(self.mode)
+    if self.tiers is not None:
+      terms.append("tier:" + ",".join(f"{b}:{d}" for b, d in self.tiers))
+    if self.bits is not None:
+      terms.append(f"int{self.bits}")
+    if self.residual is not None:
+      terms.append(f"residual:{self.residual}")
+    if self.group != 32:
+      terms.append(f"group:{self.group}")
+    if self.h2o is not None:
+      terms.append(f"h2o:{self.h2o}")
+    if self.sink:
+      terms.append(f"sink:{self.sink}")
+    if self.window is not None:
+      terms.append(f"window:{self.window}")
+    if self.offload:
+      terms.append("offload")
+    if self.share > 1:
+      terms.append(f"share:{self.share}" + (":cal" if self.share_calibrated else ""))
+    return "+".join(terms)
+
+
+_INT_TERMS = {"window": "window", "sink": "sink", "residual": "residual", "group": "group", "h2o": "h2o"}
+
+
+def _int_value(term: str, raw: str) -> int:
+  try:
+    value = int(raw)
+  except ValueError:
+    raise SpecError(f"term {term!r}: {raw!r} is not an integer") from None
+  return value
 
 
 def parse_spec(spec) -> CacheSpec:
@@ -49,26 +183,75 @@ def parse_spec(spec) -> CacheSpec:
     return spec
   if not isinstance(spec, str):
     raise TypeError(f"cache spec must be a string or CacheSpec, got {type(spec).__name__}")
-  terms = [t.strip() for t in spec.strip().lower().split("+")]
-  if not spec.strip() or any(not t for t in terms):
-    raise SpecError(f"empty term in cache spec {spec!r}")
-  mode = None
-  for term in terms:
-    if term in _MODES:
-      if mode is not None:
-        raise SpecError(f"cache spec {spec!r}: term {term!r} contradicts {mode!r}")
-      mode = term
+  if not spec.strip():
+    raise SpecError("empty cache spec")
+  fields: dict = {}
+  seen: set[str] = set()
+  for term in (t.strip() for t in spec.strip().lower().split("+")):
+    if not term:
+      raise SpecError(f"empty term in cache spec {spec!r}")
+    name, _, rest = term.partition(":")
+    key = "mode" if name in ("full", "dynamic", "none") else ("bits" if name.startswith("int") else name)
+    if key in seen:
+      raise SpecError(f"cache spec {spec!r}: term {term!r} repeats or contradicts an earlier term")
+    seen.add(key)
+    if name in ("full", "dynamic", "none", "offload"):
+      if rest:
+        raise SpecError(f"term {term!r}: {name} takes no value")
+      if name == "offload":
+        fields["offload"] = True
+      else:
+        fields["mode"] = name
+    elif name.startswith("int"):
+      if rest or not name[3:].isdigit():
+        raise SpecError(f"term {term!r}: expected int8, int4, int3 or int2")
+      fields["bits"] = int(name[3:])
+    elif name in _INT_TERMS:
+      if not rest:
+        raise SpecError(f"term {term!r}: {name} needs a value, e.g. {name}:64")
+      fields[_INT_TERMS[name]] = _int_value(term, rest)
+    elif name == "tier":
+      tiers = []
+      for part in rest.split(","):
+        budget, _, dtype = part.partition(":")
+        if not dtype:
+          raise SpecError(f"term {term!r}: each tier is BUDGET:DTYPE, e.g. tier:64:fp32,512:int8")
+        tiers.append((_int_value(term, budget), dtype))
+      fields["tiers"] = tuple(tiers)
+    elif name == "share":
+      value, _, flag = rest.partition(":")
+      if flag not in ("", "cal"):
+        raise SpecError(f"term {term!r}: expected share:G or share:G:cal")
+      fields["share"] = _int_value(term, value)
+      fields["share_calibrated"] = flag == "cal"
     else:
-      raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: {', '.join(_MODES)})")
-  return CacheSpec(mode=mode or "full")
+      raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: full, dynamic, none, "
+                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, offload, "
+                      "tier:..., share:G)")
+  return CacheSpec(**fields)
 
 
-def make_cache(spec, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32):
-  """Builds an empty cache of the kind `spec` names, for `batch` rows and `capacity` slots."""
-  from kvjax.caches.full import FullCache
+def make_cache(spec, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32, **options):
+  """Builds an empty cache of the kind `spec` names, for `batch` rows.
 
+  capacity: slots per row for unbounded kinds (full, dynamic, quantized, offload); bounded kinds
+  size themselves from their budget, and a budget larger than `capacity` is an error.
+  options: kind-specific extras (e.g. calibration maps for share:G:cal).
+  """
   spec = parse_spec(spec)
   if not spec.uses_cache:
     raise SpecError("cache spec 'none' has no cache object: it recomputes the prefix every step")
-  return FullCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
-                        head_dim=config.head_dim, capacity=capacity, dtype=dtype)
+  if not isinstance(batch, int) or batch <= 0:
+    raise ValueError(f"make_cache: batch must be a positive int, got {batch!r}")
+  if not isinstance(capacity, int) or capacity <= 0:
+    raise ValueError(f"make_cache: capacity must be a positive int, got {capacity!r}")
+  if spec.budget is not None and spec.budget > capacity:
+    raise SpecError(f"cache spec {str(spec)!r} keeps {spec.budget} tokens, more than the capacity "
+                    f"{capacity}; lower the budget or raise the capacity")
+  try:
+    module = importlib.import_module(f"kvjax.caches.{spec.kind}")
+  except ModuleNotFoundError as e:
+    if e.name == f"kvjax.caches.{spec.kind}":
+      raise SpecError(f"cache kind {spec.kind!r} (spec {str(spec)!r}) is not available yet") from None
+    raise
+  return module.from_spec(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)

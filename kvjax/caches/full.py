@@ -157,3 +157,9 @@ class FullCache:
     pad[3] = (0, capacity - self.capacity)
     return FullCache(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad), lengths=self.lengths,
                      block_size=base.pick_block_size(capacity))
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> FullCache:
+  """`full` and `dynamic` specs (dynamic is the same pytree, grown by `generate`)."""
+  return FullCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                        head_dim=config.head_dim, capacity=capacity, dtype=dtype)
