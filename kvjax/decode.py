@@ -271,16 +271,18 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   batch, p_max = ids.shape
   longest = int(lengths.max())
   needed = longest + max_new_tokens - 1  # the last sampled token is never fed back
-  if spec.mode == "dynamic":
-    cap = capacity or max(64, 1 << longest.bit_length())
-  else:
-    cap = capacity or capacity_for(needed)
   if capacity is not None and (not isinstance(capacity, (int, np.integer)) or capacity < 1):
     raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-  if cap < longest:
+  if spec.bounded:  # window / sink / h2o / tiers: the budget is the size, whatever the length
+    cap = int(capacity or spec.budget)
+  elif spec.mode == "dynamic":
+    cap = int(capacity or max(64, 1 << longest.bit_length()))
+  else:
+    cap = int(capacity or capacity_for(needed))
+  if not spec.bounded and cap < longest:
     raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
   kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype)
-  if spec.mode == "full" and not kv_cache.fits(needed):
+  if spec.mode != "dynamic" and not kv_cache.fits(needed):
     raise CapacityError(
         f"max_new_tokens={max_new_tokens} with a {longest}-token prompt needs {needed} cache slots, "
         f"but the cache capacity is {cap}; raise capacity or lower max_new_tokens")

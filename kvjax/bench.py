@@ -1,0 +1,56 @@
+"""`kvjax bench`: decode throughput of one configuration, compile and prefill excluded."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+
+from kvjax import decode
+from kvjax.sampling import GREEDY
+
+# A fixed, ordinary English prompt; repeated to reach the requested length.
+BENCH_TEXT = ("The history of the printing press begins in the fifteenth century, when craftsmen in "
+              "Europe learned to cast movable metal type and to press ink onto paper with screws "
+              "borrowed from wine makers. Within fifty years, books were cheaper and more numerous "
+              "than ever before, and ideas travelled faster than any single scribe could copy them. ")
+
+
+def bench_prompt(tokenizer, prompt_len: int) -> list[int]:
+  ids: list[int] = []
+  while len(ids) < prompt_len:
+    ids += tokenizer.encode(BENCH_TEXT)
+  return ids[:prompt_len]
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 128,
+              capacity: int | None = None, cache: str = "full", repeats: int = 2) -> dict:
+  """Runs generate `repeats` times (the first compiles) and reports the best decode run."""
+  prompt = bench_prompt(model.tokenizer, prompt_len)
+  prompts = [prompt] * batch
+  before = decode.compile_stats()
+  best = None
+  for _ in range(repeats):
+    result = decode.generate(model, prompts, max_new_tokens=new_tokens, cache=cache,
+                             capacity=capacity, sampler=GREEDY, stop_at_eos=False)
+    if best is None or result.decode_tok_per_s > best.decode_tok_per_s:
+      best = result
+  after = decode.compile_stats()
+  cache_bytes = best.cache_bytes
+  return {
+      "model": model.name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+      "capacity": getattr(best.cache, "capacity", None), "cache": cache,
+      "dtype": str(np.dtype(model.dtype)),
+      "decode_tok_per_s": best.decode_tok_per_s,
+      "decode_s": best.decode_s,
+      "prefill_s": best.prefill_s,
+      "compile_s": after["compile_s"] - before["compile_s"],
+      "n_compiles": after["n_compiles"] - before["n_compiles"],
+      "cache_bytes": sum(cache_bytes.values()),
+      "cache_bytes_by_kind": cache_bytes,
+      "peak_rss_bytes": peak_rss_bytes(),
+  }

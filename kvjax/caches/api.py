@@ -1,0 +1,74 @@
+"""Pure functions over any cache kind: `append`, `view`, `reset`, `crop`, `reorder`, `grow`, `nbytes`.
+
+Each returns a new cache (or a view); none touches its input. All are traceable under `jit`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kvjax.caches import base
+
+
+def append(cache, k, v, n_valid=None):
+  """Writes new tokens to every layer at each row's own position and advances `lengths`.
+
+  Args:
+    cache: any kvjax cache.
+    k, v: [L, B, K, T, H] new keys/values (stored as given: rotate keys yourself if you want them
+      rotated; the decoder's `attend` does that for you).
+    n_valid: optional int [B]: only the first n_valid[b] of the T tokens of row b are real.
+
+  Raises:
+    CapacityError: outside jit, when a row would go past a bounded cache's capacity. Inside jit the
+      extra tokens are dropped and `cache.overflowed()` marks the row (see the kind's docstring).
+  """
+  base.check_new_kv(k, v, n_layers=cache.n_layers, batch=cache.batch, kv_heads=cache.kv_heads,
+                    head_dim=cache.head_dim)
+  tokens = k.shape[3]
+  n_valid = base.normalize_n_valid(n_valid, cache.batch, tokens)
+  bounded = getattr(cache, "bounded", True)
+  if bounded and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
+    after = cache.lengths + n_valid
+    if bool(jnp.any(after > cache.capacity)):
+      row = int(jnp.argmax(after))
+      raise base.CapacityError(
+          f"append: row {row} would hold {int(after[row])} tokens but the cache capacity is "
+          f"{cache.capacity}")
+  for layer in range(cache.n_layers):
+    cache = cache.write(layer, k[layer].transpose(0, 2, 1, 3), v[layer].transpose(0, 2, 1, 3), n_valid)
+  return cache.advance(n_valid)
+
+
+def view(cache) -> base.CacheView:
+  """Keys, values [L, B, K, S, H], validity mask and positions [L, B, K, S] of what attention reads."""
+  return cache.view()
+
+
+def reset(cache):
+  """An empty cache of the same kind and shapes."""
+  return cache.reset()
+
+
+def crop(cache, length):
+  """Forgets every token at position >= length (scalar or per row [B]); for speculative decoding."""
+  return cache.crop(length)
+
+
+def reorder(cache, indices):
+  """Row b of the result is row indices[b] of `cache` (beam search)."""
+  return cache.reorder(indices)
+
+
+def grow(cache, capacity: int | None = None):
+  """The same tokens in a buffer of `capacity` slots (default: double). Outside jit only."""
+  return cache.grow(capacity or 2 * cache.capacity)
+
+
+def nbytes(cache) -> dict[str, int]:
+  """Bytes held by the cache's arrays, split by memory kind."""
+  return cache.nbytes()
+
+
+def total_bytes(cache) -> int:
+  return sum(cache.nbytes().values())

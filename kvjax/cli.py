@@ -1,0 +1,158 @@
+"""Command line: `kvjax generate | perplexity | bench` (also `python -m kvjax`).
+
+With `--json` the last line on stdout is one JSON object; progress and streaming go elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _add_model(p):
+  p.add_argument("--model", default=DEFAULT_MODEL,
+                 help="registered name (smollm2-135m, tiny, gpt2-small-shape) or a .gguf path")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="weights/compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
+  p.add_argument("--cache", default="full", help="cache spec, e.g. full, dynamic, none")
+  p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="kvjax", description="KV-cache decoding in JAX")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  g = sub.add_parser("generate", help="generate text from a prompt")
+  g.add_argument("prompt")
+  _add_model(g)
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--capacity", type=int, default=None)
+  g.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+  g.add_argument("--temperature", type=float, default=None)
+  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+  g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+
+  pp = sub.add_parser("perplexity", help="perplexity of the model on a text file")
+  pp.add_argument("file")
+  _add_model(pp)
+  pp.add_argument("--max-tokens", type=int, default=1024)
+  pp.add_argument("--chunk", type=int, default=None, help="tokens fed per step (default: spec-dependent)")
+
+  b = sub.add_parser("bench", help="decode throughput of one configuration")
+  _add_model(b)
+  b.add_argument("--batch", type=int, default=1)
+  b.add_argument("--prompt-len", type=int, default=32)
+  b.add_argument("--new-tokens", type=int, default=128)
+  b.add_argument("--capacity", type=int, default=None)
+  b.add_argument("--repeats", type=int, default=2)
+  return parser
+
+
+def _load(args):
+  import jax.numpy as jnp
+
+  from kvjax.loading import load
+
+  dtype = getattr(jnp, args.dtype) if args.dtype else None
+  return load(args.model, dtype=dtype)
+
+
+def _cmd_generate(args) -> dict:
+  from kvjax import decode
+  from kvjax.sampling import Sampler
+
+  if args.greedy and args.temperature:
+    raise ValueError("--greedy and --temperature exclude each other")
+  sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
+  model = _load(args)
+  text = args.prompt
+  if args.chat:
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True)
+  prompt_ids = model.tokenizer.encode(text)
+  stream = not args.no_stream and not args.json and sys.stdout.isatty()
+  streamed: list[int] = []
+  printed = [0]
+
+  def on_tokens(block):
+    streamed.extend(int(t) for t in block[0])
+    shown = model.tokenizer.decode([t for t in streamed if t != model.tokenizer.eos_id])
+    if not shown.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      sys.stdout.write(shown[printed[0]:])
+      sys.stdout.flush()
+      printed[0] = len(shown)
+
+  if stream:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+  result = decode.generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, cache=args.cache,
+                           capacity=args.capacity, sampler=sampler, seed=args.seed,
+                           on_tokens=on_tokens if stream else None)
+  ids = [int(t) for t in result.tokens[0, : result.n_generated[0]]]
+  out_text = model.tokenizer.decode([t for t in ids if t != model.tokenizer.eos_id])
+  if stream:
+    sys.stdout.write(out_text[printed[0]:] + "\n")
+  elif not args.json:
+    print(text + out_text)
+  cache_bytes = result.cache_bytes
+  return {"model": model.name, "cache": result.spec, "prompt": text, "prompt_ids": prompt_ids,
+          "ids": ids, "text": out_text, "prefill_s": result.prefill_s,
+          "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
+          "compile_s": result.compile_s, "n_compiles": result.n_compiles,
+          "cache_bytes": sum(cache_bytes.values()), "cache_bytes_by_kind": cache_bytes}
+
+
+def _cmd_perplexity(args) -> dict:
+  from kvjax.perplexity import perplexity
+
+  model = _load(args)
+  try:
+    with open(args.file, encoding="utf-8") as f:
+      text = f.read()
+  except OSError as e:
+    raise ValueError(f"cannot read {args.file}: {e.strerror}") from None
+  ids = model.tokenizer.encode(text)[: args.max_tokens]
+  result = perplexity(model, ids, cache=args.cache, chunk=args.chunk)
+  if not args.json:
+    print(f"ppl {result.ppl:.4f}  nll {result.nll:.4f}  tokens {result.tokens}  "
+          f"cache {sum(result.cache_bytes.values())} bytes  ({result.seconds:.1f}s)")
+  return {"model": model.name, "cache": args.cache, "ppl": result.ppl, "nll": result.nll,
+          "tokens": result.tokens, "cache_bytes": sum(result.cache_bytes.values()),
+          "cache_bytes_by_kind": result.cache_bytes, "seconds": result.seconds}
+
+
+def _cmd_bench(args) -> dict:
+  from kvjax.bench import run_bench
+
+  model = _load(args)
+  out = run_bench(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  capacity=args.capacity, cache=args.cache, repeats=args.repeats)
+  if not args.json:
+    print(f"{out['decode_tok_per_s']:.1f} tok/s decode (batch {args.batch}), prefill "
+          f"{out['prefill_s']*1e3:.0f} ms, compile {out['compile_s']:.1f} s in {out['n_compiles']} "
+          f"compiles, cache {out['cache_bytes']/2**20:.1f} MiB, peak RSS {out['peak_rss_bytes']/2**20:.0f} MiB")
+  return out
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  handler = {"generate": _cmd_generate, "perplexity": _cmd_perplexity, "bench": _cmd_bench}[args.command]
+  try:
+    out = handler(args)
+  except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(out, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
