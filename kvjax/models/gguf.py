@@ -30,6 +30,7 @@ import pathlib
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Optional
 
 import numpy as np
@@ -452,7 +453,7 @@ def _load_params(stem: pathlib.Path, metadata: dict) -> Optional[tuple[LlamaConf
         tie_embeddings="lm_head/kernel" not in flat)
     _check_flat(flat, config, source=os.fspath(npz))
     return config, flat
-  except (OSError, ValueError, EOFError, KeyError):
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
     # Damaged entry (e.g. disk filled up mid-way before the rename ever happened): rebuild it.
     npz.unlink(missing_ok=True)
     return None
