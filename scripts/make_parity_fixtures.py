@@ -164,7 +164,6 @@ def main() -> None:
       "numpy": np.__version__,
   }
   try:
-    import gguf
     from importlib.metadata import version
     versions["gguf"] = version("gguf")
   except Exception:

@@ -5,7 +5,6 @@ by the tests marked real_model (skipped when it cannot be found).
 """
 
 import os
-import pathlib
 
 import numpy as np
 import pytest
