@@ -78,16 +78,11 @@ def _cmd_generate(args) -> dict:
                                                add_generation_prompt=True)
   prompt_ids = model.tokenizer.encode(text)
   stream = not args.no_stream and not args.json and sys.stdout.isatty()
-  streamed: list[int] = []
-  printed = [0]
+  decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
 
-  def on_tokens(block):
-    streamed.extend(int(t) for t in block[0])
-    shown = model.tokenizer.decode([t for t in streamed if t != model.tokenizer.eos_id])
-    if not shown.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-      sys.stdout.write(shown[printed[0]:])
-      sys.stdout.flush()
-      printed[0] = len(shown)
+  def on_tokens(block):  # row 0 only; the decoder holds back half-finished UTF-8 characters
+    sys.stdout.write(decoder.push_many(int(t) for t in block[0]))
+    sys.stdout.flush()
 
   if stream:
     sys.stdout.write(text)
@@ -98,7 +93,7 @@ def _cmd_generate(args) -> dict:
   ids = [int(t) for t in result.tokens[0, : result.n_generated[0]]]
   out_text = model.tokenizer.decode([t for t in ids if t != model.tokenizer.eos_id])
   if stream:
-    sys.stdout.write(out_text[printed[0]:] + "\n")
+    sys.stdout.write(decoder.flush() + "\n")
   elif not args.json:
     print(text + out_text)
   cache_bytes = result.cache_bytes
