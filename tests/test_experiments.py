@@ -1,0 +1,126 @@
+"""Smoke runs of the experiment scripts: each `--quick` mode finishes and writes its JSON.
+
+Invariants checked:
+  * every script in experiments/ runs `--quick --out DIR` in a fresh process within the time
+    budget and exits 0, with or without matplotlib/tqdm (plots and progress bars are optional);
+  * its JSON records the machine, date and exact command line, and the rows it promises;
+  * report.py renders a results.md from whatever JSON files exist ("not run yet" for the others);
+  * hf_peer.py (the HF transformers side of peers.py) works end to end when a python with
+    torch + transformers is named in $KVJAX_HF_PYTHON (skipped otherwise: CI has no torch).
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+BUDGET_S = 600  # generous: --quick takes well under a minute on 2 idle cores, CI machines vary
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name, out, *extra, env=None):
+  cmd = [sys.executable, str(EXPERIMENTS / f"{name}.py"), *extra, "--out", str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUDGET_S, cwd=REPO,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+  assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  return proc
+
+
+def check_common(payload, name):
+  assert payload["experiment"] == name
+  assert payload["quick"] is True
+  assert "--quick" in payload["command"]
+  assert payload["machine"]["cpu_count"] >= 1
+  assert payload["machine"]["jax_backend"] == "cpu"
+  assert payload["date"]
+  assert not payload.get("failed"), f"cache kinds failed in {name}: {payload['failed']}"
+
+
+def maybe_png(out, name):
+  if importlib.util.find_spec("matplotlib") is not None:
+    assert (out / f"{name}.png").is_file()
+
+
+def test_speedup_quick(tmp_path):
+  run_script("speedup", tmp_path, "--quick")
+  d = json.loads((tmp_path / "speedup.json").read_text())
+  check_common(d, "speedup")
+  assert {r["length"] for r in d["rows"]} == {64, 128}
+  for r in d["rows"]:
+    assert r["cached_total_s"] > 0 and r["uncached_total_s"] > 0
+  measured = [r for r in d["rows"] if not r["uncached_extrapolated"]]
+  # Greedy decoding with and without a cache must pick the same tokens (random tiny model).
+  assert measured and all(r["greedy_tokens_agree"] >= min(16, r["new_tokens"]) for r in measured)
+  assert (tmp_path / "speedup.csv").is_file()
+  maybe_png(tmp_path, "speedup")
+
+
+def test_memory_quick_and_report(tmp_path):
+  run_script("memory", tmp_path, "--quick")
+  d = json.loads((tmp_path / "memory.json").read_text())
+  check_common(d, "memory")
+  full = [r for r in d["rows"] if r["spec"] == "full"]
+  assert full
+  for r in full:
+    # The seed formulas: measured arrays = formula + the int32 lengths of the one row.
+    assert r["measured_bytes"] == r["formula_full_bytes"] + 4
+  maybe_png(tmp_path, "memory")
+
+  proc = subprocess.run([sys.executable, str(EXPERIMENTS / "report.py"), "--docs", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  md = (tmp_path / "results.md").read_text()
+  assert "2048*T floats" in md and "Quick (smoke) run" in md
+  assert md.count("*Not run yet.*") == 4  # speedup, quality, streaming, peers
+
+
+def test_quality_quick(tmp_path):
+  run_script("quality", tmp_path, "--quick")
+  d = json.loads((tmp_path / "quality.json").read_text())
+  check_common(d, "quality")
+  by_spec = {r["spec"]: r for r in d["rows"]}
+  assert "full" in by_spec
+  for r in d["rows"]:
+    assert r["ppl"] > 1 and 0 <= r["passkey_accuracy"] <= 1
+  maybe_png(tmp_path, "quality")
+
+
+def test_streaming_quick(tmp_path):
+  run_script("streaming", tmp_path, "--quick")
+  d = json.loads((tmp_path / "streaming.json").read_text())
+  check_common(d, "streaming")
+  for spec, r in d["results"].items():
+    assert r["tokens"] == 512
+    assert r["check_max_abs_nll_diff"] < 1e-3, spec  # the script's loop == kvjax.perplexity
+  if "dynamic" in d["results"]:
+    grown = d["results"]["dynamic"]["cache_bytes"]
+    assert grown[-1] > grown[0]  # full precision memory grows with the stream
+  maybe_png(tmp_path, "streaming")
+
+
+def test_peers_quick(tmp_path):
+  run_script("peers", tmp_path, "--quick", "--no-hf")
+  d = json.loads((tmp_path / "peers.json").read_text())
+  check_common(d, "peers")
+  assert d["memory_bandwidth_bytes_per_s"] > 0
+  assert d["kvjax"][0]["decode_tok_per_s"] > 0
+  assert d["bandwidth_limit_tok_per_s_batch1"] > 0
+
+
+@pytest.mark.skipif(not os.environ.get("KVJAX_HF_PYTHON"),
+                    reason="set KVJAX_HF_PYTHON to a python with torch + transformers + gguf")
+def test_peers_with_hf(tmp_path):
+  run_script("peers", tmp_path, "--quick")
+  d = json.loads((tmp_path / "peers.json").read_text())
+  if d["settings"]["model"] != "smollm2-135m":
+    pytest.skip("SmolLM2 GGUF not installed")
+  assert d["hf"] is not None, d["hf_note"]
+  assert d["ratios"]["kvjax_over_hf_batch1"] > 0
+  assert d["greedy_tokens_agree"] == d["settings"]["new_tokens"]  # same model, same greedy tokens
