@@ -8,6 +8,7 @@ Public API:
   append / view / reset / crop / reorder / grow / nbytes       (any cache kind)
 """
 
+from kvjax import bench
 from kvjax.caches.api import append, crop, grow, nbytes, reorder, reset, total_bytes, view
 from kvjax.caches.base import CacheView, CapacityError
 from kvjax.caches.full import FullCache
