@@ -1,0 +1,365 @@
+"""Heavy-hitter eviction (H2O): keep the recent window plus the most-attended older tokens.
+
+Spec: `h2o:K+window:W` (optionally `sink:S`, and quantized storage `intN[+residual:R][+group:G]`,
+e.g. `int4+residual:64+h2o:256+window:512`). Memory is fixed: S + W + K slots per row, layer and
+kv head, allocated once; a row can be decoded for any number of tokens.
+
+Policy. Every held token carries its accumulated attention score: the attention probability it
+received, summed over the G query heads of its kv head and over every query since it arrived.
+When a token arrives, the candidates are the held tokens plus the new one; the cache keeps, per
+(row, layer, kv head):
+
+  * the S first tokens of the row (attention sinks; none unless `sink:S`),
+  * the W most recent tokens (the new one included),
+  * among the other candidates, the K with the largest accumulated score,
+
+and forgets the rest for good (`evict_topk`, a `lax.top_k` over fixed shapes; ties go to the
+lower candidate index). Then the new token's query attends over exactly what is held (S + W + K
+keys at most, itself included), and every held token's score grows by the attention it got.
+Different kv heads and layers keep different tokens.
+
+Chunks. `attend` with T > 1 new tokens runs this single-token step T times in a `lax.scan`, so
+every query sees exactly what the cache holds when its token arrives: chunked prefill ==
+token-by-token decode (tested). Padding tokens (t >= n_valid[b]) change nothing in row b: they
+are never stored, never evict anything and add no score.
+
+RoPE. Keys are stored rotated at their original positions and never re-indexed: a held token
+keeps its true distance to later queries, even after the tokens between them were evicted. (So a
+stream longer than the model's trained context reaches distances it never saw; the window kind's
+re-indexing is the remedy there.)
+
+Quantized storage (`intN`). Held tokens are stored bit-packed with one float16 scale (and zero
+point) per `group` channels of each token (kvjax.caches.packing: int8 symmetric, narrower widths
+asymmetric), dequantized inside attention; per-token groups suit slots that are evicted one by one.
+With `residual:R` (R <= W) the R newest tokens live in a full-precision ring beside the quantized
+pool and are quantized when they leave it; the pool then keeps the sinks, the W - R next most
+recent tokens and the K heaviest. Without `residual`, a token is quantized on arrival (its own
+query already sees the quantized key).
+
+Invariants (tests/caches/test_h2o.py, against NumPy oracles):
+  * after any sequence of chunks (ragged n_valid included), each (row, layer, kv head) holds
+    exactly the tokens the policy above keeps when tokens are fed one by one, with their scores;
+  * at most S + W + K tokens are held, positions are unique, the sinks and the W most recent
+    tokens are always held; every array has a fixed shape; `bounded = False` (nothing can
+    overflow) and `has_room`/`fits` are always true;
+  * a budget larger than the sequence gives the full cache's logits.
+
+`write` (used by `kvjax.append`, which has no queries) admits tokens one by one with zero score.
+`crop` marks tokens at positions >= length empty; tokens they had already evicted do not come
+back, and the scores keep the attention of the cropped queries.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import RoPE, dense_attention, group_queries
+from kvjax.caches import base
+from kvjax.caches.tiered import TokenStore, stores_map
+from kvjax.spec import SpecError
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy, as a pure function
+# ---------------------------------------------------------------------------------------------
+def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, sink: int = 0):
+  """Keeps `sink + window + heavy` of C candidates per leading index: H2O's eviction.
+
+  Args:
+    positions: int32 [B, ..., C] candidate token positions, -1 for an empty candidate.
+    scores: float32 [B, ..., C] accumulated attention scores.
+    payload: pytree whose array leaves are [B, ..., C, ...] (keys, values, ...), gathered along.
+    lengths: int32 [B] tokens seen per row: positions >= lengths - window are "recent".
+    heavy, window, sink: static sizes; C >= sink + window + heavy.
+
+  Returns:
+    (positions, scores, payload) with C replaced by S = sink + window + heavy: the live
+    candidates with position < sink or >= lengths - window, then the live rest by decreasing
+    score, then empty ones (position -1, score 0), in that order of priority.
+  """
+  slots = heavy + window + sink
+  c = positions.shape[-1]
+  if c < slots:
+    raise ValueError(f"evict_topk: {c} candidates cannot fill {slots} slots")
+  lengths = jnp.asarray(lengths, jnp.int32).reshape((-1,) + (1,) * (positions.ndim - 1))
+  live = positions >= 0
+  protected = live & ((positions < sink) | (positions >= lengths - window))
+  priority = jnp.where(protected, jnp.inf, jnp.where(live, scores.astype(jnp.float32), -jnp.inf))
+  _, index = jax.lax.top_k(priority, slots)  # [B, ..., S]
+  axis = positions.ndim - 1
+
+  def take(x):
+    idx = index.reshape(index.shape + (1,) * (x.ndim - index.ndim))
+    return jnp.take_along_axis(x, idx, axis=axis)
+
+  positions = take(positions)
+  scores = jnp.where(positions >= 0, take(scores), 0.0)
+  return positions, scores, jax.tree_util.tree_map(take, payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class H2OCache:
+  """Heavy-hitter cache; see the module docstring.
+
+  k, v: TokenStore, logical [L, B, K, P, H]: the pool (P = sink + window - residual + heavy slots),
+    keys rotated, at the pool's precision (the cache dtype, or intN).
+  ring_k, ring_v: [L, B, K, R, H] full-precision ring of the R = residual newest tokens
+    (R may be 0).
+  positions: int32 [L, B, K, P + R]: pool slots then ring slots, -1 where empty.
+  scores: float32 [L, B, K, P + R]: accumulated attention of each held token.
+  lengths: int32 [B] tokens seen per row.
+  """
+
+  k: TokenStore
+  v: TokenStore
+  ring_k: jax.Array
+  ring_v: jax.Array
+  positions: jax.Array
+  scores: jax.Array
+  lengths: jax.Array
+  heavy: int = struct.field(pytree_node=False, default=1)
+  window: int = struct.field(pytree_node=False, default=1)
+  sink: int = struct.field(pytree_node=False, default=0)
+
+  # Eviction makes room: kvjax.append must not raise capacity errors.
+  bounded = False
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, heavy: int,
+           window: int, sink: int = 0, bits: int | None = None, residual: int = 0,
+           group: int = 32, dtype=jnp.float32) -> "H2OCache":
+    for name, value, low in (("heavy", heavy, 1), ("window", window, 1), ("sink", sink, 0),
+                             ("residual", residual, 0)):
+      if not isinstance(value, int) or value < low:
+        raise SpecError(f"H2OCache: {name} must be an int >= {low}, got {value!r}")
+    if residual > window:
+      raise SpecError(f"residual:{residual} must not exceed window:{window} (the full-precision "
+                      "tokens are the newest of the window)")
+    if residual and bits is None:
+      raise SpecError(f"residual:{residual} needs quantized storage (intN)")
+    if bits is not None and head_dim % group:
+      raise SpecError(f"int{bits} storage: head_dim {head_dim} is not a multiple of group:{group}")
+    pool = sink + window - residual + heavy
+    lead = (n_layers, batch, kv_heads)
+    # Separate buffers everywhere: a donated cache must not hold one buffer twice.
+    store = lambda: TokenStore.empty(lead + (pool, head_dim), bits=bits, group=group, dtype=dtype)
+    ring = lambda: jnp.zeros(lead + (residual, head_dim), dtype)
+    slots = pool + residual
+    return cls(k=store(), v=store(), ring_k=ring(), ring_v=ring(),
+               positions=jnp.full(lead + (slots,), -1, jnp.int32),
+               scores=jnp.zeros(lead + (slots,), jnp.float32),
+               lengths=jnp.zeros((batch,), jnp.int32), heavy=heavy, window=window, sink=sink)
+
+  # ---- static facts ---------------------------------------------------------------------------
+  @property
+  def capacity(self) -> int:
+    """Slots per row (sink + window + heavy): what the cache holds at most, not a stream limit."""
+    return self.positions.shape[3]
+
+  @property
+  def pool(self) -> int:
+    return self.k.data.shape[3]
+
+  @property
+  def residual(self) -> int:
+    return self.ring_k.shape[3]
+
+  @property
+  def bits(self) -> int | None:
+    return self.k.bits
+
+  @property
+  def n_layers(self) -> int:
+    return self.positions.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self.positions.shape[1]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.positions.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.ring_k.shape[4]
+
+  def has_room(self, n: int) -> jax.Array:
+    """Always true: eviction makes room."""
+    return jnp.asarray(True)
+
+  def fits(self, n_tokens: int) -> bool:
+    """Always true: any stream length fits in fixed memory."""
+    return True
+
+  def overflowed(self) -> jax.Array:
+    return jnp.zeros((self.batch,), bool)
+
+  def filled(self) -> jax.Array:
+    """int32 [L, B, K]: tokens held."""
+    return jnp.sum(self.positions >= 0, axis=-1).astype(jnp.int32)
+
+  # ---- one token through one layer ------------------------------------------------------------
+  def _layer(self, layer: int):
+    pick = lambda a: a[layer]
+    return (self.k.map(pick), self.v.map(pick), self.ring_k[layer], self.ring_v[layer],
+            self.positions[layer], self.scores[layer])
+
+  def _with_layer(self, layer: int, st) -> "H2OCache":
+    ks, vs, rk, rv, pos, score = st
+    put = lambda a, p: a.at[layer].set(p)
+    return self.replace(k=stores_map(put, self.k, ks), v=stores_map(put, self.v, vs),
+                        ring_k=put(self.ring_k, rk), ring_v=put(self.ring_v, rv),
+                        positions=put(self.positions, pos), scores=put(self.scores, score))
+
+  def _admit(self, st, k_t, v_t, pos_t, valid_t, now):
+    """Adds one token per row to one layer's state and evicts down to the budget.
+
+    st: one layer's (k store, v store, ring_k, ring_v, positions, scores), [B, K, ...].
+    k_t, v_t: [B, K, H] (key rotated); pos_t: int32 [B]; valid_t: bool [B];
+    now: int32 [B] tokens the row has seen once this token is in.
+    """
+    ks, vs, rk, rv, pos, score = st
+    b, kh = pos.shape[:2]
+    p, r = self.pool, self.residual
+    rows = jnp.arange(b)
+    keep = valid_t[:, None]  # [B, 1]
+    new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None], (b, kh))
+    if r:
+      # The new token takes its ring slot; the one it displaces becomes the pool's candidate.
+      rslot = jnp.mod(pos_t, r)
+      cand_k, cand_v = rk[rows, :, rslot], rv[rows, :, rslot]  # [B, K, H]
+      cand_pos = jnp.where(keep, pos[rows, :, p + rslot], -1)
+      cand_score = score[rows, :, p + rslot]
+      rk = rk.at[rows, :, rslot].set(jnp.where(keep[..., None], k_t.astype(rk.dtype), cand_k))
+      rv = rv.at[rows, :, rslot].set(jnp.where(keep[..., None], v_t.astype(rv.dtype), cand_v))
+      pos = pos.at[rows, :, p + rslot].set(jnp.where(keep, new_pos, pos[rows, :, p + rslot]))
+      score = score.at[rows, :, p + rslot].set(jnp.where(keep, 0.0, cand_score))
+    else:
+      cand_k, cand_v, cand_pos = k_t, v_t, new_pos
+      cand_score = jnp.zeros((b, kh), jnp.float32)
+
+    def encode(x, store):
+      enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
+      return stores_map(lambda s, e: jnp.concatenate([s, e[:, :, None]], axis=2), store, enc)
+
+    cand = (encode(cand_k, ks), encode(cand_v, vs))  # [B, K, P + 1, ...]
+    c_pos = jnp.concatenate([pos[..., :p], cand_pos[..., None]], axis=-1)
+    c_score = jnp.concatenate([score[..., :p], cand_score[..., None]], axis=-1)
+    # The pool's "recent" part is the window minus the ring's newest R tokens.
+    c_pos, c_score, (ks, vs) = evict_topk(c_pos, c_score, cand, now - r, heavy=self.heavy,
+                                          window=self.window - r, sink=self.sink)
+    pos = jnp.concatenate([c_pos, pos[..., p:]], axis=-1)
+    score = jnp.concatenate([c_score, score[..., p:]], axis=-1)
+    return ks, vs, rk, rv, pos, score
+
+  # ---- protocol -------------------------------------------------------------------------------
+  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+    """q [B, T, N, H], k/v [B, T, K, H] un-rotated. Returns (out [B, T, N, H], cache).
+
+    Token by token (a scan when T > 1): admit the token (evicting), then let its query attend
+    over what is held and add the attention each held token got to its score.
+    """
+    b, t, _, h = q.shape
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    positions = base.row_slots(self.lengths, t)  # [B, T]
+    q = group_queries(rope.apply(q, positions) * (h**-0.5), self.kv_heads)  # [B, T, K, G, H]
+    k = rope.apply(k, positions)
+    valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
+    final = self.lengths + n_valid
+
+    def step(st, xs):
+      q_t, k_t, v_t, pos_t, valid_t = xs
+      st = self._admit(st, k_t, v_t, pos_t, valid_t, jnp.where(valid_t, pos_t + 1, final))
+      ks, vs, rk, rv, pos, score = st
+      keys = jnp.concatenate([ks.decode(q.dtype), rk.astype(q.dtype)], axis=2)  # [B, K, S, H]
+      values = jnp.concatenate([vs.decode(q.dtype), rv.astype(q.dtype)], axis=2)
+      mask = (pos >= 0)[:, :, None, :]  # [B, K, 1, S]
+      out, probs = dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
+      mass = jnp.sum(probs, axis=(2, 3)) * valid_t[:, None, None]  # [B, K, S]
+      return (ks, vs, rk, rv, pos, score + mass), out[:, 0]
+
+    xs = (q, k, v, positions, valid)
+    st = self._layer(layer)
+    if t == 1:
+      st, out = step(st, jax.tree_util.tree_map(lambda a: a[:, 0], xs))
+      out = out[:, None]
+    else:
+      st, out = jax.lax.scan(step, st, jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1), xs))
+      out = out.swapaxes(0, 1)
+    return out, self._with_layer(layer, st)
+
+  def write(self, layer: int, k, v, n_valid=None) -> "H2OCache":
+    """Admits k, v [B, T, K, H] (stored as given) of one layer token by token with zero score,
+    evicting as it goes; lengths unchanged (`advance` moves them)."""
+    t = k.shape[1]
+    n_valid = base.normalize_n_valid(n_valid, self.batch, t, what="write")
+    positions = base.row_slots(self.lengths, t)
+    valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]
+    final = self.lengths + n_valid
+
+    def step(st, xs):
+      k_t, v_t, pos_t, valid_t = xs
+      return self._admit(st, k_t, v_t, pos_t, valid_t, jnp.where(valid_t, pos_t + 1, final)), None
+
+    xs = jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1), (k, v, positions, valid))
+    st, _ = jax.lax.scan(step, self._layer(layer), xs)
+    return self._with_layer(layer, st)
+
+  def advance(self, n_valid) -> "H2OCache":
+    return self.replace(lengths=self.lengths + jnp.asarray(n_valid, jnp.int32))
+
+  def view(self) -> base.CacheView:
+    """Keys (rotated, dequantized), values [L, B, K, P + R, H]: pool slots then ring slots."""
+    keys = jnp.concatenate([self.k.decode(), self.ring_k.astype(jnp.float32)], axis=3)
+    values = jnp.concatenate([self.v.decode(), self.ring_v.astype(jnp.float32)], axis=3)
+    return base.CacheView(keys=keys, values=values, mask=self.positions >= 0,
+                          positions=self.positions)
+
+  def reset(self) -> "H2OCache":
+    """Empty cache of the same shapes (stale buffers hidden by positions = -1)."""
+    return self.replace(positions=jnp.full_like(self.positions, -1),
+                        scores=jnp.zeros_like(self.scores), lengths=jnp.zeros_like(self.lengths))
+
+  def nbytes(self) -> dict[str, int]:
+    return base.tree_nbytes(self)
+
+  def crop(self, length) -> "H2OCache":
+    """Forgets every token at position >= length (scalar or per row [B]). Evicted tokens do not
+    come back and scores keep the attention of the forgotten queries (see module docstring)."""
+    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.lengths.shape)
+    gone = self.positions >= length[None, :, None, None]
+    return self.replace(positions=jnp.where(gone, -1, self.positions),
+                        scores=jnp.where(gone, 0.0, self.scores),
+                        lengths=jnp.minimum(self.lengths, length))
+
+  def reorder(self, indices) -> "H2OCache":
+    """Row b of the result is row indices[b] of this cache (beam reordering)."""
+    indices = jnp.asarray(indices, jnp.int32)
+    take = lambda a: jnp.take(a, indices, axis=1)
+    return self.replace(k=self.k.map(take), v=self.v.map(take), ring_k=take(self.ring_k),
+                        ring_v=take(self.ring_v), positions=take(self.positions),
+                        scores=take(self.scores), lengths=jnp.take(self.lengths, indices, axis=0))
+
+  def grow(self, capacity: int):
+    raise NotImplementedError("an H2O cache never grows: its memory is fixed at sink + window + "
+                              "heavy slots and it evicts instead (has_room is always true)")
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> H2OCache:
+  """`h2o:K+window:W[+sink:S][+intN[+residual:R][+group:G]]`. `capacity` is not used."""
+  if spec.h2o is None or spec.window is None:
+    raise SpecError(f"cache spec {str(spec)!r}: the h2o kind needs h2o:K and window:W terms")
+  if spec.offload or spec.share > 1 or spec.tiers is not None or spec.mode != "full":
+    raise SpecError(f"cache spec {str(spec)!r}: h2o cannot be combined with "
+                    "offload/share/tier/dynamic terms")
+  return H2OCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                       head_dim=config.head_dim, heavy=spec.h2o, window=spec.window,
+                       sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
+                       group=spec.group, dtype=dtype)

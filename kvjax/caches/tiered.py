@@ -1,0 +1,368 @@
+"""Tiered cache: recent tokens at high precision, older ones at lower precision, oldest dropped.
+
+Spec: `tier:64:fp32,512:int8,4096:int2` (newest tier first). Each tier is a ring buffer of its own
+budget b_i, and the tiers form a chain: a token enters tier 0, and each time a new token arrives
+the token that falls out of tier i moves (re-encoded at tier i+1's precision) into tier i+1; what
+falls out of the last tier is gone. Memory is fixed: sum(b_i) slots per row, layer and kv head.
+
+Which tier holds what is a function of age alone. With n tokens seen (n = lengths) and
+end_i = b_0 + ... + b_i (start_i = end_{i-1}, start_0 = 0), the token at position p has age
+a = n - 1 - p and sits in tier i iff start_i <= a < end_i, at slot p mod b_i. So no positions are
+stored: slot s of tier i holds the position p in [n - end_i, n - start_i) with p = s (mod b_i)
+(empty when p < 0).
+
+Precision. Float tiers (fp32, bf16, fp16) store a cast of the value. Integer tiers (int8, int4,
+int3, int2) store bit-packed per-token codes with one float16 scale (and zero point) per `group`
+consecutive channels of the head dim (kvjax.caches.packing: int8 symmetric, narrower widths
+asymmetric), dequantized inside attention. A token moving down the chain is decoded from its
+current tier and encoded into the next, so a token in tier i holds
+Q_i(Q_{i-1}(...Q_0(x))) (x = its rotated key or its value): exactly what token-by-token decoding
+would leave there.
+
+RoPE: keys are rotated at their original positions before they are stored (and quantized); they
+never move in position, so they never need re-rotation.
+
+Chunks. `attend` with T > 1 new tokens runs the single-token step T times in a `lax.scan`: every
+query sees exactly what the cache holds when its token arrives (itself included), with each older
+token at the precision its age gives it at that moment, so chunked prefill == token-by-token
+decode. Padding tokens (t >= n_valid[b]) leave row b untouched and see garbage nobody reads.
+
+Invariants (tests/caches/test_tiered.py, against a NumPy oracle of the definition above):
+  * after any sequence of appends (ragged n_valid included), tier i of row b holds exactly the
+    positions whose age falls in [start_i, end_i), each as the chain of encodings above;
+  * at most sum(b_i) tokens per row are held; every array has a fixed shape; `bounded = False`
+    (a ring never overflows) and `has_room`/`fits` are always true;
+  * every query attends over exactly the tokens of age < sum(b_i) as of its arrival;
+  * with only fp32 tiers and a total budget above the sequence length, logits equal the full
+    cache's.
+
+`crop` is not supported (tokens that moved to a lower-precision tier cannot move back up).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import RoPE, dense_attention, group_queries
+from kvjax.caches import base, packing
+from kvjax.spec import SpecError
+
+FLOAT_FORMATS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+INT_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token storage at one precision (shared with the quantized H2O cache)
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class TokenStore:
+  """Keys (or values) of a set of token slots at one precision; logical shape [..., S, H].
+
+  data:  float [..., S, H] (bits None), or uint8 packed codes [..., S, packed_length(H, bits)].
+  scale: float16 [..., S, H // group] for integer formats, else None.
+  zero:  float16 like scale for asymmetric formats (all but int8), else None.
+  Every leaf has the slot axis at the same place, so gathers and scatters over the leading axes
+  are `jax.tree_util.tree_map`s.
+  """
+
+  data: jax.Array
+  scale: jax.Array | None
+  zero: jax.Array | None
+  bits: int | None = struct.field(pytree_node=False, default=None)
+  group: int = struct.field(pytree_node=False, default=32)
+  head_dim: int = struct.field(pytree_node=False, default=0)
+
+  @classmethod
+  def encode(cls, x: jax.Array, *, bits: int | None, group: int, dtype=jnp.float32) -> "TokenStore":
+    """Stores x [..., H]: cast to `dtype` (bits None) or quantized per token along channels."""
+    h = x.shape[-1]
+    if bits is None:
+      return cls(data=x.astype(dtype), scale=None, zero=None, bits=None, group=group, head_dim=h)
+    q = packing.quantize(x, bits, group=group, axis=-1)
+    return cls(data=q.packed, scale=q.scale, zero=q.zero, bits=bits, group=group, head_dim=h)
+
+  @classmethod
+  def empty(cls, shape: tuple, *, bits: int | None, group: int, dtype=jnp.float32) -> "TokenStore":
+    """Zero-filled store of logical shape [..., S, H]."""
+    return cls.encode(jnp.zeros(shape, jnp.float32), bits=bits, group=group, dtype=dtype)
+
+  def decode(self, dtype=jnp.float32) -> jax.Array:
+    """The stored values as floats [..., S, H]."""
+    if self.bits is None:
+      return self.data.astype(dtype)
+    shape = self.data.shape[:-1] + (self.head_dim,)
+    q = packing.Quantized(packed=self.data, scale=self.scale, zero=self.zero, bits=self.bits,
+                          group=self.group, axis=len(shape) - 1, shape=shape)
+    return packing.dequantize(q, dtype)
+
+  def map(self, fn) -> "TokenStore":
+    """Applies fn to every array leaf (all share the leading axes)."""
+    return jax.tree_util.tree_map(fn, self)
+
+
+def stores_map(fn, *stores: TokenStore) -> TokenStore:
+  """tree_map over several stores of the same format."""
+  return jax.tree_util.tree_map(fn, *stores)
+
+
+def parse_format(name: str, dtype) -> tuple[int | None, jnp.dtype]:
+  """(bits, float dtype) of a tier format name; `dtype` is used for nothing but float formats."""
+  if name in FLOAT_FORMATS:
+    return None, FLOAT_FORMATS[name]
+  if name in INT_FORMATS:
+    return INT_FORMATS[name], dtype
+  raise SpecError(f"tier format {name!r} is unknown; expected one of "
+                  f"{', '.join(list(FLOAT_FORMATS) + list(INT_FORMATS))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class Tier:
+  """One ring of `budget` slots: k, v TokenStores of logical shape [L, B, K, budget, H]."""
+
+  k: TokenStore
+  v: TokenStore
+  budget: int = struct.field(pytree_node=False)
+  name: str = struct.field(pytree_node=False)
+
+
+def tier_positions(lengths: jax.Array, start: int, budget: int) -> jax.Array:
+  """int32 [B, budget]: the position slot s of a tier holds after `lengths` tokens (-1 empty).
+
+  The tier holds ages [start, start + budget): positions [n - start - budget, n - start).
+  """
+  slots = jnp.arange(budget, dtype=jnp.int32)[None, :]
+  lo = lengths[:, None] - start - budget
+  p = lo + jnp.mod(slots - lo, budget)
+  return jnp.where(p >= 0, p, -1).astype(jnp.int32)
+
+
+@struct.dataclass
+class TieredCache:
+  """A chain of ring buffers, newest tier first; see the module docstring.
+
+  tiers: tuple of `Tier`; lengths: int32 [B] tokens seen per row.
+  """
+
+  tiers: tuple
+  lengths: jax.Array
+
+  # A chain of rings never overflows: kvjax.append must not raise capacity errors.
+  bounded = False
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, tiers, group: int = 32,
+           dtype=jnp.float32) -> "TieredCache":
+    """tiers: (budget, format) pairs, newest first; formats: fp32 bf16 fp16 int8 int4 int3 int2."""
+    if not tiers:
+      raise SpecError("a tiered cache needs at least one tier")
+    built = []
+    for budget, name in tiers:
+      if not isinstance(budget, int) or budget <= 0:
+        raise SpecError(f"tier budget must be a positive int, got {budget!r}")
+      bits, fdtype = parse_format(name, dtype)
+      if bits is not None and head_dim % group:
+        raise SpecError(f"tier {budget}:{name}: head_dim {head_dim} is not a multiple of the "
+                        f"quantization group {group}; pick group:G dividing {head_dim}")
+      shape = (n_layers, batch, kv_heads, budget, head_dim)
+      # Separate buffers for k and v: a donated cache must not hold one buffer twice.
+      store = lambda: TokenStore.empty(shape, bits=bits, group=group, dtype=fdtype)
+      built.append(Tier(k=store(), v=store(), budget=budget, name=name))
+    return cls(tiers=tuple(built), lengths=jnp.zeros((batch,), jnp.int32))
+
+  # ---- static facts ---------------------------------------------------------------------------
+  @property
+  def budgets(self) -> tuple[int, ...]:
+    return tuple(t.budget for t in self.tiers)
+
+  @property
+  def starts(self) -> tuple[int, ...]:
+    """Age at which each tier begins."""
+    out, acc = [], 0
+    for b in self.budgets:
+      out.append(acc)
+      acc += b
+    return tuple(out)
+
+  @property
+  def capacity(self) -> int:
+    """Slots per row, all tiers together: what the cache holds at most, not a stream limit."""
+    return sum(self.budgets)
+
+  @property
+  def n_layers(self) -> int:
+    return self.tiers[0].k.data.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self.tiers[0].k.data.shape[1]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.tiers[0].k.data.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.tiers[0].k.head_dim
+
+  def has_room(self, n: int) -> jax.Array:
+    """Always true: the oldest tier drops its oldest token to make room."""
+    return jnp.asarray(True)
+
+  def fits(self, n_tokens: int) -> bool:
+    """Always true: any stream length fits in fixed memory."""
+    return True
+
+  def overflowed(self) -> jax.Array:
+    return jnp.zeros((self.batch,), bool)
+
+  # ---- one token through one layer ------------------------------------------------------------
+  def _push(self, stores, k_t, v_t, pos_t, valid_t):
+    """Moves one token per row into tier 0 and cascades the displaced ones down the chain.
+
+    stores: tuple of (k_store, v_store) of one layer, each [B, K, b_i, ...].
+    k_t, v_t: [B, K, H] the new token (key rotated); pos_t: int32 [B]; valid_t: bool [B].
+    """
+    rows = jnp.arange(k_t.shape[0])
+    keep = valid_t[:, None, None]
+    incoming = (k_t.astype(jnp.float32), v_t.astype(jnp.float32))
+    out = []
+    last = len(self.tiers) - 1
+    for i, (tier, start, (ks, vs)) in enumerate(zip(self.tiers, self.starts, stores)):
+      slot = jnp.mod(pos_t - start, tier.budget)  # [B]: the slot the incoming token takes
+      new_pair = []
+      leaving = []
+      for store, x in ((ks, incoming[0]), (vs, incoming[1])):
+        here = store.map(lambda a: a[rows, :, slot])  # [B, K, ...] the displaced token
+        if i < last:  # what falls out of the last tier is simply overwritten
+          leaving.append(here.decode(jnp.float32))
+        enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
+        enc = stores_map(lambda e, h: jnp.where(keep, e, h), enc, here)  # padding: unchanged
+        new_pair.append(stores_map(lambda a, e: a.at[rows, :, slot].set(e), store, enc))
+      out.append(tuple(new_pair))
+      incoming = tuple(leaving)
+    return tuple(out)
+
+  def _layer(self, layer: int):
+    return tuple((t.k.map(lambda a: a[layer]), t.v.map(lambda a: a[layer])) for t in self.tiers)
+
+  def _with_layer(self, layer: int, stores) -> "TieredCache":
+    tiers = tuple(
+        t.replace(k=stores_map(lambda a, p: a.at[layer].set(p), t.k, ks),
+                  v=stores_map(lambda a, p: a.at[layer].set(p), t.v, vs))
+        for t, (ks, vs) in zip(self.tiers, stores))
+    return self.replace(tiers=tiers)
+
+  def _held(self, stores, lengths, dtype):
+    """Keys, values [B, K, S, H] (decoded) and positions [B, S] of one layer, tiers in order."""
+    keys = jnp.concatenate([ks.decode(dtype) for ks, _ in stores], axis=2)
+    values = jnp.concatenate([vs.decode(dtype) for _, vs in stores], axis=2)
+    pos = jnp.concatenate([tier_positions(lengths, s, t.budget)
+                           for t, s in zip(self.tiers, self.starts)], axis=1)
+    return keys, values, pos
+
+  # ---- protocol -------------------------------------------------------------------------------
+  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+    """q [B, T, N, H], k/v [B, T, K, H] un-rotated. Returns (out [B, T, N, H], cache).
+
+    Token by token (a scan when T > 1): push the token through the tiers, then let its query
+    attend over everything held, itself included, each token at its tier's precision.
+    """
+    b, t, _, h = q.shape
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    positions = base.row_slots(self.lengths, t)  # [B, T]
+    q = group_queries(rope.apply(q, positions) * (h**-0.5), self.kv_heads)  # [B, T, K, G, H]
+    k = rope.apply(k, positions)  # [B, T, K, H]
+    valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
+    final = self.lengths + n_valid
+
+    def step(stores, xs):
+      q_t, k_t, v_t, pos_t, valid_t = xs
+      stores = self._push(stores, k_t, v_t, pos_t, valid_t)
+      now = jnp.where(valid_t, pos_t + 1, final)  # tokens held after this step
+      keys, values, pos = self._held(stores, now, q.dtype)
+      mask = (pos >= 0)[:, None, None, :]  # [B, 1, 1, S]
+      out = dense_attention(q_t[:, None], keys, values, mask)  # [B, 1, N, H]
+      return stores, out[:, 0]
+
+    xs = (q, k, v, positions, valid)
+    stores = self._layer(layer)
+    if t == 1:
+      stores, out = step(stores, jax.tree_util.tree_map(lambda a: a[:, 0], xs))
+      out = out[:, None]
+    else:
+      time_major = jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1), xs)
+      stores, out = jax.lax.scan(step, stores, time_major)
+      out = out.swapaxes(0, 1)
+    return out, self._with_layer(layer, stores)
+
+  def write(self, layer: int, k, v, n_valid=None) -> "TieredCache":
+    """Stores k, v [B, T, K, H] (as given) of one layer token by token; lengths unchanged."""
+    t = k.shape[1]
+    n_valid = base.normalize_n_valid(n_valid, self.batch, t, what="write")
+    positions = base.row_slots(self.lengths, t)
+    valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]
+
+    def step(stores, xs):
+      k_t, v_t, pos_t, valid_t = xs
+      return self._push(stores, k_t, v_t, pos_t, valid_t), None
+
+    xs = jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1), (k, v, positions, valid))
+    stores, _ = jax.lax.scan(step, self._layer(layer), xs)
+    return self._with_layer(layer, stores)
+
+  def advance(self, n_valid) -> "TieredCache":
+    return self.replace(lengths=self.lengths + jnp.asarray(n_valid, jnp.int32))
+
+  def view(self) -> base.CacheView:
+    """Decoded keys/values [L, B, K, S, H] with tiers in order (tier i at slots
+    [start_i, start_i + b_i)), mask and positions [L, B, K, S]."""
+    keys = jnp.concatenate([t.k.decode() for t in self.tiers], axis=3)
+    values = jnp.concatenate([t.v.decode() for t in self.tiers], axis=3)
+    pos = jnp.concatenate([tier_positions(self.lengths, s, t.budget)
+                           for t, s in zip(self.tiers, self.starts)], axis=1)  # [B, S]
+    shape = (self.n_layers, self.batch, self.kv_heads, self.capacity)
+    positions = jnp.broadcast_to(pos[None, :, None, :], shape)
+    return base.CacheView(keys=keys, values=values, mask=positions >= 0, positions=positions)
+
+  def reset(self) -> "TieredCache":
+    """Empty cache of the same shapes (stale slots hidden: positions derive from lengths = 0)."""
+    return self.replace(lengths=jnp.zeros_like(self.lengths))
+
+  def nbytes(self) -> dict[str, int]:
+    return base.tree_nbytes(self)
+
+  def tier_nbytes(self) -> tuple[int, ...]:
+    """Bytes of each tier (codes, scales and zero points of keys and values)."""
+    return tuple(sum(base.tree_nbytes(t).values()) for t in self.tiers)
+
+  def crop(self, length):
+    raise NotImplementedError(
+        "a tiered cache cannot crop: tokens that aged into a lower-precision tier cannot move "
+        "back up, and dropped tokens are gone; keep a copy of the cache instead")
+
+  def reorder(self, indices) -> "TieredCache":
+    """Row b of the result is row indices[b] of this cache (beam reordering)."""
+    indices = jnp.asarray(indices, jnp.int32)
+    take = lambda a: jnp.take(a, indices, axis=1)
+    tiers = tuple(t.replace(k=t.k.map(take), v=t.v.map(take)) for t in self.tiers)
+    return self.replace(tiers=tiers, lengths=jnp.take(self.lengths, indices, axis=0))
+
+  def grow(self, capacity: int):
+    raise NotImplementedError("a tiered cache never grows: its memory is fixed by the tier budgets")
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> TieredCache:
+  """`tier:B0:F0,B1:F1,...` specs. `capacity` is not used: the tier budgets size the cache."""
+  if spec.tiers is None:
+    raise SpecError(f"cache spec {str(spec)!r} has no tier:... term; the tiered kind needs one")
+  if spec.offload or spec.share > 1 or spec.mode != "full":
+    raise SpecError(f"cache spec {str(spec)!r}: tiers cannot be combined with "
+                    "offload/share/dynamic yet")
+  return TieredCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                          head_dim=config.head_dim, tiers=spec.tiers, group=spec.group, dtype=dtype)
