@@ -1,0 +1,353 @@
+"""Sliding-window cache with optional attention sinks (StreamingLLM): fixed memory, endless streams.
+
+Spec terms: `window:N` (keep the N most recent tokens) and `sink:S+window:N` (also keep the first S
+tokens of the row forever). Memory is S + N slots per row, layer and kv head, allocated once; a
+row can be decoded for any number of tokens.
+
+Layout (per layer):
+
+  slots   | 0 .. S-1           | S .. S+N-1                                   |
+  holds   | positions 0 .. S-1 | ring: position p >= S lives in S + (p-S) % N |
+
+  k, v: [L, B, K, S+N, H] UN-rotated keys and values.
+  pos: int32 [B, S+N], the original position each slot holds (-1 where empty).
+  lengths: int32 [B], tokens each row has seen (= position of its next token).
+
+RoPE decision: positions inside the cache, not original positions. Keys are stored un-rotated and
+rotated on every read. A query at original position p attends over the sinks i < S and the window
+(p - N, p] (itself included), at the relative distances it would have if the cache's contents were
+a contiguous sequence, as StreamingLLM does:
+
+  window key j:  distance p - j                (the true distance; always < N)
+  sink key i:    distance min(p, S+N-1) - i    (sinks sit just before the window once it is full)
+
+Why: with original positions, a query at position 20,000 would be 20,000 away from the sinks, far
+beyond the context the model was trained on (8192 for SmolLM2), and attention to sinks (the whole
+point of keeping them) degrades. With cache positions every distance stays below S + N, however
+long the stream. Queries and keys are rotated at small absolute angles too (each chunk is rotated
+relative to `d = max(0, lengths - (S+N-1))`), so fp32 RoPE stays exact to the last bit for 20k+
+streams instead of losing precision in `position * inv_freq`. Before the window fills (p < S+N-1)
+both distances equal the original ones, so a window larger than the sequence is the full cache.
+
+Invariants (tests/caches/test_window.py checks them against a NumPy oracle):
+  * after any sequence of appends (ragged `n_valid` included), row b holds exactly its first S
+    tokens and its last N tokens (the two sets may overlap early on: then each token is held once),
+    each in the slot given by the layout above; `view().positions` names them and `view().mask`
+    is true exactly on the occupied slots;
+  * padding tokens (t >= n_valid[b]) are never written and never evict anything;
+  * `attend` over a chunk of T tokens gives every query exactly what token-by-token decoding would:
+    it scores [held slots] + [the chunk's own tokens] with masks by position, and only then writes
+    the tokens that survive the chunk into the ring (long chunks go through in sub-blocks of
+    `block` tokens, so prefill memory is O(block * (S + N + block)), not O(T^2));
+  * every array has a fixed shape: nothing is O(tokens). `has_room`/`fits` are always true and the
+    class attribute `bounded = False` tells `kvjax.append` there is no capacity to overflow.
+
+`crop(length)` marks slots at positions >= length empty; tokens the cropped ones had already
+evicted do not come back, so after a crop the window may hold fewer than N tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import MASKED, RoPE, group_queries, ungroup
+from kvjax.caches import base
+from kvjax.spec import SpecError
+
+
+class UnsupportedWindowSpec(SpecError, NotImplementedError):
+  """A window/sink spec combined with a storage option this kind does not implement yet."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers on one layer's storage
+# ---------------------------------------------------------------------------------------------
+def slot_of(positions: jax.Array, sink: int, window: int) -> jax.Array:
+  """Slot that holds the token at each position (int32, any shape)."""
+  ring = sink + jnp.mod(positions - sink, window)
+  return jnp.where(positions < sink, positions, ring).astype(jnp.int32)
+
+
+def target_slots(lengths, n_valid, tokens: int, sink: int, window: int) -> jax.Array:
+  """int32 [B, T]: where each new token goes, or S+N (out of bounds: dropped) when it is padding
+  or when a later token of the same chunk evicts it before the chunk ends."""
+  positions = base.row_slots(lengths, tokens)  # [B, T]
+  final = (lengths + n_valid)[:, None]
+  real = jnp.arange(tokens, dtype=jnp.int32)[None, :] < n_valid[:, None]
+  survives = real & ((positions < sink) | (positions >= final - window))
+  return jnp.where(survives, slot_of(positions, sink, window), sink + window)
+
+
+def next_positions(pos, lengths, n_valid, sink: int, window: int) -> jax.Array:
+  """pos [B, S+N] after n_valid [B] tokens are appended at `lengths` (computed slot by slot)."""
+  slots = jnp.arange(sink + window, dtype=jnp.int32)[None, :]  # [1, S+N]
+  start, final = lengths[:, None], (lengths + n_valid)[:, None]
+  # Sink slot i receives position i; ring slot S + r the latest position p < final with
+  # p >= S and (p - S) % N == r.
+  offset = final - 1 - slots  # >= 0 iff such a position exists (for ring slots)
+  latest = slots + window * jnp.floor_divide(jnp.maximum(offset, 0), window)
+  latest = jnp.where(slots < sink, slots, latest)
+  written = (latest >= start) & (latest < final) & (offset >= 0)
+  return jnp.where(written, latest, pos).astype(jnp.int32)
+
+
+def scatter_tokens(buf, x, slots):
+  """buf [B, K, S+N, H] with x [B, T, K, H] stored at slots [B, T] (out-of-range slots dropped)."""
+  rows = jnp.arange(buf.shape[0])[:, None]
+  return buf.at[rows, :, slots, :].set(x.astype(buf.dtype), mode="drop")
+
+
+def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope: RoPE, *,
+                     sink: int, window: int):
+  """Attention of T new queries over the held slots plus the chunk's own tokens.
+
+  Args:
+    k_held, v_held: [B, K, S+N, H] one layer's stored (un-rotated) keys and values.
+    pos_held: int32 [B, S+N] positions of the held slots (-1 empty).
+    lengths: int32 [B] position of each row's first new token.
+    q: [B, T, N, H]; k, v: [B, T, K, H] new tokens, un-rotated (k, v already in storage dtype).
+    n_valid: int32 [B]; only the first n_valid[b] new tokens of row b are real keys.
+
+  Returns:
+    [B, T, N, H]: query (b, t) at p = lengths[b] + t attends to keys at positions < S and in
+    (p - N, p], at the cache-position distances of the module docstring.
+  """
+  b, t, _, h = q.shape
+  kv_heads = k_held.shape[1]
+  last = sink + window - 1
+  q_pos = base.row_slots(lengths, t)  # [B, T]
+  shift = jnp.maximum(lengths - last, 0)[:, None]  # [B, 1]: rotation origin of this chunk
+  scale = h**-0.5
+  # Window distances p - j: rotate both sides shifted by the same amount.
+  q_win = group_queries(rope.apply(q, q_pos - shift) * scale, kv_heads)
+  # Sink distances min(p, S+N-1) - i: the query sits at the last cache position.
+  q_snk = group_queries(rope.apply(q, jnp.minimum(q_pos, last)) * scale, kv_heads)
+
+  key_pos = jnp.concatenate([pos_held, q_pos], axis=1)  # [B, S+N+T]
+  is_sink = key_pos < sink
+  rot_pos = jnp.maximum(jnp.where(is_sink, key_pos, key_pos - shift), 0)
+  keys = jnp.concatenate([k_held.transpose(0, 2, 1, 3), k.astype(k_held.dtype)], axis=1)
+  keys = rope.apply(keys, rot_pos)  # [B, S+N+T, K, H]
+  values = jnp.concatenate([v_held.transpose(0, 2, 1, 3), v.astype(v_held.dtype)], axis=1)
+
+  s_win = jnp.einsum("btkgh,bskh->bkgts", q_win, keys.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+  s_snk = jnp.einsum("btkgh,bskh->bkgts", q_snk, keys.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+  scores = jnp.where(is_sink[:, None, None, None, :], s_snk, s_win)  # [B, K, G, T, S+N+T]
+
+  live = jnp.concatenate([pos_held >= 0,
+                          jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]], axis=1)
+  qp, kp = q_pos[:, :, None], key_pos[:, None, :]
+  mask = live[:, None, :] & (kp <= qp) & ((kp < sink) | (kp > qp - window))  # [B, T, S+N+T]
+  mask = mask[:, None, None]
+  scores = jnp.where(mask, scores, MASKED)
+  peak = jnp.max(scores, axis=-1, keepdims=True)
+  weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+  probs = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+  out = jnp.einsum("bkgts,bskh->bkgth", probs.astype(values.dtype), values,
+                   preferred_element_type=jnp.float32)
+  return ungroup(out).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class WindowCache:
+  """S sink slots + an N-slot ring per row. k, v [L, B, K, S+N, H] (un-rotated); pos int32
+  [B, S+N] (-1 empty); lengths int32 [B]. sink, window, block are static."""
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  lengths: jax.Array
+  sink: int = struct.field(pytree_node=False, default=0)
+  window: int = struct.field(pytree_node=False, default=1)
+  block: int = struct.field(pytree_node=False, default=256)
+
+  # A ring buffer never overflows: kvjax.append must not raise capacity errors.
+  bounded = False
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, window: int,
+           sink: int = 0, dtype=jnp.float32, block: int = 256) -> "WindowCache":
+    if not isinstance(window, int) or window <= 0:
+      raise ValueError(f"WindowCache: window must be a positive int, got {window!r}")
+    if not isinstance(sink, int) or sink < 0:
+      raise ValueError(f"WindowCache: sink must be a non-negative int, got {sink!r}")
+    if not isinstance(block, int) or block <= 0:
+      raise ValueError(f"WindowCache: block must be a positive int, got {block!r}")
+    slots = sink + window
+    shape = (n_layers, batch, kv_heads, slots, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               pos=jnp.full((batch, slots), -1, jnp.int32), lengths=jnp.zeros((batch,), jnp.int32),
+               sink=sink, window=window, block=block)
+
+  # ---- static facts ---------------------------------------------------------------------------
+  @property
+  def capacity(self) -> int:
+    """Slots per row (S + N): what the cache holds at most, not a limit on the stream."""
+    return self.k.shape[3]
+
+  @property
+  def n_layers(self) -> int:
+    return self.k.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.k.shape[4]
+
+  def has_room(self, n: int) -> jax.Array:
+    """Always true: the ring makes room by evicting the oldest non-sink token."""
+    return jnp.asarray(True)
+
+  def fits(self, n_tokens: int) -> bool:
+    """Always true: any stream length fits in fixed memory."""
+    return True
+
+  def overflowed(self) -> jax.Array:
+    """bool [B]: never (eviction is the design, not an overflow)."""
+    return jnp.zeros((self.batch,), bool)
+
+  def filled(self) -> jax.Array:
+    """int32 [B]: slots that hold a token."""
+    return jnp.sum(self.pos >= 0, axis=1).astype(jnp.int32)
+
+  # ---- protocol -------------------------------------------------------------------------------
+  def write(self, layer: int, k, v, n_valid=None) -> "WindowCache":
+    """Stores k, v [B, T, K, H] (as given, un-rotated) of one layer; lengths and pos unchanged
+    (`advance` updates both). Padding and tokens evicted within the chunk are not written."""
+    n_valid = base.normalize_n_valid(n_valid, self.batch, k.shape[1], what="write")
+    slots = target_slots(self.lengths, n_valid, k.shape[1], self.sink, self.window)
+    rows = jnp.arange(self.batch)[:, None]  # [B, 1]; self.k[layer, rows, :, slots] is [B, T, K, H]
+    return self.replace(
+        k=self.k.at[layer, rows, :, slots, :].set(k.astype(self.k.dtype), mode="drop"),
+        v=self.v.at[layer, rows, :, slots, :].set(v.astype(self.v.dtype), mode="drop"))
+
+  def advance(self, n_valid) -> "WindowCache":
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    pos = next_positions(self.pos, self.lengths, n_valid, self.sink, self.window)
+    return self.replace(pos=pos, lengths=self.lengths + n_valid)
+
+  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+    """Attention of q [B, T, N, H] over what the cache holds at each new token; stores the
+    survivors of k, v [B, T, K, H]. Returns (out [B, T, N, H], cache)."""
+    t = q.shape[1]
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    k = k.astype(self.k.dtype)
+    v = v.astype(self.v.dtype)
+    opts = dict(rope=rope, sink=self.sink, window=self.window)
+    if t <= self.block:
+      out = window_attention(self.k[layer], self.v[layer], self.pos, self.lengths, q, k, v,
+                             n_valid, **opts)
+      return out, self.write(layer, k, v, n_valid)
+
+    # Long chunk: sub-blocks of `block` tokens, each attending over the ring as the previous
+    # sub-blocks left it (same result as one big chunk, without the T x T score matrix).
+    blk = self.block
+    n_sub = -(-t // blk)
+    pad = n_sub * blk - t
+
+    def split(x):  # [B, T, ...] -> [n_sub, B, blk, ...]
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      return x.reshape(x.shape[0], n_sub, blk, *x.shape[2:]).swapaxes(0, 1)
+
+    def body(carry, xs):
+      k_l, v_l, pos, lengths, remaining = carry
+      q_i, k_i, v_i = xs
+      nv = jnp.clip(remaining, 0, blk)
+      out = window_attention(k_l, v_l, pos, lengths, q_i, k_i, v_i, nv, **opts)
+      slots = target_slots(lengths, nv, blk, self.sink, self.window)
+      k_l, v_l = scatter_tokens(k_l, k_i, slots), scatter_tokens(v_l, v_i, slots)
+      pos = next_positions(pos, lengths, nv, self.sink, self.window)
+      return (k_l, v_l, pos, lengths + nv, remaining - nv), out
+
+    init = (self.k[layer], self.v[layer], self.pos, self.lengths, n_valid)
+    (k_l, v_l, _, _, _), out = jax.lax.scan(body, init, (split(q), split(k), split(v)))
+    out = out.swapaxes(0, 1).reshape(q.shape[0], n_sub * blk, *q.shape[2:])[:, :t]
+    return out, self.replace(k=self.k.at[layer].set(k_l), v=self.v.at[layer].set(v_l))
+
+  def view(self) -> base.CacheView:
+    """Stored (un-rotated) keys/values [L, B, K, S+N, H], mask and positions [L, B, K, S+N]."""
+    shape = (self.n_layers, self.batch, self.kv_heads, self.capacity)
+    positions = jnp.broadcast_to(self.pos[None, :, None, :], shape)
+    return base.CacheView(keys=self.k, values=self.v, mask=positions >= 0, positions=positions)
+
+  def reset(self) -> "WindowCache":
+    """Empty cache of the same shapes (stale buffers hidden by pos = -1)."""
+    return self.replace(pos=jnp.full_like(self.pos, -1), lengths=jnp.zeros_like(self.lengths))
+
+  def nbytes(self) -> dict[str, int]:
+    return base.tree_nbytes(self)
+
+  def crop(self, length) -> "WindowCache":
+    """Forgets every token at position >= length (scalar or per row [B]). Tokens that those had
+    already evicted are gone for good, so the window may then hold fewer than N tokens."""
+    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.lengths.shape)
+    return self.replace(pos=jnp.where(self.pos >= length[:, None], -1, self.pos),
+                        lengths=jnp.minimum(self.lengths, length))
+
+  def reorder(self, indices) -> "WindowCache":
+    """Row b of the result is row indices[b] of this cache (beam reordering)."""
+    indices = jnp.asarray(indices, jnp.int32)
+    return self.replace(k=jnp.take(self.k, indices, axis=1), v=jnp.take(self.v, indices, axis=1),
+                        pos=jnp.take(self.pos, indices, axis=0),
+                        lengths=jnp.take(self.lengths, indices, axis=0))
+
+  def grow(self, capacity: int) -> "WindowCache":
+    raise NotImplementedError("a window cache never grows: its memory is fixed at sink + window "
+                              "slots and it evicts instead (has_room is always true)")
+
+
+def slide(cache: WindowCache, k, v, n_valid=None) -> WindowCache:
+  """Appends k, v [L, B, K, T, H] to every layer of a window cache, evicting the oldest non-sink
+  tokens of each row; only the first n_valid[b] tokens of row b are real. Pure and jittable.
+
+  Same result as `kvjax.append` on a window cache, with one scatter for all layers.
+  """
+  if not isinstance(cache, WindowCache):
+    raise TypeError(f"slide needs a WindowCache (spec window:N or sink:S+window:N), "
+                    f"got {type(cache).__name__}; use kvjax.append for other kinds")
+  base.check_new_kv(k, v, n_layers=cache.n_layers, batch=cache.batch, kv_heads=cache.kv_heads,
+                    head_dim=cache.head_dim, what="slide")
+  tokens = k.shape[3]
+  n_valid = base.normalize_n_valid(n_valid, cache.batch, tokens, what="slide")
+  slots = target_slots(cache.lengths, n_valid, tokens, cache.sink, cache.window)  # [B, T]
+  rows = jnp.arange(cache.batch)[:, None]
+  # cache.k[:, rows, :, slots, :] has shape [B, T, L, K, H].
+  new_k = cache.k.at[:, rows, :, slots, :].set(k.transpose(1, 3, 0, 2, 4).astype(cache.k.dtype),
+                                               mode="drop")
+  new_v = cache.v.at[:, rows, :, slots, :].set(v.transpose(1, 3, 0, 2, 4).astype(cache.v.dtype),
+                                               mode="drop")
+  return cache.replace(k=new_k, v=new_v).advance(n_valid)
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
+              block: int = 256) -> WindowCache:
+  """`window:N` and `sink:S+window:N` specs. `capacity` is not used: the budget sizes the cache.
+
+  block: prefill sub-block length (chunks longer than this are attended in sub-blocks).
+  """
+  if spec.window is None:
+    raise SpecError(f"cache spec {str(spec)!r} has no window:N term; the window kind needs one")
+  if spec.bits is not None:
+    raise UnsupportedWindowSpec(
+        f"cache spec {str(spec)!r}: quantized (int{spec.bits}) storage is not supported by the "
+        "window/sink cache yet; drop the intN term or use a tier:... spec")
+  if spec.h2o is not None or spec.tiers is not None or spec.offload or spec.share > 1:
+    raise UnsupportedWindowSpec(f"cache spec {str(spec)!r} is not a plain window/sink spec")
+  return WindowCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                          head_dim=config.head_dim, window=spec.window, sink=spec.sink, dtype=dtype,
+                          block=block)
