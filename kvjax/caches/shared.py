@@ -1,0 +1,272 @@
+"""Cross-layer KV sharing (CLA): layers in groups of G consecutive layers share one cache.
+
+Spec terms `share:G` and `share:G:cal`. Model layer l belongs to group l // G; the group's first
+layer (l % G == 0, the leader) stores its keys and values, and every other layer of the group (a
+follower) attends over the leader's cache instead of its own K/V (its own k/v projections are
+ignored, so XLA drops them). The cache therefore holds ceil(L / G) layers instead of L.
+
+`SharedCache` wraps an inner cache of ceil(L / G) layers built from the same spec without the
+share term (`full` by default, any kind works: `share:2+int8`, `share:2+window:256`, ...):
+
+  * inner is a `FullCache` (always for `:cal`): keys are stored in the inner buffer and attention
+    is done here, block by block; a follower reads the leader's blocks without writing anything.
+  * any other kind: the leader calls `inner.attend` and the wrapper keeps, until `advance`, the
+    inner cache as it was before that write plus the leader's new k/v; each follower repeats the
+    leader's `attend` on that saved state with its own queries and drops the resulting cache. So a
+    follower sees exactly what the leader saw, whatever the kind does on a write (eviction,
+    quantization), at the cost of keeping the pre-write state alive during the forward.
+
+Calibrated variant (`share:G:cal`): per follower layer l, linear maps fitted on calibration text
+(`kvjax.calibrate.fit_share_maps`) predict the follower's un-rotated K and V from its leader's:
+
+  k_l[b, t] ~= k_leader[b, t] @ k_w[l] + k_b[l]     over the flattened [K * H] features; V alike.
+
+The maps act before RoPE, so in this variant the inner cache stores the leader's UN-rotated keys and
+every read rotates them by their slot position (after mapping, for followers). Maps are cache
+leaves (`ShareMaps`), passed as `make_cache(spec, ..., maps=...)`; `nbytes()` counts only the KV
+storage, `maps_nbytes()` the maps (a fixed cost per model, shared by every row).
+
+Invariants (tests/caches/test_shared.py): logits equal a NumPy Llama forward in which each follower
+uses its leader's (mapped) K/V; chunked prefill equals token-by-token decoding; with identity maps
+`share:G:cal` equals `share:G`; `view()` gives L layers, a follower's being what it attends over;
+`kvjax.append` writes leader layers only; `advance` advances the inner cache once; G = 1 is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import RoPE, blockwise_attention, group_queries
+from kvjax.caches import base
+from kvjax.caches.full import FullCache
+
+
+@struct.dataclass
+class ShareMaps:
+  """Per-layer linear maps from a group leader's un-rotated K/V to a follower's ([K*H] features).
+
+  k_w, v_w: [L, K*H, K*H]; k_b, v_b: [L, K*H] (float32). Rows of leader layers are unused
+  (identity / zero).
+  """
+
+  k_w: jax.Array
+  k_b: jax.Array
+  v_w: jax.Array
+  v_b: jax.Array
+
+  @classmethod
+  def identity(cls, n_layers: int, features: int) -> "ShareMaps":
+    eye = jnp.broadcast_to(jnp.eye(features, dtype=jnp.float32), (n_layers, features, features))
+    zero = jnp.zeros((n_layers, features), jnp.float32)
+    return cls(k_w=eye, k_b=zero, v_w=eye, v_b=zero)
+
+  def apply(self, layer: int, k, v):
+    """k, v [..., K, H] (un-rotated leader) -> the follower `layer`'s predicted k, v."""
+
+    def one(x, w, bias):
+      flat = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)
+      return (flat @ w[layer] + bias[layer]).reshape(x.shape).astype(x.dtype)
+
+    return one(k, self.k_w, self.k_b), one(v, self.v_w, self.v_b)
+
+
+@struct.dataclass
+class SharedCache:
+  """ceil(L / G) cache layers serving L model layers.
+
+  inner: the cache of the leaders (layer l // G of inner serves model layer l).
+  maps: `ShareMaps` for `share:G:cal`, else None.
+  pending: None between forward calls; inside one (non-full inner only) the inner cache before the
+    current leader's write and the leader's new k, v [B, T, K, H], for its followers.
+  """
+
+  inner: Any
+  maps: ShareMaps | None = None
+  pending: Any = None
+  group: int = struct.field(pytree_node=False, default=2)
+  model_layers: int = struct.field(pytree_node=False, default=2)
+  rope: RoPE | None = struct.field(pytree_node=False, default=None)
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def wrap(cls, inner, *, group: int, model_layers: int, maps: ShareMaps | None = None,
+           rope: RoPE | None = None) -> "SharedCache":
+    if not isinstance(group, int) or group < 2:
+      raise ValueError(f"SharedCache: group must be an int >= 2 (share:1 shares nothing), got {group!r}")
+    if inner.n_layers != math.ceil(model_layers / group):
+      raise ValueError(f"SharedCache: {model_layers} layers in groups of {group} need "
+                       f"{math.ceil(model_layers / group)} inner layers, got {inner.n_layers}")
+    if maps is not None:
+      if not isinstance(inner, FullCache):
+        raise ValueError(f"share:G:cal needs a full inner cache (it stores un-rotated keys), got "
+                         f"{type(inner).__name__}")
+      if rope is None:
+        raise ValueError("share:G:cal needs the model's RoPE to rotate keys on read")
+      features = inner.kv_heads * inner.head_dim
+      want = (model_layers, features, features)
+      if tuple(maps.k_w.shape) != want or tuple(maps.v_w.shape) != want:
+        raise ValueError(f"share maps must have k_w/v_w of shape {want}, got "
+                         f"{tuple(maps.k_w.shape)} / {tuple(maps.v_w.shape)}")
+    return cls(inner=inner, maps=maps, group=group, model_layers=model_layers, rope=rope)
+
+  # ---- static facts (delegated) ---------------------------------------------------------------
+  @property
+  def lengths(self) -> jax.Array:
+    return self.inner.lengths
+
+  @property
+  def capacity(self) -> int:
+    return self.inner.capacity
+
+  @property
+  def n_layers(self) -> int:
+    """Model layers served (what `kvjax.append` and `view()` count); the inner cache has fewer."""
+    return self.model_layers
+
+  @property
+  def batch(self) -> int:
+    return self.inner.batch
+
+  @property
+  def kv_heads(self) -> int:
+    return self.inner.kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.inner.head_dim
+
+  @property
+  def bounded(self) -> bool:
+    return getattr(self.inner, "bounded", True)
+
+  @property
+  def calibrated(self) -> bool:
+    return self.maps is not None
+
+  def has_room(self, n: int) -> jax.Array:
+    return self.inner.has_room(n)
+
+  def fits(self, n_tokens: int) -> bool:
+    return self.inner.fits(n_tokens)
+
+  def overflowed(self) -> jax.Array:
+    return self.inner.overflowed()
+
+  def is_leader(self, layer: int) -> bool:
+    return layer % self.group == 0
+
+  # ---- protocol -------------------------------------------------------------------------------
+  def write(self, layer: int, k, v, n_valid=None) -> "SharedCache":
+    """Leader layers store k, v [B, T, K, H] (as given) in inner layer layer // G; followers: no-op."""
+    if not self.is_leader(layer):
+      return self
+    return self.replace(inner=self.inner.write(layer // self.group, k, v, n_valid))
+
+  def advance(self, n_valid) -> "SharedCache":
+    return self.replace(inner=self.inner.advance(n_valid), pending=None)
+
+  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+    """Model layer `layer`: leaders store and attend; followers attend over their leader's cache."""
+    slot = layer // self.group
+    if isinstance(self.inner, FullCache):
+      cache = self
+      positions = base.row_slots(self.lengths, q.shape[1])  # [B, T]
+      if self.is_leader(layer):
+        k_stored = k if self.calibrated else rope.apply(k, positions)
+        cache = self.replace(inner=self.inner.write(slot, k_stored, v))
+      return cache._read(layer, rope.apply(q, positions), positions, n_valid), cache
+    if self.is_leader(layer):
+      out, inner = self.inner.attend(slot, q, k, v, rope, n_valid)
+      return out, self.replace(inner=inner, pending=(self.inner, k, v))
+    if self.pending is None:
+      raise ValueError(f"SharedCache: follower layer {layer} attended before its leader {slot * self.group}")
+    before, k_lead, v_lead = self.pending
+    out, _ = before.attend(slot, q, k_lead, v_lead, rope, n_valid)
+    return out, self
+
+  def _read(self, layer: int, q, positions, n_valid):
+    """Attention of rotated queries q [B, T, N, H] over the full inner cache of `layer`'s leader."""
+    inner = self.inner
+    slot = layer // self.group
+    kv_len = jnp.minimum(inner.lengths + n_valid, inner.capacity)
+    qg = group_queries(q * (q.shape[-1] ** -0.5), inner.kv_heads)
+    bs = inner.block_size
+    shape = (1, inner.batch, inner.kv_heads, bs, inner.head_dim)
+
+    def load_block(_, __, start):
+      idx = (slot, 0, 0, start, 0)
+      kb = jax.lax.dynamic_slice(inner.k, idx, shape)[0]  # [B, K, bs, H]
+      vb = jax.lax.dynamic_slice(inner.v, idx, shape)[0]
+      if self.calibrated:
+        kb, vb = self._calibrated_block(layer, kb, vb, start + jnp.arange(bs, dtype=jnp.int32))
+      return kb, vb
+
+    return blockwise_attention(qg, None, None, positions, kv_len, block_size=bs, load_block=load_block)
+
+  def _calibrated_block(self, layer: int, kb, vb, slots):
+    """Un-rotated leader block [B, K, S', H] -> what `layer` attends over: mapped (followers), rotated."""
+    kb, vb = kb.swapaxes(1, 2), vb.swapaxes(1, 2)  # [B, S', K, H]
+    if not self.is_leader(layer):
+      kb, vb = self.maps.apply(layer, kb, vb)
+    kb = self.rope.apply(kb, jnp.maximum(slots, 0))
+    return kb.swapaxes(1, 2), vb.swapaxes(1, 2)
+
+  def view(self) -> base.CacheView:
+    """L layers: a follower's keys/values are what it attends over (its leader's, mapped if :cal)."""
+    inner = self.inner.view()
+    index = jnp.arange(self.model_layers) // self.group
+    keys, values, mask, positions = (jnp.take(x, index, axis=0) for x in
+                                     (inner.keys, inner.values, inner.mask, inner.positions))
+    if self.calibrated:
+      slots = jnp.arange(keys.shape[3], dtype=jnp.int32)  # a full inner cache: slot = position
+      per_layer = [self._calibrated_block(l, keys[l], values[l], slots) for l in range(self.model_layers)]
+      keys = jnp.stack([kv[0] for kv in per_layer])
+      values = jnp.stack([kv[1] for kv in per_layer])
+    return base.CacheView(keys=keys, values=values, mask=mask, positions=positions)
+
+  def nbytes(self) -> dict[str, int]:
+    """KV storage only (the inner cache); see `maps_nbytes` for the calibration maps."""
+    return self.inner.nbytes()
+
+  def maps_nbytes(self) -> int:
+    return 0 if self.maps is None else sum(base.tree_nbytes(self.maps).values())
+
+  def reset(self) -> "SharedCache":
+    return self.replace(inner=self.inner.reset(), pending=None)
+
+  def crop(self, length) -> "SharedCache":
+    return self.replace(inner=self.inner.crop(length))
+
+  def reorder(self, indices) -> "SharedCache":
+    return self.replace(inner=self.inner.reorder(indices))
+
+  def grow(self, capacity: int) -> "SharedCache":
+    return self.replace(inner=self.inner.grow(capacity))
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
+              maps: ShareMaps | None = None, **options) -> SharedCache:
+  """`share:G[:cal]` on top of any other terms; options other than `maps` go to the inner kind."""
+  from kvjax import spec as spec_lib
+
+  if spec.share < 2:
+    raise spec_lib.SpecError(f"share:{spec.share} shares nothing; use share:G with G >= 2")
+  if spec.share_calibrated and maps is None:
+    raise spec_lib.SpecError(
+        f"{str(spec)!r} needs calibration maps: make_cache(spec, config, ..., "
+        f"maps=kvjax.calibrate.fit_share_maps(model, ids, {spec.share}))")
+  if not spec.share_calibrated and maps is not None:
+    raise spec_lib.SpecError(f"{str(spec)!r} takes no maps; use share:{spec.share}:cal")
+  inner_spec = spec.replace(share=1, share_calibrated=False)
+  if spec.share_calibrated and inner_spec.kind != "full":
+    raise spec_lib.SpecError(f"{str(spec)!r}: calibrated sharing needs a full inner cache, "
+                             f"not {inner_spec.kind!r} (maps act on un-rotated full-precision keys)")
+  inner_config = config.replace(n_layers=math.ceil(config.n_layers / spec.share))
+  inner = spec_lib.make_cache(inner_spec, inner_config, batch, capacity, dtype, **options)
+  return SharedCache.wrap(inner, group=spec.share, model_layers=config.n_layers, maps=maps,
+                          rope=RoPE(config.head_dim, config.rope_theta))
