@@ -1,0 +1,185 @@
+"""Budget planning: the most faithful cache spec whose memory for a context fits a byte budget.
+
+  spec, nbytes = kvjax.plan.plan(config, max_bytes=64 << 20, context=8192, batch=4)
+
+`estimate_bytes(spec, config, context, batch, dtype)` is a closed formula per kind for the bytes
+`make_cache(spec, config, batch, capacity=context, dtype)` allocates (every array the cache holds:
+keys, values, scales, positions, lengths; for `offload` device and host together; for `share:G`
+the KV storage without the calibration maps). `measured_bytes` gets the same number from the
+cache's abstract shapes (`jax.eval_shape`, nothing allocated) for any kind.
+
+`plan` walks `candidates()` in order of faithfulness and returns the first that fits:
+
+  1. full                         lossless
+  2. int8                         every token kept, 8-bit
+  3. int4+residual:64, int4       every token kept, 4-bit (the newest 64 at full precision first)
+  4. int2+residual:64, int2       every token kept, 2-bit
+  5. sink:4+window:N              drops old tokens: the largest N >= min_window that fits
+  6. tier:64:fp32,N:int8 / int4 / int2    64 recent tokens exact, the largest N older ones quantized
+
+Kinds whose module is not built are skipped. Nothing fitting raises `PlanError`, naming the
+smallest candidate's bytes.
+
+Invariant (tests/test_plan.py): `estimate_bytes == sum(make_cache(...).nbytes().values())` for
+every candidate and every built kind, over hypothesis-generated configs, contexts, batches, dtypes;
+the returned spec fits and no earlier candidate does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import spec as spec_lib
+from kvjax.caches import base
+from kvjax.caches.packing import packed_length
+from kvjax.models.config import LlamaConfig
+
+_FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+_F16 = 2  # quantization scales and zero points are float16
+_I32 = 4
+
+
+class PlanError(ValueError):
+  """No candidate cache spec fits the byte budget."""
+
+
+def _quantized_tokens(n: int, head_dim: int, bits: int, group: int) -> int:
+  """Bytes of n tokens of one (layer, row, kv head) stream, K and V, packed per-token codes with a
+  float16 scale (and zero point below 8 bits) per `group` channels (the tiered kind's format)."""
+  scales = 1 if bits == 8 else 2
+  per_token = packed_length(head_dim, bits) + scales * (head_dim // group) * _F16
+  return 2 * n * per_token
+
+
+def estimate_bytes(spec, config: LlamaConfig, context: int, batch: int = 1, dtype=jnp.float32) -> int:
+  """Bytes of `make_cache(spec, config, batch, capacity=context, dtype)`, from its layout formula."""
+  spec = spec_lib.parse_spec(spec)
+  if not spec.uses_cache:
+    return 0
+  item = jnp.dtype(dtype).itemsize
+  h = config.head_dim
+  streams = config.n_layers * batch * config.n_kv_heads  # (layer, row, kv head) triples
+  lengths = _I32 * batch
+  kind = spec.kind
+  if kind == "shared":  # ceil(L / G) layers of the inner kind; maps are not cache memory
+    inner = config.replace(n_layers=math.ceil(config.n_layers / spec.share))
+    return estimate_bytes(spec.replace(share=1, share_calibrated=False), inner, context, batch, dtype)
+  if kind == "full":
+    return 2 * streams * context * h * item + lengths
+  if kind == "offload":
+    recent = base.pick_block_size(context)  # default ring: one block
+    return 2 * streams * (context + recent) * h * item + lengths
+  if kind == "window":
+    slots = spec.sink + spec.window
+    return 2 * streams * slots * h * item + _I32 * batch * slots + lengths
+  if (spec.bits is not None or spec.tiers is not None) and h % min(spec.group, h):
+    raise spec_lib.SpecError(f"{str(spec)!r}: group:{spec.group} does not divide head_dim {h}")
+  if kind == "quantized":
+    g = spec.group
+    s = -(-context // g) * g
+    scales = 1 if spec.bits == 8 else 2  # int8 is symmetric: no zero points
+    codes = 2 * s * packed_length(h, spec.bits)
+    key_scales = scales * (s // g) * h * _F16  # per channel, per group of G tokens
+    value_scales = scales * s * (h // min(g, h)) * _F16  # per token, per group of channels
+    residual = 2 * ((spec.residual or 0) + g) * h * item
+    return streams * (codes + key_scales + value_scales + residual) + 2 * _I32 * batch
+  if kind == "tiered":
+    total = lengths
+    for budget, fmt in spec.tiers:
+      if fmt in _FLOAT_BYTES:
+        total += 2 * streams * budget * h * _FLOAT_BYTES[fmt]
+      else:
+        total += streams * _quantized_tokens(budget, h, _INT_BITS[fmt], spec.group)
+    return total
+  raise NotImplementedError(f"estimate_bytes: no formula for kind {kind!r} ({str(spec)!r}); "
+                            "use measured_bytes")
+
+
+def measured_bytes(spec, config: LlamaConfig, context: int, batch: int = 1, dtype=jnp.float32,
+                   **options) -> int:
+  """Bytes of the cache's arrays from their abstract shapes (`jax.eval_shape`): nothing allocated."""
+  shapes = jax.eval_shape(lambda: spec_lib.make_cache(spec, config, batch, context, dtype, **options))
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(shapes))
+
+
+def available(spec) -> bool:
+  """True when the module implementing the spec's kind exists."""
+  return importlib.util.find_spec(f"kvjax.caches.{spec_lib.parse_spec(spec).kind}") is not None
+
+
+def candidates() -> list:
+  """Spec families in order of faithfulness: fixed spec strings, then (name, n -> spec, slots the
+  spec holds besides the n sized ones) for the families sized to the budget."""
+  fixed = ["full", "int8", "int4+residual:64", "int4", "int2+residual:64", "int2"]
+  sized = [("sink:4+window:N", lambda n: f"sink:4+window:{n}", 4)]
+  sized += [(f"tier:64:fp32,N:{q}", lambda n, q=q: f"tier:64:fp32,{n}:{q}", 64) for q in ("int8", "int4", "int2")]
+  return fixed + sized
+
+
+def rank(spec) -> int | None:
+  """Index in `candidates()` of the family `spec` belongs to (lower = more faithful), else None."""
+  spec = spec_lib.parse_spec(spec)
+  sizes = {spec.window, spec.tiers[-1][0] if spec.tiers else None} - {None}
+  for i, entry in enumerate(candidates()):
+    if isinstance(entry, str):
+      if spec_lib.parse_spec(entry) == spec:
+        return i
+    elif any(spec_lib.parse_spec(entry[1](n)) == spec for n in sizes):
+      return i
+  return None
+
+
+def _largest_fitting(make, config, max_bytes, context, batch, dtype, low: int, high: int) -> int:
+  """Largest n in [low, high] with estimate(make(n)) <= max_bytes, given that make(low) fits
+  (bytes grow with n)."""
+  while low < high:
+    mid = (low + high + 1) // 2
+    if estimate_bytes(make(mid), config, context, batch, dtype) <= max_bytes:
+      low = mid
+    else:
+      high = mid - 1
+  return low
+
+
+def plan(config: LlamaConfig, max_bytes: int, context: int, batch: int = 1, dtype=jnp.float32, *,
+         min_window: int = 64):
+  """(spec, estimated bytes) of the most faithful candidate that fits `max_bytes` for `context`
+  tokens per row. Windows smaller than `min_window` tokens are not offered."""
+  if not isinstance(context, int) or context <= 0:
+    raise ValueError(f"plan: context must be a positive int, got {context!r}")
+  if not isinstance(max_bytes, int) or max_bytes <= 0:
+    raise ValueError(f"plan: max_bytes must be a positive int, got {max_bytes!r}")
+  smallest = None
+
+  def consider(spec):
+    nonlocal smallest
+    try:
+      need = estimate_bytes(spec, config, context, batch, dtype)
+    except spec_lib.SpecError:  # e.g. a quantization group that does not divide the head dim
+      return False
+    smallest = need if smallest is None else min(smallest, need)
+    return need <= max_bytes
+
+  for entry in candidates():
+    if isinstance(entry, str):
+      spec = spec_lib.parse_spec(entry)
+      if available(spec) and consider(spec):
+        return spec, estimate_bytes(spec, config, context, batch, dtype)
+      continue
+    _, make, extra = entry
+    most = context - extra  # a bigger n holds nothing more: the whole context already fits
+    if most < min_window or not available(make(min_window)) or not consider(make(min_window)):
+      continue
+    n = _largest_fitting(make, config, max_bytes, context, batch, dtype, min_window, most)
+    spec = spec_lib.parse_spec(make(n))
+    return spec, estimate_bytes(spec, config, context, batch, dtype)
+  if smallest is None:
+    raise PlanError(f"no candidate cache kind is available for {config.name} (see plan.candidates)")
+  raise PlanError(f"no cache spec fits {max_bytes} bytes for {context} tokens x {batch} rows of "
+                  f"{config.name}; the smallest candidate needs {smallest} bytes "
+                  f"(raise max_bytes, or lower min_window={min_window} / batch)")
