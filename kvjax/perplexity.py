@@ -48,10 +48,15 @@ def _score(params, tokens, cache, *, config, dtype):
   return nll, cache
 
 
+# Kinds whose chunked attend gives every token exactly what token-by-token feeding would.
+_CHUNK_EXACT_KINDS = ("full", "offload", "window")
+
+
 def default_chunk(spec) -> int:
-  """Lossless full caches can take big chunks; everything else is fed token by token."""
+  """Big chunks where they are exact (full, offload, window/sinks); otherwise token by token."""
   spec = spec_lib.parse_spec(spec)
-  return 256 if spec.lossless else 1
+  exact = spec.kind in _CHUNK_EXACT_KINDS and spec.bits is None
+  return 256 if exact else 1
 
 
 def perplexity(model, ids, *, cache="full", chunk: int | None = None) -> PerplexityResult:
