@@ -1,0 +1,128 @@
+"""The `kvjax` command line on the tiny model (in-process via `kvjax.cli.main`, plus one subprocess).
+
+Invariants checked:
+  * with --json the last stdout line is one JSON object with the documented keys, for generate,
+    bench and perplexity; the generated ids are what `kvjax.generate` gives for the same prompt;
+  * --cache none works; a bad --cache exits with code 2 and an error naming the bad term on stderr;
+  * `python -m kvjax generate ... --json` works as a real process.
+
+In-process runs reuse the session's `tiny` model instead of rebuilding it on every command
+(`kvjax.load("tiny")` initializes the weights under a fresh jit each time, seconds per call); the
+subprocess test goes through the real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import cli
+
+GENERATE_KEYS = {"prompt_ids", "ids", "text", "prefill_s", "decode_tok_per_s", "cache_bytes"}
+
+
+@pytest.fixture(autouse=True)
+def reuse_tiny(monkeypatch, tiny):
+  from kvjax import loading
+
+  real_load = loading.load
+
+  def load(name_or_path="smollm2-135m", *, dtype=None, seed=0):
+    if name_or_path == "tiny" and dtype is None and seed == 0:
+      return tiny
+    return real_load(name_or_path, dtype=dtype, seed=seed)
+
+  monkeypatch.setattr(loading, "load", load)
+
+
+def run_cli(capsys, *argv):
+  """Runs the CLI in-process; returns (exit code, last stdout line parsed as JSON or None, stderr)."""
+  code = cli.main(list(argv))
+  captured = capsys.readouterr()
+  lines = captured.out.strip().splitlines()
+  payload = None
+  if "--json" in argv and code == 0:
+    payload = json.loads(lines[-1])
+  return code, payload, captured.err
+
+
+def test_generate_json(capsys, tiny):
+  # 64 slots: the executables tests/test_decode.py builds for batch 1 (the default is covered by
+  # the subprocess test).
+  code, out, _ = run_cli(capsys, "generate", "Hi", "--model", "tiny", "--max-new-tokens", "5", "--json",
+                         "--capacity", "64")
+  assert code == 0
+  assert GENERATE_KEYS <= out.keys()
+  assert out["prompt_ids"] == [72, 105]
+  assert len(out["ids"]) == 5 and all(0 <= i < 260 for i in out["ids"])
+  assert isinstance(out["text"], str)
+  assert out["prefill_s"] > 0 and out["cache_bytes"] > 0
+  want = kvjax.generate(tiny, "Hi", max_new_tokens=5, capacity=64)
+  assert out["ids"] == want.tokens[0, :want.n_generated[0]].tolist()
+
+
+def test_generate_no_cache(capsys):
+  code, out, _ = run_cli(capsys, "generate", "Hi", "--model", "tiny", "--max-new-tokens", "5", "--json",
+                         "--cache", "none")
+  assert code == 0
+  assert out["cache_bytes"] == 0 and len(out["ids"]) == 5
+
+
+def test_generate_plain_text(capsys):
+  code = cli.main(["generate", "Hi", "--model", "tiny", "--max-new-tokens", "3", "--capacity", "64"])
+  assert code == 0
+  assert capsys.readouterr().out.startswith("Hi")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["generate", "Hi", "--cache", "foo"], "foo"),
+    (["generate", "Hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "Hi", "--temperature", "-1"], "temperature"),
+    (["perplexity", "/nonexistent/file.txt"], "/nonexistent/file.txt"),
+])
+def test_errors_exit_2(capsys, argv, fragment):
+  code, _, err = run_cli(capsys, *argv, "--model", "tiny", "--json")
+  assert code == 2
+  assert fragment in err and "error" in err
+
+
+def test_bench_json(capsys):
+  code, out, _ = run_cli(capsys, "bench", "--model", "tiny", "--new-tokens", "8", "--json",
+                         "--prompt-len", "16", "--capacity", "64")
+  assert code == 0
+  for key in ("decode_tok_per_s", "prefill_s", "compile_s", "n_compiles", "cache_bytes", "peak_rss_bytes"):
+    assert key in out, key
+  assert out["decode_tok_per_s"] > 0 and out["cache_bytes"] > 0 and out["peak_rss_bytes"] > 0
+  assert out["n_compiles"] >= 0 and out["compile_s"] >= 0
+  assert out["batch"] == 1 and out["new_tokens"] == 8 and out["capacity"] == 64
+
+
+def test_perplexity_json(capsys, tmp_path, tiny):
+  path = tmp_path / "text.txt"
+  text = "The quick brown fox jumps over the lazy dog. " * 4
+  path.write_text(text)
+  code, out, _ = run_cli(capsys, "perplexity", str(path), "--model", "tiny", "--max-tokens", "64", "--json")
+  assert code == 0
+  for key in ("ppl", "nll", "tokens", "cache_bytes"):
+    assert key in out, key
+  assert out["tokens"] == 64
+  assert np.isclose(out["ppl"], np.exp(out["nll"]), rtol=1e-5)
+  # Random weights over 260 ids: close to uniform.
+  assert 100 < out["ppl"] < 600
+  assert out["cache_bytes"] > 0
+
+
+def test_module_subprocess():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "kvjax", "generate", "Hi", "--model", "tiny", "--max-new-tokens", "4", "--json"],
+      capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert GENERATE_KEYS <= out.keys() and len(out["ids"]) == 4
