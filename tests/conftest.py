@@ -18,7 +18,7 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
-def tiny_gqa():
+def tiny_gqa(tiny):
   """Like tiny but with 2 kv heads for 4 query heads (GQA), random weights."""
   import jax.numpy as jnp
 
@@ -27,4 +27,4 @@ def tiny_gqa():
   from kvjax.models import llama
 
   cfg = kvjax.TINY.replace(n_kv_heads=2, name="tiny-gqa")
-  return Model("tiny-gqa", cfg, llama.init_params(cfg, 1, jnp.float32), kvjax.load("tiny").tokenizer)
+  return Model("tiny-gqa", cfg, llama.init_params(cfg, 1, jnp.float32), tiny.tokenizer)

@@ -163,9 +163,15 @@ class LMHead(nn.Module):
 def init_params(config: LlamaConfig, seed: int = 0, dtype=None):
   """Random weights (normal, std 0.02; norms at 1) with the param tree documented above."""
   dtype = dtype or default_dtype()
-  model = Llama(config, dtype)
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+  params = _jitted_init(config, jnp.dtype(dtype))(jax.random.PRNGKey(seed))
   return jax.tree_util.tree_map(lambda p: p.astype(dtype) if p.ndim > 1 else p, params)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: LlamaConfig, dtype):
+  """One compiled initializer per (config, dtype): loading "tiny" twice compiles once."""
+  model = Llama(config, dtype)
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
