@@ -1,0 +1,241 @@
+"""Prefix caching: a prompt prefix shared by many requests is prefilled once and reused.
+
+  store = kvjax.prefix.PrefixStore(max_bytes=256 << 20)
+  out = generate_with_prefix(model, system_ids, [q1_ids, q2_ids, q3_ids], max_new_tokens=32,
+                             store=store)
+
+How (fixed shapes throughout, so each step is one jitted executable per bucket):
+  1. `prefill_prefix`: the prefix goes through the model once, at batch 1, into an empty cache of
+     the requested spec (`extend`, a jitted `Llama.apply` on an existing cache).
+  2. `broadcast`: the batch-1 cache becomes B identical rows (`cache.reorder(zeros(B))`, a gather
+     along the batch axis of every cache array; works for every kind that implements `reorder`).
+  3. each row's suffix is prefilled on top, ragged (right-padded, `n_valid` = suffix lengths),
+     by decode's own prefill, and decode's `while_loop` generates from there.
+
+`PrefixStore` keeps prefilled batch-1 caches keyed by (model name, config, spec, prefix token
+tuple), least recently used first out, within a byte budget measured by `cache.nbytes()`; a hit
+skips step 1. A stored cache is never donated or modified (broadcasting copies it).
+
+Invariants (tests/test_prefix.py): for any prefix and ragged suffixes, the tokens equal
+`kvjax.generate` on prefix + suffix (greedy) and the cache holds the same tokens; a store hit gives
+the same tokens as a miss; the store's bytes never exceed its budget and evict least recently used
+first; stored caches and inputs are left unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import decode
+from kvjax import spec as spec_lib
+from kvjax.models.llama import Llama, params_dtype
+from kvjax.sampling import GREEDY, Sampler
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _extend(params, tokens, n_valid, cache, *, config, dtype):
+  """Feeds tokens [B, T] (n_valid [B] real) through the model on top of `cache`; returns the cache."""
+  _, cache = Llama(config, dtype).apply({"params": params}, tokens, cache, n_valid,
+                                        logits_at=jnp.maximum(n_valid - 1, 0))
+  return cache
+
+
+def extend(model, cache, tokens, n_valid=None):
+  """Runs the model over tokens [B, T] on top of `cache` (a new cache; `cache` is not modified).
+
+  The prompt is padded to decode's prompt bucket so repeated calls share executables.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim == 1:
+    tokens = tokens[None]
+  batch, t = tokens.shape
+  n_valid = np.full(batch, t, np.int32) if n_valid is None else np.asarray(n_valid, np.int32)
+  padded = np.zeros((batch, decode.prompt_bucket(t)), np.int32)
+  padded[:, :t] = tokens
+  return _extend(model.params, jnp.asarray(padded), jnp.asarray(n_valid), cache,
+                 config=model.config, dtype=params_dtype(model.params))
+
+
+def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_options):
+  """A batch-1 cache of the given spec holding the prefix tokens (1-D ids)."""
+  prefix_ids = np.asarray(prefix_ids, np.int32).reshape(-1)
+  if prefix_ids.size == 0:
+    raise ValueError("prefill_prefix: the prefix is empty")
+  decode._validate_vocab(prefix_ids, model.config.vocab_size)
+  empty = spec_lib.make_cache(cache, model.config, 1, capacity, params_dtype(model.params), **cache_options)
+  if not empty.fits(prefix_ids.size):
+    raise decode.CapacityError(f"a prefix of {prefix_ids.size} tokens does not fit capacity {capacity}")
+  return extend(model, empty, prefix_ids[None])
+
+
+def broadcast(cache, batch: int):
+  """B copies of the single row of a batch-1 cache (fixed shapes: a gather along the batch axis)."""
+  if cache.batch != 1:
+    raise ValueError(f"broadcast: expected a batch-1 cache, got batch {cache.batch}")
+  return cache.reorder(jnp.zeros((batch,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+class PrefixStore:
+  """LRU store of prefilled batch-1 caches within `max_bytes` (sum of their `nbytes()`).
+
+  A cache bigger than the whole budget is not stored. `hits` / `misses` count lookups.
+  """
+
+  def __init__(self, max_bytes: int):
+    if not isinstance(max_bytes, int) or max_bytes <= 0:
+      raise ValueError(f"PrefixStore: max_bytes must be a positive int, got {max_bytes!r}")
+    self.max_bytes = max_bytes
+    self._entries: collections.OrderedDict = collections.OrderedDict()
+    self.hits = 0
+    self.misses = 0
+
+  @staticmethod
+  def key(model, spec, prefix_ids) -> tuple:
+    return (getattr(model, "name", None), model.config, str(spec_lib.parse_spec(spec)),
+            tuple(int(i) for i in np.asarray(prefix_ids).reshape(-1)))
+
+  @staticmethod
+  def _size(cache) -> int:
+    return int(sum(cache.nbytes().values()))
+
+  @property
+  def nbytes(self) -> int:
+    return sum(size for _, size in self._entries.values())
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __contains__(self, key) -> bool:
+    return key in self._entries
+
+  def get(self, key):
+    """The stored cache (marked most recently used) or None."""
+    entry = self._entries.get(key)
+    if entry is None:
+      self.misses += 1
+      return None
+    self.hits += 1
+    self._entries.move_to_end(key)
+    return entry[0]
+
+  def put(self, key, cache) -> bool:
+    """Stores `cache` under `key`, evicting least recently used entries to fit. False if too big."""
+    size = self._size(cache)
+    self._entries.pop(key, None)
+    if size > self.max_bytes:
+      return False
+    while self._entries and self.nbytes + size > self.max_bytes:
+      self._entries.popitem(last=False)
+    self._entries[key] = (cache, size)
+    return True
+
+  def clear(self):
+    self._entries.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PrefixResult(decode.GenerateResult):
+  """`GenerateResult` (prompt_ids / prompt_lengths: the suffixes) plus: prefix_hit (the prefilled prefix came from the store), prefix_s (its
+  prefill, 0 on a hit), suffix_s (broadcast + suffix prefill). prefill_s = time to first token."""
+
+  prefix_hit: bool = False
+  prefix_s: float = 0.0
+  suffix_s: float = 0.0
+
+
+def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, cache="full",
+                         capacity: int | None = None, store: PrefixStore | None = None,
+                         sampler: Sampler = GREEDY, seed: int | jax.Array = 0,
+                         eos_id: int | None = None, pad_id: int | None = None,
+                         stop_at_eos: bool = True, **cache_options) -> PrefixResult:
+  """Generates for B requests prefix + suffixes[b], prefilling the prefix once (or not at all on a
+  store hit). Same tokens as `kvjax.generate(model, [prefix + s for s in suffixes], ...)`.
+
+  prefix_ids: 1-D token ids; suffixes: see `decode.normalize_prompts` (strings need a tokenizer,
+  every suffix needs at least one token). capacity: slots per row of a newly prefilled prefix
+  (default: enough for the prefix, the longest suffix and max_new_tokens, bucketed); a stored cache
+  with too few slots is grown when its kind can grow, a larger one is used as is.
+  """
+  cfg = model.config
+  params = model.params
+  tokenizer = getattr(model, "tokenizer", None)
+  spec = spec_lib.parse_spec(cache)
+  if not spec.uses_cache:
+    raise spec_lib.SpecError("prefix caching needs a cache; 'none' keeps nothing to reuse")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  prefix_ids = np.asarray(prefix_ids, np.int32).reshape(-1)
+  ids, lengths = decode.normalize_prompts(suffixes, tokenizer)
+  decode._validate_vocab(ids, cfg.vocab_size)
+  batch = ids.shape[0]
+  if eos_id is None and stop_at_eos and tokenizer is not None:
+    eos_id = tokenizer.eos_id
+  eos = -1 if eos_id is None else int(eos_id)
+  pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
+  key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
+  dtype = params_dtype(params)
+  static = dict(config=cfg, sampler=sampler, dtype=dtype)
+  needed = prefix_ids.size + int(lengths.max()) + max_new_tokens - 1
+  if capacity is None:
+    capacity = int(spec.budget) if spec.bounded else decode.capacity_for(needed)
+
+  start = time.perf_counter()
+  store_key = PrefixStore.key(model, spec, prefix_ids) if store is not None else None
+  prefilled = store.get(store_key) if store is not None else None
+  hit = prefilled is not None
+  if not hit:
+    prefilled = prefill_prefix(model, prefix_ids, cache=spec, capacity=capacity, **cache_options)
+    jax.block_until_ready(prefilled)
+  prefix_s = time.perf_counter() - start
+  if not prefilled.fits(needed) and (hit or spec.mode == "dynamic") and hasattr(prefilled, "grow"):
+    prefilled = prefilled.grow(decode.capacity_for(needed))  # outside jit; the stored copy is replaced
+  if not prefilled.fits(needed):
+    raise decode.CapacityError(
+        f"prefix of {prefix_ids.size} tokens, suffixes up to {int(lengths.max())} and "
+        f"max_new_tokens={max_new_tokens} need {needed} slots; the cache holds {prefilled.capacity}")
+  if store is not None:
+    store.put(store_key, prefilled)
+
+  t0 = time.perf_counter()
+  rows = broadcast(prefilled, batch)
+  tokens = np.zeros((batch, decode.prompt_bucket(ids.shape[1])), np.int32)
+  tokens[:, :ids.shape[1]] = ids
+  args = (params, jnp.asarray(tokens), jnp.asarray(lengths), rows, key, jnp.int32(eos))
+  first = decode._EXECUTABLES.get(decode._prefill, dict(static, out_size=decode.output_bucket(max_new_tokens)),
+                                  args, donate=(3,))
+  state, _ = first(*args)
+  jax.block_until_ready(state)
+  suffix_s = time.perf_counter() - t0
+
+  decode_s = 0.0
+  while int(state.step) < max_new_tokens and not bool(jnp.all(state.done)):
+    if not bool(state.cache.has_room(1)):
+      state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
+    dargs = (params, state, jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad))
+    step = decode._EXECUTABLES.get(decode._decode, static, dargs, donate=(1,))
+    t0 = time.perf_counter()
+    state = step(*dargs)
+    jax.block_until_ready(state)
+    decode_s += time.perf_counter() - t0
+
+  n_gen = np.asarray(state.n_generated)
+  out = np.asarray(state.out[:, :max_new_tokens])
+  out = np.where(np.arange(max_new_tokens)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
+  stats = decode.compile_stats()
+  return PrefixResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
+                      cache=state.cache, prefill_s=prefix_s + suffix_s, decode_s=decode_s,
+                      compile_s=stats["compile_s"], n_compiles=stats["n_compiles"], spec=str(spec),
+                      prefix_hit=hit, prefix_s=prefix_s, suffix_s=suffix_s)
