@@ -23,7 +23,8 @@ Calibrated variant (`share:G:cal`): per follower layer l, linear maps fitted on 
 
 The maps act before RoPE, so in this variant the inner cache stores the leader's UN-rotated keys and
 every read rotates them by their slot position (after mapping, for followers). Maps are cache
-leaves (`ShareMaps`), passed as `make_cache(spec, ..., maps=...)`; `nbytes()` counts only the KV
+leaves (`ShareMaps`, copied into each cache so that donating a cache never deletes the caller's
+maps), passed as `make_cache(spec, ..., maps=...)`; `nbytes()` counts only the KV
 storage, `maps_nbytes()` the maps (a fixed cost per model, shared by every row).
 
 Invariants (tests/caches/test_shared.py): logits equal a NumPy Llama forward in which each follower
@@ -61,9 +62,13 @@ class ShareMaps:
 
   @classmethod
   def identity(cls, n_layers: int, features: int) -> "ShareMaps":
-    eye = jnp.broadcast_to(jnp.eye(features, dtype=jnp.float32), (n_layers, features, features))
-    zero = jnp.zeros((n_layers, features), jnp.float32)
-    return cls(k_w=eye, k_b=zero, v_w=eye, v_b=zero)
+    def eye():  # separate buffers: a donated cache must not hold one buffer twice
+      return jnp.tile(jnp.eye(features, dtype=jnp.float32), (n_layers, 1, 1))
+
+    def zero():
+      return jnp.zeros((n_layers, features), jnp.float32)
+
+    return cls(k_w=eye(), k_b=zero(), v_w=eye(), v_b=zero())
 
   def apply(self, layer: int, k, v):
     """k, v [..., K, H] (un-rotated leader) -> the follower `layer`'s predicted k, v."""
@@ -112,6 +117,8 @@ class SharedCache:
       if tuple(maps.k_w.shape) != want or tuple(maps.v_w.shape) != want:
         raise ValueError(f"share maps must have k_w/v_w of shape {want}, got "
                          f"{tuple(maps.k_w.shape)} / {tuple(maps.v_w.shape)}")
+    if maps is not None:  # own copies: generate donates the cache, the caller keeps its maps
+      maps = jax.tree_util.tree_map(jnp.array, maps)
     return cls(inner=inner, maps=maps, group=group, model_layers=model_layers, rope=rope)
 
   # ---- static facts (delegated) ---------------------------------------------------------------

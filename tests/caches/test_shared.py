@@ -248,6 +248,18 @@ def test_calibrated_view_maps_and_rotates():
                                lv.reshape(B, 5, K, H).transpose(0, 2, 1, 3), atol=1e-5)
 
 
+def test_donating_a_cache_keeps_the_callers_maps():
+  """generate donates its cache: the maps given to make_cache must survive that, and be reusable."""
+  cfg = kvjax.TINY
+  maps = ShareMaps.identity(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim)
+  leaves = jax.tree_util.tree_leaves(maps)
+  assert len({id(x) for x in leaves}) == len({x.unsafe_buffer_pointer() for x in leaves}) == 4
+  donate = jax.jit(lambda c: c.reset(), donate_argnums=0)
+  for _ in range(2):
+    donate(kvjax.make_cache("share:2:cal", cfg, 1, 16, maps=maps))
+  assert not any(x.is_deleted() for x in leaves)
+
+
 def test_memory_is_ceil_layers_over_group(tiny):
   cfg = tiny.config
   full = sum(kvjax.make_cache("full", cfg, 2, 64).nbytes().values())
