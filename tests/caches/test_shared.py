@@ -90,11 +90,6 @@ class _Static:
     self.config, self.params, self.dtype = model.config, model.params, model.dtype
 
 
-@jax.jit
-def _noop(x):
-  return x
-
-
 def _apply(model, cache, tokens):
   return Llama(model.config, model.dtype).apply({"params": model.params}, tokens, cache)
 
