@@ -234,23 +234,27 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
              sampler: Sampler = GREEDY, seed: int | jax.Array = 0, eos_id: int | None = None,
              pad_id: int | None = None, prompt_lengths=None, padding: str = "right",
              stop_at_eos: bool = True, on_tokens: Callable[[np.ndarray], None] | None = None,
-             stream_chunk: int = 1) -> GenerateResult:
+             stream_chunk: int = 1, cache_options: dict | None = None) -> GenerateResult:
   """Generates up to `max_new_tokens` per row.
 
   Args:
     model: anything with `.config` and `.params` (and `.tokenizer` for text prompts), e.g. the
       result of `kvjax.load`.
     prompts: see `normalize_prompts`; ragged rows are fine.
-    cache: spec string or `CacheSpec` ("full", "dynamic", "none", ...).
+    cache: spec string or `CacheSpec` ("full", "dynamic", "none", ...), or a cache object whose rows
+      may already hold tokens (a prefilled prompt prefix, see `kvjax.prefix`): each prompt then
+      continues its row at `cache.lengths[b]`. The object is consumed (its buffers are donated).
     capacity: cache slots per row (full cache); default: the prompt plus max_new_tokens, bucketed.
     sampler: `Sampler` (greedy by default); seed: int or PRNG key.
     eos_id: stop a row when it emits this id (default: the tokenizer's EOS if `stop_at_eos`).
     on_tokens: called with each new block of tokens [B, n] as they are produced (streaming).
+    cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
   """
   cfg = model.config
   params = model.params
   tokenizer = getattr(model, "tokenizer", None)
-  spec = spec_lib.parse_spec(cache)
+  prebuilt = cache if hasattr(cache, "attend") and hasattr(cache, "lengths") else None
+  spec = spec_lib.parse_spec("full" if prebuilt is not None else cache)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if not isinstance(sampler, Sampler):
@@ -273,15 +277,21 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   needed = longest + max_new_tokens - 1  # the last sampled token is never fed back
   if capacity is not None and (not isinstance(capacity, (int, np.integer)) or capacity < 1):
     raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-  if spec.bounded:  # window / sink / h2o / tiers: the budget is the size, whatever the length
-    cap = int(capacity or spec.budget)
-  elif spec.mode == "dynamic":
-    cap = int(capacity or max(64, 1 << longest.bit_length()))
+  if prebuilt is not None:
+    if prebuilt.batch != batch:
+      raise ValueError(f"the given cache has {prebuilt.batch} rows but there are {batch} prompts")
+    kv_cache, cap = prebuilt, prebuilt.capacity
+    needed += int(jnp.max(prebuilt.lengths))
   else:
-    cap = int(capacity or capacity_for(needed))
-  if not spec.bounded and cap < longest:
-    raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
-  kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype)
+    if spec.bounded:  # window / sink / h2o / tiers: the budget is the size, whatever the length
+      cap = int(capacity or spec.budget)
+    elif spec.mode == "dynamic":
+      cap = int(capacity or max(64, 1 << longest.bit_length()))
+    else:
+      cap = int(capacity or capacity_for(needed))
+    if not spec.bounded and cap < longest:
+      raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
+    kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype, **(cache_options or {}))
   if spec.mode != "dynamic" and not kv_cache.fits(needed):
     raise CapacityError(
         f"max_new_tokens={max_new_tokens} with a {longest}-token prompt needs {needed} cache slots, "
@@ -327,7 +337,8 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   stats = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
                         cache=state.cache, prefill_s=prefill_s, decode_s=decode_s,
-                        compile_s=stats["compile_s"], n_compiles=stats["n_compiles"], spec=str(spec))
+                        compile_s=stats["compile_s"], n_compiles=stats["n_compiles"],
+                        spec=str(spec) if prebuilt is None else type(prebuilt).__name__)
 
 
 def _generate_uncached(params, ids, lengths, max_new, key, eos, pad, static, spec, on_tokens):

@@ -59,8 +59,12 @@ def default_chunk(spec) -> int:
   return 256 if exact else 1
 
 
-def perplexity(model, ids, *, cache="full", chunk: int | None = None) -> PerplexityResult:
-  """Perplexity of `model` on the token ids (1-D), fed through a cache of the given spec."""
+def perplexity(model, ids, *, cache="full", chunk: int | None = None,
+               cache_options: dict | None = None) -> PerplexityResult:
+  """Perplexity of `model` on the token ids (1-D), fed through a cache of the given spec.
+
+  cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
+  """
   ids = np.asarray(ids, np.int32).reshape(-1)
   if ids.size < 2:
     raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
@@ -75,7 +79,7 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None) -> Perplex
   dtype = params_dtype(model.params)
   # The padding after the last real token is written past the capacity and dropped by the cache.
   capacity = max(n, 16, spec.budget or 0)
-  kv_cache = spec_lib.make_cache(spec, model.config, 1, capacity, dtype)
+  kv_cache = spec_lib.make_cache(spec, model.config, 1, capacity, dtype, **(cache_options or {}))
   tokens = jnp.asarray(padded.reshape(n_chunks, 1, chunk))
   fn = jax.jit(lambda p, t, c: _score(p, t, c, config=model.config, dtype=dtype))
   fn = fn.lower(model.params, tokens, kv_cache).compile()  # `seconds` below excludes compiling

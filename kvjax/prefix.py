@@ -170,7 +170,6 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   with too few slots is grown when its kind can grow, a larger one is used as is.
   """
   cfg = model.config
-  params = model.params
   tokenizer = getattr(model, "tokenizer", None)
   spec = spec_lib.parse_spec(cache)
   if not spec.uses_cache:
@@ -181,13 +180,6 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   ids, lengths = decode.normalize_prompts(suffixes, tokenizer)
   decode._validate_vocab(ids, cfg.vocab_size)
   batch = ids.shape[0]
-  if eos_id is None and stop_at_eos and tokenizer is not None:
-    eos_id = tokenizer.eos_id
-  eos = -1 if eos_id is None else int(eos_id)
-  pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
-  key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
-  dtype = params_dtype(params)
-  static = dict(config=cfg, sampler=sampler, dtype=dtype)
   needed = prefix_ids.size + int(lengths.max()) + max_new_tokens - 1
   if capacity is None:
     capacity = int(spec.budget) if spec.bounded else decode.capacity_for(needed)
@@ -210,32 +202,12 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
     store.put(store_key, prefilled)
 
   t0 = time.perf_counter()
-  rows = broadcast(prefilled, batch)
-  tokens = np.zeros((batch, decode.prompt_bucket(ids.shape[1])), np.int32)
-  tokens[:, :ids.shape[1]] = ids
-  args = (params, jnp.asarray(tokens), jnp.asarray(lengths), rows, key, jnp.int32(eos))
-  first = decode._EXECUTABLES.get(decode._prefill, dict(static, out_size=decode.output_bucket(max_new_tokens)),
-                                  args, donate=(3,))
-  state, _ = first(*args)
-  jax.block_until_ready(state)
-  suffix_s = time.perf_counter() - t0
-
-  decode_s = 0.0
-  while int(state.step) < max_new_tokens and not bool(jnp.all(state.done)):
-    if not bool(state.cache.has_room(1)):
-      state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
-    dargs = (params, state, jnp.int32(max_new_tokens), jnp.int32(eos), jnp.int32(pad))
-    step = decode._EXECUTABLES.get(decode._decode, static, dargs, donate=(1,))
-    t0 = time.perf_counter()
-    state = step(*dargs)
-    jax.block_until_ready(state)
-    decode_s += time.perf_counter() - t0
-
-  n_gen = np.asarray(state.n_generated)
-  out = np.asarray(state.out[:, :max_new_tokens])
-  out = np.where(np.arange(max_new_tokens)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
-  stats = decode.compile_stats()
-  return PrefixResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
-                      cache=state.cache, prefill_s=prefix_s + suffix_s, decode_s=decode_s,
-                      compile_s=stats["compile_s"], n_compiles=stats["n_compiles"], spec=str(spec),
-                      prefix_hit=hit, prefix_s=prefix_s, suffix_s=suffix_s)
+  rows = jax.block_until_ready(broadcast(prefilled, batch))
+  broadcast_s = time.perf_counter() - t0
+  result = decode.generate(model, ids, prompt_lengths=lengths, max_new_tokens=max_new_tokens,
+                           cache=rows, sampler=sampler, seed=seed, eos_id=eos_id, pad_id=pad_id,
+                           stop_at_eos=stop_at_eos)
+  suffix_s = broadcast_s + result.prefill_s
+  fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(decode.GenerateResult)}
+  fields.update(prefill_s=prefix_s + suffix_s, spec=str(spec))
+  return PrefixResult(**fields, prefix_hit=hit, prefix_s=prefix_s, suffix_s=suffix_s)

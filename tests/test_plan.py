@@ -1,4 +1,4 @@
-"""kvjax.plan: byte formulas against the caches' real arrays, and the planner's choice.
+"""kvjax.planning: byte formulas against the caches' real arrays, and the planner's choice.
 
 Invariants checked:
   * `estimate_bytes(spec, ...) == sum(make_cache(spec, ...).nbytes().values())` and so does
@@ -18,8 +18,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import kvjax
-from kvjax import plan as plan_lib
-from kvjax.plan import PlanError, estimate_bytes, measured_bytes, plan, rank
+from kvjax import planning as plan_lib
+from kvjax.planning import PlanError, estimate_bytes, measured_bytes, plan, rank
 
 SPECS = ["full", "dynamic", "offload", "int8", "int4", "int3", "int2", "int4+residual:64",
          "int2+residual:64", "int8+group:16", "sink:4+window:32", "window:16", "tier:64:fp32,32:int4",

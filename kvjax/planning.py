@@ -1,6 +1,6 @@
 """Budget planning: the most faithful cache spec whose memory for a context fits a byte budget.
 
-  spec, nbytes = kvjax.plan.plan(config, max_bytes=64 << 20, context=8192, batch=4)
+  spec, nbytes = kvjax.plan(config, max_bytes=64 << 20, context=8192, batch=4)
 
 `estimate_bytes(spec, config, context, batch, dtype)` is a closed formula per kind for the bytes
 `make_cache(spec, config, batch, capacity=context, dtype)` allocates (every array the cache holds:
