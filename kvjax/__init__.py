@@ -6,6 +6,9 @@ Public API:
   perplexity(model, ids, cache=)
   make_cache(spec, config, batch, capacity), parse_spec(spec), CacheSpec
   append / view / reset / crop / reorder / grow / nbytes       (any cache kind)
+  slide (window/sinks), quantize (int8/4/3/2), evict_topk (H2O)  (kind-specific verbs)
+  plan(config, max_bytes, context)         -> the most faithful cache spec that fits a budget
+  generate_with_prefix / PrefixStore       prefix caching
 """
 
 from kvjax import bench
@@ -18,6 +21,15 @@ from kvjax.models.config import SMOLLM2_135M, TINY, LlamaConfig
 from kvjax.perplexity import perplexity
 from kvjax.sampling import GREEDY, Sampler
 from kvjax.spec import CacheSpec, SpecError, make_cache, parse_spec
+from kvjax.caches.window import WindowCache, slide
+from kvjax.caches.h2o import H2OCache, evict_topk
+from kvjax.caches.tiered import TieredCache
+from kvjax.caches.quantized import QuantizedCache, quantize
+from kvjax.caches.offload import OffloadCache
+from kvjax.caches.shared import ShareMaps, SharedCache
+from kvjax.calibrate import fit_share_maps
+from kvjax.prefix import PrefixStore, generate_with_prefix
+from kvjax.planning import PlanError, estimate_bytes, plan
 
 __version__ = "0.1.0"
 
@@ -26,4 +38,7 @@ __all__ = [
     "CacheView", "CapacityError", "FullCache", "GenerateResult", "compile_stats", "generate",
     "Model", "load", "SMOLLM2_135M", "TINY", "LlamaConfig", "perplexity", "GREEDY", "Sampler",
     "CacheSpec", "SpecError", "make_cache", "parse_spec",
+    "WindowCache", "slide", "H2OCache", "evict_topk", "TieredCache", "QuantizedCache", "quantize",
+    "OffloadCache", "ShareMaps", "SharedCache", "fit_share_maps", "PrefixStore",
+    "generate_with_prefix", "PlanError", "estimate_bytes", "plan",
 ]
