@@ -58,14 +58,14 @@ def llama_forward(config, params, tokens: np.ndarray) -> np.ndarray:
   for i in range(c.n_layers):
     lp = p[f"layers_{i}"]
     hn = rmsnorm(x, lp["attn_norm"]["scale"], c.norm_eps)
-    q = (hn @ lp["attn"]["wq"].T).reshape(t, c.n_heads, c.head_dim)
-    k = (hn @ lp["attn"]["wk"].T).reshape(t, c.n_kv_heads, c.head_dim)
-    v = (hn @ lp["attn"]["wv"].T).reshape(t, c.n_kv_heads, c.head_dim)
+    q = (hn @ lp["attn"]["wq"]).reshape(t, c.n_heads, c.head_dim)
+    k = (hn @ lp["attn"]["wk"]).reshape(t, c.n_kv_heads, c.head_dim)
+    v = (hn @ lp["attn"]["wv"]).reshape(t, c.n_kv_heads, c.head_dim)
     q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
     att = attention(q, k, v, mask).reshape(t, -1)
-    x = x + att @ lp["attn"]["wo"].T
+    x = x + att @ lp["attn"]["wo"]
     hn = rmsnorm(x, lp["mlp_norm"]["scale"], c.norm_eps)
-    x = x + (silu(hn @ lp["mlp"]["w_gate"].T) * (hn @ lp["mlp"]["w_up"].T)) @ lp["mlp"]["w_down"].T
+    x = x + (silu(hn @ lp["mlp"]["w_gate"]) * (hn @ lp["mlp"]["w_up"])) @ lp["mlp"]["w_down"]
   x = rmsnorm(x, p["final_norm"]["scale"], c.norm_eps)
   head = p["embed"]["embedding"] if c.tie_embeddings else p["lm_head"]["kernel"]
   return x @ head.T

@@ -98,8 +98,8 @@ def encode_tensor(w, qtype):
 def write_llama_gguf(path, *, qtype=Q.F32, seed=0, tie=True, arch="llama", extra_tensors=(),
                      drop=(), metadata_overrides=None, n_layers=2, dim=64, n_heads=4, n_kv_heads=2,
                      ffn=128):
-  """Write a small Llama GGUF like a HF converter would; returns the HF-layout fp32 weights
-  (as a reader should return them: after a quantize/dequantize round trip)."""
+  """Write a small Llama GGUF like a HF converter would; returns the fp32 weights a reader should
+  return: HF's matrices after a quantize/dequantize round trip, layer projections as [in, out]."""
   tokens, merges, types = small_vocab()
   rng = np.random.default_rng(seed)
   hf = hf_weights(rng, n_layers, dim, n_heads, n_kv_heads, ffn, len(tokens), tie=tie)
@@ -141,8 +141,9 @@ def write_llama_gguf(path, *, qtype=Q.F32, seed=0, tie=True, arch="llama", extra
     data, raw = encode_tensor(stored, t)
     w.add_tensor(gguf_name(key), data, raw_dtype=raw)
     # Row permutation commutes with row-wise quantization, so the reader's result is the
-    # round-tripped HF-layout matrix.
-    expected[key] = quants.dequantize(encode_tensor(value, t)[0], t).astype(np.float32)
+    # round-tripped HF-layout matrix, transposed to [in, out] for the per-layer projections.
+    round_trip = quants.dequantize(encode_tensor(value, t)[0], t).astype(np.float32)
+    expected[key] = round_trip.T.copy() if key.startswith("layers_") and value.ndim == 2 else round_trip
   for name, data, raw in extra_tensors:
     w.add_tensor(name, data, raw_dtype=raw)
   w.write_header_to_file()
@@ -182,10 +183,10 @@ def test_tree_structure_and_exact_values(tmp_path):
     np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
   N, K, H, D, F, V = 4, 2, 16, 64, 128, 260
-  assert params["layers_0"]["attn"]["wq"].shape == (N * H, D)
-  assert params["layers_0"]["attn"]["wk"].shape == (K * H, D)
-  assert params["layers_0"]["attn"]["wo"].shape == (D, N * H)
-  assert params["layers_1"]["mlp"]["w_down"].shape == (D, F)
+  assert params["layers_0"]["attn"]["wq"].shape == (D, N * H)
+  assert params["layers_0"]["attn"]["wk"].shape == (D, K * H)
+  assert params["layers_0"]["attn"]["wo"].shape == (N * H, D)
+  assert params["layers_1"]["mlp"]["w_down"].shape == (F, D)
   assert params["embed"]["embedding"].shape == (V, D)
 
   assert config.vocab_size == V and config.dim == D and config.n_layers == 2
@@ -208,7 +209,7 @@ def test_quantized_tensors(tmp_path, qtype):
     np.testing.assert_array_equal(value, expected[key], err_msg=key)
   # And the round trip is close to the original weights (sanity of the quantizers).
   original = hf_weights(np.random.default_rng(1), **{**SMALL}, vocab=260)
-  err = np.abs(flat["layers_0/attn/wk"] - original["layers_0/attn/wk"]).max()
+  err = np.abs(flat["layers_0/attn/wk"] - original["layers_0/attn/wk"].T).max()
   assert err < 0.05
 
 
@@ -449,9 +450,9 @@ def test_real_smollm2(isolated_cache):
   assert config2 == config
   for key in ("embed/embedding", "layers_0/attn/wq", "layers_29/attn/wk", "final_norm/scale"):
     np.testing.assert_array_equal(kg.flatten(params2)[key], kg.flatten(params)[key])
-  # Permuting K back reproduces the bytes-level GGUF tensor (i.e. we only reordered rows).
+  # Transposing and permuting K back reproduces the GGUF tensor (we only reordered rows).
   reader = gguf.GGUFReader(path)
   (raw,) = [t for t in reader.tensors if t.name == "blk.3.attn_k.weight"]
   np.testing.assert_array_equal(
-      kg.permute_rope_rows(params["layers_3"]["attn"]["wk"], config.n_kv_heads),
+      kg.permute_rope_rows(params["layers_3"]["attn"]["wk"].T, config.n_kv_heads),
       quants.dequantize(raw.data, raw.tensor_type))

@@ -184,15 +184,15 @@ def test_chunked_prefill(lively):
 
 # ---- GQA == MHA with repeated heads -----------------------------------------------------------------
 def mha_from_gqa(model):
-  """An MHA model computing the same function: each kv head's wk/wv rows repeated G times."""
+  """An MHA model computing the same function: each kv head's wk/wv columns repeated G times."""
   cfg = model.config
   g, h = cfg.group_size, cfg.head_dim
   params = dict(model.params)
   for i in range(cfg.n_layers):
     attn = dict(params[f"layers_{i}"]["attn"])
     for name in ("wk", "wv"):
-      w = np.asarray(attn[name]).reshape(cfg.n_kv_heads, h, cfg.dim)
-      attn[name] = jnp.asarray(np.repeat(w, g, axis=0).reshape(cfg.n_heads * h, cfg.dim))
+      w = np.asarray(attn[name]).reshape(cfg.dim, cfg.n_kv_heads, h)  # [D, K*H] -> [D, K, H]
+      attn[name] = jnp.asarray(np.repeat(w, g, axis=1).reshape(cfg.dim, cfg.n_heads * h))
     params[f"layers_{i}"] = dict(params[f"layers_{i}"], attn=attn)
   mha_cfg = cfg.replace(n_kv_heads=cfg.n_heads, name="tiny-gqa-as-mha")
   return Model(mha_cfg.name, mha_cfg, params, model.tokenizer)
@@ -201,8 +201,8 @@ def mha_from_gqa(model):
 def test_gqa_equals_mha_with_repeated_heads(tiny_gqa):
   assert tiny_gqa.config.group_size == 2
   mha = mha_from_gqa(tiny_gqa)
-  assert mha.params["layers_0"]["attn"]["wk"].shape == (4 * 64, 256)
-  assert tiny_gqa.params["layers_0"]["attn"]["wk"].shape == (2 * 64, 256)
+  assert mha.params["layers_0"]["attn"]["wk"].shape == (256, 4 * 64)
+  assert tiny_gqa.params["layers_0"]["attn"]["wk"].shape == (256, 2 * 64)
   gqa_full = forward(tiny_gqa, [PROMPTS[0], PROMPTS[1]])
   mha_full = forward(mha, [PROMPTS[0], PROMPTS[1]])
   for b, p in enumerate([PROMPTS[0], PROMPTS[1]]):

@@ -5,15 +5,19 @@ layer hands its new keys/values to `cache.attend(layer, ...)`, which decides how
 what to attend over. With `cache=None` it is the plain causal forward (training-style, and the
 uncached baseline).
 
-Weights are stored `[out, in]` (as GGUF and PyTorch store them), one set of arrays per layer
-(`layers_0`, `layers_1`, ...): slicing layers out of stacked arrays inside the step cost 2.6x on CPU.
+Layer projections are stored `[in, out]` and applied as `x @ W`; the embedding (and a separate
+LM head) stay `[V, D]`, the rows the token lookup gathers. Measured on the 2-core CPU with
+SmolLM2-135M: at batch 8 the `[in, out]` layout decoded 178 tok/s against 142-152 for `[out, in]`
+(the dot library packs the right-hand operand on every call unless it is already `[in, out]`); at
+batch 1 the two are equal. One set of arrays per layer (`layers_0`, `layers_1`, ...): slicing layers
+out of stacked arrays inside the step cost 2.6x on CPU.
 
 Param tree:
   embed/embedding [V, D]
   layers_i/attn_norm/scale [D]
-  layers_i/attn/{wq [N*H, D], wk [K*H, D], wv [K*H, D], wo [D, N*H]}
+  layers_i/attn/{wq [D, N*H], wk [D, K*H], wv [D, K*H], wo [N*H, D]}
   layers_i/mlp_norm/scale [D]
-  layers_i/mlp/{w_gate [F, D], w_up [F, D], w_down [D, F]}
+  layers_i/mlp/{w_gate [D, F], w_up [D, F], w_down [F, D]}
   final_norm/scale [D]
   lm_head/kernel [V, D]        (only when embeddings are not tied)
 """
@@ -33,8 +37,8 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., in] times w [out, in] -> [..., out]."""
-  return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+  """x [..., in] times w [in, out] -> [..., out]."""
+  return x @ w.astype(x.dtype)
 
 
 def default_dtype():
@@ -63,10 +67,10 @@ class Attention(nn.Module):
   def __call__(self, x, cache, n_valid, positions):
     c = self.config
     b, t, _ = x.shape
-    wq = self.param("wq", _init, (c.n_heads * c.head_dim, c.dim), self.dtype)
-    wk = self.param("wk", _init, (c.n_kv_heads * c.head_dim, c.dim), self.dtype)
-    wv = self.param("wv", _init, (c.n_kv_heads * c.head_dim, c.dim), self.dtype)
-    wo = self.param("wo", _init, (c.dim, c.n_heads * c.head_dim), self.dtype)
+    wq = self.param("wq", _init, (c.dim, c.n_heads * c.head_dim), self.dtype)
+    wk = self.param("wk", _init, (c.dim, c.n_kv_heads * c.head_dim), self.dtype)
+    wv = self.param("wv", _init, (c.dim, c.n_kv_heads * c.head_dim), self.dtype)
+    wo = self.param("wo", _init, (c.n_heads * c.head_dim, c.dim), self.dtype)
     q = linear(x, wq).reshape(b, t, c.n_heads, c.head_dim)  # [B, T, N, H]
     k = linear(x, wk).reshape(b, t, c.n_kv_heads, c.head_dim)  # [B, T, K, H]
     v = linear(x, wv).reshape(b, t, c.n_kv_heads, c.head_dim)
@@ -85,9 +89,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    w_gate = self.param("w_gate", _init, (c.ffn_dim, c.dim), self.dtype)
-    w_up = self.param("w_up", _init, (c.ffn_dim, c.dim), self.dtype)
-    w_down = self.param("w_down", _init, (c.dim, c.ffn_dim), self.dtype)
+    w_gate = self.param("w_gate", _init, (c.dim, c.ffn_dim), self.dtype)
+    w_up = self.param("w_up", _init, (c.dim, c.ffn_dim), self.dtype)
+    w_down = self.param("w_down", _init, (c.ffn_dim, c.dim), self.dtype)
     return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
 
 
