@@ -48,14 +48,23 @@ def _score(params, tokens, cache, *, config, dtype):
   return nll, cache
 
 
-# Kinds whose chunked attend gives every token exactly what token-by-token feeding would.
+# Kinds whose chunked attend gives every token exactly what token-by-token feeding would:
+# full-precision buffers that keep every token (full, offload) or the last N (window/sinks)...
 _CHUNK_EXACT_KINDS = ("full", "offload", "window")
+# ...and kinds whose `attend` itself scans a chunk one token at a time (eviction and tier moves
+# happen between tokens), with or without quantized storage.
+_STEPWISE_KINDS = ("h2o", "tiered")
 
 
 def default_chunk(spec) -> int:
-  """Big chunks where they are exact (full, offload, window/sinks); otherwise token by token."""
+  """Chunks of 256 where chunking is exact (see above); token by token otherwise.
+
+  Quantized kinds (`int4+residual:64`, ...) and shared ones stay at 1: a chunk's tokens would see
+  each other before they are quantized (or mapped), which decoding never allows.
+  """
   spec = spec_lib.parse_spec(spec)
-  exact = spec.kind in _CHUNK_EXACT_KINDS and spec.bits is None
+  exact = (spec.kind in _STEPWISE_KINDS
+           or (spec.kind in _CHUNK_EXACT_KINDS and spec.bits is None))
   return 256 if exact else 1
 
 

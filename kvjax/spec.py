@@ -77,6 +77,9 @@ class CacheSpec:
       raise SpecError(f"residual:{self.residual} must be a multiple of group:{self.group}")
     if self.h2o is not None and self.window is None:
       raise SpecError(f"h2o:{self.h2o} needs a window:N term for the recent tokens it always keeps")
+    if self.h2o is not None and self.residual is not None and self.residual > self.window:
+      raise SpecError(f"residual:{self.residual} must not exceed window:{self.window} with h2o (the "
+                      f"full-precision ring holds the newest tokens of the window)")
     bounded = self.window is not None or self.tiers is not None
     if self.mode == "none" and (bounded or self.bits or self.h2o or self.offload or self.share > 1):
       raise SpecError("'none' (no cache) cannot be combined with other cache terms")

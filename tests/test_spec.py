@@ -94,6 +94,7 @@ def test_equivalent_spellings():
     ("residual:64", "residual:64"),
     ("int4+residual:48", "residual:48"),
     ("h2o:16", "h2o:16"),
+    ("int4+residual:64+h2o:8+window:32", "residual:64 must not exceed window:32"),
     ("full+dynamic", "'dynamic'"),
     ("window:8+window:16", "'window:16'"),
     ("none+int8", "'none'"),

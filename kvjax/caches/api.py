@@ -20,15 +20,14 @@ def append(cache, k, v, n_valid=None):
     n_valid: optional int [B]: only the first n_valid[b] of the T tokens of row b are real.
 
   Raises:
-    CapacityError: outside jit, when a row would go past a bounded cache's capacity. Inside jit the
+    CapacityError: outside jit, when a row would go past a capacity-limited cache's capacity. Inside jit the
       extra tokens are dropped and `cache.overflowed()` marks the row (see the kind's docstring).
   """
   base.check_new_kv(k, v, n_layers=cache.n_layers, batch=cache.batch, kv_heads=cache.kv_heads,
                     head_dim=cache.head_dim)
   tokens = k.shape[3]
   n_valid = base.normalize_n_valid(n_valid, cache.batch, tokens)
-  bounded = getattr(cache, "bounded", True)
-  if bounded and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
+  if cache.limited and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
     after = cache.lengths + n_valid
     if bool(jnp.any(after > cache.capacity)):
       row = int(jnp.argmax(after))

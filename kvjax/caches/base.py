@@ -16,6 +16,8 @@ The protocol every kind implements (methods, so the decoder never needs to know 
   view() -> CacheView                what attention reads, as dense arrays.
   reset() -> cache                   empty, same shapes.
   nbytes() -> {memory_kind: bytes}   measured from the real arrays.
+  has_room(n), fits(n), overflowed(), and the class attribute `limited`: capacity facts, shared
+      by the two mixins below (`Limited` kinds overflow, `Evicting` kinds never do).
 
 `lengths` [B] counts the tokens each row has seen (= the position of its next token); rows are
 independent, so ragged batches need no padding tricks beyond `n_valid`.
@@ -47,6 +49,74 @@ class CacheView:
   values: jax.Array
   mask: jax.Array
   positions: jax.Array
+
+
+class _Layered:
+  """n_layers / batch / kv_heads read off the leading [L, B, K] axes of the leaf `_layout` names."""
+
+  @property
+  def _layout(self) -> jax.Array:
+    raise NotImplementedError
+
+  @property
+  def n_layers(self) -> int:
+    return self._layout.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self._layout.shape[1]
+
+  @property
+  def kv_heads(self) -> int:
+    return self._layout.shape[2]
+
+
+class Limited(_Layered):
+  """Mixin for kinds with a hard capacity (full, offload, quantized).
+
+  `lengths` keeps counting every token given; writes past `capacity` are dropped inside jit and
+  the row is flagged by `overflowed()`. Outside jit, `kvjax.append` raises `CapacityError` first.
+  """
+
+  limited = True
+
+  def overflowed(self) -> jax.Array:
+    """bool [B]: rows that were given more tokens than the capacity (those tokens were dropped)."""
+    return self.lengths > self.capacity
+
+  def has_room(self, n: int) -> jax.Array:
+    """bool []: every row can take n more tokens (traceable; the decode loop's guard)."""
+    return jnp.max(self.lengths) + n <= self.capacity
+
+  def fits(self, n_tokens: int) -> bool:
+    """Python bool: a row of n_tokens tokens fits (checked before jitting)."""
+    return n_tokens <= self.capacity
+
+  def filled(self) -> jax.Array:
+    """int32 [B]: slots that hold a token."""
+    return jnp.minimum(self.lengths, self.capacity)
+
+
+class Evicting(_Layered):
+  """Mixin for kinds that make room by dropping tokens (window/sinks, H2O, tiers).
+
+  Any stream length fits in their fixed memory, so nothing ever overflows; `capacity` is what
+  they hold at most, not a limit on the stream.
+  """
+
+  limited = False
+
+  def has_room(self, n: int) -> jax.Array:
+    """Always true: the kind evicts to make room."""
+    return jnp.asarray(True)
+
+  def fits(self, n_tokens: int) -> bool:
+    """Always true: any stream length fits."""
+    return True
+
+  def overflowed(self) -> jax.Array:
+    """bool [B]: never (eviction is the design, not an overflow)."""
+    return jnp.zeros((self.batch,), bool)
 
 
 def is_concrete(x: Any) -> bool:

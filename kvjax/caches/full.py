@@ -28,7 +28,7 @@ from kvjax.caches import base
 
 
 @struct.dataclass
-class FullCache:
+class FullCache(base.Limited):
   """Preallocated cache. k, v: [L, B, K, S, H]; lengths: int32 [B] tokens seen per row."""
 
   k: jax.Array
@@ -51,40 +51,16 @@ class FullCache:
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
+  def _layout(self):
+    return self.k
+
+  @property
   def capacity(self) -> int:
     return self.k.shape[3]
 
   @property
-  def n_layers(self) -> int:
-    return self.k.shape[0]
-
-  @property
-  def batch(self) -> int:
-    return self.k.shape[1]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.k.shape[2]
-
-  @property
   def head_dim(self) -> int:
     return self.k.shape[4]
-
-  def overflowed(self) -> jax.Array:
-    """bool [B]: rows that were given more tokens than the capacity (those tokens were dropped)."""
-    return self.lengths > self.capacity
-
-  def has_room(self, n: int) -> jax.Array:
-    """bool []: every row can take n more tokens (traceable; the decode loop's guard)."""
-    return jnp.max(self.lengths) + n <= self.capacity
-
-  def fits(self, n_tokens: int) -> bool:
-    """Python bool: a row of n_tokens tokens fits (checked before jitting)."""
-    return n_tokens <= self.capacity
-
-  def filled(self) -> jax.Array:
-    """int32 [B]: slots that hold a token."""
-    return jnp.minimum(self.lengths, self.capacity)
 
   # ---- protocol -------------------------------------------------------------------------------
   def write(self, layer: int, k, v, n_valid=None) -> "FullCache":

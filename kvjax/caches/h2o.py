@@ -40,7 +40,7 @@ Invariants (tests/caches/test_h2o.py, against NumPy oracles):
   * after any sequence of chunks (ragged n_valid included), each (row, layer, kv head) holds
     exactly the tokens the policy above keeps when tokens are fed one by one, with their scores;
   * at most S + W + K tokens are held, positions are unique, the sinks and the W most recent
-    tokens are always held; every array has a fixed shape; `bounded = False` (nothing can
+    tokens are always held; every array has a fixed shape; `limited = False` (nothing can
     overflow) and `has_room`/`fits` are always true;
   * a budget larger than the sequence gives the full cache's logits.
 
@@ -103,7 +103,7 @@ def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, 
 # The cache
 # ---------------------------------------------------------------------------------------------
 @struct.dataclass
-class H2OCache:
+class H2OCache(base.Evicting):
   """Heavy-hitter cache; see the module docstring.
 
   k, v: TokenStore, logical [L, B, K, P, H]: the pool (P = sink + window - residual + heavy slots),
@@ -127,7 +127,6 @@ class H2OCache:
   sink: int = struct.field(pytree_node=False, default=0)
 
   # Eviction makes room: kvjax.append must not raise capacity errors.
-  bounded = False
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -158,6 +157,10 @@ class H2OCache:
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
+  def _layout(self):
+    return self.positions
+
+  @property
   def capacity(self) -> int:
     """Slots per row (sink + window + heavy): what the cache holds at most, not a stream limit."""
     return self.positions.shape[3]
@@ -175,31 +178,8 @@ class H2OCache:
     return self.k.bits
 
   @property
-  def n_layers(self) -> int:
-    return self.positions.shape[0]
-
-  @property
-  def batch(self) -> int:
-    return self.positions.shape[1]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.positions.shape[2]
-
-  @property
   def head_dim(self) -> int:
     return self.ring_k.shape[4]
-
-  def has_room(self, n: int) -> jax.Array:
-    """Always true: eviction makes room."""
-    return jnp.asarray(True)
-
-  def fits(self, n_tokens: int) -> bool:
-    """Always true: any stream length fits in fixed memory."""
-    return True
-
-  def overflowed(self) -> jax.Array:
-    return jnp.zeros((self.batch,), bool)
 
   def filled(self) -> jax.Array:
     """int32 [L, B, K]: tokens held."""

@@ -56,7 +56,7 @@ def host_memory_kind(device=None) -> str | None:
 
 
 @struct.dataclass
-class OffloadCache:
+class OffloadCache(base.Limited):
   """Full cache with the S-slot buffers in host memory and an R-slot recent ring on the device.
 
   host_k, host_v: [L, B, K, S, H] (host); ring_k, ring_v: [L, B, K, R, H]; lengths: int32 [B].
@@ -108,6 +108,10 @@ class OffloadCache:
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
+  def _layout(self):
+    return self.host_k
+
+  @property
   def capacity(self) -> int:
     return self.host_k.shape[3]
 
@@ -117,34 +121,8 @@ class OffloadCache:
     return self.ring_k.shape[3]
 
   @property
-  def n_layers(self) -> int:
-    return self.host_k.shape[0]
-
-  @property
-  def batch(self) -> int:
-    return self.host_k.shape[1]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.host_k.shape[2]
-
-  @property
   def head_dim(self) -> int:
     return self.host_k.shape[4]
-
-  def overflowed(self) -> jax.Array:
-    """bool [B]: rows given more tokens than the capacity (those tokens were dropped)."""
-    return self.lengths > self.capacity
-
-  def has_room(self, n: int) -> jax.Array:
-    return jnp.max(self.lengths) + n <= self.capacity
-
-  def fits(self, n_tokens: int) -> bool:
-    return n_tokens <= self.capacity
-
-  def filled(self) -> jax.Array:
-    """int32 [B]: slots that hold a token."""
-    return jnp.minimum(self.lengths, self.capacity)
 
   # ---- writes -----------------------------------------------------------------------------------
   def _write_host(self, buf, layer: int, x):

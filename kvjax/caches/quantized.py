@@ -66,7 +66,7 @@ def _block_size(capacity: int, group: int, preferred: int = 256) -> int:
 
 
 @struct.dataclass
-class QuantizedCache:
+class QuantizedCache(base.Limited):
   """Bit-packed quantized cache with a full-precision residual; see the module docstring.
 
   lengths: int32 [B] tokens seen per row.  qcount: int32 [B] tokens in the quantized region (a
@@ -127,20 +127,12 @@ class QuantizedCache:
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
+  def _layout(self):
+    return self.kq
+
+  @property
   def capacity(self) -> int:
     return self.kq.shape[3]
-
-  @property
-  def n_layers(self) -> int:
-    return self.kq.shape[0]
-
-  @property
-  def batch(self) -> int:
-    return self.kq.shape[1]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.kq.shape[2]
 
   @property
   def head_dim(self) -> int:
@@ -158,16 +150,6 @@ class QuantizedCache:
   @property
   def symmetric(self) -> bool:
     return self.kz is None
-
-  def overflowed(self) -> jax.Array:
-    """bool [B]: rows given more tokens than the capacity (their overflowing groups were dropped)."""
-    return self.lengths > self.capacity
-
-  def has_room(self, n: int) -> jax.Array:
-    return jnp.max(self.lengths) + n <= self.capacity
-
-  def fits(self, n_tokens: int) -> bool:
-    return n_tokens <= self.capacity
 
   def quantized_bytes(self) -> int:
     """Bytes of the packed codes and their scales/zero points (the residual buffer excluded)."""

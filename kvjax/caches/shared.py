@@ -148,8 +148,9 @@ class SharedCache:
     return self.inner.head_dim
 
   @property
-  def bounded(self) -> bool:
-    return getattr(self.inner, "bounded", True)
+  def limited(self) -> bool:
+    """Whether the inner cache has a hard capacity (see `base.Limited`)."""
+    return self.inner.limited
 
   @property
   def calibrated(self) -> bool:

@@ -30,7 +30,7 @@ decode. Padding tokens (t >= n_valid[b]) leave row b untouched and see garbage n
 Invariants (tests/caches/test_tiered.py, against a NumPy oracle of the definition above):
   * after any sequence of appends (ragged n_valid included), tier i of row b holds exactly the
     positions whose age falls in [start_i, end_i), each as the chain of encodings above;
-  * at most sum(b_i) tokens per row are held; every array has a fixed shape; `bounded = False`
+  * at most sum(b_i) tokens per row are held; every array has a fixed shape; `limited = False`
     (a ring never overflows) and `has_room`/`fits` are always true;
   * every query attends over exactly the tokens of age < sum(b_i) as of its arrival;
   * with only fp32 tiers and a total budget above the sequence length, logits equal the full
@@ -142,7 +142,7 @@ def tier_positions(lengths: jax.Array, start: int, budget: int) -> jax.Array:
 
 
 @struct.dataclass
-class TieredCache:
+class TieredCache(base.Evicting):
   """A chain of ring buffers, newest tier first; see the module docstring.
 
   tiers: tuple of `Tier`; lengths: int32 [B] tokens seen per row.
@@ -152,7 +152,6 @@ class TieredCache:
   lengths: jax.Array
 
   # A chain of rings never overflows: kvjax.append must not raise capacity errors.
-  bounded = False
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -190,36 +189,17 @@ class TieredCache:
     return tuple(out)
 
   @property
+  def _layout(self):
+    return self.tiers[0].k.data
+
+  @property
   def capacity(self) -> int:
     """Slots per row, all tiers together: what the cache holds at most, not a stream limit."""
     return sum(self.budgets)
 
   @property
-  def n_layers(self) -> int:
-    return self.tiers[0].k.data.shape[0]
-
-  @property
-  def batch(self) -> int:
-    return self.tiers[0].k.data.shape[1]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.tiers[0].k.data.shape[2]
-
-  @property
   def head_dim(self) -> int:
     return self.tiers[0].k.head_dim
-
-  def has_room(self, n: int) -> jax.Array:
-    """Always true: the oldest tier drops its oldest token to make room."""
-    return jnp.asarray(True)
-
-  def fits(self, n_tokens: int) -> bool:
-    """Always true: any stream length fits in fixed memory."""
-    return True
-
-  def overflowed(self) -> jax.Array:
-    return jnp.zeros((self.batch,), bool)
 
   # ---- one token through one layer ------------------------------------------------------------
   def _push(self, stores, k_t, v_t, pos_t, valid_t):

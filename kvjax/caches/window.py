@@ -40,7 +40,7 @@ Invariants (tests/caches/test_window.py checks them against a NumPy oracle):
     the tokens that survive the chunk into the ring (long chunks go through in sub-blocks of
     `block` tokens, so prefill memory is O(block * (S + N + block)), not O(T^2));
   * every array has a fixed shape: nothing is O(tokens). `has_room`/`fits` are always true and the
-    class attribute `bounded = False` tells `kvjax.append` there is no capacity to overflow.
+    mixin `base.Evicting` (`limited = False`) tells `kvjax.append` there is no capacity to overflow.
 
 `crop(length)` marks slots at positions >= length empty; tokens the cropped ones had already
 evicted do not come back, so after a crop the window may hold fewer than N tokens.
@@ -156,7 +156,7 @@ def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope: 
 # The cache
 # ---------------------------------------------------------------------------------------------
 @struct.dataclass
-class WindowCache:
+class WindowCache(base.Evicting):
   """S sink slots + an N-slot ring per row. k, v [L, B, K, S+N, H] (un-rotated); pos int32
   [B, S+N] (-1 empty); lengths int32 [B]. sink, window, block are static."""
 
@@ -169,7 +169,6 @@ class WindowCache:
   block: int = struct.field(pytree_node=False, default=256)
 
   # A ring buffer never overflows: kvjax.append must not raise capacity errors.
-  bounded = False
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -189,37 +188,17 @@ class WindowCache:
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
+  def _layout(self):
+    return self.k
+
+  @property
   def capacity(self) -> int:
     """Slots per row (S + N): what the cache holds at most, not a limit on the stream."""
     return self.k.shape[3]
 
   @property
-  def n_layers(self) -> int:
-    return self.k.shape[0]
-
-  @property
-  def batch(self) -> int:
-    return self.k.shape[1]
-
-  @property
-  def kv_heads(self) -> int:
-    return self.k.shape[2]
-
-  @property
   def head_dim(self) -> int:
     return self.k.shape[4]
-
-  def has_room(self, n: int) -> jax.Array:
-    """Always true: the ring makes room by evicting the oldest non-sink token."""
-    return jnp.asarray(True)
-
-  def fits(self, n_tokens: int) -> bool:
-    """Always true: any stream length fits in fixed memory."""
-    return True
-
-  def overflowed(self) -> jax.Array:
-    """bool [B]: never (eviction is the design, not an overflow)."""
-    return jnp.zeros((self.batch,), bool)
 
   def filled(self) -> jax.Array:
     """int32 [B]: slots that hold a token."""

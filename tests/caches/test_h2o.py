@@ -387,7 +387,7 @@ def test_spec_errors_and_ops(tiny):
   with pytest.raises(kvjax.SpecError, match="window"):
     kvjax.parse_spec("h2o:8")
   cache = new_cache(heavy=2, window=2, sink=1)
-  assert bool(cache.has_room(10**6)) and cache.fits(10**6) and cache.bounded is False
+  assert bool(cache.has_room(10**6)) and cache.fits(10**6) and cache.limited is False
   rng = np.random.default_rng(4)
   k = jnp.asarray(rng.normal(size=(L, B, K, 6, H)), jnp.float32)
   cache = _append(cache, k, k, jnp.asarray([6, 4]))

@@ -47,10 +47,10 @@ def cla_forward(config, params, tokens, group, maps=None):
   for i in range(c.n_layers):
     lp = p[f"layers_{i}"]
     hn = oracle.rmsnorm(x, lp["attn_norm"]["scale"], c.norm_eps)
-    q = (hn @ lp["attn"]["wq"].T).reshape(t, c.n_heads, c.head_dim)
+    q = (hn @ lp["attn"]["wq"]).reshape(t, c.n_heads, c.head_dim)
     if i % group == 0:
-      lead_k = hn @ lp["attn"]["wk"].T  # [T, K*H] un-rotated
-      lead_v = hn @ lp["attn"]["wv"].T
+      lead_k = hn @ lp["attn"]["wk"]  # [T, K*H] un-rotated
+      lead_v = hn @ lp["attn"]["wv"]
       k, v = lead_k, lead_v
     elif maps is None:
       k, v = lead_k, lead_v
@@ -60,9 +60,9 @@ def cla_forward(config, params, tokens, group, maps=None):
     k = k.reshape(t, c.n_kv_heads, c.head_dim)
     v = v.reshape(t, c.n_kv_heads, c.head_dim)
     att = oracle.attention(oracle.rope(q, pos, c.rope_theta), oracle.rope(k, pos, c.rope_theta), v, mask)
-    x = x + att.reshape(t, -1) @ lp["attn"]["wo"].T
+    x = x + att.reshape(t, -1) @ lp["attn"]["wo"]
     hn = oracle.rmsnorm(x, lp["mlp_norm"]["scale"], c.norm_eps)
-    x = x + (oracle.silu(hn @ lp["mlp"]["w_gate"].T) * (hn @ lp["mlp"]["w_up"].T)) @ lp["mlp"]["w_down"].T
+    x = x + (oracle.silu(hn @ lp["mlp"]["w_gate"]) * (hn @ lp["mlp"]["w_up"])) @ lp["mlp"]["w_down"]
   x = oracle.rmsnorm(x, p["final_norm"]["scale"], c.norm_eps)
   return x @ p["embed"]["embedding"].T
 
@@ -299,16 +299,16 @@ def test_collect_kv_matches_oracle_projections(tiny_gqa):
     for i in range(cfg.n_layers):
       lp = p[f"layers_{i}"]
       hn = oracle.rmsnorm(x, lp["attn_norm"]["scale"], cfg.norm_eps)
-      np.testing.assert_allclose(k[i, row * 10:(row + 1) * 10], hn @ lp["attn"]["wk"].T, atol=1e-4)
-      np.testing.assert_allclose(v[i, row * 10:(row + 1) * 10], hn @ lp["attn"]["wv"].T, atol=1e-4)
-      q = (hn @ lp["attn"]["wq"].T).reshape(10, cfg.n_heads, cfg.head_dim)
-      kk = (hn @ lp["attn"]["wk"].T).reshape(10, cfg.n_kv_heads, cfg.head_dim)
-      vv = (hn @ lp["attn"]["wv"].T).reshape(10, cfg.n_kv_heads, cfg.head_dim)
+      np.testing.assert_allclose(k[i, row * 10:(row + 1) * 10], hn @ lp["attn"]["wk"], atol=1e-4)
+      np.testing.assert_allclose(v[i, row * 10:(row + 1) * 10], hn @ lp["attn"]["wv"], atol=1e-4)
+      q = (hn @ lp["attn"]["wq"]).reshape(10, cfg.n_heads, cfg.head_dim)
+      kk = (hn @ lp["attn"]["wk"]).reshape(10, cfg.n_kv_heads, cfg.head_dim)
+      vv = (hn @ lp["attn"]["wv"]).reshape(10, cfg.n_kv_heads, cfg.head_dim)
       att = oracle.attention(oracle.rope(q, pos, cfg.rope_theta), oracle.rope(kk, pos, cfg.rope_theta), vv,
                              pos[:, None] >= pos[None, :])
-      x = x + att.reshape(10, -1) @ lp["attn"]["wo"].T
+      x = x + att.reshape(10, -1) @ lp["attn"]["wo"]
       hn = oracle.rmsnorm(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
-      x = x + (oracle.silu(hn @ lp["mlp"]["w_gate"].T) * (hn @ lp["mlp"]["w_up"].T)) @ lp["mlp"]["w_down"].T
+      x = x + (oracle.silu(hn @ lp["mlp"]["w_gate"]) * (hn @ lp["mlp"]["w_up"])) @ lp["mlp"]["w_down"]
 
 
 @given(n_in=st.integers(1, 6), n_out=st.integers(1, 6), seed=st.integers(0, 2**16))

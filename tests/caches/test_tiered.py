@@ -395,7 +395,7 @@ def test_spec_errors_and_unsupported_ops(tiny):
   cache = kvjax.make_cache("tier:4:fp32,8:int4", tiny.config, 2, 64)
   with pytest.raises(NotImplementedError, match="crop"):
     cache.crop(3)
-  assert bool(cache.has_room(10**6)) and cache.fits(10**6) and cache.bounded is False
+  assert bool(cache.has_room(10**6)) and cache.fits(10**6) and cache.limited is False
 
 
 def test_reorder_and_reset():

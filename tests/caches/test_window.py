@@ -186,7 +186,7 @@ def test_nothing_mutated():
 
 def test_static_facts_reset_crop_reorder():
   cache = empty_cache(2, 2, 4)
-  assert cache.capacity == 6 and cache.bounded is False and cache.fits(10**9)
+  assert cache.capacity == 6 and cache.limited is False and cache.fits(10**9)
   assert bool(jax.jit(lambda c: c.has_room(10**6))(cache))
   with pytest.raises(NotImplementedError, match="never grows"):
     cache.grow(12)

@@ -1,0 +1,72 @@
+"""kvjax.perplexity: chunked feeding is exact where `default_chunk` chunks, errors are clear.
+
+A NumPy check of the NLL itself (against the oracle forward) lives here too; agreement with HF
+transformers on SmolLM2 is in test_parity.py.
+"""
+
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.perplexity import default_chunk
+from kvjax.spec import SpecError
+from tests import oracle
+
+IDS = np.random.default_rng(0).integers(3, 250, size=70)
+
+
+@pytest.mark.parametrize("spec,chunk", [
+    ("full", 256), ("offload", 256), ("window:24", 256), ("sink:2+window:16", 256),
+    ("h2o:8+window:8", 256), ("int4+residual:32+h2o:8+window:32", 256),
+    ("tier:8:fp32,16:int8,24:int2", 256),
+    ("int8", 1), ("int4+residual:32", 1), ("share:2", 1), ("window:24+int8", 1),
+])
+def test_default_chunk(spec, chunk):
+  assert default_chunk(spec) == chunk
+
+
+@pytest.mark.parametrize("spec,atol", [
+    ("full", 2e-5), ("sink:2+window:16", 2e-5), ("h2o:8+window:8", 2e-5),
+    # Quantized storage: a chunk's projections differ from one token's in the last float bit,
+    # which can flip a code; every token still sees the same tokens, so only rounding differs.
+    ("int4+residual:32+h2o:8+window:32", 5e-3), ("tier:8:fp32,16:int8,24:int2", 5e-3),
+])
+def test_chunked_equals_token_by_token(tiny, spec, atol):
+  """Where perplexity chunks by default, every token still sees what decoding would show it."""
+  chunked = kvjax.perplexity(tiny, IDS, cache=spec, chunk=32)
+  stepwise = kvjax.perplexity(tiny, IDS, cache=spec, chunk=1)
+  np.testing.assert_allclose(chunked.token_nll, stepwise.token_nll, atol=atol)
+  assert chunked.ppl == pytest.approx(stepwise.ppl, rel=atol / 5)
+  assert chunked.tokens == stepwise.tokens == IDS.size
+
+
+def test_full_matches_numpy_oracle(tiny):
+  result = kvjax.perplexity(tiny, IDS, cache="full")
+  logits = oracle.llama_forward(tiny.config, tiny.params, IDS)  # [T, V]
+  logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+  want = -logp[np.arange(IDS.size - 1), IDS[1:]]
+  np.testing.assert_allclose(result.token_nll, want, atol=1e-4)
+  assert result.ppl == pytest.approx(np.exp(want.mean()), rel=1e-4)
+  assert sum(result.cache_bytes.values()) > 0
+
+
+def test_lossy_spec_changes_the_result(tiny):
+  full = kvjax.perplexity(tiny, IDS, cache="full")
+  small = kvjax.perplexity(tiny, IDS, cache="window:8")
+  assert not np.allclose(full.token_nll, small.token_nll)
+  np.testing.assert_allclose(full.token_nll[:7], small.token_nll[:7], atol=2e-5)  # window not yet full
+
+
+def test_errors(tiny):
+  with pytest.raises(ValueError, match="at least 2 tokens"):
+    kvjax.perplexity(tiny, [5])
+  with pytest.raises(SpecError, match="none"):
+    kvjax.perplexity(tiny, IDS, cache="none")
+  with pytest.raises(SpecError, match="int5"):
+    kvjax.perplexity(tiny, IDS, cache="int5")
+
+
+def test_input_not_mutated(tiny):
+  ids = IDS.copy()
+  kvjax.perplexity(tiny, ids, cache="window:16", chunk=8)
+  np.testing.assert_array_equal(ids, IDS)
