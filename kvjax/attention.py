@@ -43,9 +43,17 @@ class RoPE:
 
   def apply(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Rotates `x` [..., T, heads, H] by `positions` [..., T] (int or float)."""
-    angles = positions.astype(jnp.float32)[..., None] * self.inv_freq()  # [..., T, H/2]
-    cos = jnp.cos(angles)[..., None, :]  # [..., T, 1, H/2]
-    sin = jnp.sin(angles)[..., None, :]
+    cos, sin = self.tables(positions)  # [..., T, H/2]
+    return self.rotate(x, cos[..., None, :], sin[..., None, :])
+
+  def tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., H/2] (float32) of `positions` [...]."""
+    angles = positions.astype(jnp.float32)[..., None] * self.inv_freq()
+    return jnp.cos(angles), jnp.sin(angles)
+
+  @staticmethod
+  def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates `x` [..., H] with tables that broadcast against [..., H/2]; keeps x's dtype."""
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
