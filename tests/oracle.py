@@ -5,7 +5,10 @@ Written from the definitions, independent of kvjax's JAX code, in float64.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+from kvjax.caches import packing
 
 
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
@@ -101,3 +104,78 @@ class FullCacheOracle:
     if not kept:
       return None, None
     return (np.stack([k for k, _ in kept], axis=2), np.stack([v for _, v in kept], axis=2))
+
+
+# ---- KV quantization (the scheme of kvjax.caches.packing, written from its definition) ------------
+def f16_round(x):
+  finite = np.finfo(np.float16).max
+  return np.clip(x, -finite, finite).astype(np.float16).astype(np.float32)
+
+
+def np_quantize(x: np.ndarray, bits: int, group: int):
+  """Per-token quantize-dequantize of x [..., H] in groups along H.
+
+  Returns (dequantized float32, step float32 [..., H]: the group's scale, for tolerances).
+  """
+  x = np.asarray(x, np.float32)
+  g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+  if bits == 8:  # symmetric
+    top = 127
+    s = f16_round(np.abs(g).max(-1, keepdims=True) / np.float32(top))
+    code = np.where(s > 0, np.clip(np.round(g / np.where(s > 0, s, 1)), -top, top), 0)
+    deq = code * s
+  else:
+    top = (1 << bits) - 1
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    s, z = f16_round((hi - lo) / np.float32(top)), f16_round(lo)
+    code = np.where(s > 0, np.clip(np.round((g - z) / np.where(s > 0, s, 1)), 0, top), 0)
+    deq = code * s + z
+  step = np.broadcast_to(s, g.shape)
+  return deq.reshape(x.shape).astype(np.float32), step.reshape(x.shape).astype(np.float32)
+
+
+def packing_quantize(x: np.ndarray, bits: int, group: int):
+  """Like np_quantize, through kvjax.caches.packing (tested on its own): bit-identical to the
+  caches. XLA's float32 division may differ from NumPy's by an ulp, which flips a code when
+  (x - zero) / scale lands exactly on .5, so comparisons of attention outputs use this one."""
+  x = np.asarray(x, np.float32)
+  deq = np.asarray(packing.dequantize(packing.quantize(jnp.asarray(x), bits, group=group)))
+  return deq, np_quantize(x, bits, group)[1]
+
+
+def np_encode(x: np.ndarray, fmt: str, group: int, exact: bool = False):
+  """(value as stored in a tier of format fmt, step) for float32 x [..., H]."""
+  if fmt == "fp32":
+    return x.astype(np.float32), np.zeros(x.shape, np.float32)
+  if fmt in ("bf16", "fp16"):
+    dt = jnp.bfloat16 if fmt == "bf16" else np.float16
+    y = np.asarray(jnp.asarray(x, jnp.float32).astype(dt).astype(jnp.float32))
+    return y, np.abs(x) * (2.0**-7 if fmt == "bf16" else 2.0**-10)
+  return (packing_quantize if exact else np_quantize)(x, int(fmt[3:]), group)
+
+
+def quantize_groups(x: np.ndarray, bits: int, group: int, axis: int, symmetric: bool):
+  """float32 mirror of packing.quantize: (codes uint8, scale f16, zero f16 | None), deq f32."""
+  x = np.asarray(x, np.float32)
+  axis = axis % x.ndim
+  shp = x.shape[:axis] + (x.shape[axis] // group, group) + x.shape[axis + 1:]
+  xg = x.reshape(shp)
+  if symmetric:
+    top = (1 << (bits - 1)) - 1
+    scale = (np.max(np.abs(xg), axis=axis + 1, keepdims=True) * np.float32(1 / top)).astype(np.float16)
+    s = scale.astype(np.float32)
+    steps = np.where(s > 0, xg / np.where(s > 0, s, 1), 0).astype(np.float32)
+    codes = np.clip(np.round(steps), -top, top) + top + 1
+    deq = (codes - (top + 1)) * s
+    zero = None
+  else:
+    top = (1 << bits) - 1
+    lo = np.min(xg, axis=axis + 1, keepdims=True)
+    hi = np.max(xg, axis=axis + 1, keepdims=True)
+    scale = ((hi - lo) * np.float32(1 / top)).astype(np.float16)
+    zero = lo.astype(np.float16)
+    s, z = scale.astype(np.float32), zero.astype(np.float32)
+    steps = np.where(s > 0, (xg - z) / np.where(s > 0, s, 1), 0).astype(np.float32)
+    codes = np.clip(np.round(steps), 0, top)
+    deq = codes * s + z
+  return codes.astype(np.uint8).reshape(x.shape), scale, zero, deq.astype(np.float32).reshape(x.shape)

@@ -9,15 +9,13 @@ heads.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
@@ -25,30 +23,13 @@ from kvjax.attention import RoPE
 from kvjax.caches import h2o
 from kvjax.models import llama
 from tests import oracle
-from tests.caches.test_tiered import packing_quantize
+from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
 
 L, B, K, G, H = 2, 2, 2, 2, 16
 GROUP = 8
 ROPE = RoPE(H, 10000.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class PreRotated:
-  """Stands in for RoPE when a test rotates q and k itself (tests.oracle.rope, then float32):
-  the cache then stores and quantizes inputs bit-identical to the oracle's. (kvjax's own
-  rotation inside a jitted attend can differ from any outside rotation by an ulp, through FMA
-  fusion, and an ulp is enough to flip a quantization code that sits on a rounding boundary.)"""
-
-  def apply(self, x, positions):
-    return x
-
-
-PRE_ROTATED = PreRotated()
-SETTINGS = settings(max_examples=20, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow,
-                                           HealthCheck.function_scoped_fixture])
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 class H2OOracle:
@@ -63,7 +44,7 @@ class H2OOracle:
   def _store(self, x):
     if self.bits is None:
       return x.astype(np.float32)
-    return packing_quantize(x, self.bits, GROUP)[0]  # bit-identical to the cache's storage
+    return oracle.packing_quantize(x, self.bits, GROUP)[0]  # bit-identical to the cache's storage
 
   def admit(self, b, k, v):
     """Adds token n[b] (k, v [L, K, H], key rotated) to row b, evicting; returns its position."""
@@ -307,24 +288,12 @@ def test_chunk_equals_token_by_token():
 # ---------------------------------------------------------------------------------------------
 # Model-level tests
 # ---------------------------------------------------------------------------------------------
-def _model_logits(model, spec, ids, chunks, capacity=64):
-  net = llama.Llama(model.config, jnp.float32)
-  apply = jax.jit(lambda p, x, c: net.apply({"params": p}, x, c))
-  cache = kvjax.make_cache(spec, model.config, 1, capacity)
-  out, i = [], 0
-  for c in chunks:
-    logits, cache = apply(model.params, jnp.asarray(ids[None, i:i + c]), cache)
-    out.append(np.asarray(logits[0]))
-    i += c
-  return np.concatenate(out), cache
-
-
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_gqa"])
 def test_budget_above_sequence_equals_full(fixture, request):
   model = request.getfixturevalue(fixture)
   ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 24).astype(np.int32)
   full = np.asarray(llama.forward(model.config, model.params, jnp.asarray(ids[None])))[0]
-  got, cache = _model_logits(model, "h2o:8+window:16+sink:2", ids, [9, 1, 1, 13])
+  got, cache = model_logits(model, "h2o:8+window:16+sink:2", ids, [9, 1, 1, 13])
   np.testing.assert_allclose(got, full, atol=1e-4)
   assert int(cache.filled().min()) == 24
 
@@ -406,16 +375,9 @@ def test_spec_errors_and_ops(tiny):
 # ---------------------------------------------------------------------------------------------
 # Real model
 # ---------------------------------------------------------------------------------------------
-def _smollm2():
-  try:
-    return kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
-
-
 @pytest.mark.slow
 def test_smollm2_h2o():
-  model = _smollm2()
+  model = smollm2_or_skip()
   spec = "h2o:64+window:64"
   res = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache=spec)
   full = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache="full")

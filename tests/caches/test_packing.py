@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvjax.caches import packing
+from tests import oracle
 
 BITS = (8, 4, 3, 2)
 
@@ -35,33 +36,6 @@ def np_pack(codes: np.ndarray, bits: int) -> np.ndarray:
     word |= padded[..., i] << np.uint64(i * bits)
   out = np.stack([(word >> np.uint64(8 * j)) & np.uint64(0xFF) for j in range(nbytes)], axis=-1)
   return out.astype(np.uint8).reshape(codes.shape[:-1] + (units * nbytes,))
-
-
-def np_quantize(x: np.ndarray, bits: int, group: int, axis: int, symmetric: bool):
-  """float32 mirror of packing.quantize: (codes uint8, scale f16, zero f16 | None), deq f32."""
-  x = np.asarray(x, np.float32)
-  axis = axis % x.ndim
-  shp = x.shape[:axis] + (x.shape[axis] // group, group) + x.shape[axis + 1:]
-  xg = x.reshape(shp)
-  if symmetric:
-    top = (1 << (bits - 1)) - 1
-    scale = (np.max(np.abs(xg), axis=axis + 1, keepdims=True) * np.float32(1 / top)).astype(np.float16)
-    s = scale.astype(np.float32)
-    steps = np.where(s > 0, xg / np.where(s > 0, s, 1), 0).astype(np.float32)
-    codes = np.clip(np.round(steps), -top, top) + top + 1
-    deq = (codes - (top + 1)) * s
-    zero = None
-  else:
-    top = (1 << bits) - 1
-    lo = np.min(xg, axis=axis + 1, keepdims=True)
-    hi = np.max(xg, axis=axis + 1, keepdims=True)
-    scale = ((hi - lo) * np.float32(1 / top)).astype(np.float16)
-    zero = lo.astype(np.float16)
-    s, z = scale.astype(np.float32), zero.astype(np.float32)
-    steps = np.where(s > 0, (xg - z) / np.where(s > 0, s, 1), 0).astype(np.float32)
-    codes = np.clip(np.round(steps), 0, top)
-    deq = codes * s + z
-  return codes.astype(np.uint8).reshape(x.shape), scale, zero, deq.astype(np.float32).reshape(x.shape)
 
 
 # ---- packing -------------------------------------------------------------------------------------
@@ -139,7 +113,7 @@ def test_quantize_matches_oracle_and_error_bound(bits, groups, group, axis, magn
   q = packing.quantize(jnp.asarray(x), bits, group, axis, symmetric)
   sym = bits == 8 if symmetric is None else symmetric
   assert q.symmetric == sym
-  codes, scale, zero, deq = np_quantize(x, bits, group, axis, sym)
+  codes, scale, zero, deq = oracle.quantize_groups(x, bits, group, axis, sym)
   got_codes = np.asarray(packing.unpack(q.packed, bits, x.shape[-1]))
   np.testing.assert_array_equal(got_codes, codes)
   np.testing.assert_array_equal(np.asarray(q.scale), np.squeeze(scale, (axis % 3) + 1))

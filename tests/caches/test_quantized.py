@@ -31,7 +31,7 @@ from kvjax.caches.quantized import QuantizedCache, from_full, from_spec, quantiz
 from kvjax.models.llama import Llama
 from kvjax.spec import SpecError, make_cache, parse_spec
 from tests import oracle
-from tests.caches.test_packing import np_quantize
+from tests.helpers import smollm2_or_skip
 
 L, K, H = 2, 2, 32
 
@@ -40,8 +40,8 @@ L, K, H = 2, 2, 32
 def np_fake_quant(k: np.ndarray, v: np.ndarray, bits: int, group: int):
   """Dequantized group of G tokens: k, v [L, K, G, H] -> (k, v) as the cache must return them."""
   sym = bits == 8
-  kd = np_quantize(k, bits, group, axis=2, symmetric=sym)[3]
-  vd = np_quantize(v, bits, min(group, k.shape[-1]), axis=3, symmetric=sym)[3]
+  kd = oracle.quantize_groups(k, bits, group, axis=2, symmetric=sym)[3]
+  vd = oracle.quantize_groups(v, bits, min(group, k.shape[-1]), axis=3, symmetric=sym)[3]
   return kd, vd
 
 
@@ -463,13 +463,6 @@ def test_generate_tiny_dynamic_grows(tiny):
 
 
 # ---- SmolLM2 -------------------------------------------------------------------------------------
-def _smollm2():
-  try:
-    return kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
-
-
 def _shakespeare_ids(model, n):
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   path = os.path.join(root, "..", "shared", "data", "tinyshakespeare.txt")
@@ -482,7 +475,7 @@ def _shakespeare_ids(model, n):
 
 @pytest.mark.slow
 def test_smollm2_generate_int8_matches_full_start():
-  model = _smollm2()
+  model = smollm2_or_skip()
   prompt = "The quick brown fox"
   res = kvjax.generate(model, prompt, max_new_tokens=12, cache="int8")
   ref = kvjax.generate(model, prompt, max_new_tokens=12, cache="full")
@@ -492,7 +485,7 @@ def test_smollm2_generate_int8_matches_full_start():
 
 @pytest.mark.slow
 def test_smollm2_perplexity_int8_within_one_percent():
-  model = _smollm2()
+  model = smollm2_or_skip()
   ids = _shakespeare_ids(model, 256)
   full = kvjax.perplexity(model, ids, cache="full")
   int8 = kvjax.perplexity(model, ids, cache="int8")

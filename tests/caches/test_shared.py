@@ -153,7 +153,6 @@ def test_generic_inner_kind_equals_full_inner(tiny):
 
 
 def test_ragged_batch_rows_match_single_rows(tiny):
-  model = _Static(tiny)
   cfg = tiny.config
   ids = np.random.default_rng(1).integers(0, 260, (2, 8)).astype(np.int32)
   nv = jnp.array([8, 3], jnp.int32)

