@@ -11,7 +11,7 @@ Public API:
   generate_with_prefix / PrefixStore       prefix caching
 """
 
-from kvjax import bench
+from kvjax import bench  # noqa: F401  (kvjax.bench.run_bench is public)
 from kvjax.caches.api import append, crop, grow, nbytes, reorder, reset, total_bytes, view
 from kvjax.caches.base import CacheView, CapacityError
 from kvjax.caches.full import FullCache
