@@ -38,6 +38,7 @@ DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 KEYS_PER_DEPTH = 2
 NEW_TOKENS = 8
 SEED = 0
+CALIBRATION_TOKENS = 2048  # share:G:cal: least-squares maps fitted on the text after the ppl tokens
 UNBOUNDED_SPECS = ["full", "int8", "int4", "int2", "int4+residual:64", "share:2", "share:2:cal"]
 BOUNDED_TEMPLATES = ["window:{b}", "sink:4+window:{b4}", "h2o:{half}+window:{half}",
                      "tier:{quarter}:fp32,{rest}:int4"]
@@ -89,7 +90,10 @@ info = common.run_info(args)
 model = common.load_model(model_name)
 tok = model.tokenizer
 text, text_source = common.load_text(args.data, quick)
-ids = np.asarray(tok.encode(text)[:ppl_tokens], np.int32)
+all_ids = tok.encode(text)
+ids = np.asarray(all_ids[:ppl_tokens], np.int32)
+# share:G:cal fits its maps on the text that follows the evaluated tokens (never on them).
+calibration_ids = np.asarray(all_ids[ppl_tokens:ppl_tokens + CALIBRATION_TOKENS], np.int32)
 print(f"model {model_name}, {len(ids)} perplexity tokens from {text_source}, passkey context "
       f"~{passkey_tokens} tokens, {len(specs)} specs")
 
@@ -129,21 +133,28 @@ outcomes = common.Outcomes(strict=args.strict)
 rows = []
 for spec in common.progress(specs, desc="specs"):
   row = {"spec": spec, "family": family(spec), "budget": kvjax.parse_spec(spec).budget}
-  if kvjax.parse_spec(spec).share_calibrated:
-    # Its calibration maps go to make_cache(..., maps=...), which generate/perplexity do not expose.
-    outcomes.skip(spec, "needs calibration maps; kvjax.generate/perplexity take no cache options yet")
+  parsed = kvjax.parse_spec(spec)
+  cache_options = {}
+  if parsed.share_calibrated:
+    with outcomes.guard(spec):
+      cache_options["maps"] = kvjax.fit_share_maps(model, calibration_ids, parsed.share)
+      row["calibration_tokens"] = int(len(calibration_ids))
+      row["maps_bytes"] = common.total_bytes(kvjax.caches.base.tree_nbytes(cache_options["maps"]))
+  if not outcomes.ok(spec):
     continue
   with outcomes.guard(spec):
     # Lossless kinds take chunks that divide the text, so their capacity is the text, not a
     # padded chunk multiple (the x axis compares bytes for the same number of tokens).
     lossless = kvjax.parse_spec(spec).lossless
-    p = kvjax.perplexity(model, ids, cache=spec, chunk=math.gcd(len(ids), 256) if lossless else None)
+    p = kvjax.perplexity(model, ids, cache=spec, chunk=math.gcd(len(ids), 256) if lossless else None,
+                         cache_options=cache_options)
     row.update(ppl=p.ppl, nll=p.nll, ppl_tokens=p.tokens, ppl_seconds=p.seconds,
                ppl_cache_bytes=common.total_bytes(p.cache_bytes))
   if not outcomes.ok(spec):
     continue
   with outcomes.guard(spec):
-    g = kvjax.generate(model, prompts, max_new_tokens=NEW_TOKENS, cache=spec, stop_at_eos=False)
+    g = kvjax.generate(model, prompts, max_new_tokens=NEW_TOKENS, cache=spec, stop_at_eos=False,
+                       cache_options=cache_options)
     answers = [tok.decode(t) for t in g.tokens]
     found = [re.search(r"\d{5}", a.replace(" ", "")) for a in answers]
     hits = [bool(f) and f.group(0) == str(key) for f, (key, _) in zip(found, trials)]
@@ -167,7 +178,10 @@ payload = {"experiment": "quality", "quick": quick, **info,
                      "(kvjax.perplexity default), batch 1",
                      "passkey: exact match of the first 5-digit number in 8 greedy tokens; "
                      "depth = fraction of the filler before the needle",
-                     "x axis: bytes of the cache arrays after the run (capacity, not just used slots)"],
+                     "x axis: bytes of the cache arrays after the run (capacity, not just used slots)",
+                     f"share:G:cal: maps fitted by kvjax.fit_share_maps on the {CALIBRATION_TOKENS} "
+                     "tokens after the perplexity tokens; their bytes are in maps_bytes, not on the "
+                     "x axis"],
            "passkey_trials": [{"key": k, "depth": d} for k, d in trials],
            **outcomes.summary(), "rows": rows}
 common.write_json(out / "quality.json", payload)
