@@ -40,8 +40,8 @@ def valid_specs(draw):
     if mode == "full" and draw(st.booleans()):
       fields["window"] = draw(small)
       fields["sink"] = draw(st.sampled_from([0, 0, 1, 4, 16]))
-      if draw(st.booleans()):
-        fields["h2o"] = draw(small)
+      if draw(st.booleans()) and fields.get("residual", 0) <= fields["window"]:
+        fields["h2o"] = draw(small)  # with h2o the full-precision residual lives in the window
     elif draw(st.booleans()):
       fields["offload"] = True
   if draw(st.booleans()):
