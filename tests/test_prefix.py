@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax import prefix
 from kvjax.prefix import PrefixStore, generate_with_prefix
+from tests.helpers import smollm2_or_skip
 
 
 def leaves(tree):
@@ -157,10 +158,7 @@ def test_store_is_lru_within_budget(ops, budget):
 
 @pytest.mark.slow
 def test_smollm2_prefix_equals_plain():
-  try:
-    model = kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
+  model = smollm2_or_skip()
   system = model.tokenizer.encode("You are a helpful assistant. Answer briefly.\n")
   questions = [model.tokenizer.encode(q) for q in ("What is 2+2?", "Name a color.")]
   got = generate_with_prefix(model, system, questions, max_new_tokens=6)

@@ -19,6 +19,8 @@ Shapes: L layers, B batch, K kv heads, T new tokens, S slots, H head dim, N = K 
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.full import FullCache
-from tests import oracle
+from tests import helpers, oracle
 
 L, B, K, H, CAP = 2, 3, 2, 4, 16
 
@@ -40,17 +42,7 @@ def new_cache(batch=B, capacity=CAP, block_size=None, layers=L, kv_heads=K, head
                         capacity=capacity, block_size=block_size)
 
 
-def random_kv(rng, t, batch=B, layers=L):
-  """k, v [L, B, K, T, H] float32; padding tokens get huge values so a leak would show."""
-  k = rng.standard_normal((layers, batch, K, t, H)).astype(np.float32)
-  v = rng.standard_normal((layers, batch, K, t, H)).astype(np.float32)
-  return k, v
-
-
-def mark_padding(k, v, n_valid):
-  for b, n in enumerate(n_valid):
-    k[:, b, :, n:] = 1e4
-    v[:, b, :, n:] = -1e4
+random_kv = functools.partial(helpers.random_kv, layers=L, batch=B, kv_heads=K, head_dim=H)
 
 
 def assert_matches_oracle(cache, orc: oracle.FullCacheOracle):
@@ -71,8 +63,6 @@ def assert_matches_oracle(cache, orc: oracle.FullCacheOracle):
     assert (positions[:, b, :, n:] == -1).all()
 
 
-def snapshot(*trees):
-  return [np.array(x, copy=True) for t in trees for x in jax.tree_util.tree_leaves(t)]
 
 
 def assert_unchanged(before, *trees):
@@ -100,9 +90,9 @@ def test_append_sequences_match_oracle(steps, seed):
     k, v = random_kv(rng, t)
     nv = None if n_valid is None else np.array(n_valid, np.int32)
     if nv is not None:
-      mark_padding(k, v, nv)
+      helpers.mark_padding(k, v, nv)
     orc.append(k, v, nv)
-    before = snapshot(eager, k, v, nv)
+    before = helpers.snapshot(eager, k, v, nv)
     if eager_alive:
       try:
         new = kvjax.append(eager, jnp.asarray(k), jnp.asarray(v), nv)
@@ -217,7 +207,7 @@ def feed(cache, orc, rng, t, n_valid):
   v = rng.standard_normal((B, t, K, 2 * H)).astype(np.float32)
   for b, n in enumerate(n_valid):
     k[b, n:], v[b, n:] = 1e4, -1e4
-  before = snapshot(cache, q, k, v)
+  before = helpers.snapshot(cache, q, k, v)
   out, new = _attend(cache, (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(n_valid, jnp.int32)))
   assert_unchanged(before, cache, q, k, v)
   want = orc.attend(q, k, v, n_valid)

@@ -14,6 +14,8 @@ Invariants checked:
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,8 @@ import kvjax
 from kvjax.caches import offload
 from kvjax.caches.offload import OffloadCache
 from kvjax.models.llama import Llama
-from tests import oracle
+from tests import helpers, oracle
+from tests.helpers import smollm2_or_skip
 
 L, B, K, H, CAP, BS, R = 2, 3, 2, 4, 16, 4, 8
 
@@ -36,17 +39,7 @@ def new_cache(batch=B, capacity=CAP, block_size=BS, recent=R, host_kind=None):
                            block_size=block_size, recent=recent, host_kind=host_kind)
 
 
-def random_kv(rng, t, batch=B):
-  k = rng.standard_normal((L, batch, K, t, H)).astype(np.float32)
-  v = rng.standard_normal((L, batch, K, t, H)).astype(np.float32)
-  return k, v
-
-
-def mark_padding(k, v, n_valid):
-  """Padding tokens get huge values so that a leak into the view or the ring shows."""
-  for b, n in enumerate(n_valid):
-    k[:, b, :, n:] = 1e4
-    v[:, b, :, n:] = -1e4
+random_kv = functools.partial(helpers.random_kv, layers=L, batch=B, kv_heads=K, head_dim=H)
 
 
 def assert_matches_oracle(cache: OffloadCache, orc: oracle.FullCacheOracle):
@@ -70,8 +63,6 @@ def assert_matches_oracle(cache: OffloadCache, orc: oracle.FullCacheOracle):
       np.testing.assert_array_equal(ring_v[:, b, :, p % R], want_v[:, :, p])
 
 
-def snapshot(*trees):
-  return [np.array(x, copy=True) for t in trees for x in jax.tree_util.tree_leaves(t)]
 
 
 def assert_unchanged(before, *trees):
@@ -100,10 +91,10 @@ def test_append_sequences_match_oracle(steps, seed):
   for t, n_valid in steps:
     k, v = random_kv(rng, t)
     nv = np.full(B, t, np.int32) if n_valid is None else np.array(n_valid, np.int32)
-    mark_padding(k, v, nv)
+    helpers.mark_padding(k, v, nv)
     orc.append(k, v, nv)
     if eager_alive:
-      before = snapshot(eager, k, v, nv)
+      before = helpers.snapshot(eager, k, v, nv)
       try:
         new = kvjax.append(eager, jnp.asarray(k), jnp.asarray(v), nv)
       except kvjax.CapacityError:
@@ -146,7 +137,7 @@ def test_emulation_without_host_memory():
   for t, nv in ((5, [5, 2, 0]), (6, [6, 6, 3])):
     k, v = random_kv(rng, t)
     nv = np.array(nv, np.int32)
-    mark_padding(k, v, nv)
+    helpers.mark_padding(k, v, nv)
     orc.append(k, v, nv)
     cache = _jit_append(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(nv))
   assert_matches_oracle(cache, orc)
@@ -167,7 +158,7 @@ def filled_cache(rng, lengths=(13, 4, 9)):
   t = max(lengths)
   k, v = random_kv(rng, t)
   nv = np.array(lengths, np.int32)
-  mark_padding(k, v, nv)
+  helpers.mark_padding(k, v, nv)
   orc.append(k, v, nv)
   return kvjax.append(cache, jnp.asarray(k), jnp.asarray(v), nv), orc
 
@@ -232,7 +223,7 @@ def test_logits_equal_full_cache(tiny_gqa):
   ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 37)).astype(np.int32)
   full, _ = _feed(model, kvjax.make_cache("full", cfg, 2, 48), ids, [37])
   off = kvjax.make_cache("offload", cfg, 2, 48, block_size=8, recent=16)
-  before = snapshot(off)
+  before = helpers.snapshot(off)
   chunked, after = _feed(model, off, ids, [16, 1, 1, 16, 3], apply=_apply_jit)
   token_by_token, _ = _feed(model, off, ids, [1] * 37, apply=_apply_jit)
   assert_unchanged(before, off)
@@ -269,10 +260,7 @@ def test_generate_equals_full(tiny):
 
 @pytest.mark.slow
 def test_smollm2_offload_matches_full():
-  try:
-    model = kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
+  model = smollm2_or_skip()
   prompt = "The capital of France is"
   full = kvjax.generate(model, prompt, max_new_tokens=8, cache="full")
   off = kvjax.generate(model, prompt, max_new_tokens=8, cache="offload")

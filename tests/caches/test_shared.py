@@ -33,6 +33,7 @@ from kvjax.attention import RoPE
 from kvjax.caches.shared import SharedCache, ShareMaps
 from kvjax.models.llama import Llama
 from tests import oracle
+from tests.helpers import smollm2_or_skip
 
 
 # ---- NumPy oracle ---------------------------------------------------------------------------------
@@ -340,10 +341,7 @@ def test_fit_share_maps_beats_identity_on_calibration_data(tiny_gqa):
 
 @pytest.mark.slow
 def test_smollm2_shared_generates_sane_tokens():
-  try:
-    model = kvjax.load("smollm2-135m")
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 weights not available: {e}")
+  model = smollm2_or_skip()
   out = kvjax.generate(model, "The capital of France is", max_new_tokens=6, cache="share:2")
   assert ((out.tokens >= 0) & (out.tokens < model.config.vocab_size)).all()
   full = kvjax.make_cache("full", model.config, 1, 64)
