@@ -1,23 +1,28 @@
-"""Rotary embeddings and grouped-query attention kernels.
+"""The kernel layer: rotary embeddings, grouped-query attention, and the softmax pieces every cache
+kind is built from.
 
 Shapes use the axis letters of `kvjax.models.config`: B batch, T queries of this call, S key slots,
 K kv heads, G query heads per kv head (N = K * G), H head dim.
 
-Two kernels live here:
+Each piece exists once here and the cache kinds compose them:
 
-* `dense_attention` scores every query against every key it is given. It is the kernel for small,
-  bounded caches (windows, heavy-hitter budgets) and for the uncached full forward.
-* `blockwise_attention` walks a preallocated `[B, K, S, H]` buffer block by block with an online
-  softmax and stops after the last block that any row has filled, so its cost follows the tokens
-  held, not the buffer's capacity.
-
-Neither ever repeats K/V heads: queries are reshaped to `[B, T, K, G, H]` and each kv head serves
-its G query heads inside one einsum.
+* `prepare_queries`: the query prologue (softmax scale, GQA grouping to [B, T, K, G, H]). K/V heads
+  are never repeated: each kv head serves its G query heads inside one einsum.
+* `masked_softmax` / `attention_stats`: scores -> probabilities, or the (peak, total, acc) running
+  statistics of an online softmax; `combine_stats` merges two sets over disjoint keys and
+  `finish_stats` normalizes. Every masked softmax in kvjax goes through `_masked_exp`.
+* `dense_attention`: queries against an explicit set of keys (small bounded caches, H2O, tiers).
+* `blockwise_stats` / `blockwise_attention`: walk a preallocated buffer block by block and stop
+  after the last block any row has filled, so a step's cost follows the tokens held, not the
+  buffer's capacity.
+* `ring_slot` / `ring_position`: the index math of every ring buffer (window, tiers, H2O's
+  residual ring, offload's device ring).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +32,16 @@ from jax import lax
 MASKED = -1e30
 
 
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RoPE:
   """Rotary position embedding in the "rotate half" convention of HF Llama.
 
-  Static and hashable: it is part of the model config, not of the traced state.
+  Static and hashable: it is part of the model config, not of the traced state. Caches accept any
+  object with `apply(x [..., T, heads, H], positions [..., T]) -> x rotated` in its place (or
+  `rope=None` for a model without rotary positions).
   """
 
   head_dim: int
@@ -60,9 +70,39 @@ class RoPE:
     return rotated.astype(x.dtype)
 
 
+def apply_rope(rope, x: jax.Array, positions: jax.Array) -> jax.Array:
+  """`rope.apply(x, positions)`, or x unchanged when `rope` is None (no rotary positions)."""
+  return x if rope is None else rope.apply(x, positions)
+
+
+def apply_rope_bounded(rope, x: jax.Array, positions: jax.Array, bound: int,
+                       heads_first: bool = False) -> jax.Array:
+  """Like `apply_rope` for positions [B, T] known to lie in [0, bound).
+
+  x: [B, T, heads, H], or [B, heads, T, H] with `heads_first` (a cache buffer's layout).
+  With kvjax's `RoPE` the angles come from one [bound, H/2] table by gather (constant-folded under
+  jit) instead of cos/sin per element, which cost ~0.7 ms per layer in the window decode step.
+  """
+  if rope is None:
+    return x
+  if not isinstance(rope, RoPE):
+    if heads_first:
+      return rope.apply(x.swapaxes(1, 2), positions).swapaxes(1, 2)
+    return rope.apply(x, positions)
+  cos_t, sin_t = rope.tables(jnp.arange(bound, dtype=jnp.int32))  # [bound, H/2]
+  cos, sin = cos_t[positions], sin_t[positions]  # [B, T, H/2]
+  axis = 1 if heads_first else 2
+  return rope.rotate(x, jnp.expand_dims(cos, axis), jnp.expand_dims(sin, axis))
+
+
+# ---------------------------------------------------------------------------------------------
+# Query prologue
+# ---------------------------------------------------------------------------------------------
 def group_queries(q: jax.Array, n_kv_heads: int) -> jax.Array:
   """[B, T, N, H] -> [B, T, K, G, H]: query head n = k * G + g reads kv head k (HF's convention)."""
   b, t, n, h = q.shape
+  if n % n_kv_heads:
+    raise ValueError(f"{n} query heads cannot be grouped over {n_kv_heads} kv heads")
   return q.reshape(b, t, n_kv_heads, n // n_kv_heads, h)
 
 
@@ -72,11 +112,105 @@ def ungroup(out: jax.Array) -> jax.Array:
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
 
+def prepare_queries(q: jax.Array, n_kv_heads: int, scale: float | None = None) -> jax.Array:
+  """The query prologue of every kind: q [B, T, N, H] -> scaled, grouped [B, T, K, G, H].
+
+  scale: the softmax scale (default 1/sqrt(H)).
+  """
+  h = q.shape[-1]
+  return group_queries(q * (h**-0.5 if scale is None else scale), n_kv_heads)
+
+
+def check_attend_args(q, k, v, *, kv_heads: int, head_dim: int, what: str):
+  """Clear errors for `cache.attend` arguments: q [B, T, N, H], k/v [B, T, K, H]."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"{what}: q must be [batch, tokens, heads, head_dim] and k, v [batch, tokens, "
+                     f"kv_heads, head_dim]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+  if k.shape != v.shape:
+    raise ValueError(f"{what}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+  if q.shape[:2] != k.shape[:2]:
+    raise ValueError(f"{what}: q and k disagree on [batch, tokens]: {tuple(q.shape[:2])} vs "
+                     f"{tuple(k.shape[:2])}")
+  if k.shape[2] != kv_heads or k.shape[3] != head_dim or q.shape[3] != head_dim:
+    raise ValueError(f"{what}: the cache has {kv_heads} kv heads of dim {head_dim}; got k "
+                     f"{tuple(k.shape)} and q {tuple(q.shape)}")
+  if q.shape[2] % kv_heads:
+    raise ValueError(f"{what}: {q.shape[2]} query heads are not a multiple of {kv_heads} kv heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax: one masked exponent, two finishes (probabilities, or online statistics)
+# ---------------------------------------------------------------------------------------------
+def scores_of(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q [B, T, K, G, H] (scaled) against k [B, K, S, H] -> fp32 scores [B, K, G, T, S]."""
+  return jnp.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+
+
+def weighted_values(weights: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """weights [B, K, G, T, S] times v [B, K, S, H] -> fp32 [B, K, G, T, H]."""
+  return jnp.einsum("bkgts,bksh->bkgth", weights.astype(dtype), v.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _masked_exp(scores: jax.Array, mask: jax.Array):
+  """(peak [..., 1], exp(scores - peak) where mask else 0): the one masked exponent of kvjax."""
+  scores = jnp.where(mask, scores, MASKED)
+  peak = jnp.max(scores, axis=-1, keepdims=True)
+  return peak, jnp.where(mask, jnp.exp(scores - peak), 0.0)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax over the last axis restricted to `mask`; a row that sees nothing gets zeros."""
+  _, weights = _masked_exp(scores, mask)
+  return weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+
+
+def _expand_mask(mask: jax.Array) -> jax.Array:
+  """A mask broadcastable to [B, K, T, S] -> broadcastable to [B, K, G, T, S]."""
+  return mask[:, :, None]
+
+
+def attention_stats(q, k, v, mask):
+  """Unnormalized attention of q [B, T, K, G, H] over k, v [B, K, S, H] where mask (broadcastable
+  to [B, K, T, S]) is true.
+
+  Returns (peak, total [B, K, G, T], acc [B, K, G, T, H]): the running max, the sum of
+  exp(score - peak), and the exp-weighted sum of values. Merge with `combine_stats`.
+  """
+  peak, weights = _masked_exp(scores_of(q, k), _expand_mask(mask))
+  return peak[..., 0], jnp.sum(weights, axis=-1), weighted_values(weights, v, q.dtype)
+
+
+def empty_stats(q: jax.Array):
+  """Statistics of attention over no key, for q [B, T, K, G, H]."""
+  b, t, kh, g, h = q.shape
+  return (jnp.full((b, kh, g, t), MASKED, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+          jnp.zeros((b, kh, g, t, h), jnp.float32))
+
+
+def combine_stats(a, b):
+  """Merges two sets of softmax statistics over disjoint key sets."""
+  pa, ta, aa = a
+  pb, tb, ab = b
+  peak = jnp.maximum(pa, pb)
+  sa, sb = jnp.exp(pa - peak), jnp.exp(pb - peak)
+  return peak, ta * sa + tb * sb, aa * sa[..., None] + ab * sb[..., None]
+
+
+def finish_stats(stats, dtype) -> jax.Array:
+  """Normalized output [B, T, N, H] in `dtype` (zeros for a query that saw no key)."""
+  _, total, acc = stats
+  return ungroup(acc / jnp.maximum(total, 1e-30)[..., None]).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
 def dense_attention(q, k, v, mask, *, return_probs: bool = False):
   """Softmax attention of grouped queries over an explicit set of keys.
 
   Args:
-    q: [B, T, K, G, H] queries, already rotated and scaled by 1/sqrt(H).
+    q: [B, T, K, G, H] queries, already rotated and scaled (`prepare_queries`).
     k: [B, K, S, H] keys (rotated).
     v: [B, K, S, H] values.
     mask: bool, broadcastable to [B, K, T, S]: which keys each query may see.
@@ -85,19 +219,12 @@ def dense_attention(q, k, v, mask, *, return_probs: bool = False):
   Returns:
     out [B, T, N, H] in q's dtype (and probs when asked). A query that sees no key gets zeros.
   """
-  scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-  mask = mask[:, :, None]  # [B, K, 1, T, S]
-  scores = jnp.where(mask, scores, MASKED)
-  peak = jnp.max(scores, axis=-1, keepdims=True)
-  weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
-  total = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.maximum(total, 1e-30)
-  out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = ungroup(out).astype(q.dtype)
+  probs = masked_softmax(scores_of(q, k), _expand_mask(mask))
+  out = ungroup(weighted_values(probs, v, v.dtype)).astype(q.dtype)
   return (out, probs) if return_probs else out
 
 
-def causal_attention(q, k, v, positions, n_valid=None):
+def causal_attention(q, k, v, positions, n_valid=None, *, scale: float | None = None):
   """Uncached causal attention over the T tokens of this call.
 
   Args:
@@ -105,14 +232,45 @@ def causal_attention(q, k, v, positions, n_valid=None):
     positions: [B, T] token positions; key j is visible to query i iff pos_j <= pos_i.
     n_valid: optional [B]: only the first n_valid[b] tokens of row b are real.
   """
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  qg = group_queries(q * (h**-0.5), kv_heads)
+  t = q.shape[1]
+  qg = prepare_queries(q, k.shape[2], scale)
   mask = positions[:, :, None] >= positions[:, None, :]  # [B, T, S=T]
   if n_valid is not None:
     mask &= (jnp.arange(t)[None, None, :] < n_valid[:, None, None])
-  mask = mask[:, None]  # [B, 1, T, S]
-  return dense_attention(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+  return dense_attention(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, None])
+
+
+def blockwise_stats(q, load_block: Callable, visible: Callable, n_blocks, block_size: int):
+  """Online-softmax statistics over `n_blocks` blocks (a run-time count) of `block_size` slots.
+
+  load_block(start) -> (k, v [B, K, block_size, H]) of slots [start, start + block_size);
+  visible(slots [block_size]) -> bool mask broadcastable to [B, K, T, block_size].
+  Returns the statistics of `attention_stats` over every block read.
+  """
+
+  def body(j, stats):
+    start = j * block_size
+    kb, vb = load_block(start)
+    slots = start + jnp.arange(block_size, dtype=jnp.int32)
+    return combine_stats(stats, attention_stats(q, kb, vb, visible(slots)))
+
+  return lax.fori_loop(0, n_blocks, body, empty_stats(q))
+
+
+def causal_visibility(q_positions: jax.Array, kv_lengths: jax.Array) -> Callable:
+  """visible(slots) for a buffer where slot s holds position s: s < kv_lengths[b] and
+  s <= q_positions[b, t]. Returns a [B, 1, T, bs] mask."""
+
+  def visible(slots):
+    return ((slots[None, None, :] <= q_positions[:, :, None])
+            & (slots[None, None, :] < kv_lengths[:, None, None]))[:, None]
+
+  return visible
+
+
+def n_filled_blocks(kv_lengths: jax.Array, block_size: int) -> jax.Array:
+  """ceil(max(kv_lengths) / block_size): the blocks any row has filled."""
+  return (jnp.max(kv_lengths) + block_size - 1) // block_size
 
 
 def blockwise_attention(q, k_buf, v_buf, q_positions, kv_lengths, *, block_size: int,
@@ -135,36 +293,29 @@ def blockwise_attention(q, k_buf, v_buf, q_positions, kv_lengths, *, block_size:
   Returns:
     [B, T, N, H] in q's dtype.
   """
-  b, t, kh, g, h = q.shape
   if load_block is None:
     def load_block(kb, vb, start):
       return (lax.dynamic_slice_in_dim(kb, start, block_size, axis=2),
               lax.dynamic_slice_in_dim(vb, start, block_size, axis=2))
 
-  def body(j, carry):
-    peak, total, acc = carry
-    start = j * block_size
-    k_blk, v_blk = load_block(k_buf, v_buf, start)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_blk.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    slots = start + jnp.arange(block_size, dtype=jnp.int32)
-    visible = ((slots[None, None, :] <= q_positions[:, :, None])
-               & (slots[None, None, :] < kv_lengths[:, None, None]))  # [B, T, bs]
-    visible = visible[:, None, None]  # [B, 1, 1, T, bs]
-    scores = jnp.where(visible, scores, MASKED)
-    new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1))
-    weights = jnp.where(visible, jnp.exp(scores - new_peak[..., None]), 0.0)
-    rescale = jnp.exp(peak - new_peak)
-    total = total * rescale + jnp.sum(weights, axis=-1)
-    acc = acc * rescale[..., None] + jnp.einsum(
-        "bkgts,bksh->bkgth", weights.astype(v_blk.dtype), v_blk.astype(q.dtype),
-        preferred_element_type=jnp.float32)
-    return new_peak, total, acc
+  stats = blockwise_stats(q, lambda start: load_block(k_buf, v_buf, start),
+                          causal_visibility(q_positions, kv_lengths),
+                          n_filled_blocks(kv_lengths, block_size), block_size)
+  return finish_stats(stats, q.dtype)
 
-  init = (jnp.full((b, kh, g, t), MASKED, jnp.float32),
-          jnp.zeros((b, kh, g, t), jnp.float32),
-          jnp.zeros((b, kh, g, t, h), jnp.float32))
-  n_blocks = (jnp.max(kv_lengths) + block_size - 1) // block_size
-  _, total, acc = lax.fori_loop(0, n_blocks, body, init)
-  out = acc / jnp.maximum(total, 1e-30)[..., None]
-  return ungroup(out).astype(q.dtype)
+
+# ---------------------------------------------------------------------------------------------
+# Ring buffers
+# ---------------------------------------------------------------------------------------------
+def ring_slot(position, size: int, offset: int = 0):
+  """Slot of `position` in a ring of `size` slots whose slot 0 holds positions offset,
+  offset + size, ...: (position - offset) mod size (int32, any shape)."""
+  return jnp.mod(position - offset, size).astype(jnp.int32)
+
+
+def ring_position(slot, end, size: int, offset: int = 0):
+  """The newest position p < end that ring slot `slot` holds: p = slot + offset (mod size) with
+  end - size <= p < end. It may be negative or below `offset` (the slot was never written);
+  callers mask those. Broadcasts over `slot` and `end`."""
+  low = end - size
+  return (low + jnp.mod(slot + offset - low, size)).astype(jnp.int32)

@@ -1,8 +1,8 @@
 """Calibration for cross-layer KV sharing (`share:G:cal`).
 
-`collect_kv(model, ids)` runs the model's own forward over calibration text with a recording
-"cache" that attends causally over the call's tokens (exactly the uncached forward) and keeps every
-layer's un-rotated k and v. `fit_share_maps(model, ids, group)` then fits, for each follower layer l
+`collect_kv(model, ids)` runs the model's own step over calibration text with a recording cache (a
+full cache that also keeps every layer's un-rotated k and v as they arrive), so it works for any
+model of `kvjax.models.protocol`. `fit_share_maps(model, ids, group)` then fits, for each follower layer l
 (l % G != 0) and its leader l0 = l - l % G, the least-squares linear maps (with bias)
 
   k_l ~= k_l0 @ k_w[l] + k_b[l]        v_l ~= v_l0 @ v_w[l] + v_b[l]
@@ -17,6 +17,7 @@ tokens the fitted maps' error is never above the identity map's (what plain `sha
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,26 +25,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.attention import RoPE, causal_attention
+from kvjax.caches.full import FullCache
 from kvjax.caches.shared import ShareMaps
-from kvjax.models.llama import Llama, params_dtype
+from kvjax.models.protocol import model_dtype, static_step
 
 
 @struct.dataclass
 class _Recorder:
-  """Stands in for a cache: causal attention over the call's own tokens; records k, v per layer."""
+  """A full cache that also records the k, v [B, T, K, H] each layer gives it, in layer order."""
 
-  lengths: jax.Array
+  inner: FullCache
   ks: tuple = ()
   vs: tuple = ()
 
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
-    positions = self.lengths[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)
-    out = causal_attention(rope.apply(q, positions), rope.apply(k, positions), v, positions, n_valid)
-    return out, self.replace(ks=self.ks + (k,), vs=self.vs + (v,))
+  @property
+  def lengths(self):
+    return self.inner.lengths
+
+  def token_positions(self, tokens: int):
+    return self.inner.token_positions(tokens)
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+    out, inner = self.inner.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
+    return out, self.replace(inner=inner, ks=self.ks + (k,), vs=self.vs + (v,))
 
   def advance(self, n_valid):
-    return self
+    return self.replace(inner=self.inner.advance(n_valid))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layout"))
+def _record(params, tokens, *, model, layout):
+  """k, v [L, B, T, K, H] of every layer for tokens [B, T] fed into an empty cache."""
+  n_layers, kv_heads, head_dim, dtype = layout
+  batch, t = tokens.shape
+  inner = FullCache.init(n_layers=n_layers, batch=batch, kv_heads=kv_heads, head_dim=head_dim,
+                         capacity=t, dtype=dtype)
+  _, rec = model.step(params, tokens, _Recorder(inner), jnp.full((batch,), t, jnp.int32))
+  return jnp.stack(rec.ks), jnp.stack(rec.vs)
 
 
 def collect_kv(model, ids, *, window: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -55,18 +73,11 @@ def collect_kv(model, ids, *, window: int = 512) -> tuple[np.ndarray, np.ndarray
   ids = np.asarray(ids, np.int32).reshape(-1)
   window = min(window, ids.size)
   rows = ids[: ids.size // window * window].reshape(-1, window)  # [B, T]
-  dtype = params_dtype(model.params)
   config = model.config
-
-  @jax.jit
-  def record(params, tokens):
-    recorder = _Recorder(lengths=jnp.zeros((tokens.shape[0],), jnp.int32))
-    _, rec = Llama(config, dtype).apply({"params": params}, tokens, recorder)
-    return jnp.stack(rec.ks), jnp.stack(rec.vs)  # [L, B, T, K, H]
-
+  layout = (config.n_layers, config.n_kv_heads, config.head_dim, model_dtype(model))
   ks, vs = [], []
   for row in rows:  # one window at a time keeps the attention matrix small
-    k, v = record(model.params, jnp.asarray(row[None]))
+    k, v = _record(model.params, jnp.asarray(row[None]), model=static_step(model), layout=layout)
     ks.append(np.asarray(k, np.float32).reshape(config.n_layers, window, -1))
     vs.append(np.asarray(v, np.float32).reshape(config.n_layers, window, -1))
   return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)

@@ -13,11 +13,15 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def _add_model(p):
+  p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                 help="import MODULE first (e.g. one that calls kvjax.register_kind); repeatable")
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help="registered name (smollm2-135m, tiny, gpt2-small-shape) or a .gguf path")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="weights/compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
-  p.add_argument("--cache", default="full", help="cache spec, e.g. full, dynamic, none")
+  p.add_argument("--cache", default="full",
+                 help="cache spec, e.g. full, dynamic, none, int8, sink:4+window:1020, or a "
+                      "registered kind")
   p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
 
 
@@ -135,12 +139,23 @@ def _cmd_bench(args) -> dict:
   return out
 
 
+def _load_plugins(modules) -> None:
+  import importlib
+
+  for name in modules:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"--plugin {name}: cannot import it ({e})") from None
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   handler = {"generate": _cmd_generate, "perplexity": _cmd_perplexity, "bench": _cmd_bench}[args.command]
   try:
+    _load_plugins(args.plugin)
     out = handler(args)
-  except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, FileNotFoundError) as e:  # bad input (specs, capacities, files): a message
     print(f"kvjax {args.command}: error: {e}", file=sys.stderr)
     return 2
   if args.json:

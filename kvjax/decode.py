@@ -1,21 +1,26 @@
 """Generation: one jitted prefill of the whole prompt, then a jitted `lax.while_loop` decode.
 
-The decode loop knows the model only through `Llama.apply` and the cache only through its
-protocol. Its carry (`DecodeState`) has fixed shapes; each step writes one token per row into the
-cache (in place, the state is donated) and into a preallocated output buffer.
+The loop knows the model only through its step function (`kvjax.models.protocol`) and the cache
+only through its protocol (`kvjax.caches.base`). Its carry (`DecodeState`) has fixed shapes; each
+step writes one token per row into the cache (in place: the state is donated) and into a
+preallocated output buffer.
 
-Compiles: one prefill and one decode executable per (batch, prompt bucket, capacity, output
-bucket, cache spec, sampler, dtype). Prompt lengths are padded up to a bucket (powers of two to
-256, then multiples of 256); `max_new_tokens` is a run-time value bounded by the output bucket.
-`compile_stats()` reports how many executables were built and how long that took.
+Compilation is `jax.jit`'s own: `_prefill` and `_decode` are jitted once at import with the step
+function, the sampler and the output size as static arguments, so JAX's cache (bounded, LRU) holds
+one executable per (step function, batch, prompt bucket, cache type and shapes, output bucket,
+sampler) and a second `generate` with the same shapes compiles nothing. Prompt lengths are padded
+up to a bucket (powers of two to 256, then multiples of 256); `max_new_tokens` is a run-time
+value bounded by the output bucket. `compile_stats()` counts XLA compilations in this process
+(through `jax.monitoring`), whoever asked for them.
 
-`cache="none"` is the uncached baseline: every step runs the full causal forward over the prefix,
-padded to a multiple of 32 tokens (one compile per bucket), so its cost grows with the prefix.
+`cache="none"` is the uncached baseline: every step feeds the whole prefix, padded to a multiple
+of 32 tokens, through the model into a fresh full cache, so its cost grows with the prefix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -25,19 +30,18 @@ import numpy as np
 from flax import struct
 
 from kvjax import spec as spec_lib
+from kvjax.caches import base, registry
 from kvjax.caches.base import CapacityError
-from kvjax.models.llama import Llama, params_dtype
+from kvjax.caches.full import FullCache
+from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.sampling import GREEDY, Sampler
 
 
 # ---------------------------------------------------------------------------------------------
-# Buckets and the executable table
+# Buckets and compile accounting
 # ---------------------------------------------------------------------------------------------
-def prompt_bucket(n: int) -> int:
-  """Padded prompt length: powers of two from 16 up to 256, then multiples of 256."""
-  if n <= 256:
-    return max(16, 1 << (max(n, 1) - 1).bit_length())
-  return -(-n // 256) * 256
+prompt_bucket = registry.bucket
+capacity_for = registry.bucket
 
 
 def output_bucket(n: int) -> int:
@@ -45,40 +49,31 @@ def output_bucket(n: int) -> int:
   return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
-def capacity_for(n_tokens: int) -> int:
-  """Default static capacity: a power of two up to 256, then a multiple of 256."""
-  return prompt_bucket(n_tokens)
+_COMPILES = {"n_compiles": 0, "compile_s": 0.0}
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
 
 
-@dataclasses.dataclass
-class _Executables:
-  """Compiled executables keyed by function, static settings and argument shapes."""
-
-  table: dict = dataclasses.field(default_factory=dict)
-  n_compiles: int = 0
-  compile_s: float = 0.0
-
-  def get(self, fn: Callable, static: dict, args: tuple, donate: tuple = ()):
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    signature = tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
-    key = (fn.__name__, tuple(sorted(static.items())), treedef, signature, donate)
-    compiled = self.table.get(key)
-    if compiled is None:
-      start = time.perf_counter()
-      jitted = jax.jit(lambda *a: fn(*a, **static), donate_argnums=donate)
-      compiled = jitted.lower(*args).compile()
-      self.compile_s += time.perf_counter() - start
-      self.n_compiles += 1
-      self.table[key] = compiled
-    return compiled
+def _on_compile_event(event: str, duration: float, **_):
+  if event in _COMPILE_EVENTS:
+    _COMPILES["compile_s"] += duration
+    if event == _COMPILE_EVENTS[-1]:
+      _COMPILES["n_compiles"] += 1
 
 
-_EXECUTABLES = _Executables()
+jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
 
 
 def compile_stats() -> dict:
-  """{'n_compiles': executables built so far in this process, 'compile_s': time spent building}."""
-  return {"n_compiles": _EXECUTABLES.n_compiles, "compile_s": _EXECUTABLES.compile_s}
+  """{'n_compiles': XLA executables built so far in this process, 'compile_s': seconds spent
+  tracing, lowering and compiling them}."""
+  return dict(_COMPILES)
+
+
+def clear_caches() -> None:
+  """Drops every compiled executable (JAX's caches); the next call compiles again."""
+  jax.clear_caches()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,26 +97,28 @@ class DecodeState:
   key: jax.Array
 
 
-def _prefill(params, tokens, prompt_lengths, cache, key, eos_id, *, config, sampler, dtype, out_size):
-  model = Llama(config, dtype)
-  logits, cache = model.apply({"params": params}, tokens, cache, prompt_lengths,
-                              logits_at=prompt_lengths - 1)
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "out_size"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, prompt_lengths, cache, key, eos_id, *, model, sampler, out_size):
+  logits, cache = model.step_last(params, tokens, cache, prompt_lengths)
   key, sub = jax.random.split(key)
   first = sampler(logits, sub)
   batch = tokens.shape[0]
   out = jnp.zeros((batch, out_size), jnp.int32).at[:, 0].set(first)
   return DecodeState(cache=cache, out=out, last=first, step=jnp.int32(1), done=first == eos_id,
-                     n_generated=jnp.ones((batch,), jnp.int32), key=key), logits
+                     n_generated=jnp.ones((batch,), jnp.int32), key=key)
 
 
-def _decode(params, state: DecodeState, stop_at, eos_id, pad_id, *, config, sampler, dtype):
-  model = Llama(config, dtype)
+@functools.partial(jax.jit, static_argnames=("model", "sampler"), donate_argnames=("state",))
+def _decode(params, state: DecodeState, stop_at, eos_id, pad_id, *, model, sampler):
+  batch = state.last.shape[0]
+  ones = jnp.ones((batch,), jnp.int32)
 
   def cond(s: DecodeState):
     return (s.step < stop_at) & ~jnp.all(s.done) & s.cache.has_room(1)
 
   def body(s: DecodeState):
-    logits, cache = model.apply({"params": params}, s.last[:, None], s.cache)
+    logits, cache = model.step(params, s.last[:, None], s.cache, ones)
     key, sub = jax.random.split(s.key)
     token = sampler(logits[:, 0], sub)
     token = jnp.where(s.done, pad_id, token)
@@ -133,9 +130,13 @@ def _decode(params, state: DecodeState, stop_at, eos_id, pad_id, *, config, samp
   return jax.lax.while_loop(cond, body, state)
 
 
-def _uncached_step(params, tokens, lengths, key, *, config, sampler, dtype):
-  model = Llama(config, dtype)
-  logits, _ = model.apply({"params": params}, tokens, None, lengths, logits_at=lengths - 1)
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "layout"))
+def _uncached_step(params, tokens, lengths, key, *, model, sampler, layout):
+  """The whole prefix tokens [B, W] through the model into a fresh full cache of W slots."""
+  n_layers, kv_heads, head_dim, dtype = layout
+  fresh = FullCache.init(n_layers=n_layers, batch=tokens.shape[0], kv_heads=kv_heads,
+                         head_dim=head_dim, capacity=tokens.shape[1], dtype=dtype)
+  logits, _ = model.step_last(params, tokens, fresh, lengths)
   key, sub = jax.random.split(key)
   return sampler(logits, sub), key
 
@@ -201,7 +202,12 @@ def normalize_prompts(prompts, tokenizer=None, prompt_lengths=None, padding: str
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class GenerateResult:
-  """What `generate` returns. tokens: int32 [B, max_new_tokens], pad_id after a row's EOS."""
+  """What `generate` returns. tokens: int32 [B, max_new_tokens], pad_id after a row's EOS.
+
+  overflowed: bool [B], rows whose cache dropped tokens past its capacity or that stopped before
+  max_new_tokens because their cache had no room left (always False for evicting kinds).
+  compile_s / n_compiles: compilation during this call (0 when every executable was cached).
+  """
 
   tokens: np.ndarray
   n_generated: np.ndarray
@@ -213,6 +219,7 @@ class GenerateResult:
   compile_s: float
   n_compiles: int
   spec: str
+  overflowed: np.ndarray | None = None
 
   @property
   def decode_tok_per_s(self) -> float:
@@ -230,6 +237,10 @@ def _validate_vocab(ids: np.ndarray, vocab: int):
     raise ValueError(f"prompt token ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
 
 
+def _is_cache_object(cache) -> bool:
+  return not isinstance(cache, (str, spec_lib.CacheSpec)) and hasattr(cache, "attend")
+
+
 def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int | None = None,
              sampler: Sampler = GREEDY, seed: int | jax.Array = 0, eos_id: int | None = None,
              pad_id: int | None = None, prompt_lengths=None, padding: str = "right",
@@ -238,23 +249,29 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   """Generates up to `max_new_tokens` per row.
 
   Args:
-    model: anything with `.config` and `.params` (and `.tokenizer` for text prompts), e.g. the
-      result of `kvjax.load`.
+    model: any model of `kvjax.models.protocol` (`params`, `config`, `step`; `tokenizer` for text
+      prompts), e.g. the result of `kvjax.load`.
     prompts: see `normalize_prompts`; ragged rows are fine.
-    cache: spec string or `CacheSpec` ("full", "dynamic", "none", ...), or a cache object whose rows
-      may already hold tokens (a prefilled prompt prefix, see `kvjax.prefix`): each prompt then
-      continues its row at `cache.lengths[b]`. The object is consumed (its buffers are donated).
-    capacity: cache slots per row (full cache); default: the prompt plus max_new_tokens, bucketed.
+    cache: spec string or `CacheSpec` ("full", "dynamic", "none", a registered kind, ...), or a
+      cache object whose rows may already hold tokens (a prefilled prompt prefix, see
+      `kvjax.prefix`): each prompt then continues its row at `cache.lengths[b]`. The object is
+      consumed (its buffers are donated).
+    capacity: cache slots per row; default: the kind's own choice (for kinds that keep every token:
+      the prompt plus max_new_tokens, bucketed).
     sampler: `Sampler` (greedy by default); seed: int or PRNG key.
     eos_id: stop a row when it emits this id (default: the tokenizer's EOS if `stop_at_eos`).
     on_tokens: called with each new block of tokens [B, n] as they are produced (streaming).
     cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
   """
+  check_model(model, "generate")
   cfg = model.config
   params = model.params
+  handle = static_step(model)
   tokenizer = getattr(model, "tokenizer", None)
-  prebuilt = cache if hasattr(cache, "attend") and hasattr(cache, "lengths") else None
-  spec = spec_lib.parse_spec("full" if prebuilt is not None else cache)
+  prebuilt = cache if _is_cache_object(cache) else None
+  if prebuilt is not None:
+    base.check_cache(prebuilt, "generate")
+  spec = None if prebuilt is not None else spec_lib.parse_spec(cache)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if not isinstance(sampler, Sampler):
@@ -266,11 +283,12 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   eos = -1 if eos_id is None else int(eos_id)
   pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
   key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
-  dtype = params_dtype(params)
-  static = dict(config=cfg, sampler=sampler, dtype=dtype)
+  dtype = model_dtype(model)
+  before = compile_stats()
 
-  if spec.mode == "none":
-    return _generate_uncached(params, ids, lengths, max_new_tokens, key, eos, pad, static, spec, on_tokens)
+  if spec is not None and not spec.uses_cache:
+    return _generate_uncached(model, handle, ids, lengths, max_new_tokens, key, eos, pad, sampler,
+                              spec, on_tokens, before)
 
   batch, p_max = ids.shape
   longest = int(lengths.max())
@@ -280,68 +298,71 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   if prebuilt is not None:
     if prebuilt.batch != batch:
       raise ValueError(f"the given cache has {prebuilt.batch} rows but there are {batch} prompts")
-    kv_cache, cap = prebuilt, prebuilt.capacity
+    kv_cache = prebuilt
     needed += int(jnp.max(prebuilt.lengths))
   else:
-    if spec.bounded:  # window / sink / h2o / tiers: the budget is the size, whatever the length
-      cap = int(capacity or spec.budget)
-    elif spec.mode == "dynamic":
-      cap = int(capacity or max(64, 1 << longest.bit_length()))
-    else:
-      cap = int(capacity or capacity_for(needed))
-    if not spec.bounded and cap < longest:
-      raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
+    info = registry.lookup(spec.kind)
+    cap = int(capacity or info.default_capacity(spec, needed=needed, prompt=longest))
     kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype, **(cache_options or {}))
-  if spec.mode != "dynamic" and not kv_cache.fits(needed):
+    if not kv_cache.fits(longest):
+      raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
+  growable = bool(getattr(kv_cache, "growable", False))
+  if not growable and not kv_cache.fits(needed):
     raise CapacityError(
         f"max_new_tokens={max_new_tokens} with a {longest}-token prompt needs {needed} cache slots, "
-        f"but the cache capacity is {cap}; raise capacity or lower max_new_tokens")
+        f"but the cache capacity is {kv_cache.capacity}; raise capacity or lower max_new_tokens")
 
   # Padding tokens past the capacity are dropped by the cache's write, so the bucket may exceed it.
-  p_bucket = prompt_bucket(p_max)
-  tokens = np.zeros((batch, p_bucket), np.int32)
+  tokens = np.zeros((batch, prompt_bucket(p_max)), np.int32)
   tokens[:, :p_max] = ids
-  args = (params, jnp.asarray(tokens), jnp.asarray(lengths), kv_cache, key, jnp.int32(eos))
-  prefill = _EXECUTABLES.get(_prefill, dict(static, out_size=output_bucket(max_new_tokens)), args,
-                             donate=(3,))
   start = time.perf_counter()
-  state, _ = prefill(*args)
+  state = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), kv_cache, key, jnp.int32(eos),
+                   model=handle, sampler=sampler, out_size=output_bucket(max_new_tokens))
   jax.block_until_ready(state)
   prefill_s = time.perf_counter() - start
   if on_tokens is not None:
-    on_tokens(np.asarray(state.out[:, :1]))
+    on_tokens(np.asarray(state.out)[:, :1])
 
   decode_s = 0.0
   emitted = 1
+  out_of_room = False
   while True:
     step = int(state.step)
     if step >= max_new_tokens or bool(jnp.all(state.done)):
       break
     if not bool(state.cache.has_room(1)):
+      if not growable:
+        out_of_room = True
+        break
       state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
     stop_at = max_new_tokens if on_tokens is None else min(max_new_tokens, step + stream_chunk)
-    dargs = (params, state, jnp.int32(stop_at), jnp.int32(eos), jnp.int32(pad))
-    decode = _EXECUTABLES.get(_decode, static, dargs, donate=(1,))
     start = time.perf_counter()
-    state = decode(*dargs)
+    state = _decode(params, state, jnp.int32(stop_at), jnp.int32(eos), jnp.int32(pad),
+                    model=handle, sampler=sampler)
     jax.block_until_ready(state)
     decode_s += time.perf_counter() - start
     if on_tokens is not None:
       new_step = int(state.step)
-      on_tokens(np.asarray(state.out[:, emitted:new_step]))
+      on_tokens(np.asarray(state.out)[:, emitted:new_step])
       emitted = new_step
 
-  out = np.asarray(state.out[:, :max_new_tokens])
+  out = np.asarray(state.out)[:, :max_new_tokens]  # sliced in NumPy: no per-length compile
   n_gen = np.asarray(state.n_generated)
   out = np.where(np.arange(max_new_tokens)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
-  stats = compile_stats()
+  overflowed = np.asarray(state.cache.overflowed(), bool)
+  if out_of_room:
+    overflowed = overflowed | (~np.asarray(state.done) & (n_gen < max_new_tokens))
+  after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
                         cache=state.cache, prefill_s=prefill_s, decode_s=decode_s,
-                        compile_s=stats["compile_s"], n_compiles=stats["n_compiles"],
-                        spec=str(spec) if prebuilt is None else type(prebuilt).__name__)
+                        compile_s=after["compile_s"] - before["compile_s"],
+                        n_compiles=after["n_compiles"] - before["n_compiles"],
+                        spec=str(spec) if prebuilt is None else type(prebuilt).__name__,
+                        overflowed=overflowed)
 
 
-def _generate_uncached(params, ids, lengths, max_new, key, eos, pad, static, spec, on_tokens):
+def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, sampler, spec,
+                       on_tokens, before):
   batch = ids.shape[0]
   total = int(lengths.max()) + max_new
   buf = np.zeros((batch, total + 32), np.int32)
@@ -350,13 +371,14 @@ def _generate_uncached(params, ids, lengths, max_new, key, eos, pad, static, spe
   out = np.full((batch, max_new), pad, np.int32)
   done = np.zeros(batch, bool)
   n_gen = np.zeros(batch, np.int32)
+  cfg = model.config
+  layout = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model_dtype(model))
   prefill_s = decode_s = 0.0
   for step in range(max_new):
     width = -(-int(cur.max()) // 32) * 32
-    args = (params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key)
-    fn = _EXECUTABLES.get(_uncached_step, static, args)
     start = time.perf_counter()
-    token, key = fn(*args)
+    token, key = _uncached_step(model.params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key,
+                                model=handle, sampler=sampler, layout=layout)
     token = np.asarray(token)
     elapsed = time.perf_counter() - start
     if step == 0:
@@ -373,7 +395,9 @@ def _generate_uncached(params, ids, lengths, max_new, key, eos, pad, static, spe
       on_tokens(token[:, None])
     if done.all():
       break
-  stats = compile_stats()
+  after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
                         cache=None, prefill_s=prefill_s, decode_s=decode_s,
-                        compile_s=stats["compile_s"], n_compiles=stats["n_compiles"], spec=str(spec))
+                        compile_s=after["compile_s"] - before["compile_s"],
+                        n_compiles=after["n_compiles"] - before["n_compiles"], spec=str(spec),
+                        overflowed=np.zeros(batch, bool))

@@ -1,4 +1,9 @@
-"""`kvjax.load`: a model bundle (config, params, tokenizer) from a registered name or a GGUF path."""
+"""`kvjax.load`: a model (config, params, step, tokenizer) from a registered name or a GGUF path.
+
+The `Model` it returns follows `kvjax.models.protocol`: `params`, `config` and
+`step(params, tokens, cache, n_valid)`, the latter delegated to a `LlamaDecoder`; nothing in kvjax
+treats it differently from a model a user wrote.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,17 @@ import jax.numpy as jnp
 
 from kvjax.models import config as config_lib
 from kvjax.models import llama
+from kvjax.models.protocol import default_dtype
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-  """What `kvjax.load` returns. `module` is the Flax `Llama`; `params` its weights."""
+  """What `kvjax.load` returns: a Llama-architecture model as a step function.
+
+  params: the weights (param tree of `kvjax.models.llama`); tokenizer: text <-> ids.
+  step(params, tokens, cache, n_valid) -> (logits, cache) and step_last: see
+  `kvjax.models.protocol`; both belong to `decoder`, a hashable `LlamaDecoder(config, dtype)`.
+  """
 
   name: str
   config: config_lib.LlamaConfig
@@ -22,12 +33,29 @@ class Model:
   tokenizer: Any
 
   @property
-  def module(self) -> llama.Llama:
-    return llama.Llama(self.config, llama.params_dtype(self.params))
-
-  @property
   def dtype(self):
     return llama.params_dtype(self.params)
+
+  @property
+  def decoder(self) -> llama.LlamaDecoder:
+    return llama.LlamaDecoder(self.config, self.dtype)
+
+  @property
+  def module(self) -> llama.Llama:
+    """The Flax module (for `module.apply` / `init` in user code)."""
+    return self.decoder.module
+
+  @property
+  def step(self):
+    return self.decoder.step
+
+  @property
+  def step_last(self):
+    return self.decoder.step_last
+
+  def with_params(self, params) -> "Model":
+    """The same model with other weights (e.g. cast to another dtype)."""
+    return dataclasses.replace(self, params=params)
 
 
 RANDOM_MODELS = {"tiny": config_lib.TINY, "gpt2-small-shape": config_lib.GPT2_SMALL_SHAPE}
@@ -46,7 +74,7 @@ def load(name_or_path: str = "smollm2-135m", *, dtype=None, seed: int = 0) -> Mo
 
   dtype: compute/storage dtype of the weights (default fp32 on CPU, bf16 on accelerators).
   """
-  dtype = dtype or llama.default_dtype()
+  dtype = dtype or default_dtype()
   if name_or_path in RANDOM_MODELS:
     from kvjax.models.tokenizer import ByteTokenizer
 

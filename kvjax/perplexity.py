@@ -1,14 +1,19 @@
-"""Perplexity of a model on a token stream, fed through a cache the way decoding feeds it.
+"""Perplexity of a model on token streams, fed through a cache the way decoding feeds it.
 
 Tokens go through the cache in chunks (a jitted `lax.scan` over chunks, the cache on the carry);
-every token attends to exactly what the cache holds when it arrives, so a lossy cache spec (window,
-quantized, evicting) changes the result the way it would change generation. With chunk 1 this is
-token-by-token decoding; lossless caches may use larger chunks for speed.
+every token attends to exactly what the cache holds when it arrives, so a lossy cache spec
+(window, quantized, evicting) changes the result the way it would change generation. With chunk 1
+this is token-by-token decoding; kinds that declare `chunk_exact` use chunks of 256 for speed.
+
+Several documents are scored in one batched call (ragged: each row's chunks carry their own
+`n_valid`). The scan is jitted once per (step function, chunk, padded shape, cache type): lengths
+are padded up to a bucket, so nearby lengths and repeated calls share one executable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -16,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import spec as spec_lib
-from kvjax.models.llama import Llama, params_dtype
+from kvjax.caches import base, registry
+from kvjax.decode import compile_stats
+from kvjax.models.protocol import check_model, model_dtype, static_step
 
 
 @dataclasses.dataclass
@@ -25,77 +32,126 @@ class PerplexityResult:
   nll: float  # mean negative log-likelihood (nats) over the predicted tokens
   tokens: int  # tokens evaluated (the first token has no prediction; tokens - 1 are scored)
   cache_bytes: dict
-  seconds: float  # scoring time, compile excluded
+  seconds: float  # scoring time, compile excluded (of the whole batch, for batched calls)
   token_nll: np.ndarray  # [tokens - 1] per-token NLL, for rolling curves
 
 
-def _score(params, tokens, cache, *, config, dtype):
-  """tokens [C, B, T] chunks -> per-token NLL [C, B, T] of predicting token t+1 from its prefix."""
-  model = Llama(config, dtype)
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _score(params, tokens, n_valid, cache, *, model):
+  """tokens, n_valid-masked chunks [C, B, T] -> per-token NLL [C, B, T] of predicting each row's
+  next token (the target of the last position of a chunk is the first of the next chunk)."""
+  c, b, t = tokens.shape
+  flat = tokens.transpose(1, 0, 2).reshape(b, c * t)
+  targets = jnp.concatenate([flat[:, 1:], jnp.zeros((b, 1), flat.dtype)], axis=1)
+  targets = targets.reshape(b, c, t).transpose(1, 0, 2)
 
-  def step(cache, chunk):
-    logits, cache = model.apply({"params": params}, chunk, cache)
-    return cache, jax.nn.log_softmax(logits, axis=-1)
+  def body(cache, xs):
+    chunk, nv, target = xs
+    logits, cache = model.step(params, chunk, cache, nv)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return cache, -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
 
-  def body(cache, pair):
-    chunk, targets = pair
-    cache, logp = step(cache, chunk)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return cache, nll
-
-  targets = jnp.concatenate([tokens.reshape(-1)[1:], jnp.zeros((1,), tokens.dtype)]).reshape(tokens.shape)
-  cache, nll = jax.lax.scan(body, cache, (tokens, targets))
+  cache, nll = jax.lax.scan(body, cache, (tokens, n_valid, targets))
   return nll, cache
 
 
-# Kinds whose chunked attend gives every token exactly what token-by-token feeding would:
-# full-precision buffers that keep every token (full, offload) or the last N (window/sinks)...
-_CHUNK_EXACT_KINDS = ("full", "offload", "window")
-# ...and kinds whose `attend` itself scans a chunk one token at a time (eviction and tier moves
-# happen between tokens), with or without quantized storage.
-_STEPWISE_KINDS = ("h2o", "tiered")
+def default_chunk(cache) -> int:
+  """256 for kinds that declare `chunk_exact` (chunked feeding is exact for them), else 1.
 
-
-def default_chunk(spec) -> int:
-  """Chunks of 256 where chunking is exact (see above); token by token otherwise.
-
-  Quantized kinds (`int4+residual:64`, ...) and shared ones stay at 1: a chunk's tokens would see
-  each other before they are quantized (or mapped), which decoding never allows.
+  Quantized kinds stay at 1: a chunk's tokens would see each other before they are quantized,
+  which decoding never allows. Accepts a cache, a spec string or a `CacheSpec`.
   """
-  spec = spec_lib.parse_spec(spec)
-  exact = (spec.kind in _STEPWISE_KINDS
-           or (spec.kind in _CHUNK_EXACT_KINDS and spec.bits is None))
-  return 256 if exact else 1
+  if not hasattr(cache, "chunk_exact"):
+    spec = spec_lib.parse_spec(cache)
+    cache = jax.eval_shape(lambda: spec_lib.make_cache(spec, _ProbeConfig(), 1, _probe_capacity(spec)))
+  return 256 if cache.chunk_exact else 1
 
 
-def perplexity(model, ids, *, cache="full", chunk: int | None = None,
-               cache_options: dict | None = None) -> PerplexityResult:
-  """Perplexity of `model` on the token ids (1-D), fed through a cache of the given spec.
+@dataclasses.dataclass(frozen=True)
+class _ProbeConfig:
+  n_layers: int = 2
+  n_kv_heads: int = 1
+  head_dim: int = 32
+  vocab_size: int = 16
 
+
+def _probe_capacity(spec) -> int:
+  return max(64, spec.budget or 0)
+
+
+def _documents(ids) -> tuple[list[np.ndarray], bool]:
+  """(documents as int32 1-D arrays, whether several were given)."""
+  if hasattr(ids, "ndim") and ids.ndim == 2:
+    return [np.asarray(row, np.int32) for row in ids], True
+  if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], (int, np.integer)):
+    return [np.asarray(d, np.int32).reshape(-1) for d in ids], True
+  return [np.asarray(ids, np.int32).reshape(-1)], False
+
+
+def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: int | None = None,
+               cache_options: dict | None = None):
+  """Perplexity of `model` on token ids, fed through a cache.
+
+  ids: one document (1-D ids) -> a `PerplexityResult`; several (a list of 1-D id sequences,
+    ragged, or a 2-D array) -> a list of `PerplexityResult`, one per document, scored together
+    in one batched call.
+  cache: spec string / `CacheSpec` (a registered kind too), or a cache object with one row per
+    document (left untouched: a copy is fed).
+  chunk: tokens fed per step (default `default_chunk`); capacity: slots per row (default: the
+    kind's own choice for the longest document).
   cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
   """
-  ids = np.asarray(ids, np.int32).reshape(-1)
-  if ids.size < 2:
-    raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
-  spec = spec_lib.parse_spec(cache)
-  if spec.mode == "none":
-    raise spec_lib.SpecError("perplexity needs a cache; 'none' has nothing to feed tokens through")
-  chunk = chunk or default_chunk(spec)
-  n = ids.size
-  n_chunks = -(-n // chunk)
-  padded = np.zeros(n_chunks * chunk, np.int32)
-  padded[:n] = ids
-  dtype = params_dtype(model.params)
-  # The padding after the last real token is written past the capacity and dropped by the cache.
-  capacity = max(n, 16, spec.budget or 0)
-  kv_cache = spec_lib.make_cache(spec, model.config, 1, capacity, dtype, **(cache_options or {}))
-  tokens = jnp.asarray(padded.reshape(n_chunks, 1, chunk))
-  fn = jax.jit(lambda p, t, c: _score(p, t, c, config=model.config, dtype=dtype))
-  fn = fn.lower(model.params, tokens, kv_cache).compile()  # `seconds` below excludes compiling
+  check_model(model, "perplexity")
+  docs, batched = _documents(ids)
+  for i, d in enumerate(docs):
+    if d.size < 2:
+      raise ValueError(f"perplexity needs at least 2 tokens per document; document {i} has {d.size}")
+    if d.min() < 0 or d.max() >= model.config.vocab_size:
+      raise ValueError(f"token ids of document {i} must lie in [0, {model.config.vocab_size})")
+  batch, longest = len(docs), max(d.size for d in docs)
+  if hasattr(cache, "attend"):
+    base.check_cache(cache, "perplexity")
+    if cache.batch != batch:
+      raise ValueError(f"the given cache has {cache.batch} rows but there are {batch} documents")
+    if not cache.fits(int(jnp.max(cache.lengths)) + longest):
+      raise base.CapacityError(f"{longest} tokens do not fit the given cache (capacity "
+                               f"{cache.capacity}, holding up to {int(jnp.max(cache.lengths))})")
+    kv_cache = jax.tree_util.tree_map(jnp.copy, cache)  # fed (donated) instead of the caller's
+  else:
+    spec = spec_lib.parse_spec(cache)
+    if not spec.uses_cache:
+      raise spec_lib.SpecError("perplexity needs a cache; 'none' has nothing to feed tokens through")
+    info = registry.lookup(spec.kind)
+    cap = capacity or info.default_capacity(spec, needed=longest, prompt=longest)
+    kv_cache = spec_lib.make_cache(spec, model.config, batch, int(cap), model_dtype(model),
+                                   **(cache_options or {}))
+    if not getattr(kv_cache, "growable", False) and not kv_cache.fits(longest):
+      raise base.CapacityError(f"{longest} tokens do not fit a cache of capacity {kv_cache.capacity}")
+  chunk = chunk or default_chunk(kv_cache)
+  if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+
+  padded_len = -(-registry.bucket(longest) // chunk) * chunk
+  n_chunks = padded_len // chunk
+  tokens = np.zeros((batch, padded_len), np.int32)
+  lengths = np.array([d.size for d in docs], np.int32)
+  for b, d in enumerate(docs):
+    tokens[b, :d.size] = d
+  starts = np.arange(n_chunks, dtype=np.int32)[:, None] * chunk
+  n_valid = np.clip(lengths[None, :] - starts, 0, chunk).astype(np.int32)  # [C, B]
+  chunks = jnp.asarray(tokens.reshape(batch, n_chunks, chunk).transpose(1, 0, 2))
+  before = compile_stats()
   start = time.perf_counter()
-  nll, final_cache = fn(model.params, tokens, kv_cache)
-  nll = np.asarray(nll).reshape(-1)[: n - 1]
-  seconds = time.perf_counter() - start
-  mean = float(nll.mean())
-  return PerplexityResult(ppl=float(np.exp(mean)), nll=mean, tokens=int(n),
-                          cache_bytes=final_cache.nbytes(), seconds=seconds, token_nll=nll)
+  nll, final_cache = _score(model.params, chunks, jnp.asarray(n_valid), kv_cache,
+                            model=static_step(model))
+  nll = np.asarray(nll).transpose(1, 0, 2).reshape(batch, padded_len)
+  # `seconds` excludes compiling (zero when this shape was scored before).
+  seconds = time.perf_counter() - start - (compile_stats()["compile_s"] - before["compile_s"])
+  cache_bytes = final_cache.nbytes()
+  results = []
+  for b, d in enumerate(docs):
+    token_nll = nll[b, : d.size - 1]
+    mean = float(token_nll.mean())
+    results.append(PerplexityResult(ppl=float(np.exp(mean)), nll=mean, tokens=int(d.size),
+                                    cache_bytes=cache_bytes, seconds=seconds, token_nll=token_nll))
+  return results if batched else results[0]

@@ -2,11 +2,13 @@
 
   spec, nbytes = kvjax.plan(config, max_bytes=64 << 20, context=8192, batch=4)
 
-`estimate_bytes(spec, config, context, batch, dtype)` is a closed formula per kind for the bytes
+`estimate_bytes(spec, config, context, batch, dtype)` gives the bytes
 `make_cache(spec, config, batch, capacity=context, dtype)` allocates (every array the cache holds:
 keys, values, scales, positions, lengths; for `offload` device and host together; for `share:G`
-the KV storage without the calibration maps). `measured_bytes` gets the same number from the
-cache's abstract shapes (`jax.eval_shape`, nothing allocated) for any kind.
+the KV storage without the calibration maps), from the closed formula each kind registers with
+itself (`kvjax.caches.registry`). `measured_bytes` gets the same number from the cache's abstract
+shapes (`jax.eval_shape`, nothing allocated) for any kind, and stands in where a kind has no
+formula.
 
 `plan` walks `candidates()` in order of faithfulness and returns the first that fits:
 
@@ -27,80 +29,39 @@ the returned spec fits and no earlier candidate does.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import jax
 import jax.numpy as jnp
 
 from kvjax import spec as spec_lib
-from kvjax.caches import base
-from kvjax.caches.packing import packed_length
-from kvjax.models.config import LlamaConfig
-
-_FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
-_F16 = 2  # quantization scales and zero points are float16
-_I32 = 4
+from kvjax.caches import registry
 
 
 class PlanError(ValueError):
   """No candidate cache spec fits the byte budget."""
 
 
-def _quantized_tokens(n: int, head_dim: int, bits: int, group: int) -> int:
-  """Bytes of n tokens of one (layer, row, kv head) stream, K and V, packed per-token codes with a
-  float16 scale (and zero point below 8 bits) per `group` channels (the tiered kind's format)."""
-  scales = 1 if bits == 8 else 2
-  per_token = packed_length(head_dim, bits) + scales * (head_dim // group) * _F16
-  return 2 * n * per_token
+def estimate_bytes(spec, config, context: int, batch: int = 1, dtype=jnp.float32) -> int:
+  """Bytes of `make_cache(spec, config, batch, capacity=context, dtype)`.
 
-
-def estimate_bytes(spec, config: LlamaConfig, context: int, batch: int = 1, dtype=jnp.float32) -> int:
-  """Bytes of `make_cache(spec, config, batch, capacity=context, dtype)`, from its layout formula."""
+  From the kind's own formula (`estimate_bytes` in its registration) where it declares one, else
+  measured from the cache's abstract shapes (`measured_bytes`, nothing allocated).
+  """
   spec = spec_lib.parse_spec(spec)
   if not spec.uses_cache:
     return 0
-  item = jnp.dtype(dtype).itemsize
-  h = config.head_dim
-  streams = config.n_layers * batch * config.n_kv_heads  # (layer, row, kv head) triples
-  lengths = _I32 * batch
-  kind = spec.kind
-  if kind == "shared":  # ceil(L / G) layers of the inner kind; maps are not cache memory
-    inner = config.replace(n_layers=math.ceil(config.n_layers / spec.share))
-    return estimate_bytes(spec.replace(share=1, share_calibrated=False), inner, context, batch, dtype)
-  if kind == "full":
-    return 2 * streams * context * h * item + lengths
-  if kind == "offload":
-    recent = base.pick_block_size(context)  # default ring: one block
-    return 2 * streams * (context + recent) * h * item + lengths
-  if kind == "window":
-    slots = spec.sink + spec.window
-    return 2 * streams * slots * h * item + _I32 * batch * slots + lengths
-  if (spec.bits is not None or spec.tiers is not None) and h % min(spec.group, h):
-    raise spec_lib.SpecError(f"{str(spec)!r}: group:{spec.group} does not divide head_dim {h}")
-  if kind == "quantized":
-    g = spec.group
-    s = -(-context // g) * g
-    scales = 1 if spec.bits == 8 else 2  # int8 is symmetric: no zero points
-    codes = 2 * s * packed_length(h, spec.bits)
-    key_scales = scales * (s // g) * h * _F16  # per channel, per group of G tokens
-    value_scales = scales * s * (h // min(g, h)) * _F16  # per token, per group of channels
-    residual = 2 * ((spec.residual or 0) + g) * h * item
-    return streams * (codes + key_scales + value_scales + residual) + 2 * _I32 * batch
-  if kind == "tiered":
-    total = lengths
-    for budget, fmt in spec.tiers:
-      if fmt in _FLOAT_BYTES:
-        total += 2 * streams * budget * h * _FLOAT_BYTES[fmt]
-      else:
-        total += streams * _quantized_tokens(budget, h, _INT_BITS[fmt], spec.group)
-    return total
-  raise NotImplementedError(f"estimate_bytes: no formula for kind {kind!r} ({str(spec)!r}); "
-                            "use measured_bytes")
+  info = registry.lookup(spec.kind)
+  formula = info.estimate_bytes
+  if formula is not None:
+    try:
+      return int(formula(spec, config, context, batch, jnp.dtype(dtype)))
+    except NotImplementedError:  # a wrapper kind whose inner kind has no formula
+      pass
+  return measured_bytes(spec, config, context, batch, dtype)
 
 
-def measured_bytes(spec, config: LlamaConfig, context: int, batch: int = 1, dtype=jnp.float32,
+def measured_bytes(spec, config, context: int, batch: int = 1, dtype=jnp.float32,
                    **options) -> int:
   """Bytes of the cache's arrays from their abstract shapes (`jax.eval_shape`): nothing allocated."""
   shapes = jax.eval_shape(lambda: spec_lib.make_cache(spec, config, batch, context, dtype, **options))
@@ -108,8 +69,12 @@ def measured_bytes(spec, config: LlamaConfig, context: int, batch: int = 1, dtyp
 
 
 def available(spec) -> bool:
-  """True when the module implementing the spec's kind exists."""
-  return importlib.util.find_spec(f"kvjax.caches.{spec_lib.parse_spec(spec).kind}") is not None
+  """True when the spec's kind is registered (built in, or by a user or plugin)."""
+  try:
+    registry.lookup(spec_lib.parse_spec(spec).kind)
+  except spec_lib.SpecError:
+    return False
+  return True
 
 
 def candidates() -> list:
@@ -146,7 +111,7 @@ def _largest_fitting(make, config, max_bytes, context, batch, dtype, low: int, h
   return low
 
 
-def plan(config: LlamaConfig, max_bytes: int, context: int, batch: int = 1, dtype=jnp.float32, *,
+def plan(config, max_bytes: int, context: int, batch: int = 1, dtype=jnp.float32, *,
          min_window: int = 64):
   """(spec, estimated bytes) of the most faithful candidate that fits `max_bytes` for `context`
   tokens per row. Windows smaller than `min_window` tokens are not offered."""
@@ -179,7 +144,7 @@ def plan(config: LlamaConfig, max_bytes: int, context: int, batch: int = 1, dtyp
     spec = spec_lib.parse_spec(make(n))
     return spec, estimate_bytes(spec, config, context, batch, dtype)
   if smallest is None:
-    raise PlanError(f"no candidate cache kind is available for {config.name} (see plan.candidates)")
+    raise PlanError(f"no candidate cache kind is available for {getattr(config, 'name', type(config).__name__)} (see plan.candidates)")
   raise PlanError(f"no cache spec fits {max_bytes} bytes for {context} tokens x {batch} rows of "
-                  f"{config.name}; the smallest candidate needs {smallest} bytes "
+                  f"{getattr(config, 'name', type(config).__name__)}; the smallest candidate needs {smallest} bytes "
                   f"(raise max_bytes, or lower min_window={min_window} / batch)")

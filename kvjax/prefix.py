@@ -12,8 +12,8 @@ How (fixed shapes throughout, so each step is one jitted executable per bucket):
   3. each row's suffix is prefilled on top, ragged (right-padded, `n_valid` = suffix lengths),
      by decode's own prefill, and decode's `while_loop` generates from there.
 
-`PrefixStore` keeps prefilled batch-1 caches keyed by (model name, config, spec, prefix token
-tuple), least recently used first out, within a byte budget measured by `cache.nbytes()`; a hit
+`PrefixStore` keeps prefilled batch-1 caches keyed by (step function, weights fingerprint, dtype,
+spec, prefix token tuple), least recently used first out, within a byte budget measured by `cache.nbytes()`; a hit
 skips step 1. A stored cache is never donated or modified (broadcasting copies it).
 
 Invariants (tests/test_prefix.py): for any prefix and ragged suffixes, the tokens equal
@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import functools
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +36,51 @@ import numpy as np
 
 from kvjax import decode
 from kvjax import spec as spec_lib
-from kvjax.models.llama import Llama, params_dtype
+from kvjax.caches import registry
+from kvjax.caches.base import supports
+from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.sampling import GREEDY, Sampler
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _extend(params, tokens, n_valid, cache, *, config, dtype):
+@functools.partial(jax.jit, static_argnames=("model",))
+def _extend(params, tokens, n_valid, cache, *, model):
   """Feeds tokens [B, T] (n_valid [B] real) through the model on top of `cache`; returns the cache."""
-  _, cache = Llama(config, dtype).apply({"params": params}, tokens, cache, n_valid,
-                                        logits_at=jnp.maximum(n_valid - 1, 0))
+  _, cache = model.step_last(params, tokens, cache, n_valid)
   return cache
+
+
+@jax.jit
+def _checksums(leaves):
+  """Three moments of every leaf (sum, sum of squares, position-weighted sum), in float32."""
+  def moments(x):
+    x = x.astype(jnp.float32).reshape(-1)
+    weight = (jax.lax.iota(jnp.int32, x.size) % 251 + 1).astype(jnp.float32)
+    return jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.sum(x * weight)])
+  return [moments(x) for x in leaves]
+
+
+_FINGERPRINTS: dict = {}
+
+
+def params_fingerprint(params) -> tuple:
+  """A key that tells weights apart: the tree structure, every leaf's shape and dtype, and a
+  checksum of its contents. Computed once per params object (remembered while its arrays live),
+  so the same weights loaded twice share prefilled prefixes and different weights never do."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  ids = tuple(id(x) for x in leaves)
+  entry = _FINGERPRINTS.get(ids)
+  if entry is not None and all(ref() is not None for ref in entry[0]):
+    return entry[1]
+  for key in [k for k, (refs, _) in _FINGERPRINTS.items() if any(r() is None for r in refs)]:
+    del _FINGERPRINTS[key]
+  sums = np.asarray(jnp.stack(_checksums([jnp.asarray(x) for x in leaves])))
+  fingerprint = (str(treedef), tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves),
+                 sums.tobytes())
+  try:
+    _FINGERPRINTS[ids] = ([weakref.ref(x) for x in leaves], fingerprint)
+  except TypeError:  # leaves that cannot be weakly referenced (NumPy arrays): not remembered
+    pass
+  return fingerprint
 
 
 def extend(model, cache, tokens, n_valid=None):
@@ -60,7 +96,7 @@ def extend(model, cache, tokens, n_valid=None):
   padded = np.zeros((batch, decode.prompt_bucket(t)), np.int32)
   padded[:, :t] = tokens
   return _extend(model.params, jnp.asarray(padded), jnp.asarray(n_valid), cache,
-                 config=model.config, dtype=params_dtype(model.params))
+                 model=static_step(model))
 
 
 def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_options):
@@ -69,7 +105,7 @@ def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_op
   if prefix_ids.size == 0:
     raise ValueError("prefill_prefix: the prefix is empty")
   decode._validate_vocab(prefix_ids, model.config.vocab_size)
-  empty = spec_lib.make_cache(cache, model.config, 1, capacity, params_dtype(model.params), **cache_options)
+  empty = spec_lib.make_cache(cache, model.config, 1, capacity, model_dtype(model), **cache_options)
   if not empty.fits(prefix_ids.size):
     raise decode.CapacityError(f"a prefix of {prefix_ids.size} tokens does not fit capacity {capacity}")
   return extend(model, empty, prefix_ids[None])
@@ -101,8 +137,10 @@ class PrefixStore:
 
   @staticmethod
   def key(model, spec, prefix_ids) -> tuple:
-    return (getattr(model, "name", None), model.config, str(spec_lib.parse_spec(spec)),
-            tuple(int(i) for i in np.asarray(prefix_ids).reshape(-1)))
+    """(step function, weights fingerprint, dtype, spec, prefix ids): a hit needs the same
+    computation on the same weights at the same dtype, not merely the same config."""
+    return (static_step(model), params_fingerprint(model.params), str(model_dtype(model)),
+            str(spec_lib.parse_spec(spec)), tuple(int(i) for i in np.asarray(prefix_ids).reshape(-1)))
 
   @staticmethod
   def _size(cache) -> int:
@@ -169,6 +207,7 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   (default: enough for the prefix, the longest suffix and max_new_tokens, bucketed); a stored cache
   with too few slots is grown when its kind can grow, a larger one is used as is.
   """
+  check_model(model, "generate_with_prefix")
   cfg = model.config
   tokenizer = getattr(model, "tokenizer", None)
   spec = spec_lib.parse_spec(cache)
@@ -182,7 +221,8 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   batch = ids.shape[0]
   needed = prefix_ids.size + int(lengths.max()) + max_new_tokens - 1
   if capacity is None:
-    capacity = int(spec.budget) if spec.bounded else decode.capacity_for(needed)
+    capacity = registry.lookup(spec.kind).default_capacity(spec, needed=needed,
+                                                            prompt=prefix_ids.size)
 
   start = time.perf_counter()
   store_key = PrefixStore.key(model, spec, prefix_ids) if store is not None else None
@@ -192,7 +232,7 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
     prefilled = prefill_prefix(model, prefix_ids, cache=spec, capacity=capacity, **cache_options)
     jax.block_until_ready(prefilled)
   prefix_s = time.perf_counter() - start
-  if not prefilled.fits(needed) and (hit or spec.mode == "dynamic") and hasattr(prefilled, "grow"):
+  if not prefilled.fits(needed) and (hit or getattr(prefilled, "growable", False)) and supports(prefilled, "grow"):
     prefilled = prefilled.grow(decode.capacity_for(needed))  # outside jit; the stored copy is replaced
   if not prefilled.fits(needed):
     raise decode.CapacityError(

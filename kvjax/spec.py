@@ -12,24 +12,24 @@ A spec string is terms joined by `+`:
   offload                      older blocks live in host memory
   tier:64:fp32,512:int8,4096:int2   budgets per precision tier, newest first
   share:G  |  share:G:cal      layers in groups of G share one cache (cal: calibrated linear maps)
+  NAME[:VALUE]                 a kind registered with `kvjax.register_kind` (see caches/registry.py)
 
 `parse_spec` turns a string into a `CacheSpec` (frozen, hashable: a static jit argument) and
 rejects unknown, malformed and contradictory terms with a `SpecError` naming the term; `str(spec)`
-gives the canonical string back. `make_cache` builds the cache pytree of the kind the spec names.
+gives the canonical string back. `make_cache` builds the cache pytree of the kind the spec names,
+through the kind registry: every kind, built in or registered by a user, is built the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import jax.numpy as jnp
+import numpy as np
 
-from kvjax.models.config import LlamaConfig
-
-
-class SpecError(ValueError):
-  """A cache spec that names an unknown, malformed or contradictory term."""
+from kvjax.caches import registry
+from kvjax.caches.registry import SpecError
+from kvjax.models.protocol import default_dtype, model_dtype
 
 
 SUPPORTED_BITS = (8, 4, 3, 2)
@@ -51,6 +51,7 @@ class CacheSpec:
   tiers: tuple[tuple[int, str], ...] | None = None
   share: int = 1
   share_calibrated: bool = False
+  custom: tuple[tuple[str, str | None], ...] = ()
 
   def __post_init__(self):
     def positive(term, value):
@@ -97,6 +98,10 @@ class CacheSpec:
     if self.offload and (self.window is not None or self.tiers is not None):
       raise SpecError("offload moves old blocks of an unbounded cache to host memory; "
                       "a window/tier cache is already bounded")
+    if len(self.custom) > 1:
+      raise SpecError(f"a spec selects one registered kind; got {[n for n, _ in self.custom]}")
+    if self.custom and self.mode == "none":
+      raise SpecError("'none' (no cache) cannot be combined with other cache terms")
 
   # ---- derived facts --------------------------------------------------------------------------
   @property
@@ -125,9 +130,11 @@ class CacheSpec:
 
   @property
   def kind(self) -> str:
-    """Name of the module in kvjax.caches that implements this spec."""
+    """Name of the registered kind that builds this spec (see `kvjax.caches.registry`)."""
     if self.share > 1:
       return "shared"
+    if self.custom:
+      return self.custom[0][0]
     if self.tiers is not None:
       return "tiered"
     if self.h2o is not None:
@@ -140,13 +147,26 @@ class CacheSpec:
       return "offload"
     return "full"
 
+  @property
+  def arg(self) -> str | None:
+    """The value of a registered kind's term (`"64"` in `ring:64`), or None."""
+    return self.custom[0][1] if self.custom else None
+
+  def modifier_terms(self) -> set[str]:
+    """Built-in terms set in this spec besides the kind a registered term selects (field names:
+    dynamic, window, sink, bits, residual, group, h2o, offload, tiers, share)."""
+    terms = {name for name, default in _DEFAULTS.items() if getattr(self, name) != default}
+    if self.mode == "dynamic":
+      terms.add("dynamic")
+    return terms
+
   def replace(self, **changes) -> "CacheSpec":
     return dataclasses.replace(self, **changes)
 
   def __str__(self) -> str:
     terms = []
     if self.mode != "full" or not any((self.window, self.bits, self.h2o, self.offload, self.tiers,
-                                       self.share > 1)):
+                                       self.share > 1, self.custom)):
       terms.append(self.mode)
     if self.tiers is not None:
       terms.append("tier:" + ",".join(f"{b}:{d}" for b, d in self.tiers))
@@ -166,7 +186,12 @@ class CacheSpec:
       terms.append("offload")
     if self.share > 1:
       terms.append(f"share:{self.share}" + (":cal" if self.share_calibrated else ""))
+    terms += [name if value is None else f"{name}:{value}" for name, value in self.custom]
     return "+".join(terms)
+
+
+_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None,
+             "offload": False, "tiers": None, "share": 1}
 
 
 _INT_TERMS = {"window": "window", "sink": "sink", "residual": "residual", "group": "group", "h2o": "h2o"}
@@ -227,34 +252,72 @@ def parse_spec(spec) -> CacheSpec:
         raise SpecError(f"term {term!r}: expected share:G or share:G:cal")
       fields["share"] = _int_value(term, value)
       fields["share_calibrated"] = flag == "cal"
+    elif registry.is_custom(name):
+      info = registry.lookup(name)
+      value = rest or None
+      if info.parse is not None:
+        info.parse(value)
+      fields.setdefault("custom", ())
+      fields["custom"] += ((name, value),)
     else:
+      custom = registry.custom_kinds()
       raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: full, dynamic, none, "
                       "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, offload, "
-                      "tier:..., share:G)")
+                      "tier:..., share:G" + (", registered: " + ", ".join(custom) if custom else "")
+                      + ")")
   return CacheSpec(**fields)
 
 
-def make_cache(spec, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32, **options):
+def check_config(config, what: str = "make_cache") -> None:
+  """A cache config needs positive int n_layers, n_kv_heads, head_dim (any object will do)."""
+  for field in ("n_layers", "n_kv_heads", "head_dim"):
+    value = getattr(config, field, None)
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+      raise TypeError(f"{what}: config must have a positive int {field}, got {value!r} "
+                      f"(from {type(config).__name__})")
+
+
+def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, **options):
   """Builds an empty cache of the kind `spec` names, for `batch` rows.
 
+  config: anything with `n_layers`, `n_kv_heads`, `head_dim` (a model config), or a model (then
+    its config, and its dtype unless `dtype` is given).
   capacity: slots per row for unbounded kinds (full, dynamic, quantized, offload); bounded kinds
-  size themselves from their budget, and a budget larger than `capacity` is an error.
+    size themselves from their budget (the default when capacity is None; so does a registered
+    kind that declares a `capacity` hook), and a budget larger than `capacity` is an error.
+  dtype: storage dtype of full-precision keys/values; default: the config's (or model's) `dtype`
+    if it has one, else fp32 on CPU and bf16 on accelerators.
   options: kind-specific extras (e.g. calibration maps for share:G:cal).
   """
   spec = parse_spec(spec)
+  if hasattr(config, "config") and hasattr(config, "params"):  # a model
+    dtype = dtype if dtype is not None else model_dtype(config)
+    config = config.config
+  check_config(config)
   if not spec.uses_cache:
     raise SpecError("cache spec 'none' has no cache object: it recomputes the prefix every step")
-  if not isinstance(batch, int) or batch <= 0:
+  if not isinstance(batch, (int, np.integer)) or batch <= 0:
     raise ValueError(f"make_cache: batch must be a positive int, got {batch!r}")
-  if not isinstance(capacity, int) or capacity <= 0:
+  info = registry.lookup(spec.kind)
+  if capacity is None:
+    if spec.budget is not None:
+      capacity = spec.budget
+    elif not info.builtin and info.capacity is not None:  # a registered kind that sizes itself
+      capacity = info.default_capacity(spec, needed=0, prompt=0)
+    else:
+      raise ValueError(f"make_cache: cache spec {str(spec)!r} needs a capacity (slots per row)")
+  if not isinstance(capacity, (int, np.integer)) or capacity <= 0:
     raise ValueError(f"make_cache: capacity must be a positive int, got {capacity!r}")
   if spec.budget is not None and spec.budget > capacity:
     raise SpecError(f"cache spec {str(spec)!r} keeps {spec.budget} tokens, more than the capacity "
                     f"{capacity}; lower the budget or raise the capacity")
-  try:
-    module = importlib.import_module(f"kvjax.caches.{spec.kind}")
-  except ModuleNotFoundError as e:
-    if e.name == f"kvjax.caches.{spec.kind}":
-      raise SpecError(f"cache kind {spec.kind!r} (spec {str(spec)!r}) is not available yet") from None
-    raise
-  return module.from_spec(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)
+  if dtype is None:
+    dtype = getattr(config, "dtype", None) or default_dtype()
+  if not info.builtin:
+    extra = spec.modifier_terms() - info.accepts - {"share"}
+    if extra:
+      raise SpecError(f"cache spec {str(spec)!r}: kind {info.name!r} does not take "
+                      f"{', '.join(sorted(extra))} (it accepts: "
+                      f"{', '.join(sorted(info.accepts)) or 'no other terms'})")
+  return info.factory(spec, config, batch=int(batch), capacity=int(capacity), dtype=jnp.dtype(dtype),
+                      **options)

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import kvjax
-from kvjax.models import llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -45,12 +44,11 @@ def smollm2_or_skip():
 
 def model_logits(model, spec, ids, chunks, capacity=64):
   """Logits [T, V] of one row fed through a cache of `spec` in the given chunk sizes."""
-  net = llama.Llama(model.config, jnp.float32)
-  apply = jax.jit(lambda p, x, c: net.apply({"params": p}, x, c))
+  step = jax.jit(model.step)
   cache = kvjax.make_cache(spec, model.config, 1, capacity)
   out, i = [], 0
   for c in chunks:
-    logits, cache = apply(model.params, jnp.asarray(ids[None, i:i + c]), cache)
+    logits, cache = step(model.params, jnp.asarray(ids[None, i:i + c]), cache, jnp.array([c], jnp.int32))
     out.append(np.asarray(logits[0]))
     i += c
   return np.concatenate(out), cache

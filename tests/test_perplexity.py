@@ -19,14 +19,23 @@ IDS = np.random.default_rng(0).integers(3, 250, size=70)
     ("full", 256), ("offload", 256), ("window:24", 256), ("sink:2+window:16", 256),
     ("h2o:8+window:8", 256), ("int4+residual:32+h2o:8+window:32", 256),
     ("tier:8:fp32,16:int8,24:int2", 256),
-    ("int8", 1), ("int4+residual:32", 1), ("share:2", 1), ("window:24+int8", 1),
+    ("share:2", 256), ("share:2+window:24", 256), ("int8", 1), ("int4+residual:32", 1),
+    ("share:2+int8", 1),
 ])
 def test_default_chunk(spec, chunk):
+  """The chunk follows the kind's declared `chunk_exact` (share:G: as its inner kind)."""
   assert default_chunk(spec) == chunk
+  assert default_chunk(kvjax.make_cache(spec, kvjax.TINY, 1, 64)) == chunk
+
+
+def test_default_chunk_of_unsupported_spec_is_an_error():
+  with pytest.raises(SpecError, match="int8"):
+    default_chunk("window:24+int8")
 
 
 @pytest.mark.parametrize("spec,atol", [
-    ("full", 2e-5), ("sink:2+window:16", 2e-5), ("h2o:8+window:8", 2e-5),
+    ("full", 2e-5), ("sink:2+window:16", 2e-5), ("h2o:8+window:8", 2e-5), ("share:2", 2e-5),
+    ("share:2+sink:2+window:16", 2e-5),
     # Quantized storage: a chunk's projections differ from one token's in the last float bit,
     # which can flip a code; every token still sees the same tokens, so only rounding differs.
     ("int4+residual:32+h2o:8+window:32", 5e-3), ("tier:8:fp32,16:int8,24:int2", 5e-3),

@@ -126,6 +126,27 @@ def test_missing_kinds_are_skipped(monkeypatch):
     plan(cfg, 1 << 30, 10)
 
 
-def test_unknown_kind_formula_is_refused():
-  with pytest.raises(NotImplementedError, match="use measured_bytes"):
-    estimate_bytes("h2o:8+window:8", kvjax.TINY, 64)
+@pytest.mark.parametrize("spec", ["h2o:8+window:8", "int4+residual:32+h2o:8+window:32", "share:2+h2o:8+window:8"])
+def test_kind_formula_equals_measured(spec):
+  """Every built-in kind registers a formula, and it agrees with the arrays' abstract shapes."""
+  from kvjax.planning import measured_bytes
+
+  assert estimate_bytes(spec, kvjax.TINY, 64) == measured_bytes(spec, kvjax.TINY, 64)
+
+
+def test_kind_without_formula_is_measured():
+  """A registered kind that declares no byte formula is planned from its abstract shapes."""
+  from kvjax.caches import registry
+  from kvjax.caches.full import FullCache
+  from kvjax.planning import measured_bytes
+
+  def factory(spec, config, *, batch, capacity, dtype):
+    return FullCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                          head_dim=config.head_dim, capacity=capacity, dtype=dtype)
+
+  registry.register_kind("noformula", factory)
+  try:
+    assert estimate_bytes("noformula", kvjax.TINY, 64) == measured_bytes("noformula", kvjax.TINY, 64)
+    assert estimate_bytes("noformula", kvjax.TINY, 64) == estimate_bytes("full", kvjax.TINY, 64)
+  finally:
+    registry.unregister_kind("noformula")

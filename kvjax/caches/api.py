@@ -1,4 +1,5 @@
-"""Pure functions over any cache kind: `append`, `view`, `reset`, `crop`, `reorder`, `grow`, `nbytes`.
+"""Pure functions over any cache kind: `append`, `attend`, `advance`, `view`, `reset`, `crop`,
+`reorder`, `grow`, `nbytes`.
 
 Each returns a new cache (or a view); none touches its input. All are traceable under `jit`.
 """
@@ -62,6 +63,20 @@ def reorder(cache, indices):
 def grow(cache, capacity: int | None = None):
   """The same tokens in a buffer of `capacity` slots (default: double). Outside jit only."""
   return cache.grow(capacity or 2 * cache.capacity)
+
+
+def advance(cache, n_valid):
+  """After the last layer of a forward: `lengths += n_valid` (and the kind's bookkeeping)."""
+  return cache.advance(n_valid)
+
+
+def attend(cache, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+  """`cache.attend(...)`: store the new tokens of one layer and attend over what it holds.
+
+  q [B, T, N, H], k/v [B, T, K, H] un-rotated; returns (out [B, T, N, H], cache). See
+  `kvjax.caches.base.KVCache` for the contract.
+  """
+  return cache.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
 
 
 def nbytes(cache) -> dict[str, int]:

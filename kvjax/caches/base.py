@@ -1,35 +1,55 @@
-"""What every kvjax cache is, and the helpers the kinds share.
+"""What every kvjax cache is: the protocol, its capabilities, and the helpers the kinds share.
 
 A cache is an immutable pytree (a `flax.struct.dataclass`): arrays are leaves, sizes and bit
 widths are static fields. Every operation returns a new cache; nothing is updated in place from
 the caller's point of view (under `jit` with donation XLA reuses the buffers, which is the point).
 
-The protocol every kind implements (methods, so the decoder never needs to know the kind):
+`KVCache` (a `typing.Protocol`) is the contract. What a kind must have:
 
-  attend(layer, q, k, v, rope, n_valid) -> (out, cache)
-      The decoder's only entry point. q [B, T, N, H], k/v [B, T, K, H] are the new tokens'
-      un-rotated projections; the new tokens sit at positions `lengths[:, None] + arange(T)`.
-      The cache stores them its own way (rotated or not, quantized or not) and returns attention
-      of the queries over what it holds, the new tokens included.
-  advance(n_valid) -> cache          after all layers: `lengths += n_valid`, plus the kind's bookkeeping.
-  write(layer, k, v, n_valid) -> cache   raw storage write used by `kvjax.append`.
-  view() -> CacheView                what attention reads, as dense arrays.
-  reset() -> cache                   empty, same shapes.
-  nbytes() -> {memory_kind: bytes}   measured from the real arrays.
-  has_room(n), fits(n), overflowed(), and the class attribute `limited`: capacity facts, shared
-      by the two mixins below (`Limited` kinds overflow, `Evicting` kinds never do).
+  lengths                          int32 [B]: tokens each row has seen (= the position of its next
+                                   token); rows are independent, so ragged batches need only n_valid.
+  n_layers, batch, kv_heads, head_dim, capacity    static sizes (capacity: slots per row).
+  attend(layer, q, k, v, n_valid=None, *, rope=None, scale=None) -> (out, cache)
+      The one entry point of an attention layer. q [B, T, N, H], k/v [B, T, K, H] are the new
+      tokens' un-rotated projections at positions `lengths[:, None] + arange(T)`; only the first
+      n_valid[b] tokens of row b are real. The cache stores them its own way (rotated or not,
+      quantized or not) and returns the attention [B, T, N, H] of the queries over what it holds,
+      the new tokens included. `rope` is any object with `apply(x, positions)` (None: no rotary
+      positions); `scale` the softmax scale (default 1/sqrt(H)).
+  advance(n_valid) -> cache        after the last layer: `lengths += n_valid`, plus bookkeeping.
+  write(layer, k, v, n_valid=None) -> cache   raw storage write, used by `kvjax.append`.
+  view() -> CacheView              what attention reads, as dense arrays.
+  reset() -> cache                 empty, same shapes.
+  nbytes() -> {memory_kind: bytes} measured from the real arrays.
+  filled() -> int32 [B]            tokens each row holds now (the largest count over layers and
+                                   kv heads, for kinds whose heads keep different tokens).
+  has_room(n), fits(n), overflowed()   capacity facts (see `Limited` / `Evicting`).
 
-`lengths` [B] counts the tokens each row has seen (= the position of its next token); rows are
-independent, so ragged batches need no padding tricks beyond `n_valid`.
+Capabilities are declared as attributes of the kind, never as lists of kind names elsewhere:
+
+  limited      True: a hard capacity; tokens past it are dropped inside jit and `overflowed()`
+               flags the row. False: the kind evicts to make room and never overflows.
+  exact        True: what `view()` shows for a held token is exactly what was given (no
+               quantization, no sharing); with `limited` too, attention equals full attention.
+  chunk_exact  True: feeding T tokens in one `attend` gives every query what feeding them one
+               by one would (perplexity and prefill may then use chunks).
+  growable     True: `grow(capacity)` may be called outside jit when `has_room` turns false
+               (the `dynamic` allocation policy).
+
+Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
+tells whether a kind implements one. `CacheBase` (through `Limited` / `Evicting`) provides the
+derived members, so a new kind writes the storage and the attention and nothing else.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from kvjax import attention as attn
 
 
 class CapacityError(ValueError):
@@ -51,8 +71,86 @@ class CacheView:
   positions: jax.Array
 
 
-class _Layered:
-  """n_layers / batch / kv_heads read off the leading [L, B, K] axes of the leaf `_layout` names."""
+@runtime_checkable
+class KVCache(Protocol):
+  """The members every cache kind has (see the module docstring). Structural: a kind need not
+  inherit from anything, though `Limited` / `Evicting` supply everything but the storage."""
+
+  lengths: jax.Array
+  limited: bool
+  exact: bool
+  chunk_exact: bool
+
+  @property
+  def n_layers(self) -> int: ...
+
+  @property
+  def batch(self) -> int: ...
+
+  @property
+  def kv_heads(self) -> int: ...
+
+  @property
+  def head_dim(self) -> int: ...
+
+  @property
+  def capacity(self) -> int: ...
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None): ...
+
+  def advance(self, n_valid): ...
+
+  def write(self, layer: int, k, v, n_valid=None): ...
+
+  def view(self) -> "CacheView": ...
+
+  def reset(self): ...
+
+  def nbytes(self) -> dict[str, int]: ...
+
+  def filled(self) -> jax.Array: ...
+
+  def has_room(self, n: int) -> jax.Array: ...
+
+  def fits(self, n_tokens: int) -> bool: ...
+
+  def overflowed(self) -> jax.Array: ...
+
+
+REQUIRED_MEMBERS = ("lengths", "n_layers", "batch", "kv_heads", "head_dim", "capacity", "attend",
+                    "advance", "write", "view", "reset", "nbytes", "filled", "has_room", "fits",
+                    "overflowed", "limited", "exact", "chunk_exact")
+OPTIONAL_VERBS = ("crop", "reorder", "grow")
+
+
+def missing_members(cache) -> list[str]:
+  """Members of the protocol that `cache` lacks (empty for a conforming kind)."""
+  return [m for m in REQUIRED_MEMBERS if not hasattr(cache, m)]
+
+
+def check_cache(cache, what: str = "cache") -> None:
+  """Raises TypeError naming what is missing when `cache` does not follow the protocol."""
+  missing = missing_members(cache)
+  if missing:
+    raise TypeError(f"{what}: {type(cache).__name__} is not a kvjax cache; it lacks "
+                    f"{', '.join(missing)} (see kvjax.caches.base.KVCache)")
+
+
+def supports(cache, verb: str) -> bool:
+  """Whether the kind of `cache` implements the optional verb ('crop', 'reorder', 'grow')."""
+  if verb not in OPTIONAL_VERBS:
+    raise ValueError(f"supports: unknown verb {verb!r}; optional verbs are {OPTIONAL_VERBS}")
+  method = getattr(type(cache), verb, None)
+  return method is not None and method is not getattr(CacheBase, verb)
+
+
+class CacheBase:
+  """Derived members shared by the kinds: sizes read off the leading [L, B, K] axes of the leaf
+  `_layout` names, byte accounting, positions, and "not supported" defaults for optional verbs."""
+
+  exact = True
+  chunk_exact = True
+  growable = False
 
   @property
   def _layout(self) -> jax.Array:
@@ -70,8 +168,29 @@ class _Layered:
   def kv_heads(self) -> int:
     return self._layout.shape[2]
 
+  def token_positions(self, tokens: int) -> jax.Array:
+    """int32 [B, T]: the positions of T tokens appended now (for models with learned positions)."""
+    return row_slots(self.lengths, tokens)
 
-class Limited(_Layered):
+  def nbytes(self) -> dict[str, int]:
+    """Bytes of every array leaf, split by memory kind ('device', 'pinned_host', ...)."""
+    return tree_nbytes(self)
+
+  def _unsupported(self, verb: str):
+    return NotImplementedError(f"{type(self).__name__} does not support {verb}")
+
+  def crop(self, length):
+    raise self._unsupported("crop")
+
+  def reorder(self, indices):
+    raise self._unsupported("reorder")
+
+  def grow(self, capacity: int):
+    raise NotImplementedError(f"{type(self).__name__} never grows: its memory is fixed"
+                              + ("" if self.limited else " and it evicts to make room"))
+
+
+class Limited(CacheBase):
   """Mixin for kinds with a hard capacity (full, offload, quantized).
 
   `lengths` keeps counting every token given; writes past `capacity` are dropped inside jit and
@@ -97,7 +216,7 @@ class Limited(_Layered):
     return jnp.minimum(self.lengths, self.capacity)
 
 
-class Evicting(_Layered):
+class Evicting(CacheBase):
   """Mixin for kinds that make room by dropping tokens (window/sinks, H2O, tiers).
 
   Any stream length fits in their fixed memory, so nothing ever overflows; `capacity` is what
@@ -156,6 +275,20 @@ def normalize_n_valid(n_valid, batch: int, tokens: int, what="append") -> jax.Ar
   if is_concrete(n_valid) and ((n_valid < 0).any() or (n_valid > tokens).any()):
     raise ValueError(f"{what}: n_valid must lie in [0, {tokens}], got {n_valid.tolist()}")
   return n_valid.astype(jnp.int32)
+
+
+def attend_inputs(cache, q, k, v, n_valid):
+  """The checks and derived values every `attend` starts with.
+
+  Raises clear errors for wrong shapes (q [B, T, N, H], k/v [B, T, K, H] against the cache's B, K,
+  H) and returns (n_valid int32 [B] (None -> all T), positions int32 [B, T] of the new tokens).
+  """
+  what = f"{type(cache).__name__}.attend"
+  attn.check_attend_args(q, k, v, kv_heads=cache.kv_heads, head_dim=cache.head_dim, what=what)
+  if q.shape[0] != cache.batch:
+    raise ValueError(f"{what}: q has batch {q.shape[0]} but the cache has {cache.batch} rows")
+  n_valid = normalize_n_valid(n_valid, cache.batch, q.shape[1], what=what)
+  return n_valid, row_slots(cache.lengths, q.shape[1])
 
 
 def tree_nbytes(tree) -> dict[str, int]:

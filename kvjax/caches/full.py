@@ -23,31 +23,36 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import RoPE, blockwise_attention, group_queries
-from kvjax.caches import base
+from kvjax import attention as attn
+from kvjax.caches import base, registry
 
 
 @struct.dataclass
 class FullCache(base.Limited):
-  """Preallocated cache. k, v: [L, B, K, S, H]; lengths: int32 [B] tokens seen per row."""
+  """Preallocated cache. k, v: [L, B, K, S, H]; lengths: int32 [B] tokens seen per row.
+
+  growable (static): the `dynamic` policy: `generate` doubles the capacity between jitted segments
+  when a row runs out of slots, instead of refusing up front.
+  """
 
   k: jax.Array
   v: jax.Array
   lengths: jax.Array
   block_size: int = struct.field(pytree_node=False, default=256)
+  growable: bool = struct.field(pytree_node=False, default=False)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-           dtype=jnp.float32, block_size: int | None = None) -> "FullCache":
-    if capacity <= 0:
+           dtype=jnp.float32, block_size: int | None = None, growable: bool = False) -> "FullCache":
+    if not isinstance(capacity, int) or capacity <= 0:
       raise ValueError(f"FullCache: capacity must be positive, got {capacity}")
     shape = (n_layers, batch, kv_heads, capacity, head_dim)
     bs = block_size or base.pick_block_size(capacity)
     if capacity % bs:
       raise ValueError(f"FullCache: block_size {bs} must divide capacity {capacity}")
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32), block_size=bs)
+               lengths=jnp.zeros((batch,), jnp.int32), block_size=bs, growable=growable)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -79,25 +84,23 @@ class FullCache(base.Limited):
   def advance(self, n_valid) -> "FullCache":
     return self.replace(lengths=self.lengths + n_valid)
 
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Rotates, stores, and attends over the filled blocks of `layer`. Returns (out [B,T,N,H], cache)."""
-    positions = base.row_slots(self.lengths, q.shape[1])  # [B, T]
-    q = rope.apply(q, positions)
-    k = rope.apply(k, positions)
-    cache = self.write(layer, k, v)
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.apply_rope(rope, q, positions)
+    cache = self.write(layer, attn.apply_rope(rope, k, positions), v)
     kv_len = jnp.minimum(self.lengths + n_valid, self.capacity)
-    qg = group_queries(q * (q.shape[-1] ** -0.5), self.kv_heads)
     bs = self.block_size
+    shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
 
-    def load_block(_, __, start):
-      shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
+    def load_block(start):
       idx = (layer, 0, 0, start, 0)
-      kb = jax.lax.dynamic_slice(cache.k, idx, shape)[0]
-      vb = jax.lax.dynamic_slice(cache.v, idx, shape)[0]
-      return kb, vb
+      return jax.lax.dynamic_slice(cache.k, idx, shape)[0], jax.lax.dynamic_slice(cache.v, idx, shape)[0]
 
-    out = blockwise_attention(qg, None, None, positions, kv_len, block_size=bs, load_block=load_block)
-    return out, cache
+    stats = attn.blockwise_stats(attn.prepare_queries(q, self.kv_heads, scale), load_block,
+                                 attn.causal_visibility(positions, kv_len),
+                                 attn.n_filled_blocks(kv_len, bs), bs)
+    return attn.finish_stats(stats, q.dtype), cache
 
   def view(self) -> base.CacheView:
     slots = jnp.arange(self.capacity, dtype=jnp.int32)
@@ -110,9 +113,6 @@ class FullCache(base.Limited):
   def reset(self) -> "FullCache":
     """Empty cache of the same shapes (buffers keep stale values, hidden by lengths = 0)."""
     return self.replace(lengths=jnp.zeros_like(self.lengths))
-
-  def nbytes(self) -> dict[str, int]:
-    return base.tree_nbytes(self)
 
   # ---- beam search / speculative decoding -------------------------------------------------------
   def crop(self, length) -> "FullCache":
@@ -131,11 +131,24 @@ class FullCache(base.Limited):
       raise ValueError(f"grow: new capacity {capacity} is smaller than the current {self.capacity}")
     pad = [(0, 0)] * 5
     pad[3] = (0, capacity - self.capacity)
-    return FullCache(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad), lengths=self.lengths,
-                     block_size=base.pick_block_size(capacity))
+    return self.replace(k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad),
+                        block_size=base.pick_block_size(capacity))
 
 
-def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> FullCache:
-  """`full` and `dynamic` specs (dynamic is the same pytree, grown by `generate`)."""
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> FullCache:
+  """`full` and `dynamic` specs (dynamic: the same pytree, grown by `generate`)."""
+  registry.no_options("full", options)
   return FullCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
-                        head_dim=config.head_dim, capacity=capacity, dtype=dtype)
+                        head_dim=config.head_dim, capacity=capacity, dtype=dtype,
+                        growable=spec.mode == "dynamic")
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """Bytes of `from_spec(spec, config, batch=batch, capacity=context, dtype=dtype)`."""
+  item = jnp.dtype(dtype).itemsize
+  return 2 * registry.streams(config, batch) * context * config.head_dim * item + 4 * batch
+
+
+registry.register_kind("full", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.unbounded_capacity, builtin=True,
+                       description="every token, preallocated (dynamic: grown between segments)")

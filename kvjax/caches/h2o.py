@@ -55,10 +55,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import RoPE, dense_attention, group_queries
-from kvjax.caches import base
-from kvjax.caches.tiered import TokenStore, stores_map
-from kvjax.spec import SpecError
+from kvjax import attention as attn
+from kvjax.caches import base, registry
+from kvjax.caches.registry import SpecError
+from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +126,13 @@ class H2OCache(base.Evicting):
   window: int = struct.field(pytree_node=False, default=1)
   sink: int = struct.field(pytree_node=False, default=0)
 
-  # Eviction makes room: kvjax.append must not raise capacity errors.
+  # Eviction makes room: kvjax.append must not raise capacity errors. Chunks are fed token by
+  # token inside `attend`, so chunked feeding is exact (base.CacheBase.chunk_exact).
+
+  @property
+  def exact(self) -> bool:
+    """Held tokens are stored exactly unless the pool is quantized."""
+    return self.k.bits is None
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -182,7 +188,12 @@ class H2OCache(base.Evicting):
     return self.ring_k.shape[4]
 
   def filled(self) -> jax.Array:
-    """int32 [L, B, K]: tokens held."""
+    """int32 [B]: tokens each row holds (the most over its layers and kv heads, which may
+    differ after a crop); `held()` gives the per-(layer, head) counts."""
+    return jnp.max(self.held(), axis=(0, 2))
+
+  def held(self) -> jax.Array:
+    """int32 [L, B, K]: tokens held per layer, row and kv head."""
     return jnp.sum(self.positions >= 0, axis=-1).astype(jnp.int32)
 
   # ---- one token through one layer ------------------------------------------------------------
@@ -213,7 +224,7 @@ class H2OCache(base.Evicting):
     new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None], (b, kh))
     if r:
       # The new token takes its ring slot; the one it displaces becomes the pool's candidate.
-      rslot = jnp.mod(pos_t, r)
+      rslot = attn.ring_slot(pos_t, r)
       cand_k, cand_v = rk[rows, :, rslot], rv[rows, :, rslot]  # [B, K, H]
       cand_pos = jnp.where(keep, pos[rows, :, p + rslot], -1)
       cand_score = score[rows, :, p + rslot]
@@ -240,17 +251,16 @@ class H2OCache(base.Evicting):
     return ks, vs, rk, rv, pos, score
 
   # ---- protocol -------------------------------------------------------------------------------
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """q [B, T, N, H], k/v [B, T, K, H] un-rotated. Returns (out [B, T, N, H], cache).
 
     Token by token (a scan when T > 1): admit the token (evicting), then let its query attend
     over what is held and add the attention each held token got to its score.
     """
-    b, t, _, h = q.shape
-    n_valid = jnp.asarray(n_valid, jnp.int32)
-    positions = base.row_slots(self.lengths, t)  # [B, T]
-    q = group_queries(rope.apply(q, positions) * (h**-0.5), self.kv_heads)  # [B, T, K, G, H]
-    k = rope.apply(k, positions)
+    t = q.shape[1]
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.prepare_queries(attn.apply_rope(rope, q, positions), self.kv_heads, scale)
+    k = attn.apply_rope(rope, k, positions)
     valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
     final = self.lengths + n_valid
 
@@ -261,7 +271,7 @@ class H2OCache(base.Evicting):
       keys = jnp.concatenate([ks.decode(q.dtype), rk.astype(q.dtype)], axis=2)  # [B, K, S, H]
       values = jnp.concatenate([vs.decode(q.dtype), rv.astype(q.dtype)], axis=2)
       mask = (pos >= 0)[:, :, None, :]  # [B, K, 1, S]
-      out, probs = dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
+      out, probs = attn.dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
       mass = jnp.sum(probs, axis=(2, 3)) * valid_t[:, None, None]  # [B, K, S]
       return (ks, vs, rk, rv, pos, score + mass), out[:, 0]
 
@@ -307,9 +317,6 @@ class H2OCache(base.Evicting):
     return self.replace(positions=jnp.full_like(self.positions, -1),
                         scores=jnp.zeros_like(self.scores), lengths=jnp.zeros_like(self.lengths))
 
-  def nbytes(self) -> dict[str, int]:
-    return base.tree_nbytes(self)
-
   def crop(self, length) -> "H2OCache":
     """Forgets every token at position >= length (scalar or per row [B]). Evicted tokens do not
     come back and scores keep the attention of the forgotten queries (see module docstring)."""
@@ -327,13 +334,10 @@ class H2OCache(base.Evicting):
                         ring_v=take(self.ring_v), positions=take(self.positions),
                         scores=take(self.scores), lengths=jnp.take(self.lengths, indices, axis=0))
 
-  def grow(self, capacity: int):
-    raise NotImplementedError("an H2O cache never grows: its memory is fixed at sink + window + "
-                              "heavy slots and it evicts instead (has_room is always true)")
 
-
-def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> H2OCache:
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> H2OCache:
   """`h2o:K+window:W[+sink:S][+intN[+residual:R][+group:G]]`. `capacity` is not used."""
+  registry.no_options("h2o", options)
   if spec.h2o is None or spec.window is None:
     raise SpecError(f"cache spec {str(spec)!r}: the h2o kind needs h2o:K and window:W terms")
   if spec.offload or spec.share > 1 or spec.tiers is not None or spec.mode != "full":
@@ -343,3 +347,20 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> 
                        head_dim=config.head_dim, heavy=spec.h2o, window=spec.window,
                        sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
                        group=spec.group, dtype=dtype)
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """The pool (at its precision), the residual ring, positions and scores per slot, lengths."""
+  residual = spec.residual or 0
+  pool = spec.sink + spec.window - residual + spec.h2o
+  slots = pool + residual
+  fmt = "fp32" if spec.bits is None else f"int{spec.bits}"
+  pool_bytes = (token_bytes(pool, config.head_dim, fmt, spec.group, dtype) if spec.bits is not None
+                else 2 * pool * config.head_dim * jnp.dtype(dtype).itemsize)
+  ring_bytes = 2 * residual * config.head_dim * jnp.dtype(dtype).itemsize
+  return registry.streams(config, batch) * (pool_bytes + ring_bytes + 8 * slots) + 4 * batch
+
+
+registry.register_kind("h2o", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.budget_capacity, builtin=True,
+                       description="the recent window plus the most-attended older tokens (H2O)")

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import RoPE, blockwise_attention, group_queries
-from kvjax.caches import base
+from kvjax import attention as attn
+from kvjax.caches import base, registry
 
 EMULATED = "device"  # host_kind of a cache whose "host" buffers live on the device
 
@@ -50,8 +50,8 @@ def host_memory_kind(device=None) -> str | None:
   device = device or jax.devices()[0]
   try:
     kinds = {m.kind for m in device.addressable_memories()}
-  except Exception:  # backends without memory-kind support
-    return None
+  except (NotImplementedError, AttributeError, jax.errors.JaxRuntimeError):
+    return None  # a backend without memory kinds (the PJRT plugin does not implement them)
   return "pinned_host" if "pinned_host" in kinds else None
 
 
@@ -60,6 +60,7 @@ class OffloadCache(base.Limited):
   """Full cache with the S-slot buffers in host memory and an R-slot recent ring on the device.
 
   host_k, host_v: [L, B, K, S, H] (host); ring_k, ring_v: [L, B, K, R, H]; lengths: int32 [B].
+  growable (static): the `dynamic` policy (see `FullCache`).
   """
 
   host_k: jax.Array
@@ -69,12 +70,13 @@ class OffloadCache(base.Limited):
   lengths: jax.Array
   block_size: int = struct.field(pytree_node=False, default=256)
   host_kind: str = struct.field(pytree_node=False, default="pinned_host")
+  growable: bool = struct.field(pytree_node=False, default=False)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            dtype=jnp.float32, block_size: int | None = None, recent: int | None = None,
-           host_kind: str | None = None) -> "OffloadCache":
+           host_kind: str | None = None, growable: bool = False) -> "OffloadCache":
     """Empty cache. recent: device slots per row (default one block; a multiple of block_size).
 
     host_kind: memory kind of the big buffers; default 'pinned_host' where available, else the
@@ -92,11 +94,15 @@ class OffloadCache(base.Limited):
     kind = host_kind or host_memory_kind() or EMULATED
     if kind not in ("pinned_host", EMULATED):
       raise ValueError(f"OffloadCache: host_kind must be 'pinned_host' or {EMULATED!r}, got {kind!r}")
+    if kind == "pinned_host" and host_memory_kind() is None:
+      raise ValueError(f"OffloadCache: the {jax.devices()[0].platform} backend has no pinned_host "
+                       f"memory; pass host_kind={EMULATED!r} to keep the 'host' buffers on the device")
     host_shape = (n_layers, batch, kv_heads, capacity, head_dim)
     ring_shape = (n_layers, batch, kv_heads, recent, head_dim)
     cache = cls(host_k=jnp.zeros(host_shape, dtype), host_v=jnp.zeros(host_shape, dtype),
                 ring_k=jnp.zeros(ring_shape, dtype), ring_v=jnp.zeros(ring_shape, dtype),
-                lengths=jnp.zeros((batch,), jnp.int32), block_size=bs, host_kind=kind)
+                lengths=jnp.zeros((batch,), jnp.int32), block_size=bs, host_kind=kind,
+                growable=growable)
     return cache.replace(host_k=cache._to_host(cache.host_k), host_v=cache._to_host(cache.host_v))
 
   # ---- memory spaces ----------------------------------------------------------------------------
@@ -128,23 +134,27 @@ class OffloadCache(base.Limited):
   def _write_host(self, buf, layer: int, x):
     """Stores x [B, T, K, H] of one layer at slots lengths[b] + t of `buf` [L, B, K, S, H] (host).
 
-    One `dynamic_update_slice` per row. Near the end of the buffer the start is clamped to keep the
-    update in bounds, so the update is shifted and its first slots keep what the buffer held there
-    (read back from the host): tokens past the capacity are dropped, never written onto others.
+    One `dynamic_update_slice` per row, in a `fori_loop` over rows. Near the end of the buffer the
+    start is clamped to keep the update in bounds, so the update is shifted and its first slots
+    keep what the buffer held there (read back from the host): tokens past the capacity are
+    dropped, never written onto others.
     """
     s, kh, h = self.capacity, self.kv_heads, self.head_dim
     width = min(x.shape[1], s)  # token t >= S has position >= S: always dropped
     x = x[:, :width].transpose(0, 2, 1, 3).astype(buf.dtype)  # [B, K, T', H]
     j = jnp.arange(width, dtype=jnp.int32)
-    for b in range(self.batch):
+
+    def row(b, buf):
       start = jnp.minimum(self.lengths[b], s - width)
       shift = self.lengths[b] - start  # > 0 only when the row's tokens run past the capacity
       idx = (layer, b, 0, start, 0)
       old = self._to_device(jax.lax.dynamic_slice(buf, idx, (1, 1, kh, width, h)))[0, 0]
-      new = jnp.take(x[b], jnp.clip(j - shift, 0, width - 1), axis=1)  # [K, T', H]
+      new = jnp.take(jax.lax.dynamic_index_in_dim(x, b, 0, keepdims=False),
+                     jnp.clip(j - shift, 0, width - 1), axis=1)  # [K, T', H]
       update = jnp.where((j >= shift)[None, :, None], new, old)
-      buf = jax.lax.dynamic_update_slice(buf, self._to_host(update[None, None]), idx)
-    return buf
+      return jax.lax.dynamic_update_slice(buf, self._to_host(update[None, None]), idx)
+
+    return jax.lax.fori_loop(0, self.batch, row, buf)
 
   def _write_ring(self, ring, layer: int, x, n_valid):
     """Stores the real tokens of x [B, T, K, H] that stay among the R most recent into `ring`."""
@@ -153,7 +163,7 @@ class OffloadCache(base.Limited):
     end = jnp.minimum(self.lengths + n_valid, self.capacity)  # [B]
     keep = ((jnp.arange(t)[None, :] < n_valid[:, None]) & (positions < self.capacity)
             & (positions >= end[:, None] - self.recent))
-    slots = jnp.where(keep, positions % self.recent, self.recent)  # R: out of range, dropped
+    slots = jnp.where(keep, attn.ring_slot(positions, self.recent), self.recent)  # R: dropped
     rows = jnp.arange(self.batch)[:, None]
     return ring.at[layer, rows, :, slots, :].set(x.astype(ring.dtype), mode="drop")
 
@@ -173,19 +183,17 @@ class OffloadCache(base.Limited):
     return self.replace(lengths=self.lengths + n_valid)
 
   # ---- attention --------------------------------------------------------------------------------
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Rotates, stores, and attends over the filled blocks of `layer`. Returns (out [B,T,N,H], cache)."""
-    positions = base.row_slots(self.lengths, q.shape[1])  # [B, T]
-    q = rope.apply(q, positions)
-    k = rope.apply(k, positions)
-    cache = self.write(layer, k, v, n_valid)
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.apply_rope(rope, q, positions)
+    cache = self.write(layer, attn.apply_rope(rope, k, positions), v, n_valid)
     kv_len = jnp.minimum(self.lengths + n_valid, self.capacity)  # [B]
     on_host = jnp.maximum(kv_len - self.recent, 0)  # [B]: slots below this are read from the host
-    qg = group_queries(q * (q.shape[-1] ** -0.5), self.kv_heads)
     bs, r = self.block_size, self.recent
     shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
 
-    def load_block(_, __, start):
+    def load_block(start):
       slots = start + jnp.arange(bs, dtype=jnp.int32)
       from_host = (slots[None, :] < on_host[:, None])[:, None, :, None]  # [B, 1, bs, 1]
 
@@ -200,13 +208,15 @@ class OffloadCache(base.Limited):
         return zeros, zeros
 
       host_k, host_v = jax.lax.cond(start < jnp.max(on_host), read_host, skip, None)
-      ring_idx = (layer, 0, 0, start % r, 0)
+      ring_idx = (layer, 0, 0, attn.ring_slot(start, r), 0)
       ring_k = jax.lax.dynamic_slice(cache.ring_k, ring_idx, shape)[0]
       ring_v = jax.lax.dynamic_slice(cache.ring_v, ring_idx, shape)[0]
       return jnp.where(from_host, host_k, ring_k), jnp.where(from_host, host_v, ring_v)
 
-    out = blockwise_attention(qg, None, None, positions, kv_len, block_size=bs, load_block=load_block)
-    return out, cache
+    stats = attn.blockwise_stats(attn.prepare_queries(q, self.kv_heads, scale), load_block,
+                                 attn.causal_visibility(positions, kv_len),
+                                 attn.n_filled_blocks(kv_len, bs), bs)
+    return attn.finish_stats(stats, q.dtype), cache
 
   # ---- inspection -------------------------------------------------------------------------------
   def view(self) -> base.CacheView:
@@ -221,10 +231,8 @@ class OffloadCache(base.Limited):
 
   def ring_positions(self) -> jax.Array:
     """int32 [B, R]: the position each ring slot holds (-1 where it holds none)."""
-    r = self.recent
-    end = self.filled()[:, None]  # [B, 1]
-    slot = jnp.arange(r, dtype=jnp.int32)[None, :]
-    pos = end - r + (slot - (end - r)) % r  # the position in [end - R, end) congruent to the slot
+    slot = jnp.arange(self.recent, dtype=jnp.int32)[None, :]
+    pos = attn.ring_position(slot, self.filled()[:, None], self.recent)
     return jnp.where(pos >= 0, pos, -1)
 
   def nbytes(self) -> dict[str, int]:
@@ -248,17 +256,20 @@ class OffloadCache(base.Limited):
     end = cache.filled()
     r = self.recent
     shape = (self.n_layers, 1, self.kv_heads, r, self.head_dim)
-    rings_k, rings_v = [], []
-    for b in range(self.batch):
+
+    def row(b, rings):
       start = jnp.clip(end[b] - r, 0, self.capacity - r)
       idx = (0, b, 0, start, 0)
-      kb = self._to_device(jax.lax.dynamic_slice(self.host_k, idx, shape))
-      vb = self._to_device(jax.lax.dynamic_slice(self.host_v, idx, shape))
-      # slice index j holds position start + j, which belongs in ring slot (start + j) mod R
-      rings_k.append(jnp.roll(kb, start % r, axis=3))
-      rings_v.append(jnp.roll(vb, start % r, axis=3))
-    return cache.replace(ring_k=jnp.concatenate(rings_k, axis=1).astype(self.ring_k.dtype),
-                         ring_v=jnp.concatenate(rings_v, axis=1).astype(self.ring_v.dtype))
+      out = []
+      for host, ring in zip((self.host_k, self.host_v), rings):
+        block = self._to_device(jax.lax.dynamic_slice(host, idx, shape))
+        # slice index j holds position start + j, which belongs in ring slot (start + j) mod R
+        block = jnp.roll(block, attn.ring_slot(start, r), axis=3).astype(ring.dtype)
+        out.append(jax.lax.dynamic_update_slice(ring, block, (0, b, 0, 0, 0)))
+      return tuple(out)
+
+    ring_k, ring_v = jax.lax.fori_loop(0, self.batch, row, (self.ring_k, self.ring_v))
+    return cache.replace(ring_k=ring_k, ring_v=ring_v)
 
   def reorder(self, indices) -> "OffloadCache":
     """Row b of the result is row indices[b] (beam reordering; moves the host buffers through the device)."""
@@ -292,4 +303,17 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, blo
   """`offload` (and `dynamic+offload`). Options: block_size, recent (device slots), host_kind."""
   return OffloadCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                            head_dim=config.head_dim, capacity=capacity, dtype=dtype,
-                           block_size=block_size, recent=recent, host_kind=host_kind)
+                           block_size=block_size, recent=recent, host_kind=host_kind,
+                           growable=spec.mode == "dynamic")
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """Host buffers for `context` slots, the device ring (one block by default), lengths."""
+  recent = base.pick_block_size(context)
+  item = jnp.dtype(dtype).itemsize
+  return 2 * registry.streams(config, batch) * (context + recent) * config.head_dim * item + 4 * batch
+
+
+registry.register_kind("offload", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.unbounded_capacity, builtin=True,
+                       description="every token in host memory, the recent block on the device")

@@ -50,9 +50,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import MASKED, RoPE, group_queries, ungroup
-from kvjax.caches import base, packing
+from kvjax import attention as attn
+from kvjax.caches import base, packing, registry
 from kvjax.caches.full import FullCache
+from kvjax.caches.registry import SpecError
 
 
 def _block_size(capacity: int, group: int, preferred: int = 256) -> int:
@@ -70,8 +71,11 @@ class QuantizedCache(base.Limited):
   """Bit-packed quantized cache with a full-precision residual; see the module docstring.
 
   lengths: int32 [B] tokens seen per row.  qcount: int32 [B] tokens in the quantized region (a
-  multiple of G).
+  multiple of G).  growable (static): the `dynamic` policy (see `FullCache`).
   """
+
+  exact = False  # keys and values come back dequantized
+  chunk_exact = False  # a chunk's own tokens are seen at full precision (see the module docstring)
 
   kq: jax.Array
   ks: jax.Array
@@ -87,12 +91,13 @@ class QuantizedCache(base.Limited):
   group: int = struct.field(pytree_node=False, default=32)
   residual: int = struct.field(pytree_node=False, default=0)
   block_size: int = struct.field(pytree_node=False, default=256)
+  growable: bool = struct.field(pytree_node=False, default=False)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            bits: int = 8, group: int = 32, residual: int | None = None, dtype=jnp.float32,
-           block_size: int | None = None) -> "QuantizedCache":
+           block_size: int | None = None, growable: bool = False) -> "QuantizedCache":
     """Empty cache holding up to `capacity` tokens per row (rounded up to a multiple of `group`)."""
     if bits not in packing.SUPPORTED_BITS:
       raise ValueError(f"QuantizedCache: unsupported bit width {bits}; supported: "
@@ -123,7 +128,7 @@ class QuantizedCache(base.Limited):
         vz=None if sym else zeros(lbk + (s, head_dim // vgroup), f16),
         rk=zeros(lbk + (r + group, head_dim), dtype), rv=zeros(lbk + (r + group, head_dim), dtype),
         lengths=zeros((batch,), jnp.int32), qcount=zeros((batch,), jnp.int32),
-        bits=bits, group=group, residual=r, block_size=bs)
+        bits=bits, group=group, residual=r, block_size=bs, growable=growable)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -251,40 +256,33 @@ class QuantizedCache(base.Limited):
     return self._dequantize(tok(self.kq), grp(self.ks), grp(self.kz), tok(self.vq), tok(self.vs),
                             None if self.vz is None else tok(self.vz))
 
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Rotates, stages, flushes, attends (quantized blocks as before the call + exact residual).
 
     q [B, T, N, H], k/v [B, T, K, H] un-rotated; returns (out [B, T, N, H], cache).
     """
-    t = q.shape[1]
-    n_valid = jnp.asarray(n_valid, jnp.int32)
-    positions = base.row_slots(self.lengths, t)  # [B, T]
-    q = rope.apply(q, positions)
-    k = rope.apply(k, positions)
-    ext_k, ext_v = self._stage(layer, k, v)
-    qg = group_queries(q * (q.shape[-1] ** -0.5), self.kv_heads)  # [B, T, K, G, H]
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.apply_rope(rope, q, positions)
+    ext_k, ext_v = self._stage(layer, attn.apply_rope(rope, k, positions), v)
+    qg = attn.prepare_queries(q, self.kv_heads, scale)  # [B, T, K, G, H]
     # Flush first, read after (as the full cache does), so XLA updates the buffers in place; the
     # groups flushed now sit at slots >= the old qcount, which the read below masks out.
     cache = self._flush(layer, ext_k, ext_v, n_valid)
 
     # Part 1: the quantized region as it was before this call (every slot < qcount is visible).
     qlen = self.qcount
-    def load(_, __, start):
-      return cache.load_block(layer, start)
-    visible_q = lambda slots: jnp.broadcast_to(slots[None, None, :] < qlen[:, None, None],
-                                               (self.batch, t, slots.shape[0]))
-    n_blocks = (jnp.max(qlen) + self.block_size - 1) // self.block_size
-    part_q = _blockwise_stats(qg, load, visible_q, n_blocks, self.block_size)
+    part_q = attn.blockwise_stats(
+        qg, lambda start: cache.load_block(layer, start),
+        lambda slots: (slots[None, :] < qlen[:, None])[:, None, None, :],
+        attn.n_filled_blocks(qlen, self.block_size), self.block_size)
 
     # Part 2: residual + new tokens at full precision; slot i holds position qcount + i.
     held = self.lengths - self.qcount + n_valid  # [B]
     i = jnp.arange(ext_k.shape[2], dtype=jnp.int32)[None, None, :]
     visible_r = (i < held[:, None, None]) & (self.qcount[:, None, None] + i <= positions[:, :, None])
-    part_r = _dense_stats(qg, ext_k, ext_v, visible_r)
+    part_r = attn.attention_stats(qg, ext_k, ext_v, visible_r[:, None])
 
-    out = _merge(part_q, part_r)
-    out = ungroup(out).astype(q.dtype)
-    return out, cache
+    return attn.finish_stats(attn.combine_stats(part_q, part_r), q.dtype), cache
 
   def view(self) -> base.CacheView:
     """Dequantized keys/values [L, B, K, S, H] in position order (slot p = position p)."""
@@ -308,9 +306,6 @@ class QuantizedCache(base.Limited):
   def reset(self) -> "QuantizedCache":
     """Empty cache of the same shapes (stale codes stay, hidden by lengths = qcount = 0)."""
     return self.replace(lengths=jnp.zeros_like(self.lengths), qcount=jnp.zeros_like(self.qcount))
-
-  def nbytes(self) -> dict[str, int]:
-    return base.tree_nbytes(self)
 
   # ---- beam search / speculative decoding -----------------------------------------------------
   def crop(self, length) -> "QuantizedCache":
@@ -363,60 +358,6 @@ class QuantizedCache(base.Limited):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention pieces that keep the softmax statistics, so two parts can be merged
-# ---------------------------------------------------------------------------------------------
-def _dense_stats(q, k, v, visible):
-  """q [B, T, K, G, H]; k, v [B, K, S, H]; visible bool [B, T, S].
-
-  Returns (peak, total [B, K, G, T], acc [B, K, G, T, H]): running max, sum of exp(score - peak),
-  and the unnormalized weighted sum of values.
-  """
-  scores = jnp.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-  vis = visible[:, None, None]
-  scores = jnp.where(vis, scores, MASKED)
-  peak = jnp.max(scores, axis=-1)
-  weights = jnp.where(vis, jnp.exp(scores - peak[..., None]), 0.0)
-  acc = jnp.einsum("bkgts,bksh->bkgth", weights.astype(q.dtype), v.astype(q.dtype),
-                   preferred_element_type=jnp.float32)
-  return peak, jnp.sum(weights, axis=-1), acc
-
-
-def _blockwise_stats(q, load_block, visible, n_blocks, block_size: int):
-  """Online softmax over `n_blocks` blocks given by `load_block(None, None, start)`.
-
-  visible(slots [bs]) -> bool [B, T, bs]. Returns the same statistics as `_dense_stats`.
-  """
-  b, t, kh, g, h = q.shape
-
-  def body(j, carry):
-    peak, total, acc = carry
-    start = j * block_size
-    kb, vb = load_block(None, None, start)
-    slots = start + jnp.arange(block_size, dtype=jnp.int32)
-    p2, t2, a2 = _dense_stats(q, kb, vb, visible(slots))
-    return _combine((peak, total, acc), (p2, t2, a2))
-
-  init = (jnp.full((b, kh, g, t), MASKED, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
-          jnp.zeros((b, kh, g, t, h), jnp.float32))
-  return jax.lax.fori_loop(0, n_blocks, body, init)
-
-
-def _combine(a, b):
-  """Merges two sets of softmax statistics over disjoint key sets."""
-  pa, ta, aa = a
-  pb, tb, ab = b
-  peak = jnp.maximum(pa, pb)
-  sa, sb = jnp.exp(pa - peak), jnp.exp(pb - peak)
-  return peak, ta * sa + tb * sb, aa * sa[..., None] + ab * sb[..., None]
-
-
-def _merge(a, b):
-  """Normalized attention output [B, K, G, T, H] of two statistic sets (zeros where nothing is seen)."""
-  _, total, acc = _combine(a, b)
-  return acc / jnp.maximum(total, 1e-30)[..., None]
-
-
-# ---------------------------------------------------------------------------------------------
 # Construction and the library verb
 # ---------------------------------------------------------------------------------------------
 def from_full(cache: FullCache, bits: int, group: int = 32, residual: int | None = None,
@@ -461,11 +402,8 @@ dequantize = packing.dequantize
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options):
-  """`intN[+residual:R][+group:G]` specs."""
-  from kvjax.spec import SpecError
-
-  if options:
-    raise TypeError(f"quantized cache: unknown options {sorted(options)}")
+  """`intN[+residual:R][+group:G]` specs (and `dynamic+intN`)."""
+  registry.no_options("quantized", options)
   if spec.offload:
     raise SpecError(f"{spec}: offloading a quantized cache is not yet supported; drop 'offload'")
   if spec.bits is None:
@@ -476,4 +414,25 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
                     "quantized per token over groups of channels)")
   return QuantizedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                              head_dim=config.head_dim, capacity=capacity, bits=spec.bits,
-                             group=spec.group, residual=spec.residual, dtype=dtype)
+                             group=spec.group, residual=spec.residual, dtype=dtype,
+                             growable=spec.mode == "dynamic")
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """Codes for S = context rounded up to G tokens, their float16 scales (and zero points below 8
+  bits), the R + G full-precision staging slots, lengths and qcount."""
+  h, g = config.head_dim, spec.group
+  if h % min(g, h):
+    raise SpecError(f"{str(spec)!r}: group:{g} does not divide head_dim {h}")
+  s = -(-context // g) * g
+  scales = 1 if spec.bits == 8 else 2  # int8 is symmetric: no zero points
+  codes = 2 * s * packing.packed_length(h, spec.bits)
+  key_scales = scales * (s // g) * h * 2  # per channel, per group of G tokens (float16)
+  value_scales = scales * s * (h // min(g, h)) * 2  # per token, per group of channels
+  staging = 2 * ((spec.residual or 0) + g) * h * jnp.dtype(dtype).itemsize
+  return registry.streams(config, batch) * (codes + key_scales + value_scales + staging) + 8 * batch
+
+
+registry.register_kind("quantized", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.unbounded_capacity, builtin=True,
+                       description="every token, bit-packed intN with a full-precision residual")

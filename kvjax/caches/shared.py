@@ -35,6 +35,7 @@ uses its leader's (mapped) K/V; chunked prefill equals token-by-token decoding; 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -42,8 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import RoPE, blockwise_attention, group_queries
-from kvjax.caches import base
+from kvjax import attention as attn
+from kvjax.attention import RoPE
+from kvjax.caches import base, registry
 from kvjax.caches.full import FullCache
 
 
@@ -152,6 +154,24 @@ class SharedCache:
     """Whether the inner cache has a hard capacity (see `base.Limited`)."""
     return self.inner.limited
 
+  # Followers attend over their leader's keys and values, not their own.
+  exact = False
+
+  @property
+  def chunk_exact(self) -> bool:
+    """As the inner kind: followers see what their leader saw, chunked or not."""
+    return self.inner.chunk_exact
+
+  @property
+  def growable(self) -> bool:
+    return bool(getattr(self.inner, "growable", False))
+
+  def filled(self) -> jax.Array:
+    return self.inner.filled()
+
+  def token_positions(self, tokens: int) -> jax.Array:
+    return base.row_slots(self.lengths, tokens)
+
   @property
   def calibrated(self) -> bool:
     return self.maps is not None
@@ -178,50 +198,53 @@ class SharedCache:
   def advance(self, n_valid) -> "SharedCache":
     return self.replace(inner=self.inner.advance(n_valid), pending=None)
 
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Model layer `layer`: leaders store and attend; followers attend over their leader's cache."""
     slot = layer // self.group
     if isinstance(self.inner, FullCache):
+      n_valid, positions = base.attend_inputs(self.inner, q, k, v, n_valid)
       cache = self
-      positions = base.row_slots(self.lengths, q.shape[1])  # [B, T]
       if self.is_leader(layer):
-        k_stored = k if self.calibrated else rope.apply(k, positions)
+        k_stored = k if self.calibrated else attn.apply_rope(rope, k, positions)
         cache = self.replace(inner=self.inner.write(slot, k_stored, v))
-      return cache._read(layer, rope.apply(q, positions), positions, n_valid), cache
+      out = cache._read(layer, attn.apply_rope(rope, q, positions), positions, n_valid, rope, scale)
+      return out, cache
     if self.is_leader(layer):
-      out, inner = self.inner.attend(slot, q, k, v, rope, n_valid)
+      out, inner = self.inner.attend(slot, q, k, v, n_valid, rope=rope, scale=scale)
       return out, self.replace(inner=inner, pending=(self.inner, k, v))
     if self.pending is None:
       raise ValueError(f"SharedCache: follower layer {layer} attended before its leader {slot * self.group}")
     before, k_lead, v_lead = self.pending
-    out, _ = before.attend(slot, q, k_lead, v_lead, rope, n_valid)
+    out, _ = before.attend(slot, q, k_lead, v_lead, n_valid, rope=rope, scale=scale)
     return out, self
 
-  def _read(self, layer: int, q, positions, n_valid):
+  def _read(self, layer: int, q, positions, n_valid, rope, scale):
     """Attention of rotated queries q [B, T, N, H] over the full inner cache of `layer`'s leader."""
     inner = self.inner
     slot = layer // self.group
     kv_len = jnp.minimum(inner.lengths + n_valid, inner.capacity)
-    qg = group_queries(q * (q.shape[-1] ** -0.5), inner.kv_heads)
     bs = inner.block_size
     shape = (1, inner.batch, inner.kv_heads, bs, inner.head_dim)
 
-    def load_block(_, __, start):
+    def load_block(start):
       idx = (slot, 0, 0, start, 0)
       kb = jax.lax.dynamic_slice(inner.k, idx, shape)[0]  # [B, K, bs, H]
       vb = jax.lax.dynamic_slice(inner.v, idx, shape)[0]
       if self.calibrated:
-        kb, vb = self._calibrated_block(layer, kb, vb, start + jnp.arange(bs, dtype=jnp.int32))
+        kb, vb = self._calibrated_block(layer, kb, vb, start + jnp.arange(bs, dtype=jnp.int32), rope)
       return kb, vb
 
-    return blockwise_attention(qg, None, None, positions, kv_len, block_size=bs, load_block=load_block)
+    stats = attn.blockwise_stats(attn.prepare_queries(q, inner.kv_heads, scale), load_block,
+                                 attn.causal_visibility(positions, kv_len),
+                                 attn.n_filled_blocks(kv_len, bs), bs)
+    return attn.finish_stats(stats, q.dtype)
 
-  def _calibrated_block(self, layer: int, kb, vb, slots):
+  def _calibrated_block(self, layer: int, kb, vb, slots, rope):
     """Un-rotated leader block [B, K, S', H] -> what `layer` attends over: mapped (followers), rotated."""
     kb, vb = kb.swapaxes(1, 2), vb.swapaxes(1, 2)  # [B, S', K, H]
     if not self.is_leader(layer):
       kb, vb = self.maps.apply(layer, kb, vb)
-    kb = self.rope.apply(kb, jnp.maximum(slots, 0))
+    kb = attn.apply_rope(rope, kb, jnp.broadcast_to(jnp.maximum(slots, 0), kb.shape[:2]))
     return kb.swapaxes(1, 2), vb.swapaxes(1, 2)
 
   def view(self) -> base.CacheView:
@@ -232,7 +255,8 @@ class SharedCache:
                                      (inner.keys, inner.values, inner.mask, inner.positions))
     if self.calibrated:
       slots = jnp.arange(keys.shape[3], dtype=jnp.int32)  # a full inner cache: slot = position
-      per_layer = [self._calibrated_block(l, keys[l], values[l], slots) for l in range(self.model_layers)]
+      per_layer = [self._calibrated_block(l, keys[l], values[l], slots, self.rope)
+                   for l in range(self.model_layers)]
       keys = jnp.stack([kv[0] for kv in per_layer])
       values = jnp.stack([kv[1] for kv in per_layer])
     return base.CacheView(keys=keys, values=values, mask=mask, positions=positions)
@@ -270,11 +294,51 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
         f"maps=kvjax.calibrate.fit_share_maps(model, ids, {spec.share}))")
   if not spec.share_calibrated and maps is not None:
     raise spec_lib.SpecError(f"{str(spec)!r} takes no maps; use share:{spec.share}:cal")
-  inner_spec = spec.replace(share=1, share_calibrated=False)
+  inner_spec = _inner_spec(spec)
   if spec.share_calibrated and inner_spec.kind != "full":
     raise spec_lib.SpecError(f"{str(spec)!r}: calibrated sharing needs a full inner cache, "
                              f"not {inner_spec.kind!r} (maps act on un-rotated full-precision keys)")
-  inner_config = config.replace(n_layers=math.ceil(config.n_layers / spec.share))
+  inner_config = _InnerConfig(math.ceil(config.n_layers / spec.share), config.n_kv_heads,
+                              config.head_dim, getattr(config, "vocab_size", 0))
   inner = spec_lib.make_cache(inner_spec, inner_config, batch, capacity, dtype, **options)
-  return SharedCache.wrap(inner, group=spec.share, model_layers=config.n_layers, maps=maps,
-                          rope=RoPE(config.head_dim, config.rope_theta))
+  theta = getattr(config, "rope_theta", None)
+  rope = RoPE(config.head_dim, theta) if theta is not None else None
+  if spec.share_calibrated and rope is None:
+    raise spec_lib.SpecError(f"{str(spec)!r}: calibrated sharing rotates keys on read and needs a "
+                             "config with rope_theta")
+  return SharedCache.wrap(inner, group=spec.share, model_layers=config.n_layers, maps=maps, rope=rope)
+
+
+@dataclasses.dataclass(frozen=True)
+class _InnerConfig:
+  """The inner cache's config: ceil(L / G) layers of the model's shape."""
+
+  n_layers: int
+  n_kv_heads: int
+  head_dim: int
+  vocab_size: int
+
+
+def _inner_spec(spec):
+  return spec.replace(share=1, share_calibrated=False)
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """ceil(L / G) layers of the inner kind (the calibration maps are not cache memory)."""
+  inner_spec = _inner_spec(spec)
+  inner_config = _InnerConfig(math.ceil(config.n_layers / spec.share), config.n_kv_heads,
+                              config.head_dim, getattr(config, "vocab_size", 0))
+  info = registry.lookup(inner_spec.kind)
+  if info.estimate_bytes is None:
+    raise NotImplementedError(f"no byte formula for the inner kind {inner_spec.kind!r}")
+  return info.estimate_bytes(inner_spec, inner_config, context, batch, dtype)
+
+
+def default_capacity(spec, *, needed: int, prompt: int) -> int:
+  """The inner kind's choice."""
+  inner_spec = _inner_spec(spec)
+  return registry.lookup(inner_spec.kind).default_capacity(inner_spec, needed=needed, prompt=prompt)
+
+
+registry.register_kind("shared", from_spec, estimate_bytes=estimate_bytes, capacity=default_capacity,
+                       builtin=True, description="layers in groups of G share one cache")

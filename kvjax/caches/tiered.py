@@ -36,7 +36,8 @@ Invariants (tests/caches/test_tiered.py, against a NumPy oracle of the definitio
   * with only fp32 tiers and a total budget above the sequence length, logits equal the full
     cache's.
 
-`crop` is not supported (tokens that moved to a lower-precision tier cannot move back up).
+`crop` is not supported (tokens that aged into a lower-precision tier cannot move back up, and
+dropped tokens are gone; keep a copy of the cache instead), nor `grow` (the budgets fix the memory).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import RoPE, dense_attention, group_queries
-from kvjax.caches import base, packing
-from kvjax.spec import SpecError
+from kvjax import attention as attn
+from kvjax.caches import base, packing, registry
+from kvjax.caches.registry import SpecError
 
 FLOAT_FORMATS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 INT_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
@@ -136,8 +137,7 @@ def tier_positions(lengths: jax.Array, start: int, budget: int) -> jax.Array:
   The tier holds ages [start, start + budget): positions [n - start - budget, n - start).
   """
   slots = jnp.arange(budget, dtype=jnp.int32)[None, :]
-  lo = lengths[:, None] - start - budget
-  p = lo + jnp.mod(slots - lo, budget)
+  p = attn.ring_position(slots, lengths[:, None] - start, budget)
   return jnp.where(p >= 0, p, -1).astype(jnp.int32)
 
 
@@ -151,7 +151,13 @@ class TieredCache(base.Evicting):
   tiers: tuple
   lengths: jax.Array
 
-  # A chain of rings never overflows: kvjax.append must not raise capacity errors.
+  # A chain of rings never overflows: kvjax.append must not raise capacity errors. Chunks are fed
+  # token by token inside `attend`, so chunked feeding is exact (base.CacheBase.chunk_exact).
+
+  @property
+  def exact(self) -> bool:
+    """Only a chain of fp32 tiers stores tokens exactly."""
+    return all(t.k.bits is None and t.k.data.dtype == jnp.float32 for t in self.tiers)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -201,6 +207,10 @@ class TieredCache(base.Evicting):
   def head_dim(self) -> int:
     return self.tiers[0].k.head_dim
 
+  def filled(self) -> jax.Array:
+    """int32 [B]: tokens each row holds (the newest sum(budgets) of those it has seen)."""
+    return jnp.minimum(self.lengths, self.capacity)
+
   # ---- one token through one layer ------------------------------------------------------------
   def _push(self, stores, k_t, v_t, pos_t, valid_t):
     """Moves one token per row into tier 0 and cascades the displaced ones down the chain.
@@ -214,7 +224,7 @@ class TieredCache(base.Evicting):
     out = []
     last = len(self.tiers) - 1
     for i, (tier, start, (ks, vs)) in enumerate(zip(self.tiers, self.starts, stores)):
-      slot = jnp.mod(pos_t - start, tier.budget)  # [B]: the slot the incoming token takes
+      slot = attn.ring_slot(pos_t - start, tier.budget)  # [B]: the slot the incoming token takes
       new_pair = []
       leaving = []
       for store, x in ((ks, incoming[0]), (vs, incoming[1])):
@@ -247,17 +257,16 @@ class TieredCache(base.Evicting):
     return keys, values, pos
 
   # ---- protocol -------------------------------------------------------------------------------
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """q [B, T, N, H], k/v [B, T, K, H] un-rotated. Returns (out [B, T, N, H], cache).
 
     Token by token (a scan when T > 1): push the token through the tiers, then let its query
     attend over everything held, itself included, each token at its tier's precision.
     """
-    b, t, _, h = q.shape
-    n_valid = jnp.asarray(n_valid, jnp.int32)
-    positions = base.row_slots(self.lengths, t)  # [B, T]
-    q = group_queries(rope.apply(q, positions) * (h**-0.5), self.kv_heads)  # [B, T, K, G, H]
-    k = rope.apply(k, positions)  # [B, T, K, H]
+    t = q.shape[1]
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.prepare_queries(attn.apply_rope(rope, q, positions), self.kv_heads, scale)
+    k = attn.apply_rope(rope, k, positions)  # [B, T, K, H]
     valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
     final = self.lengths + n_valid
 
@@ -267,7 +276,7 @@ class TieredCache(base.Evicting):
       now = jnp.where(valid_t, pos_t + 1, final)  # tokens held after this step
       keys, values, pos = self._held(stores, now, q.dtype)
       mask = (pos >= 0)[:, None, None, :]  # [B, 1, 1, S]
-      out = dense_attention(q_t[:, None], keys, values, mask)  # [B, 1, N, H]
+      out = attn.dense_attention(q_t[:, None], keys, values, mask)  # [B, 1, N, H]
       return stores, out[:, 0]
 
     xs = (q, k, v, positions, valid)
@@ -314,17 +323,9 @@ class TieredCache(base.Evicting):
     """Empty cache of the same shapes (stale slots hidden: positions derive from lengths = 0)."""
     return self.replace(lengths=jnp.zeros_like(self.lengths))
 
-  def nbytes(self) -> dict[str, int]:
-    return base.tree_nbytes(self)
-
   def tier_nbytes(self) -> tuple[int, ...]:
     """Bytes of each tier (codes, scales and zero points of keys and values)."""
     return tuple(sum(base.tree_nbytes(t).values()) for t in self.tiers)
-
-  def crop(self, length):
-    raise NotImplementedError(
-        "a tiered cache cannot crop: tokens that aged into a lower-precision tier cannot move "
-        "back up, and dropped tokens are gone; keep a copy of the cache instead")
 
   def reorder(self, indices) -> "TieredCache":
     """Row b of the result is row indices[b] of this cache (beam reordering)."""
@@ -333,12 +334,10 @@ class TieredCache(base.Evicting):
     tiers = tuple(t.replace(k=t.k.map(take), v=t.v.map(take)) for t in self.tiers)
     return self.replace(tiers=tiers, lengths=jnp.take(self.lengths, indices, axis=0))
 
-  def grow(self, capacity: int):
-    raise NotImplementedError("a tiered cache never grows: its memory is fixed by the tier budgets")
 
-
-def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> TieredCache:
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> TieredCache:
   """`tier:B0:F0,B1:F1,...` specs. `capacity` is not used: the tier budgets size the cache."""
+  registry.no_options("tiered", options)
   if spec.tiers is None:
     raise SpecError(f"cache spec {str(spec)!r} has no tier:... term; the tiered kind needs one")
   if spec.offload or spec.share > 1 or spec.mode != "full":
@@ -346,3 +345,28 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32) -> 
                     "offload/share/dynamic yet")
   return TieredCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                           head_dim=config.head_dim, tiers=spec.tiers, group=spec.group, dtype=dtype)
+
+
+def token_bytes(n: int, head_dim: int, fmt: str, group: int, dtype) -> int:
+  """Bytes of n tokens' keys and values of one (layer, row, kv head) stream stored as `fmt`:
+  floats, or packed per-token codes with a float16 scale (and zero point below 8 bits) per
+  `group` channels (the format H2O's quantized pool uses too)."""
+  bits, fdtype = parse_format(fmt, dtype)
+  if bits is None:
+    return 2 * n * head_dim * jnp.dtype(fdtype).itemsize
+  if head_dim % group:
+    raise SpecError(f"tier {fmt}: group:{group} does not divide head_dim {head_dim}")
+  scales = 1 if bits == 8 else 2
+  return 2 * n * (packing.packed_length(head_dim, bits) + scales * (head_dim // group) * 2)
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """Each tier's codes (or floats) and scales, plus lengths; the context does not matter."""
+  streams = registry.streams(config, batch)
+  return 4 * batch + sum(streams * token_bytes(budget, config.head_dim, fmt, spec.group, dtype)
+                         for budget, fmt in spec.tiers)
+
+
+registry.register_kind("tiered", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.budget_capacity, builtin=True,
+                       description="recent tokens at high precision, older ones lower, oldest dropped")

@@ -52,9 +52,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import MASKED, RoPE, group_queries, ungroup
-from kvjax.caches import base
-from kvjax.spec import SpecError
+from kvjax import attention as attn
+from kvjax.caches import base, registry
+from kvjax.caches.registry import SpecError
 
 
 class UnsupportedWindowSpec(SpecError, NotImplementedError):
@@ -66,7 +66,7 @@ class UnsupportedWindowSpec(SpecError, NotImplementedError):
 # ---------------------------------------------------------------------------------------------
 def slot_of(positions: jax.Array, sink: int, window: int) -> jax.Array:
   """Slot that holds the token at each position (int32, any shape)."""
-  ring = sink + jnp.mod(positions - sink, window)
+  ring = sink + attn.ring_slot(positions, window, offset=sink)
   return jnp.where(positions < sink, positions, ring).astype(jnp.int32)
 
 
@@ -84,12 +84,10 @@ def next_positions(pos, lengths, n_valid, sink: int, window: int) -> jax.Array:
   """pos [B, S+N] after n_valid [B] tokens are appended at `lengths` (computed slot by slot)."""
   slots = jnp.arange(sink + window, dtype=jnp.int32)[None, :]  # [1, S+N]
   start, final = lengths[:, None], (lengths + n_valid)[:, None]
-  # Sink slot i receives position i; ring slot S + r the latest position p < final with
-  # p >= S and (p - S) % N == r.
-  offset = final - 1 - slots  # >= 0 iff such a position exists (for ring slots)
-  latest = slots + window * jnp.floor_divide(jnp.maximum(offset, 0), window)
-  latest = jnp.where(slots < sink, slots, latest)
-  written = (latest >= start) & (latest < final) & (offset >= 0)
+  # Sink slot i receives position i; ring slot S + r the newest position p < final with
+  # p >= S and p = S + r (mod N).
+  latest = jnp.where(slots < sink, slots, attn.ring_position(slots - sink, final, window, sink))
+  written = (latest >= start) & (latest < final) & ((slots < sink) | (latest >= sink))
   return jnp.where(written, latest, pos).astype(jnp.int32)
 
 
@@ -99,8 +97,8 @@ def scatter_tokens(buf, x, slots):
   return buf.at[rows, :, slots, :].set(x.astype(buf.dtype), mode="drop")
 
 
-def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope: RoPE, *,
-                     sink: int, window: int):
+def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope, *,
+                     sink: int, window: int, scale: float | None = None):
   """Attention of T new queries over the held slots plus the chunk's own tokens.
 
   Args:
@@ -109,47 +107,39 @@ def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope: 
     lengths: int32 [B] position of each row's first new token.
     q: [B, T, N, H]; k, v: [B, T, K, H] new tokens, un-rotated (k, v already in storage dtype).
     n_valid: int32 [B]; only the first n_valid[b] new tokens of row b are real keys.
+    rope: position encoding with `apply`, or None; scale: softmax scale (default 1/sqrt(H)).
 
   Returns:
     [B, T, N, H]: query (b, t) at p = lengths[b] + t attends to keys at positions < S and in
     (p - N, p], at the cache-position distances of the module docstring.
   """
-  b, t, _, h = q.shape
+  t = q.shape[1]
   kv_heads = k_held.shape[1]
   last = sink + window - 1
   q_pos = base.row_slots(lengths, t)  # [B, T]
   shift = jnp.maximum(lengths - last, 0)[:, None]  # [B, 1]: rotation origin of this chunk
-  scale = h**-0.5
-  # Window distances p - j: rotate both sides shifted by the same amount.
-  q_win = group_queries(rope.apply(q, q_pos - shift) * scale, kv_heads)
-  # Sink distances min(p, S+N-1) - i: the query sits at the last cache position.
-  q_snk = group_queries(rope.apply(q, jnp.minimum(q_pos, last)) * scale, kv_heads)
 
   key_pos = jnp.concatenate([pos_held, q_pos], axis=1)  # [B, S+N+T]
   is_sink = key_pos < sink
   rot_pos = jnp.maximum(jnp.where(is_sink, key_pos, key_pos - shift), 0)
   keys = jnp.concatenate([k_held.transpose(0, 2, 1, 3), k.astype(k_held.dtype)], axis=1)
-  keys = rope.apply(keys, rot_pos)  # [B, S+N+T, K, H]
-  values = jnp.concatenate([v_held.transpose(0, 2, 1, 3), v.astype(v_held.dtype)], axis=1)
+  keys = attn.apply_rope(rope, keys, rot_pos).transpose(0, 2, 1, 3)  # [B, K, S+N+T, H]
+  values = jnp.concatenate([v_held, v.astype(v_held.dtype).transpose(0, 2, 1, 3)], axis=2)
 
-  s_win = jnp.einsum("btkgh,bskh->bkgts", q_win, keys.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
-  s_snk = jnp.einsum("btkgh,bskh->bkgts", q_snk, keys.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
-  scores = jnp.where(is_sink[:, None, None, None, :], s_snk, s_win)  # [B, K, G, T, S+N+T]
+  # Window distances p - j: rotate both sides shifted by the same amount.
+  q_win = attn.prepare_queries(attn.apply_rope(rope, q, q_pos - shift), kv_heads, scale)
+  scores = attn.scores_of(q_win, keys)  # [B, K, G, T, S+N+T]
+  if sink and rope is not None:
+    # Sink distances min(p, S+N-1) - i: the query sits at the last cache position.
+    q_snk = attn.prepare_queries(attn.apply_rope(rope, q, jnp.minimum(q_pos, last)), kv_heads, scale)
+    scores = jnp.where(is_sink[:, None, None, None, :], attn.scores_of(q_snk, keys), scores)
 
   live = jnp.concatenate([pos_held >= 0,
                           jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]], axis=1)
   qp, kp = q_pos[:, :, None], key_pos[:, None, :]
   mask = live[:, None, :] & (kp <= qp) & ((kp < sink) | (kp > qp - window))  # [B, T, S+N+T]
-  mask = mask[:, None, None]
-  scores = jnp.where(mask, scores, MASKED)
-  peak = jnp.max(scores, axis=-1, keepdims=True)
-  weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
-  probs = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-  out = jnp.einsum("bkgts,bskh->bkgth", probs.astype(values.dtype), values,
-                   preferred_element_type=jnp.float32)
-  return ungroup(out).astype(q.dtype)
+  probs = attn.masked_softmax(scores, mask[:, None, None])
+  return attn.ungroup(attn.weighted_values(probs, values, values.dtype)).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,16 +210,16 @@ class WindowCache(base.Evicting):
     pos = next_positions(self.pos, self.lengths, n_valid, self.sink, self.window)
     return self.replace(pos=pos, lengths=self.lengths + n_valid)
 
-  def attend(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Attention of q [B, T, N, H] over what the cache holds at each new token; stores the
     survivors of k, v [B, T, K, H]. Returns (out [B, T, N, H], cache)."""
     t = q.shape[1]
-    n_valid = jnp.asarray(n_valid, jnp.int32)
+    n_valid, _ = base.attend_inputs(self, q, k, v, n_valid)
     k = k.astype(self.k.dtype)
     v = v.astype(self.v.dtype)
-    opts = dict(rope=rope, sink=self.sink, window=self.window)
+    opts = dict(rope=rope, sink=self.sink, window=self.window, scale=scale)
     if t == 1:
-      return self._attend_one(layer, q, k, v, rope, n_valid)
+      return self._attend_one(layer, q, k, v, n_valid, rope, scale)
     if t <= self.block:
       out = window_attention(self.k[layer], self.v[layer], self.pos, self.lengths, q, k, v,
                              n_valid, **opts)
@@ -260,50 +250,38 @@ class WindowCache(base.Evicting):
     out = out.swapaxes(0, 1).reshape(q.shape[0], n_sub * blk, *q.shape[2:])[:, :t]
     return out, self.replace(k=self.k.at[layer].set(k_l), v=self.v.at[layer].set(v_l))
 
-  def _attend_one(self, layer: int, q, k, v, rope: RoPE, n_valid):
+  def _attend_one(self, layer: int, q, k, v, n_valid, rope, scale):
     """The decode step (T = 1): write first, then attend over the layer's slots in place.
 
     After the write the slots hold exactly what the new query may see (the sinks and the last N
     tokens, itself included), so, unlike a chunk, nothing has to be scored before it is stored
     and the held keys are never concatenated with the new one. The layer's buffer is read after
     the scatter, as in the full cache, so XLA updates it in place instead of copying the cache.
-    Same distances as `window_attention`.
+    Same distances as `window_attention`; every rotation is by a cache position < S+N, so the
+    angles come from one table (`attention.apply_rope_bounded`).
     """
     sink, window = self.sink, self.window
     last = sink + window - 1
+    bound = sink + window
     cache = self.write(layer, k, v, n_valid)
     pos = next_positions(self.pos, self.lengths, n_valid, sink, window)  # [B, S+N]
     q_pos = self.lengths[:, None]  # [B, 1]
     shift = jnp.maximum(self.lengths - last, 0)[:, None]  # [B, 1]
-    is_sink = jnp.arange(sink + window, dtype=jnp.int32)[None, :] < sink  # sink slots hold sinks
+    is_sink = jnp.arange(bound, dtype=jnp.int32)[None, :] < sink  # sink slots hold sinks
     rot_pos = jnp.maximum(jnp.where(is_sink, pos, pos - shift), 0)  # in [0, S+N)
-    # Every rotation here is by a cache position < S+N: gather from one table (constant-folded)
-    # instead of evaluating cos/sin per slot in every layer, which cost ~0.7 ms per layer.
-    cos_t, sin_t = rope.tables(jnp.arange(sink + window, dtype=jnp.int32))  # [S+N, H/2]
-    keys = rope.rotate(cache.k[layer], cos_t[rot_pos][:, None], sin_t[rot_pos][:, None])
-    kv_heads, h = keys.shape[1], keys.shape[3]  # keys: [B, K, S+N, H]
-    scale = h**-0.5
+    keys = attn.apply_rope_bounded(rope, cache.k[layer], rot_pos, bound, heads_first=True)
 
-    def rotate_query(at):  # at [B, 1] in [0, S+N) -> [B, K, G, H], scaled
-      rotated = rope.rotate(q, cos_t[at][:, :, None], sin_t[at][:, :, None])
-      return group_queries(rotated * scale, kv_heads)[:, 0]
+    def queries(at):  # at [B, 1] in [0, S+N) -> [B, 1, K, G, H], rotated and scaled
+      return attn.prepare_queries(attn.apply_rope_bounded(rope, q, at, bound), self.kv_heads, scale)
 
-    q_win = rotate_query(q_pos - shift)
-    scores = jnp.einsum("bkgh,bksh->bkgs", q_win, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    if sink:
-      q_snk = rotate_query(jnp.minimum(q_pos, last))
-      s_snk = jnp.einsum("bkgh,bksh->bkgs", q_snk, keys[:, :, :sink].astype(q.dtype),
-                         preferred_element_type=jnp.float32)
+    scores = attn.scores_of(queries(q_pos - shift), keys)  # [B, K, G, 1, S+N]
+    if sink and rope is not None:
+      s_snk = attn.scores_of(queries(jnp.minimum(q_pos, last)), keys[:, :, :sink])
       scores = jnp.concatenate([s_snk, scores[..., sink:]], axis=-1)
-    visible = ((pos >= 0) & (pos <= q_pos))[:, None, None, :]  # [B, 1, 1, S+N]
-    scores = jnp.where(visible, scores, MASKED)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.where(visible, jnp.exp(scores - peak), 0.0)
-    probs = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-    out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(cache.v.dtype), cache.v[layer],
-                     preferred_element_type=jnp.float32)
-    return ungroup(out[:, :, :, None]).astype(q.dtype), cache
+    visible = ((pos >= 0) & (pos <= q_pos))[:, None, None, None, :]  # [B, 1, 1, 1, S+N]
+    probs = attn.masked_softmax(scores, visible)
+    out = attn.weighted_values(probs, cache.v[layer], cache.v.dtype)  # [B, K, G, 1, H]
+    return attn.ungroup(out).astype(q.dtype), cache
 
   def view(self) -> base.CacheView:
     """Stored (un-rotated) keys/values [L, B, K, S+N, H], mask and positions [L, B, K, S+N]."""
@@ -314,9 +292,6 @@ class WindowCache(base.Evicting):
   def reset(self) -> "WindowCache":
     """Empty cache of the same shapes (stale buffers hidden by pos = -1)."""
     return self.replace(pos=jnp.full_like(self.pos, -1), lengths=jnp.zeros_like(self.lengths))
-
-  def nbytes(self) -> dict[str, int]:
-    return base.tree_nbytes(self)
 
   def crop(self, length) -> "WindowCache":
     """Forgets every token at position >= length (scalar or per row [B]). Tokens that those had
@@ -331,10 +306,6 @@ class WindowCache(base.Evicting):
     return self.replace(k=jnp.take(self.k, indices, axis=1), v=jnp.take(self.v, indices, axis=1),
                         pos=jnp.take(self.pos, indices, axis=0),
                         lengths=jnp.take(self.lengths, indices, axis=0))
-
-  def grow(self, capacity: int) -> "WindowCache":
-    raise NotImplementedError("a window cache never grows: its memory is fixed at sink + window "
-                              "slots and it evicts instead (has_room is always true)")
 
 
 def slide(cache: WindowCache, k, v, n_valid=None) -> WindowCache:
@@ -377,3 +348,15 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
   return WindowCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                           head_dim=config.head_dim, window=spec.window, sink=spec.sink, dtype=dtype,
                           block=block)
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """k, v [L, B, K, S+N, H], pos [B, S+N] and lengths [B]; the context does not matter."""
+  slots = spec.sink + spec.window
+  item = jnp.dtype(dtype).itemsize
+  return 2 * registry.streams(config, batch) * slots * config.head_dim * item + 4 * batch * (slots + 1)
+
+
+registry.register_kind("window", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.budget_capacity, builtin=True,
+                       description="the N most recent tokens (with sink:S, also the first S)")

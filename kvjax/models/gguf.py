@@ -129,10 +129,11 @@ def _open_reader(path: pathlib.Path):
 
 
 def _gguf_version() -> str:
+  from importlib import metadata
+
   try:
-    from importlib.metadata import version
-    return version("gguf")
-  except Exception:  # pragma: no cover - metadata missing in odd installs
+    return metadata.version("gguf")
+  except metadata.PackageNotFoundError:  # pragma: no cover - metadata missing in odd installs
     return "?"
 
 

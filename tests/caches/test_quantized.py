@@ -213,7 +213,7 @@ def test_attend_sees_quantized_prefix_and_exact_chunk(bits, residual, chunks):
   q_all = rng.standard_normal((batch, total, nq, H)).astype(np.float32)
   k_all = rng.standard_normal((batch, total, K, H)).astype(np.float32)
   v_all = rng.standard_normal((batch, total, K, H)).astype(np.float32)
-  step = jax.jit(lambda c, q, k, v, n: c.attend(0, q, k, v, rope, n))
+  step = jax.jit(lambda c, q, k, v, n: c.attend(0, q, k, v, n, rope=rope))
   fed = [0] * batch  # real tokens per row
   rows_k = [[] for _ in range(batch)]
   rows_v = [[] for _ in range(batch)]
@@ -256,8 +256,8 @@ def test_keys_are_stored_rotated():
   cache = QuantizedCache.init(n_layers=1, batch=1, kv_heads=K, head_dim=H, capacity=64, bits=8,
                               group=16)
   k = rng.standard_normal((1, 20, K, H)).astype(np.float32)
-  _, c = cache.attend(0, jnp.zeros((1, 20, K, H)), jnp.asarray(k), jnp.asarray(k), rope,
-                      jnp.array([20]))
+  _, c = cache.attend(0, jnp.zeros((1, 20, K, H)), jnp.asarray(k), jnp.asarray(k),
+                      jnp.array([20]), rope=rope)
   c = c.advance(jnp.array([20]))
   view = np.asarray(c.view().keys[0, 0]).transpose(1, 0, 2)  # [S, K, H]
   rotated = oracle.rope(k[0], np.arange(20), 10000.0)
@@ -353,8 +353,8 @@ def test_jit_equals_eager_and_nothing_mutated():
   k = jnp.asarray(rng.standard_normal((3, 5, K, H)), jnp.float32)
   k_copy = np.array(k)
   n_valid = jnp.array([5, 2, 0], jnp.int32)
-  eager_out, eager_cache = cache.attend(1, q, k, k, rope, n_valid)
-  jit_out, jit_cache = jax.jit(lambda c, q, k, n: c.attend(1, q, k, k, rope, n))(cache, q, k, n_valid)
+  eager_out, eager_cache = cache.attend(1, q, k, k, n_valid, rope=rope)
+  jit_out, jit_cache = jax.jit(lambda c, q, k, n: c.attend(1, q, k, k, n, rope=rope))(cache, q, k, n_valid)
   np.testing.assert_allclose(np.asarray(eager_out), np.asarray(jit_out), rtol=1e-6, atol=1e-6)
   for x, y in zip(jax.tree_util.tree_leaves(eager_cache), jax.tree_util.tree_leaves(jit_cache)):
     if jnp.issubdtype(x.dtype, jnp.floating):  # RoPE's sin/cos may differ by an ulp once fused

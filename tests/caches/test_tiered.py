@@ -118,7 +118,7 @@ def check_view(cache, orc: TierOracle, tiers):
 # ---------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("layer", "rope"))
 def _attend(cache, q, k, v, n_valid, *, layer, rope=ROPE):
-  return cache.attend(layer, q, k, v, rope, n_valid)
+  return cache.attend(layer, q, k, v, n_valid, rope=rope)
 
 
 @jax.jit
@@ -269,8 +269,8 @@ def test_jit_equals_no_jit(tiny):
   rope = RoPE(c.head_dim, c.rope_theta)
   for _ in range(3):  # walk past the tier boundaries
     nv = jnp.asarray([5, 3])
-    eager_out, eager = cache.attend(2, q, k, v, rope, nv)
-    jit_out, jitted = jax.jit(lambda c_, q_, k_, v_, n_: c_.attend(2, q_, k_, v_, rope, n_))(
+    eager_out, eager = cache.attend(2, q, k, v, nv, rope=rope)
+    jit_out, jitted = jax.jit(lambda c_, q_, k_, v_, n_: c_.attend(2, q_, k_, v_, n_, rope=rope))(
         cache, q, k, v, nv)
     np.testing.assert_allclose(eager_out, jit_out, atol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), eager, jitted)

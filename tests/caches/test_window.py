@@ -176,7 +176,7 @@ def test_nothing_mutated():
   q = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
   q_copy = np.array(q)
   slide(cache, k, k, jnp.array([4, 2]))
-  cache.attend(0, q, k[0].transpose(0, 2, 1, 3), k[0].transpose(0, 2, 1, 3), RoPE(4), jnp.array([4, 2]))
+  cache.attend(0, q, k[0].transpose(0, 2, 1, 3), k[0].transpose(0, 2, 1, 3), jnp.array([4, 2]), rope=RoPE(4))
   cache.crop(2), cache.reorder(jnp.array([1, 0])), cache.reset()
   for f in ("k", "v", "pos", "lengths"):
     np.testing.assert_array_equal(np.asarray(getattr(cache, f)), getattr(snapshot, f))
@@ -245,7 +245,7 @@ def oracle_outputs(orc: WindowOracle, b, layer, q, k_new, v_new, n_valid):
 
 
 ATTEND_T = 10
-jit_attend = jax.jit(lambda cache, q, k, v, nv: cache.attend(1, q, k, v, RoPE(8, THETA), nv))
+jit_attend = jax.jit(lambda cache, q, k, v, nv: cache.attend(1, q, k, v, nv, rope=RoPE(8, THETA)))
 
 
 @SETTINGS
@@ -297,9 +297,9 @@ def test_bounded_rope_long_stream():
   kn = rng.standard_normal((1, 3, 1, hd)).astype(np.float32)
   vn = rng.standard_normal((1, 3, 1, hd)).astype(np.float32)
   rope = RoPE(hd, 100000.0)
-  args = (jnp.asarray(q), jnp.asarray(kn), jnp.asarray(vn), rope, jnp.array([3]))
-  out_long, _ = long_cache.attend(0, *args)
-  out_short, _ = short_cache.attend(0, *args)
+  args = (jnp.asarray(q), jnp.asarray(kn), jnp.asarray(vn), jnp.array([3]))
+  out_long, _ = long_cache.attend(0, *args, rope=rope)
+  out_short, _ = short_cache.attend(0, *args, rope=rope)
   np.testing.assert_allclose(np.asarray(out_long), np.asarray(out_short), atol=1e-6)
   # And the same holds against float64 math at the original positions for window keys.
   orc = WindowOracle(1, sink, window)

@@ -1,0 +1,195 @@
+"""The registry of cache kinds: which spec term builds which cache, and what the kind declares.
+
+Every kind, built in or not, is a `KindInfo` registered under the term that selects it:
+
+  kvjax.register_kind("ring", make_ring_cache)            # a factory, see below
+  cache = kvjax.make_cache("ring:64", config, batch=2, capacity=256)
+  kvjax.generate(model, prompts, cache="ring:64", ...)    # and perplexity, the CLI (--plugin)
+
+A factory is `factory(spec, config, *, batch, capacity, dtype, **options) -> cache`: `spec` is the
+parsed `CacheSpec` (`spec.arg` is the text after the kind's term, "64" above, or None), `config`
+anything with `n_layers`, `n_kv_heads`, `head_dim`; `capacity` the slots per row the caller asks
+for; `options` the keyword arguments given to `make_cache`. The cache must follow
+`kvjax.caches.base.KVCache` (inheriting `base.Limited` or `base.Evicting` does most of it).
+
+What else a kind may declare (all optional):
+
+  estimate_bytes(spec, config, context, batch, dtype) -> int   a closed formula for the planner;
+      without it the planner measures the cache's abstract shapes (`jax.eval_shape`).
+  capacity(spec, needed, prompt) -> int   the slots per row `generate` / `perplexity` allocate when
+      the caller gives none (needed: tokens a row must hold; prompt: the longest prompt). Default:
+      `needed` rounded up to a bucket, so nearby lengths share one compiled executable.
+  accepts   the built-in modifier terms the kind reads from the spec (e.g. {"bits", "group"} for
+      `ring:64+int8`); any other built-in term in its spec is an error naming the term.
+  parse(value) -> None   validates the term's value at parse time (raise SpecError).
+
+Built-in kinds register themselves when their module is first imported (`lookup` imports it);
+third-party kinds can also be found through the `kvjax.cache_kinds` entry-point group, whose
+entries are imported the first time a spec names a term nobody registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Callable
+
+
+class SpecError(ValueError):
+  """A cache spec that names an unknown, malformed or contradictory term."""
+
+
+# Terms the spec grammar itself defines; a registered kind may not take one of these names.
+BUILTIN_TERMS = frozenset({"full", "dynamic", "none", "window", "sink", "bits", "residual", "group",
+                           "h2o", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
+# Built-in kinds and the module that registers each.
+_BUILTIN_MODULES = {
+    "full": "kvjax.caches.full",
+    "quantized": "kvjax.caches.quantized",
+    "window": "kvjax.caches.window",
+    "h2o": "kvjax.caches.h2o",
+    "tiered": "kvjax.caches.tiered",
+    "offload": "kvjax.caches.offload",
+    "shared": "kvjax.caches.shared",
+}
+ENTRY_POINT_GROUP = "kvjax.cache_kinds"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class KindInfo:
+  """What the registry knows about one kind (see the module docstring)."""
+
+  name: str
+  factory: Callable
+  estimate_bytes: Callable | None = None
+  capacity: Callable | None = None
+  accepts: frozenset = frozenset()
+  parse: Callable | None = None
+  description: str = ""
+  builtin: bool = False
+
+  def default_capacity(self, spec, *, needed: int, prompt: int) -> int:
+    """Slots per row to allocate for `needed` tokens when the caller gives no capacity."""
+    if self.capacity is not None:
+      return int(self.capacity(spec, needed=needed, prompt=prompt))
+    return bucket(needed)
+
+
+_KINDS: dict[str, KindInfo] = {}
+_plugins_loaded = False
+
+
+def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | None = None,
+                  capacity: Callable | None = None, accepts=(), parse: Callable | None = None,
+                  description: str = "", replace: bool = False, builtin: bool = False) -> KindInfo:
+  """Registers a cache kind under the spec term `name` and returns its `KindInfo`.
+
+  Raises ValueError for a malformed name, a name the spec grammar reserves, a name already taken
+  (unless `replace=True`), or `accepts` naming something that is not a built-in term.
+  """
+  if not isinstance(name, str) or not _NAME.match(name):
+    raise ValueError(f"register_kind: the kind name must be lowercase letters, digits and _ "
+                     f"starting with a letter, got {name!r}")
+  if not callable(factory):
+    raise TypeError(f"register_kind: factory for {name!r} must be callable, got {type(factory).__name__}")
+  if not builtin and (name in BUILTIN_TERMS or name in _BUILTIN_MODULES):
+    raise ValueError(f"register_kind: {name!r} is a built-in spec term or kind; pick another name")
+  if name in _KINDS and not replace:
+    raise ValueError(f"register_kind: a kind named {name!r} is already registered "
+                     "(pass replace=True to replace it)")
+  unknown = set(accepts) - (BUILTIN_TERMS - {"full", "none", "int8", "int4", "int3", "int2", "tier"})
+  if unknown:
+    raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
+                     "use spec field names: dynamic, window, sink, bits, residual, group, h2o, "
+                     "offload, tiers, share")
+  info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
+                  accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin)
+  _KINDS[name] = info
+  return info
+
+
+def unregister_kind(name: str) -> None:
+  """Removes a kind registered with `register_kind` (built-in kinds cannot be removed)."""
+  if name in _BUILTIN_MODULES:
+    raise ValueError(f"unregister_kind: {name!r} is built in")
+  _KINDS.pop(name, None)
+
+
+def load_plugins() -> None:
+  """Imports the entry points of the `kvjax.cache_kinds` group (once per process)."""
+  global _plugins_loaded
+  if _plugins_loaded:
+    return
+  _plugins_loaded = True
+  from importlib import metadata
+
+  for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entry.load()
+
+
+def is_custom(name: str) -> bool:
+  """True when `name` is the term of a kind registered from outside kvjax."""
+  if name in _BUILTIN_MODULES:
+    return False
+  if name not in _KINDS:
+    load_plugins()
+  return name in _KINDS
+
+
+def lookup(name: str) -> KindInfo:
+  """The `KindInfo` of kind `name`, importing a built-in kind's module on first use."""
+  if name not in _KINDS and name in _BUILTIN_MODULES:
+    importlib.import_module(_BUILTIN_MODULES[name])
+  if name not in _KINDS:
+    load_plugins()
+  if name not in _KINDS:
+    raise SpecError(f"cache kind {name!r} is not registered (known: {', '.join(registered_kinds())})")
+  return _KINDS[name]
+
+
+def registered_kinds() -> list[str]:
+  """Names of every kind: the built-in ones, then those registered by users and plugins."""
+  custom = sorted(n for n in _KINDS if n not in _BUILTIN_MODULES)
+  return list(_BUILTIN_MODULES) + custom
+
+
+def custom_kinds() -> list[str]:
+  """Names of the kinds registered from outside kvjax."""
+  return [n for n in registered_kinds() if n not in _BUILTIN_MODULES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for factories
+# ---------------------------------------------------------------------------------------------
+def no_options(kind: str, options: dict) -> None:
+  """Factories of kinds without options call this so a misspelt option is an error, not ignored."""
+  if options:
+    raise TypeError(f"{kind} cache: unknown options {sorted(options)}")
+
+
+def streams(config, batch: int) -> int:
+  """(layer, row, kv head) triples of a cache for `config`: what per-token bytes multiply."""
+  return config.n_layers * batch * config.n_kv_heads
+
+
+def bucket(n: int) -> int:
+  """Slots for n tokens: a power of two from 16 up to 256, then a multiple of 256. Nearby
+  lengths share a bucket, hence one compiled executable."""
+  if n <= 256:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+  return -(-n // 256) * 256
+
+
+def unbounded_capacity(spec, *, needed: int, prompt: int) -> int:
+  """Default capacity of kinds that keep every token: the bucket of `needed`; with the `dynamic`
+  policy, room for the prompt only (at least 64 slots), doubled while decoding."""
+  if spec.mode == "dynamic":
+    return max(64, 1 << max(prompt, 1).bit_length())
+  return bucket(needed)
+
+
+def budget_capacity(spec, *, needed: int, prompt: int) -> int:
+  """Default capacity of bounded kinds: their budget, whatever the length."""
+  return int(spec.budget)
