@@ -298,6 +298,11 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   if prebuilt is not None:
     if prebuilt.batch != batch:
       raise ValueError(f"the given cache has {prebuilt.batch} rows but there are {batch} prompts")
+    lost = np.flatnonzero(np.asarray(prebuilt.overflowed()))
+    if lost.size:
+      raise CapacityError(f"rows {lost.tolist()} of the given cache already dropped tokens past its "
+                          f"capacity {prebuilt.capacity} (cache.overflowed()); continuing them would "
+                          "condition on a truncated context")
     kv_cache = prebuilt
     needed += int(jnp.max(prebuilt.lengths))
   else:

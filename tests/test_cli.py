@@ -126,3 +126,17 @@ def test_module_subprocess():
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert GENERATE_KEYS <= out.keys() and len(out["ids"]) == 4
+
+
+def test_bugs_are_not_reported_as_bad_input(monkeypatch, capsys):
+  """Bad input exits 2 with a message; an internal error keeps its traceback."""
+  import sys
+
+  ppl_module = sys.modules["kvjax.perplexity"]
+
+  def broken(*args, **kwargs):
+    raise TypeError("an internal bug")
+
+  monkeypatch.setattr(ppl_module, "perplexity", broken)
+  with pytest.raises(TypeError, match="internal bug"):
+    cli.main(["perplexity", __file__, "--model", "tiny", "--max-tokens", "8"])

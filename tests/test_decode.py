@@ -273,3 +273,51 @@ def test_make_cache_rejects_budget_over_capacity():
     kvjax.make_cache("full", kvjax.TINY, 0, 64)
   with pytest.raises(ValueError, match="capacity must be a positive int"):
     kvjax.make_cache("full", kvjax.TINY, 1, 0)
+
+
+# ---- overflow is reported, never silent ------------------------------------------------------------
+def test_result_reports_overflow_and_refuses_overflowed_rows(lively):
+  res = gen(lively, PROMPTS)
+  assert res.overflowed.shape == (3,) and not res.overflowed.any()
+  # A cache whose row 1 overflowed inside the user's own jit (the write was dropped by design).
+  cache = kvjax.make_cache("full", lively.config, 2, 16)
+  k = jnp.ones((4, 2, 4, 20, 64))
+  cache = jax.jit(lambda c, k: kvjax.append(c, k, k, jnp.array([3, 20])))(cache, k)
+  assert cache.overflowed().tolist() == [False, True]
+  with pytest.raises(kvjax.CapacityError, match=r"rows \[1\] of the given cache already dropped"):
+    kvjax.generate(lively, [[1, 2], [3]], max_new_tokens=2, cache=cache)
+
+
+def test_any_model_object_with_a_step_is_a_model(lively, reference):
+  """generate needs params, config and step only; a bare object of the three gives the same
+  tokens, and something that is not a model is refused by name."""
+
+  class Bare:
+    def __init__(self, params, config, step):
+      self.params, self.config, self.step = params, config, step
+
+  bare = Bare(lively.params, lively.config, lively.step)
+  np.testing.assert_array_equal(gen(bare, PROMPTS).tokens, gen(lively, PROMPTS).tokens)
+  with pytest.raises(TypeError, match="lacks step"):
+    kvjax.generate(object.__new__(type("NoStep", (), {"params": 1, "config": 2})), [[1]],
+                   max_new_tokens=2)
+  with pytest.raises(TypeError, match="model.config must have a positive int n_layers"):
+    kvjax.generate(Bare(lively.params, object(), lively.step), [[1]], max_new_tokens=2)
+
+
+def test_compiles_are_shared_by_models_of_one_config_and_freed_with_the_model(lively):
+  """The step is a static jit argument keyed by value (config, dtype), not by the model object:
+  another model of the same config compiles nothing, and kvjax never keeps a model alive."""
+  import gc
+  import weakref
+
+  twin = Model("twin", lively.config, jax.tree_util.tree_map(lambda p: p + 0.0, lively.params),
+               lively.tokenizer)
+  gen(lively, [[5, 6, 7]], max_new_tokens=5)
+  before = kvjax.compile_stats()["n_compiles"]
+  gen(twin, [[5, 6, 7]], max_new_tokens=5)
+  assert kvjax.compile_stats()["n_compiles"] == before
+  ref = weakref.ref(twin)
+  del twin
+  gc.collect()
+  assert ref() is None, "the compiled executables keep the model (and its params) alive"

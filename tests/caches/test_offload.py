@@ -28,7 +28,8 @@ import kvjax
 from kvjax.caches import offload
 from kvjax.caches.offload import OffloadCache
 from kvjax.models.llama import Llama
-from tests import helpers, oracle
+from kvjax.testing import oracle
+from tests import helpers
 from tests.helpers import smollm2_or_skip
 
 L, B, K, H, CAP, BS, R = 2, 3, 2, 4, 16, 4, 8
@@ -266,3 +267,38 @@ def test_smollm2_offload_matches_full():
   off = kvjax.generate(model, prompt, max_new_tokens=8, cache="offload")
   assert ((off.tokens >= 0) & (off.tokens < model.config.vocab_size)).all()
   np.testing.assert_array_equal(off.tokens, full.tokens)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_writes_and_crops_are_loops_not_unrolled_rows(batch):
+  """The host writes and the crop's ring refill are one fori_loop over rows: the traced program
+  does not grow with the batch (it used to unroll one dynamic_update_slice per row and layer)."""
+  cache = OffloadCache.init(n_layers=3, batch=batch, kv_heads=2, head_dim=8, capacity=32,
+                            block_size=8)
+  k = jnp.ones((batch, 4, 2, 8))
+  write = jax.make_jaxpr(lambda c: c.write(1, k, k))(cache)
+  crop = jax.make_jaxpr(lambda c: c.crop(3))(cache)
+  count = lambda jaxpr: str(jaxpr).count("dynamic_update_slice")
+  assert count(write) <= 3 and count(crop) <= 3
+  loops = lambda jaxpr: str(jaxpr).count("scan[") + str(jaxpr).count("while[")
+  assert loops(write) >= 2 and loops(crop) >= 1  # k and v: a loop each
+
+
+def test_unexpected_backend_errors_are_not_swallowed(monkeypatch):
+  """Only "this backend has no memory kinds" means emulation; any other error surfaces."""
+  class Broken:
+    platform = "cpu"
+
+    def addressable_memories(self):
+      raise ZeroDivisionError("a bug, not a missing feature")
+
+  with pytest.raises(ZeroDivisionError):
+    offload.host_memory_kind(Broken())
+
+  class Old:
+    platform = "cpu"
+
+    def addressable_memories(self):
+      raise NotImplementedError
+
+  assert offload.host_memory_kind(Old()) is None
