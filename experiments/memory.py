@@ -89,14 +89,18 @@ def measure(spec, config, dtype, capacity, formula_bytes):
       options["maps"] = ShareMaps.identity(config.n_layers, config.n_kv_heads * config.head_dim)
     return kvjax.make_cache(spec, config, 1, capacity, dtype, **options)
 
-  fixed = lambda cache: int(cache.maps_nbytes()) if hasattr(cache, "maps_nbytes") else 0  # noqa: E731
+  def split(cache):  # (KV storage by memory kind, calibration maps' bytes)
+    if hasattr(cache, "kv_nbytes"):
+      return cache.kv_nbytes(), int(cache.maps_nbytes())
+    return cache.nbytes(), 0
+
   if formula_bytes <= max_alloc:
     cache = build()
-    nbytes, extra = cache.nbytes(), fixed(cache)
+    nbytes, extra = split(cache)
     del cache
     return nbytes, "arrays", extra
-  cache = jax.eval_shape(build)
-  return cache.nbytes(), "shapes", fixed(cache)
+  kv, extra = split(jax.eval_shape(build))
+  return kv, "shapes", extra
 
 
 outcomes = common.Outcomes(strict=args.strict)

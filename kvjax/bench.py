@@ -7,6 +7,7 @@ import resource
 import numpy as np
 
 from kvjax import decode
+from kvjax.models.protocol import model_dtype
 from kvjax.sampling import GREEDY
 
 # A fixed, ordinary English prompt; repeated to reach the requested length.
@@ -16,7 +17,11 @@ BENCH_TEXT = ("The history of the printing press begins in the fifteenth century
               "than ever before, and ideas travelled faster than any single scribe could copy them. ")
 
 
-def bench_prompt(tokenizer, prompt_len: int) -> list[int]:
+def bench_prompt(tokenizer, prompt_len: int, vocab_size: int | None = None) -> list[int]:
+  """The bench text's first `prompt_len` token ids (repeated as needed); without a tokenizer,
+  fixed pseudo-random ids below `vocab_size`."""
+  if tokenizer is None:
+    return np.random.default_rng(0).integers(0, vocab_size, prompt_len).tolist()
   ids: list[int] = []
   while len(ids) < prompt_len:
     ids += tokenizer.encode(BENCH_TEXT)
@@ -29,8 +34,10 @@ def peak_rss_bytes() -> int:
 
 def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 128,
               capacity: int | None = None, cache: str = "full", repeats: int = 2) -> dict:
-  """Runs generate `repeats` times (the first compiles) and reports the best decode run."""
-  prompt = bench_prompt(model.tokenizer, prompt_len)
+  """Runs generate `repeats` times (the first compiles) and reports the best decode run.
+
+  model: any model of `kvjax.models.protocol` (a tokenizer is optional)."""
+  prompt = bench_prompt(getattr(model, "tokenizer", None), prompt_len, model.config.vocab_size)
   prompts = [prompt] * batch
   before = decode.compile_stats()
   best = None
@@ -42,9 +49,9 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
   after = decode.compile_stats()
   cache_bytes = best.cache_bytes
   return {
-      "model": model.name, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+      "model": getattr(model, "name", type(model).__name__), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
       "capacity": getattr(best.cache, "capacity", None), "cache": cache,
-      "dtype": str(np.dtype(model.dtype)),
+      "dtype": str(np.dtype(model_dtype(model))),
       "decode_tok_per_s": best.decode_tok_per_s,
       "decode_s": best.decode_s,
       "prefill_s": best.prefill_s,

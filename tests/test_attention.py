@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from kvjax.attention import (RoPE, blockwise_attention, causal_attention, dense_attention,
                              group_queries)
-from tests import oracle
+from kvjax.testing import oracle
 
 ATOL = 1e-5
 

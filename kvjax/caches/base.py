@@ -35,6 +35,10 @@ Capabilities are declared as attributes of the kind, never as lists of kind name
                by one would (perplexity and prefill may then use chunks).
   growable     True: `grow(capacity)` may be called outside jit when `has_room` turns false
                (the `dynamic` allocation policy).
+  error_bound  how far a held token's keys/values in `view()` may be from what was given,
+               relative to the largest |value| given to that (layer, row, kv head): 0.0 for exact
+               kinds, about 1 / (2^bits - 1) for quantized ones, None where the view is not the
+               given tokens at all (`share:G` followers). `kvjax.testing` checks it.
 
 Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
 tells whether a kind implements one. `CacheBase` (through `Limited` / `Evicting`) provides the
@@ -151,6 +155,7 @@ class CacheBase:
   exact = True
   chunk_exact = True
   growable = False
+  error_bound = 0.0  # exact storage; lossy kinds override (see the module docstring)
 
   @property
   def _layout(self) -> jax.Array:

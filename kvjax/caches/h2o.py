@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, registry
+from kvjax.caches import base, packing, registry
 from kvjax.caches.registry import SpecError
 from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
 
@@ -133,6 +133,10 @@ class H2OCache(base.Evicting):
   def exact(self) -> bool:
     """Held tokens are stored exactly unless the pool is quantized."""
     return self.k.bits is None
+
+  @property
+  def error_bound(self) -> float:
+    return packing.error_bound(self.k.bits)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod

@@ -33,6 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+def error_bound(bits: int | None) -> float:
+  """Worst |x - dequantize(quantize(x))| relative to max|x| of the quantized group: half a step of
+  a grid spanning at most 2 max|x| in 2^bits - 1 steps, plus float16 rounding of scales and zero
+  points (0 for unquantized storage)."""
+  return 0.0 if bits is None else 1.0 / ((1 << bits) - 1) + 2.0**-9
+
+
 SUPPORTED_BITS = (8, 4, 3, 2)
 
 

@@ -75,6 +75,10 @@ class QuantizedCache(base.Limited):
   """
 
   exact = False  # keys and values come back dequantized
+
+  @property
+  def error_bound(self) -> float:
+    return packing.error_bound(self.bits)
   chunk_exact = False  # a chunk's own tokens are seen at full precision (see the module docstring)
 
   kq: jax.Array

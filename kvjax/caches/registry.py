@@ -22,6 +22,7 @@ What else a kind may declare (all optional):
   accepts   the built-in modifier terms the kind reads from the spec (e.g. {"bits", "group"} for
       `ring:64+int8`); any other built-in term in its spec is an error naming the term.
   parse(value) -> None   validates the term's value at parse time (raise SpecError).
+  examples  spec strings of the kind that `kvjax.testing.strategies.specs()` draws from.
 
 Built-in kinds register themselves when their module is first imported (`lookup` imports it);
 third-party kinds can also be found through the `kvjax.cache_kinds` entry-point group, whose
@@ -69,6 +70,7 @@ class KindInfo:
   parse: Callable | None = None
   description: str = ""
   builtin: bool = False
+  examples: tuple = ()
 
   def default_capacity(self, spec, *, needed: int, prompt: int) -> int:
     """Slots per row to allocate for `needed` tokens when the caller gives no capacity."""
@@ -83,7 +85,8 @@ _plugins_loaded = False
 
 def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | None = None,
                   capacity: Callable | None = None, accepts=(), parse: Callable | None = None,
-                  description: str = "", replace: bool = False, builtin: bool = False) -> KindInfo:
+                  description: str = "", examples=(), replace: bool = False,
+                  builtin: bool = False) -> KindInfo:
   """Registers a cache kind under the spec term `name` and returns its `KindInfo`.
 
   Raises ValueError for a malformed name, a name the spec grammar reserves, a name already taken
@@ -105,7 +108,8 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
                      "use spec field names: dynamic, window, sink, bits, residual, group, h2o, "
                      "offload, tiers, share")
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
-                  accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin)
+                  accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin,
+                  examples=tuple(examples))
   _KINDS[name] = info
   return info
 

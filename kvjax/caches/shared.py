@@ -24,8 +24,9 @@ Calibrated variant (`share:G:cal`): per follower layer l, linear maps fitted on 
 The maps act before RoPE, so in this variant the inner cache stores the leader's UN-rotated keys and
 every read rotates them by their slot position (after mapping, for followers). Maps are cache
 leaves (`ShareMaps`, copied into each cache so that donating a cache never deletes the caller's
-maps), passed as `make_cache(spec, ..., maps=...)`; `nbytes()` counts only the KV
-storage, `maps_nbytes()` the maps (a fixed cost per model, shared by every row).
+maps), passed as `make_cache(spec, ..., maps=...)`; `nbytes()` counts every array (the maps
+included), `kv_nbytes()` the KV storage alone and `maps_nbytes()` the maps (a fixed cost per
+cache, whatever its length).
 
 Invariants (tests/caches/test_shared.py): logits equal a NumPy Llama forward in which each follower
 uses its leader's (mapped) K/V; chunked prefill equals token-by-token decoding; with identity maps
@@ -154,8 +155,10 @@ class SharedCache:
     """Whether the inner cache has a hard capacity (see `base.Limited`)."""
     return self.inner.limited
 
-  # Followers attend over their leader's keys and values, not their own.
+  # Followers attend over their leader's keys and values, not their own: `view()` shows what each
+  # layer attends over, which for a follower is not what was given to it.
   exact = False
+  error_bound = None
 
   @property
   def chunk_exact(self) -> bool:
@@ -262,7 +265,12 @@ class SharedCache:
     return base.CacheView(keys=keys, values=values, mask=mask, positions=positions)
 
   def nbytes(self) -> dict[str, int]:
-    """KV storage only (the inner cache); see `maps_nbytes` for the calibration maps."""
+    """Every array the cache holds: the inner cache and, for `:cal`, its own copy of the maps
+    (see `kv_nbytes` and `maps_nbytes` for the two parts)."""
+    return base.tree_nbytes(self)
+
+  def kv_nbytes(self) -> dict[str, int]:
+    """The KV storage alone (the inner cache)."""
     return self.inner.nbytes()
 
   def maps_nbytes(self) -> int:
@@ -324,14 +332,17 @@ def _inner_spec(spec):
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
-  """ceil(L / G) layers of the inner kind (the calibration maps are not cache memory)."""
+  """ceil(L / G) layers of the inner kind, plus the float32 calibration maps of `:cal`
+  (k_w, v_w [L, F, F] and k_b, v_b [L, F], F = K * H)."""
   inner_spec = _inner_spec(spec)
   inner_config = _InnerConfig(math.ceil(config.n_layers / spec.share), config.n_kv_heads,
                               config.head_dim, getattr(config, "vocab_size", 0))
   info = registry.lookup(inner_spec.kind)
   if info.estimate_bytes is None:
     raise NotImplementedError(f"no byte formula for the inner kind {inner_spec.kind!r}")
-  return info.estimate_bytes(inner_spec, inner_config, context, batch, dtype)
+  features = config.n_kv_heads * config.head_dim
+  maps = 2 * config.n_layers * (features * features + features) * 4 if spec.share_calibrated else 0
+  return info.estimate_bytes(inner_spec, inner_config, context, batch, dtype) + maps
 
 
 def default_capacity(spec, *, needed: int, prompt: int) -> int:

@@ -159,6 +159,14 @@ class TieredCache(base.Evicting):
     """Only a chain of fp32 tiers stores tokens exactly."""
     return all(t.k.bits is None and t.k.data.dtype == jnp.float32 for t in self.tiers)
 
+  @property
+  def error_bound(self) -> float:
+    """A token in tier i went through every encoding before it: the bounds add up."""
+    float_steps = {jnp.dtype(jnp.float32): 0.0, jnp.dtype(jnp.bfloat16): 2.0**-8,
+                   jnp.dtype(jnp.float16): 2.0**-11}
+    return sum(packing.error_bound(t.k.bits) if t.k.bits is not None
+               else float_steps.get(jnp.dtype(t.k.data.dtype), 2.0**-8) for t in self.tiers)
+
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, tiers, group: int = 32,

@@ -1,6 +1,8 @@
 """Plain-NumPy references: attention, RoPE, a whole Llama forward, and the full cache's contents.
 
-Written from the definitions, independent of kvjax's JAX code, in float64.
+Written from the definitions, independent of kvjax's JAX code, in float64: what a cache kind's
+tests compare against. `attention` covers MHA, GQA and MQA (query head n reads kv head n // G),
+masks and positions; `llama_forward` is the whole decoder of `kvjax.models.llama` for one row.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def llama_forward(config, params, tokens: np.ndarray) -> np.ndarray:
   for i in range(c.n_layers):
     lp = p[f"layers_{i}"]
     hn = rmsnorm(x, lp["attn_norm"]["scale"], c.norm_eps)
-    q = (hn @ lp["attn"]["wq"]).reshape(t, c.n_heads, c.head_dim)
+    q = (hn @ lp["attn"]["wq"]).reshape(t, c.n_heads, c.head_dim)  # projections are [in, out]
     k = (hn @ lp["attn"]["wk"]).reshape(t, c.n_kv_heads, c.head_dim)
     v = (hn @ lp["attn"]["wv"]).reshape(t, c.n_kv_heads, c.head_dim)
     q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)

@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.full import FullCache
-from tests import helpers, oracle
+from kvjax.testing import oracle
+from tests import helpers
 
 L, B, K, H, CAP = 2, 3, 2, 4, 16
 

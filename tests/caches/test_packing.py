@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvjax.caches import packing
-from tests import oracle
+from kvjax.testing import oracle
 
 BITS = (8, 4, 3, 2)
 

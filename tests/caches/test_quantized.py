@@ -30,7 +30,7 @@ from kvjax.caches import api, packing
 from kvjax.caches.quantized import QuantizedCache, from_full, from_spec, quantize
 from kvjax.models.llama import Llama
 from kvjax.spec import SpecError, make_cache, parse_spec
-from tests import oracle
+from kvjax.testing import oracle
 from tests.helpers import smollm2_or_skip
 
 L, K, H = 2, 2, 32

@@ -32,7 +32,7 @@ from kvjax import calibrate
 from kvjax.attention import RoPE
 from kvjax.caches.shared import SharedCache, ShareMaps
 from kvjax.models.llama import Llama
-from tests import oracle
+from kvjax.testing import oracle
 from tests.helpers import smollm2_or_skip
 
 
@@ -265,8 +265,12 @@ def test_memory_is_ceil_layers_over_group(tiny):
   assert full == cfg.n_layers * per_layer + 8
   maps = ShareMaps.identity(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim)
   cal = kvjax.make_cache("share:2:cal", cfg, 2, 64, maps=maps)
-  assert cal.nbytes() == kvjax.make_cache("share:2", cfg, 2, 64).nbytes()
-  assert cal.maps_nbytes() == 2 * cfg.n_layers * (256 * 256 + 256) * 4
+  maps_bytes = 2 * cfg.n_layers * (256 * 256 + 256) * 4
+  assert cal.kv_nbytes() == kvjax.make_cache("share:2", cfg, 2, 64).nbytes()
+  assert cal.maps_nbytes() == maps_bytes
+  assert sum(cal.nbytes().values()) == sum(cal.kv_nbytes().values()) + maps_bytes
+  from kvjax.planning import estimate_bytes
+  assert estimate_bytes("share:2:cal", cfg, 64, 2) == sum(cal.nbytes().values())
 
 
 def test_refusals(tiny):

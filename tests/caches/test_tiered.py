@@ -20,7 +20,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import tiered
 from kvjax.models import llama
-from tests import oracle
+from kvjax.testing import oracle
 from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
 
 L, B, K, G, H = 2, 2, 2, 2, 16

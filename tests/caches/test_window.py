@@ -28,7 +28,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.window import WindowCache, slide
 from kvjax.models.llama import Llama
-from tests import oracle
+from kvjax.testing import oracle
 from tests.helpers import smollm2_or_skip
 
 SETTINGS = settings(max_examples=20, deadline=None)
