@@ -1,4 +1,4 @@
-"""Attention kernels against the float64 NumPy oracle (tests/oracle.py).
+"""Attention kernels against the float64 NumPy oracle (kvjax/testing/oracle.py).
 
 Invariants checked:
   * `RoPE.apply` equals the oracle's rotate-half rotation, and preserves each head's norm;

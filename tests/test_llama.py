@@ -4,7 +4,7 @@ Invariants checked:
   * cached decoding (prefill, then token by token through a FullCache via `Llama(config).apply`)
     gives the logits of the uncached `llama.forward` over the whole sequence at every step
     (atol 1e-4, fp32), and the same greedy tokens; for batch 1 and a ragged right-padded batch;
-  * `llama.forward` equals the float64 NumPy oracle (`tests/oracle.llama_forward`), MHA and GQA;
+  * `llama.forward` equals the float64 NumPy oracle (`kvjax.testing.oracle.llama_forward`), MHA and GQA;
   * prefilling in chunks equals prefilling at once;
   * GQA equals MHA with explicitly repeated kv heads (wk/wv rows repeated per query head), cached
     and uncached;
@@ -26,7 +26,7 @@ import pytest
 from kvjax.caches.full import FullCache
 from kvjax.loading import Model
 from kvjax.models import llama
-from tests import oracle
+from kvjax.testing import oracle
 
 ATOL = 1e-4
 
