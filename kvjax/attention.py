@@ -273,6 +273,17 @@ def n_filled_blocks(kv_lengths: jax.Array, block_size: int) -> jax.Array:
   return (jnp.max(kv_lengths) + block_size - 1) // block_size
 
 
+def attend_prefix_blocks(q, load_block: Callable, q_positions, kv_lengths, block_size: int):
+  """Attention of q [B, T, K, G, H] (rotated, scaled) over a buffer whose slot s holds position s,
+  read block by block with `load_block(start) -> (k, v [B, K, block_size, H])`: key s is visible to
+  query (b, t) iff s < kv_lengths[b] and s <= q_positions[b, t]; only the filled blocks are read.
+  Returns [B, T, N, H] in q's dtype. The full, offloaded and shared kinds are this with their own
+  `load_block`."""
+  stats = blockwise_stats(q, load_block, causal_visibility(q_positions, kv_lengths),
+                          n_filled_blocks(kv_lengths, block_size), block_size)
+  return finish_stats(stats, q.dtype)
+
+
 def blockwise_attention(q, k_buf, v_buf, q_positions, kv_lengths, *, block_size: int,
                         load_block=None):
   """Online-softmax attention over the filled blocks of a preallocated buffer.
@@ -298,10 +309,8 @@ def blockwise_attention(q, k_buf, v_buf, q_positions, kv_lengths, *, block_size:
       return (lax.dynamic_slice_in_dim(kb, start, block_size, axis=2),
               lax.dynamic_slice_in_dim(vb, start, block_size, axis=2))
 
-  stats = blockwise_stats(q, lambda start: load_block(k_buf, v_buf, start),
-                          causal_visibility(q_positions, kv_lengths),
-                          n_filled_blocks(kv_lengths, block_size), block_size)
-  return finish_stats(stats, q.dtype)
+  return attend_prefix_blocks(q, lambda start: load_block(k_buf, v_buf, start), q_positions,
+                              kv_lengths, block_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,6 +173,15 @@ class CacheBase:
   def kv_heads(self) -> int:
     return self._layout.shape[2]
 
+  @property
+  def capacity(self) -> int:
+    """Slots per row: axis 3 of an [L, B, K, S, H] layout (kinds laid out otherwise override)."""
+    return self._layout.shape[3]
+
+  @property
+  def head_dim(self) -> int:
+    return self._layout.shape[4]
+
   def token_positions(self, tokens: int) -> jax.Array:
     """int32 [B, T]: the positions of T tokens appended now (for models with learned positions)."""
     return row_slots(self.lengths, tokens)
@@ -294,6 +303,17 @@ def attend_inputs(cache, q, k, v, n_valid):
     raise ValueError(f"{what}: q has batch {q.shape[0]} but the cache has {cache.batch} rows")
   n_valid = normalize_n_valid(n_valid, cache.batch, q.shape[1], what=what)
   return n_valid, row_slots(cache.lengths, q.shape[1])
+
+
+def prefix_view(cache, keys, values) -> "CacheView":
+  """The view of a kind whose slot s holds position s (full, offload): keys, values
+  [L, B, K, S, H]; slots below `filled()` are live."""
+  slots = jnp.arange(cache.capacity, dtype=jnp.int32)
+  live = slots[None, :] < cache.filled()[:, None]  # [B, S]
+  shape = (cache.n_layers, cache.batch, cache.kv_heads, cache.capacity)
+  mask = jnp.broadcast_to(live[None, :, None, :], shape)
+  positions = jnp.broadcast_to(jnp.where(live, slots[None, :], -1)[None, :, None, :], shape)
+  return CacheView(keys=keys, values=values, mask=mask, positions=positions)
 
 
 def tree_nbytes(tree) -> dict[str, int]:

@@ -59,14 +59,6 @@ class FullCache(base.Limited):
   def _layout(self):
     return self.k
 
-  @property
-  def capacity(self) -> int:
-    return self.k.shape[3]
-
-  @property
-  def head_dim(self) -> int:
-    return self.k.shape[4]
-
   # ---- protocol -------------------------------------------------------------------------------
   def write(self, layer: int, k, v, n_valid=None) -> "FullCache":
     """Stores k, v [B, T, K, H] of one layer at each row's own next slots (lengths unchanged).
@@ -97,18 +89,11 @@ class FullCache(base.Limited):
       idx = (layer, 0, 0, start, 0)
       return jax.lax.dynamic_slice(cache.k, idx, shape)[0], jax.lax.dynamic_slice(cache.v, idx, shape)[0]
 
-    stats = attn.blockwise_stats(attn.prepare_queries(q, self.kv_heads, scale), load_block,
-                                 attn.causal_visibility(positions, kv_len),
-                                 attn.n_filled_blocks(kv_len, bs), bs)
-    return attn.finish_stats(stats, q.dtype), cache
+    qg = attn.prepare_queries(q, self.kv_heads, scale)
+    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs), cache
 
   def view(self) -> base.CacheView:
-    slots = jnp.arange(self.capacity, dtype=jnp.int32)
-    live = slots[None, :] < self.filled()[:, None]  # [B, S]
-    shape = (self.n_layers, self.batch, self.kv_heads, self.capacity)
-    mask = jnp.broadcast_to(live[None, :, None, :], shape)
-    positions = jnp.broadcast_to(jnp.where(live, slots[None, :], -1)[None, :, None, :], shape)
-    return base.CacheView(keys=self.k, values=self.v, mask=mask, positions=positions)
+    return base.prefix_view(self, self.k, self.v)
 
   def reset(self) -> "FullCache":
     """Empty cache of the same shapes (buffers keep stale values, hidden by lengths = 0)."""

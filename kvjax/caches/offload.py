@@ -213,21 +213,13 @@ class OffloadCache(base.Limited):
       ring_v = jax.lax.dynamic_slice(cache.ring_v, ring_idx, shape)[0]
       return jnp.where(from_host, host_k, ring_k), jnp.where(from_host, host_v, ring_v)
 
-    stats = attn.blockwise_stats(attn.prepare_queries(q, self.kv_heads, scale), load_block,
-                                 attn.causal_visibility(positions, kv_len),
-                                 attn.n_filled_blocks(kv_len, bs), bs)
-    return attn.finish_stats(stats, q.dtype), cache
+    qg = attn.prepare_queries(q, self.kv_heads, scale)
+    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs), cache
 
   # ---- inspection -------------------------------------------------------------------------------
   def view(self) -> base.CacheView:
     """The host copy (complete) as a full cache's view. Moves both buffers to the device."""
-    slots = jnp.arange(self.capacity, dtype=jnp.int32)
-    live = slots[None, :] < self.filled()[:, None]  # [B, S]
-    shape = (self.n_layers, self.batch, self.kv_heads, self.capacity)
-    mask = jnp.broadcast_to(live[None, :, None, :], shape)
-    positions = jnp.broadcast_to(jnp.where(live, slots[None, :], -1)[None, :, None, :], shape)
-    return base.CacheView(keys=self._to_device(self.host_k), values=self._to_device(self.host_v),
-                          mask=mask, positions=positions)
+    return base.prefix_view(self, self._to_device(self.host_k), self._to_device(self.host_v))
 
   def ring_positions(self) -> jax.Array:
     """int32 [B, R]: the position each ring slot holds (-1 where it holds none)."""

@@ -237,10 +237,8 @@ class SharedCache:
         kb, vb = self._calibrated_block(layer, kb, vb, start + jnp.arange(bs, dtype=jnp.int32), rope)
       return kb, vb
 
-    stats = attn.blockwise_stats(attn.prepare_queries(q, inner.kv_heads, scale), load_block,
-                                 attn.causal_visibility(positions, kv_len),
-                                 attn.n_filled_blocks(kv_len, bs), bs)
-    return attn.finish_stats(stats, q.dtype)
+    qg = attn.prepare_queries(q, inner.kv_heads, scale)
+    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs)
 
   def _calibrated_block(self, layer: int, kb, vb, slots, rope):
     """Un-rotated leader block [B, K, S', H] -> what `layer` attends over: mapped (followers), rotated."""

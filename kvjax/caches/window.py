@@ -181,15 +181,6 @@ class WindowCache(base.Evicting):
   def _layout(self):
     return self.k
 
-  @property
-  def capacity(self) -> int:
-    """Slots per row (S + N): what the cache holds at most, not a limit on the stream."""
-    return self.k.shape[3]
-
-  @property
-  def head_dim(self) -> int:
-    return self.k.shape[4]
-
   def filled(self) -> jax.Array:
     """int32 [B]: slots that hold a token."""
     return jnp.sum(self.pos >= 0, axis=1).astype(jnp.int32)
