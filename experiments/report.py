@@ -185,6 +185,9 @@ def render_peers(d):
            f"tokens, {st['new_tokens']} new tokens, kvjax full cache of capacity {st['capacity']}."
            + (f" HF: transformers {d['hf']['transformers']}, torch {d['hf']['torch']} "
               f"({d['hf']['torch_threads']} threads), default dynamic cache." if d.get("hf") else "")
+           + (f" llama.cpp: llama-cpp-python {d['llamacpp']['llama_cpp_python']} "
+              f"({d['llamacpp']['threads']} threads), the GGUF converted to F32 by llama.cpp, and "
+              "its Q4_1 as shipped." if d.get("llamacpp") else "")
            + "\n",
            table(["framework", "batch", "decode tok/s", "bandwidth limit tok/s", "of limit"], rows),
            f"\nMemory bandwidth (read + write; NumPy copy on CPU, jitted x + 1 on accelerators): "
@@ -197,8 +200,13 @@ def render_peers(d):
   if d.get("greedy_tokens_agree") is not None:
     lines.append(f"\nGreedy tokens identical for the first {d['greedy_tokens_agree']} of "
                  f"{st['new_tokens']} (batch 1).")
+  if d.get("llamacpp_greedy_tokens_agree"):
+    lines.append("\nkvjax vs llama.cpp greedy tokens identical for the first: " + ", ".join(
+        f"{k} {v}" for k, v in d["llamacpp_greedy_tokens_agree"].items()) + ".")
   if d.get("hf_note"):
     lines.append(f"\nHF: {d['hf_note']}")
+  if d.get("llamacpp_note"):
+    lines.append(f"\nllama.cpp: {d['llamacpp_note']}")
   return lines
 
 
@@ -207,7 +215,7 @@ section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs t
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
 section("Streaming: sink vs window vs full", "streaming", "memory, step time and rolling perplexity",
         render_streaming)
-section("kvjax vs HF transformers", "peers", "decode throughput", render_peers)
+section("kvjax vs HF transformers and llama.cpp", "peers", "decode throughput", render_peers)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")
