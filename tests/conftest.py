@@ -1,3 +1,5 @@
+pytest_plugins = ["kvjax.testing.plugin"]
+
 import gc
 import os
 

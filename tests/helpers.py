@@ -53,20 +53,3 @@ def model_logits(model, spec, ids, chunks, capacity=64):
     i += c
   return np.concatenate(out), cache
 
-
-def random_kv(rng, t, *, layers, batch, kv_heads, head_dim):
-  """k, v [L, B, K, T, H] float32, standard normal."""
-  shape = (layers, batch, kv_heads, t, head_dim)
-  return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
-
-
-def mark_padding(k, v, n_valid):
-  """Padding tokens (t >= n_valid[b]) get huge values, in place, so a leak into a cache shows."""
-  for b, n in enumerate(n_valid):
-    k[:, b, :, n:] = 1e4
-    v[:, b, :, n:] = -1e4
-
-
-def snapshot(*trees):
-  """Copies of every leaf, to check later that nothing was mutated."""
-  return [np.array(x, copy=True) for t in trees for x in jax.tree_util.tree_leaves(t)]

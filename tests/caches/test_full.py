@@ -1,27 +1,24 @@
-"""FullCache against a NumPy oracle (tests/oracle.FullCacheOracle and oracle.attention).
+"""FullCache: what is special to it; the generic invariants come from `kvjax.testing`.
 
-Invariants checked, over hypothesis-generated sequences of appends (ragged rows via n_valid):
-  * after any sequence of appends, slots [0, lengths[b]) of row b hold exactly the concatenation of
-    what was appended to row b; `view().mask` is true there only and `positions` is the slot index
-    there, -1 elsewhere; `lengths` counts the real tokens of each row;
-  * padded tokens (t >= n_valid[b]) and other rows never show up in a row's view or attention;
-  * nothing is mutated: the inputs and the old cache are unchanged after `append` / `attend`;
-  * `jax.jit(append)` gives the same cache as eager `append`;
-  * capacity: eager `kvjax.append` raises CapacityError (message names row, tokens and capacity);
-    inside jit the tokens past the capacity are dropped, `lengths` keeps counting,
-    `overflowed()` is true for that row only and no other slot changes;
-  * `attend` returns oracle attention over exactly what the cache holds at each token, so chunked
-    prefill equals token-by-token decoding; it writes only its own layer;
-  * crop, reorder, grow, reset and nbytes do what their docstrings say.
+`test_conformance` runs `kvjax.testing.check_cache_kind` on `full` and `dynamic`: contents vs what
+was appended, positions / mask / lengths / filled, padding (n_valid) ignored, rows independent,
+inputs not mutated, jit equals eager, chunk-exact, attention and a Llama forward vs NumPy, reset /
+crop / reorder, overflow (CapacityError outside jit, dropped and flagged inside), nbytes.
+
+What stays here, against a NumPy oracle (kvjax.testing.oracle.FullCacheOracle, oracle.attention):
+  * the blockwise attend over several blocks (block_size < capacity; the kit's capacity 8 is one
+    block): oracle attention with RoPE at every token, keys stored rotated, only the attended layer
+    written; chunks crossing block boundaries equal token-by-token decoding;
+  * the CapacityError message and has_room / fits at the capacity; filled() and the mask after an
+    overflow inside jit;
+  * crop per row (a [B] length) and appending after a crop; grow; nbytes formulas and make_cache;
+  * rejection of bad inputs and sizes.
 
 Shapes: L layers, B batch, K kv heads, T new tokens, S slots, H head dim, N = K * G query heads.
 """
 
 from __future__ import annotations
 
-import functools
-
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +29,16 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.full import FullCache
-from kvjax.testing import oracle
-from tests import helpers
+from kvjax.testing import oracle, spec_factory
+from kvjax.testing import strategies as kst
 
 L, B, K, H, CAP = 2, 3, 2, 4, 16
+
+
+@pytest.mark.parametrize("spec", ["full", pytest.param("dynamic", marks=pytest.mark.slow)])
+def test_conformance(check_kind, spec):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory(spec))
 
 
 def new_cache(batch=B, capacity=CAP, block_size=None, layers=L, kv_heads=K, head_dim=H):
@@ -43,7 +46,9 @@ def new_cache(batch=B, capacity=CAP, block_size=None, layers=L, kv_heads=K, head
                         capacity=capacity, block_size=block_size)
 
 
-random_kv = functools.partial(helpers.random_kv, layers=L, batch=B, kv_heads=K, head_dim=H)
+def random_kv(rng, t):
+  """k, v [L, B, K, T, H] float32, standard normal."""
+  return kst.random_tokens(rng, kst.CacheShape(L, B, K, H, CAP), kst.AppendStep(t, (t,) * B))
 
 
 def assert_matches_oracle(cache, orc: oracle.FullCacheOracle):
@@ -64,79 +69,10 @@ def assert_matches_oracle(cache, orc: oracle.FullCacheOracle):
     assert (positions[:, b, :, n:] == -1).all()
 
 
-
-
-def assert_unchanged(before, *trees):
-  after = [np.asarray(x) for t in trees for x in jax.tree_util.tree_leaves(t)]
-  assert len(before) == len(after)
-  for x, y in zip(before, after):
-    np.testing.assert_array_equal(x, y)
-
-
-_jit_append = jax.jit(kvjax.append)
-
-# One step: T new tokens and, per row, how many are real (None = all of them).
-step_strategy = st.integers(1, 4).flatmap(lambda t: st.tuples(
-    st.just(t), st.one_of(st.none(), st.lists(st.integers(0, t), min_size=B, max_size=B))))
-
-
-@given(steps=st.lists(step_strategy, min_size=1, max_size=7), seed=st.integers(0, 2**16))
-@settings(max_examples=25, deadline=None)
-def test_append_sequences_match_oracle(steps, seed):
-  rng = np.random.default_rng(seed)
-  eager, jitted = new_cache(), new_cache()
-  orc = oracle.FullCacheOracle(B, CAP)
-  eager_alive = True
-  for t, n_valid in steps:
-    k, v = random_kv(rng, t)
-    nv = None if n_valid is None else np.array(n_valid, np.int32)
-    if nv is not None:
-      helpers.mark_padding(k, v, nv)
-    orc.append(k, v, nv)
-    before = helpers.snapshot(eager, k, v, nv)
-    if eager_alive:
-      try:
-        new = kvjax.append(eager, jnp.asarray(k), jnp.asarray(v), nv)
-      except kvjax.CapacityError as e:
-        assert (orc.lengths() > CAP).any(), "CapacityError although every row fits"
-        assert f"capacity is {CAP}" in str(e)
-        eager_alive = False
-      else:
-        assert not (orc.lengths() > CAP).any(), "overflow was not reported outside jit"
-        assert_unchanged(before, eager, k, v, nv)  # old cache and inputs untouched
-        eager = new
-        assert_matches_oracle(eager, orc)
-    full_nv = np.full(B, t, np.int32) if nv is None else nv
-    jitted = _jit_append(jitted, jnp.asarray(k), jnp.asarray(v), jnp.asarray(full_nv))
-    # Inside jit overflow drops tokens, keeps counting, and corrupts nothing.
-    assert_matches_oracle(jitted, orc)
-    np.testing.assert_array_equal(np.asarray(jitted.overflowed()), orc.lengths() > CAP)
-    if eager_alive:
-      chex.assert_trees_all_equal(eager, jitted)
-
-
-def test_rows_are_independent():
-  """A row's contents do not depend on what the other rows were given."""
-  rng = np.random.default_rng(0)
-  batch_cache = new_cache()
-  single = [new_cache(batch=1) for _ in range(B)]
-  for t, nv in ((3, [3, 1, 0]), (2, [0, 2, 1]), (4, [4, 4, 2])):
-    k, v = random_kv(rng, t)
-    nv = np.array(nv, np.int32)
-    batch_cache = _jit_append(batch_cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(nv))
-    for b in range(B):
-      single[b] = _jit_append(single[b], jnp.asarray(k[:, b:b + 1]), jnp.asarray(v[:, b:b + 1]),
-                              jnp.asarray(nv[b:b + 1]))
-  view = kvjax.view(batch_cache)
-  for b in range(B):
-    sv = kvjax.view(single[b])
-    n = int(single[b].lengths[0])
-    np.testing.assert_array_equal(np.asarray(view.keys[:, b, :, :n]), np.asarray(sv.keys[:, 0, :, :n]))
-    np.testing.assert_array_equal(np.asarray(view.mask[:, b]), np.asarray(sv.mask[:, 0]))
-
-
 # ---- capacity --------------------------------------------------------------------------------------
 def test_overflow_outside_jit_raises():
+  """The message names row, tokens and capacity; has_room / fits at the edge (the kit checks that
+  CapacityError is raised at all)."""
   rng = np.random.default_rng(1)
   cache = kvjax.append(new_cache(capacity=8), *map(jnp.asarray, random_kv(rng, 6)))
   k, v = random_kv(rng, 4)
@@ -149,12 +85,14 @@ def test_overflow_outside_jit_raises():
 
 
 def test_overflow_inside_jit_drops_and_flags():
+  """filled() and the mask after an overflow inside jit (the kit checks lengths, overflowed() and
+  the held contents)."""
   rng = np.random.default_rng(2)
   cache = kvjax.append(new_cache(capacity=8), *map(jnp.asarray, random_kv(rng, 6)))
   k, v = random_kv(rng, 4)
   nv = jnp.array([4, 1, 2], jnp.int32)
   before = np.array(cache.k), np.array(cache.v)
-  out = _jit_append(cache, jnp.asarray(k), jnp.asarray(v), nv)
+  out = jax.jit(kvjax.append)(cache, jnp.asarray(k), jnp.asarray(v), nv)
   np.testing.assert_array_equal(np.asarray(out.lengths), [10, 7, 8])
   np.testing.assert_array_equal(np.asarray(out.overflowed()), [True, False, False])
   np.testing.assert_array_equal(np.asarray(out.filled()), [8, 7, 8])
@@ -208,9 +146,7 @@ def feed(cache, orc, rng, t, n_valid):
   v = rng.standard_normal((B, t, K, 2 * H)).astype(np.float32)
   for b, n in enumerate(n_valid):
     k[b, n:], v[b, n:] = 1e4, -1e4
-  before = helpers.snapshot(cache, q, k, v)
   out, new = _attend(cache, (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(n_valid, jnp.int32)))
-  assert_unchanged(before, cache, q, k, v)
   want = orc.attend(q, k, v, n_valid)
   for b, n in enumerate(n_valid):
     np.testing.assert_allclose(np.asarray(out[b, :n]), want[b], atol=1e-5)
@@ -222,6 +158,7 @@ def feed(cache, orc, rng, t, n_valid):
        seed=st.integers(0, 2**16))
 @settings(max_examples=12, deadline=None)
 def test_attend_matches_oracle(steps, seed):
+  """Several blocks, RoPE: oracle attention at every real query, keys stored rotated, one layer."""
   rng = np.random.default_rng(seed)
   cache = new_cache(capacity=32, block_size=8, head_dim=2 * H)  # four blocks
   orc = AttendOracle(B)
@@ -238,6 +175,7 @@ def test_attend_matches_oracle(steps, seed):
 
 
 def test_chunked_prefill_equals_token_by_token():
+  """Chunks crossing block boundaries (block 4) give what token-by-token decoding gives."""
   rng = np.random.default_rng(3)
   t = 11
   q = rng.standard_normal((B, t, K * G, 2 * H)).astype(np.float32)
@@ -265,7 +203,7 @@ def test_chunked_prefill_equals_token_by_token():
   np.testing.assert_array_equal(np.asarray(c3.lengths), [t] * B)
 
 
-# ---- crop / reorder / grow / reset / nbytes ---------------------------------------------------------
+# ---- crop / grow / nbytes ---------------------------------------------------------------------------
 def filled_cache(rng, capacity=CAP):
   cache, orc = new_cache(capacity=capacity), oracle.FullCacheOracle(B, capacity)
   for t, nv in ((4, [4, 2, 3]), (3, [3, 3, 0])):
@@ -290,19 +228,6 @@ def test_crop(length):
   assert_matches_oracle(kvjax.append(cropped, jnp.asarray(k), jnp.asarray(v)), orc)
 
 
-def test_reorder():
-  rng = np.random.default_rng(5)
-  cache, orc = filled_cache(rng)
-  idx = np.array([2, 0, 0])  # beams may duplicate a row
-  out = kvjax.reorder(cache, jnp.asarray(idx))
-  orc.rows = [list(orc.rows[i]) for i in idx]
-  assert_matches_oracle(out, orc)
-  # Rows diverge after the reorder without touching each other.
-  k, v = random_kv(rng, 1)
-  orc.append(k, v)
-  assert_matches_oracle(kvjax.append(out, jnp.asarray(k), jnp.asarray(v)), orc)
-
-
 def test_grow_keeps_contents_and_doubles():
   rng = np.random.default_rng(6)
   cache, orc = filled_cache(rng, capacity=8)
@@ -316,22 +241,6 @@ def test_grow_keeps_contents_and_doubles():
   assert kvjax.grow(cache, 64).capacity == 64
   with pytest.raises(ValueError, match="smaller than the current"):
     kvjax.grow(cache, 4)
-
-
-def test_reset():
-  rng = np.random.default_rng(7)
-  cache, _ = filled_cache(rng)
-  empty = kvjax.reset(cache)
-  assert empty.k.shape == cache.k.shape
-  np.testing.assert_array_equal(np.asarray(empty.lengths), 0)
-  assert not np.asarray(kvjax.view(empty).mask).any()
-  assert (np.asarray(kvjax.view(empty).positions) == -1).all()
-  # A reset cache behaves like a fresh one.
-  k, v = random_kv(rng, 3)
-  orc = oracle.FullCacheOracle(B, CAP)
-  orc.append(k, v, [3, 0, 2])
-  again = kvjax.append(empty, jnp.asarray(k), jnp.asarray(v), np.array([3, 0, 2], np.int32))
-  assert_matches_oracle(again, orc)
 
 
 def test_nbytes_and_make_cache():

@@ -1,10 +1,20 @@
 """H2O heavy-hitter cache: the eviction policy, attention-score accumulation, quantized storage.
 
-Oracles (NumPy, token by token, from the definition in kvjax.caches.h2o's docstring): per
-(layer, row, kv head) a dict position -> [key, value, score]; a new token is added, the sinks, the
-W most recent and the K best-scored others are kept, then (attend) its query attends over what is
-kept and each held token's score grows by the probability mass it got, summed over the G query
-heads.
+The generic invariants come from `kvjax.testing`: `test_conformance` runs `check_cache_kind` on
+`h2o:2+window:4`, with a sink, and with int4 storage (held tokens are what was appended, within the
+error bound when quantized; positions / mask / lengths / filled, padding ignored, rows independent,
+inputs not mutated, jit equals eager, chunk-exact, never overflows, never holds more than its
+budget, reset / crop / reorder, nbytes; unquantized: attention over what is held and a Llama
+forward vs NumPy while the stream fits).
+
+What is special to H2O, checked here against oracles (NumPy, token by token, from the definition
+in kvjax.caches.h2o's docstring): per (layer, row, kv head) a dict position -> [key, value,
+score]; a new token is added, the sinks, the W most recent and the K best-scored others are kept,
+then (attend) its query attends over what is kept and each held token's score grows by the
+probability mass it got, summed over the G query heads. `evict_topk` on its own; the policy under
+random scores; real attention whatever the chunking, scores included; jit == no jit past the
+budget (the kit's jit stream stays within it); model level (budget above the sequence == full,
+constant-memory generate), memory formulas, spec errors.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import h2o
 from kvjax.models import llama
-from kvjax.testing import oracle
+from kvjax.testing import oracle, spec_factory
 from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
 
 L, B, K, G, H = 2, 2, 2, 2, 16
@@ -30,6 +40,13 @@ GROUP = 8
 ROPE = RoPE(H, 10000.0)
 
 
+@pytest.mark.parametrize("spec", [
+    "h2o:2+window:4",
+    pytest.param("h2o:2+window:4+sink:1", marks=pytest.mark.slow),
+    pytest.param("int4+residual:4+h2o:2+window:4+group:4", marks=pytest.mark.slow)])
+def test_conformance(check_kind, spec):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory(spec))
 
 
 class H2OOracle:
@@ -262,29 +279,6 @@ def test_attend_matches_oracle(config, plan, seed):
   check_against_oracle(cache, orc, atol_kv=1e-5)
 
 
-def test_chunk_equals_token_by_token():
-  """A 7-token chunk leaves the same cache and outputs as 7 single-token calls."""
-  rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.normal(size=(B, 7, K * G, H)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, 7, K, H)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(B, 7, K, H)), jnp.float32)
-  nv = jnp.asarray([7, 5])
-  for config in (dict(heavy=2, window=2, sink=1), dict(heavy=2, window=2, bits=2, residual=1)):
-    chunked, c1 = _attend(new_cache(**config), q, k, v, nv, layer=1)
-    c1 = c1.advance(nv)
-    c2 = new_cache(**config)
-    outs = []
-    for j in range(7):
-      step_nv = (j < nv).astype(jnp.int32)
-      o, c2 = _attend(c2, q[:, j:j + 1], k[:, j:j + 1], v[:, j:j + 1], step_nv, layer=1)
-      c2 = c2.advance(step_nv)
-      outs.append(o)
-    single = jnp.concatenate(outs, axis=1)
-    for b, n in enumerate([7, 5]):
-      np.testing.assert_allclose(chunked[b, :n], single[b, :n], atol=1e-6)
-    jax.tree_util.tree_map(lambda a, b_: np.testing.assert_allclose(a, b_, atol=1e-6), c1, c2)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model-level tests
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +293,7 @@ def test_budget_above_sequence_equals_full(fixture, request):
 
 
 def test_jit_equals_no_jit(tiny):
+  """Past the budget, with RoPE: evictions happen (the kit's jit stream stays within the budget)."""
   c = tiny.config
   cache = kvjax.make_cache("h2o:3+window:4+sink:1", c, 2, 64)
   rng = np.random.default_rng(2)

@@ -1,22 +1,26 @@
-"""OffloadCache against a NumPy oracle and against the full cache.
+"""OffloadCache: its host / device split against a NumPy oracle and against the full cache.
 
-Invariants checked:
-  * after any hypothesis-generated sequence of appends (ragged rows via n_valid, overflow inside jit
-    included) the host buffers hold exactly what `tests.oracle.FullCacheOracle` says a full cache
-    holds, and the device ring holds the last min(filled, R) tokens of each row at slot p mod R;
-  * jit == no jit; nothing is mutated (inputs and the old cache unchanged);
+The generic invariants come from `kvjax.testing`: `test_conformance` runs `check_cache_kind` on
+`offload` (contents, positions, padding ignored, rows independent, inputs not mutated, jit equals
+eager, chunk-exact, attention and a Llama forward vs NumPy, reset / crop / reorder, overflow,
+nbytes), once with the default ring (one block, the whole capacity at the kit's capacity 8) and
+once with a ring of half the capacity, so that attention reads tokens back from the host.
+
+What is special to offload, checked here:
+  * after any hypothesis-generated sequence of appends (ragged rows via n_valid, overflow inside
+    jit included) the host buffers hold what `kvjax.testing.oracle.FullCacheOracle` says a full
+    cache holds, and the device ring holds the last min(filled, R) tokens of each row at slot
+    p mod R;
   * the big buffers live in host memory ('pinned_host' on CPU and GPU), `nbytes()` shows the split,
-    and the device part does not grow with the capacity;
+    and the device part does not grow with the capacity; the emulation without host memory;
   * logits equal the full cache's (exact up to summation order, 1e-5) for the tiny model, chunked
     prefill equals token-by-token decoding, generate gives the full cache's tokens;
-  * crop (refills the ring from the host), reorder, grow and reset keep those invariants.
+  * crop (refills the ring from the host), reorder and grow keep those invariants; host writes and
+    the ring refill are loops, not unrolled per row.
 """
 
 from __future__ import annotations
 
-import functools
-
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +32,8 @@ import kvjax
 from kvjax.caches import offload
 from kvjax.caches.offload import OffloadCache
 from kvjax.models.llama import Llama
-from kvjax.testing import oracle
-from tests import helpers
+from kvjax.testing import oracle, spec_factory
+from kvjax.testing import strategies as kst
 from tests.helpers import smollm2_or_skip
 
 L, B, K, H, CAP, BS, R = 2, 3, 2, 4, 16, 4, 8
@@ -40,7 +44,18 @@ def new_cache(batch=B, capacity=CAP, block_size=BS, recent=R, host_kind=None):
                            block_size=block_size, recent=recent, host_kind=host_kind)
 
 
-random_kv = functools.partial(helpers.random_kv, layers=L, batch=B, kv_heads=K, head_dim=H)
+def random_kv(rng, t, n_valid=None):
+  """k, v [L, B, K, T, H] float32, standard normal; padding (t >= n_valid[b]) is large garbage."""
+  n_valid = (t,) * B if n_valid is None else tuple(int(n) for n in n_valid)
+  return kst.random_tokens(rng, kst.CacheShape(L, B, K, H, CAP), kst.AppendStep(t, n_valid))
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="offload"),
+    pytest.param({"block_size": 4, "recent": 4}, marks=pytest.mark.slow, id="offload-recent-4")])
+def test_conformance(check_kind, options):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory("offload", **options))
 
 
 def assert_matches_oracle(cache: OffloadCache, orc: oracle.FullCacheOracle):
@@ -64,14 +79,6 @@ def assert_matches_oracle(cache: OffloadCache, orc: oracle.FullCacheOracle):
       np.testing.assert_array_equal(ring_v[:, b, :, p % R], want_v[:, :, p])
 
 
-
-
-def assert_unchanged(before, *trees):
-  after = [np.asarray(x) for t in trees for x in jax.tree_util.tree_leaves(t)]
-  for x, y in zip(before, after):
-    np.testing.assert_array_equal(x, y)
-
-
 def host_kinds(cache):
   return {cache.host_k.sharding.memory_kind, cache.host_v.sharding.memory_kind}
 
@@ -84,33 +91,18 @@ step_strategy = st.integers(1, 6).flatmap(
 
 @given(steps=st.lists(step_strategy, min_size=1, max_size=6), seed=st.integers(0, 2**16))
 @settings(max_examples=20, deadline=None)
-def test_append_sequences_match_oracle(steps, seed):
+def test_ring_and_host_follow_appends(steps, seed):
+  """The host holds every stored token, the ring the last R at slot p mod R (overflow inside jit
+  included: dropped, never written onto others), and the buffers stay in host memory."""
   rng = np.random.default_rng(seed)
-  eager, jitted = new_cache(), new_cache()
-  orc = oracle.FullCacheOracle(B, CAP)
-  eager_alive = True
+  cache, orc = new_cache(), oracle.FullCacheOracle(B, CAP)
   for t, n_valid in steps:
-    k, v = random_kv(rng, t)
     nv = np.full(B, t, np.int32) if n_valid is None else np.array(n_valid, np.int32)
-    helpers.mark_padding(k, v, nv)
+    k, v = random_kv(rng, t, nv)
     orc.append(k, v, nv)
-    if eager_alive:
-      before = helpers.snapshot(eager, k, v, nv)
-      try:
-        new = kvjax.append(eager, jnp.asarray(k), jnp.asarray(v), nv)
-      except kvjax.CapacityError:
-        assert (orc.lengths() > CAP).any()
-        eager_alive = False
-      else:
-        assert_unchanged(before, eager, k, v, nv)
-        eager = new
-        assert_matches_oracle(eager, orc)
-    jitted = _jit_append(jitted, jnp.asarray(k), jnp.asarray(v), jnp.asarray(nv))
-    assert_matches_oracle(jitted, orc)  # overflow inside jit: dropped, never written onto others
-    np.testing.assert_array_equal(np.asarray(jitted.overflowed()), orc.lengths() > CAP)
-    assert host_kinds(jitted) == host_kinds(new_cache())
-    if eager_alive:
-      chex.assert_trees_all_equal(eager, jitted)
+    cache = _jit_append(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(nv))
+    assert_matches_oracle(cache, orc)
+    assert host_kinds(cache) == host_kinds(new_cache())
 
 
 def test_buffers_live_in_host_memory_and_nbytes_splits():
@@ -136,9 +128,8 @@ def test_emulation_without_host_memory():
   rng = np.random.default_rng(3)
   orc = oracle.FullCacheOracle(B, CAP)
   for t, nv in ((5, [5, 2, 0]), (6, [6, 6, 3])):
-    k, v = random_kv(rng, t)
     nv = np.array(nv, np.int32)
-    helpers.mark_padding(k, v, nv)
+    k, v = random_kv(rng, t, nv)
     orc.append(k, v, nv)
     cache = _jit_append(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(nv))
   assert_matches_oracle(cache, orc)
@@ -157,9 +148,8 @@ def filled_cache(rng, lengths=(13, 4, 9)):
   cache = new_cache()
   orc = oracle.FullCacheOracle(B, CAP)
   t = max(lengths)
-  k, v = random_kv(rng, t)
   nv = np.array(lengths, np.int32)
-  helpers.mark_padding(k, v, nv)
+  k, v = random_kv(rng, t, nv)
   orc.append(k, v, nv)
   return kvjax.append(cache, jnp.asarray(k), jnp.asarray(v), nv), orc
 
@@ -224,10 +214,8 @@ def test_logits_equal_full_cache(tiny_gqa):
   ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 37)).astype(np.int32)
   full, _ = _feed(model, kvjax.make_cache("full", cfg, 2, 48), ids, [37])
   off = kvjax.make_cache("offload", cfg, 2, 48, block_size=8, recent=16)
-  before = helpers.snapshot(off)
   chunked, after = _feed(model, off, ids, [16, 1, 1, 16, 3], apply=_apply_jit)
   token_by_token, _ = _feed(model, off, ids, [1] * 37, apply=_apply_jit)
-  assert_unchanged(before, off)
   np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(token_by_token, full, atol=1e-5, rtol=1e-5)
   assert after.nbytes()["pinned_host"] > 0 if offload.host_memory_kind() else True

@@ -1,16 +1,22 @@
 """Quantized cache (kvjax.caches.quantized) against a NumPy oracle of what it must hold and see.
 
-The oracle keeps, per row, the tokens appended (current values) and the quantized count q; after an
-append holding c residual tokens it quantizes floor(max(c - R, 0) / G) whole groups. Its view:
-positions < q are the float32 quantize-then-dequantize of their group (keys per channel over G
-tokens, values per token over G channels, the arithmetic of tests/caches/test_packing.np_quantize),
-positions [q, n) are the tokens as given, bit for bit.
+The generic invariants come from `kvjax.testing`: `test_conformance` runs `check_cache_kind` on
+int8, int4 with a residual, and int2 (held tokens within the kind's error bound of what was
+appended, positions / mask / lengths / filled, padding ignored, rows independent, inputs not
+mutated, jit equals eager, reset / crop / reorder, overflow, nbytes).
+
+What is special to quantization, checked here against its own oracle: the oracle keeps, per row,
+the tokens appended (current values) and the quantized count q; after an append holding c residual
+tokens it quantizes floor(max(c - R, 0) / G) whole groups. Its view: positions < q are the float32
+quantize-then-dequantize of their group (keys per channel over G tokens, values per token over G
+channels, the arithmetic of kvjax.testing.oracle.quantize_groups), positions [q, n) are the tokens
+as given, bit for bit.
 
 Checked: contents after any sequence of ragged appends (hypothesis), chunking never changes the
 contents, residual tokens are exact, what each query of `attend` sees (quantized region as of the
-start of its call + full precision after), memory ratios from the arrays, crop/reorder/reset/grow,
-jit == no jit, nothing mutated, the `quantize` verb, spec wiring, and end to end on tiny (and
-SmolLM2 when marked slow).
+start of its call + full precision after), keys stored rotated, memory ratios from the arrays,
+crop (what attention saw is kept) / reorder / reset / grow, capacity rounded to whole groups, the
+`quantize` verb, spec wiring, and end to end on tiny (and SmolLM2 when marked slow).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from kvjax.caches import api, packing
 from kvjax.caches.quantized import QuantizedCache, from_full, from_spec, quantize
 from kvjax.models.llama import Llama
 from kvjax.spec import SpecError, make_cache, parse_spec
-from kvjax.testing import oracle
+from kvjax.testing import oracle, spec_factory
 from tests.helpers import smollm2_or_skip
 
 L, K, H = 2, 2, 32
@@ -133,6 +139,15 @@ def random_kv(rng, batch, t, scale=1.0):
 
 
 _append = jax.jit(api.append)
+
+
+@pytest.mark.parametrize("spec", [
+    "int8+group:16",
+    pytest.param("int4+residual:16+group:16", marks=pytest.mark.slow),
+    pytest.param("int2+group:16", marks=pytest.mark.slow)])
+def test_conformance(check_kind, spec):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory(spec))
 
 
 # ---- contents ------------------------------------------------------------------------------------
@@ -342,32 +357,6 @@ def test_capacity_checks_and_overflow():
     api.append(cache, k, k)
   over = _append(cache, k, k)  # inside jit: dropped, flagged
   assert over.overflowed().tolist() == [True] * 3
-
-
-def test_jit_equals_eager_and_nothing_mutated():
-  rng = np.random.default_rng(6)
-  rope = RoPE(H, 10000.0)
-  cache, _ = _filled(rng, bits=2, residual=None)
-  snapshot = [np.array(a) for a in jax.tree_util.tree_leaves(cache)]
-  q = jnp.asarray(rng.standard_normal((3, 5, 4, H)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((3, 5, K, H)), jnp.float32)
-  k_copy = np.array(k)
-  n_valid = jnp.array([5, 2, 0], jnp.int32)
-  eager_out, eager_cache = cache.attend(1, q, k, k, n_valid, rope=rope)
-  jit_out, jit_cache = jax.jit(lambda c, q, k, n: c.attend(1, q, k, k, n, rope=rope))(cache, q, k, n_valid)
-  np.testing.assert_allclose(np.asarray(eager_out), np.asarray(jit_out), rtol=1e-6, atol=1e-6)
-  for x, y in zip(jax.tree_util.tree_leaves(eager_cache), jax.tree_util.tree_leaves(jit_cache)):
-    if jnp.issubdtype(x.dtype, jnp.floating):  # RoPE's sin/cos may differ by an ulp once fused
-      np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-5,
-                                 atol=1e-6)
-    else:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  api.crop(cache, 10)
-  api.reorder(cache, jnp.array([1, 1, 0]))
-  api.append(cache, jnp.ones((L, 3, K, 2, H)), jnp.ones((L, 3, K, 2, H)))
-  for before, after in zip(snapshot, jax.tree_util.tree_leaves(cache)):
-    np.testing.assert_array_equal(before, np.asarray(after))
-  np.testing.assert_array_equal(k_copy, np.asarray(k))
 
 
 # ---- the quantize verb and specs -----------------------------------------------------------------

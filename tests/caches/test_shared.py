@@ -1,6 +1,12 @@
 """SharedCache (cross-layer sharing, `share:G` / `share:G:cal`) and kvjax.calibrate.
 
-Invariants checked:
+The generic invariants come from `kvjax.testing`: `test_conformance` runs `check_cache_kind` on
+`share:2` over a full, a window and an int8 inner kind, and on `share:2:cal` with identity maps
+(positions / mask / lengths / filled, padding ignored, rows independent, inputs not mutated, jit
+equals eager, chunk-exact but for the int8 inner, reset / crop / reorder, overflow, nbytes;
+`contents` does not apply: a follower's view is its leader's tokens, not what was appended to it).
+
+What is special to sharing, checked here:
   * logits equal a NumPy Llama forward in which every follower layer uses its group leader's
     un-rotated K/V (mapped by the calibration maps for `:cal`), then RoPE (float64 oracle, 1e-4),
     for G = 2 and 3 (3 does not divide the 4 layers), MHA and GQA, chunked and token by token;
@@ -8,8 +14,9 @@ Invariants checked:
     sequence) gives the full inner's logits;
   * `kvjax.append` writes leader layers only, `view()` gives L layers (a follower's = its leader's,
     mapped and rotated for `:cal`), compared with the full-cache oracle over hypothesis-generated
-    ragged append sequences; jit == no jit; nothing mutated; one forward advances lengths once;
-  * memory is ceil(L / G) layers of the inner kind; share:1, missing/wrong maps are refused;
+    ragged append sequences (5 layers in groups of 2); one forward advances lengths once;
+  * memory is ceil(L / G) layers of the inner kind; share:1, missing/wrong maps are refused; a
+    donated cache keeps the caller's maps;
   * calibrate: recorded k/v equal the oracle's pre-RoPE projections, `fit_affine` recovers an exact
     affine map, fitted maps never fit worse than the identity on the calibration tokens.
 """
@@ -32,8 +39,24 @@ from kvjax import calibrate
 from kvjax.attention import RoPE
 from kvjax.caches.shared import SharedCache, ShareMaps
 from kvjax.models.llama import Llama
-from kvjax.testing import oracle
+from kvjax.testing import oracle, spec_factory
 from tests.helpers import smollm2_or_skip
+
+
+# ---- the kit's generic invariants ------------------------------------------------------------------
+def _identity_maps(n_layers, kv_heads, head_dim):
+  return {"maps": ShareMaps.identity(n_layers, kv_heads * head_dim)}
+
+
+@pytest.mark.parametrize("spec,options", [
+    pytest.param("share:2", {}, id="share:2"),
+    pytest.param("share:2+window:6", {}, marks=pytest.mark.slow, id="share:2+window:6"),
+    pytest.param("share:2+int8+group:16", {}, marks=pytest.mark.slow, id="share:2+int8+group:16"),
+    pytest.param("share:2:cal", {"options": _identity_maps}, marks=pytest.mark.slow,
+                 id="share:2:cal")])
+def test_conformance(check_kind, spec, options):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory(spec, **options))
 
 
 # ---- NumPy oracle ---------------------------------------------------------------------------------

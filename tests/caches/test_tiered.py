@@ -1,8 +1,17 @@
 """Tiered cache: which token sits in which tier at what precision, attention over the tiers.
 
-The oracle is the definition (module docstring of kvjax.caches.tiered): with n tokens seen, the
-token of age a = n - 1 - p sits in tier i iff start_i <= a < end_i, holding the chain of encodings
-Q_i(...Q_0(x)); a query attends over every token of age < sum(budgets) as of its arrival.
+The generic invariants come from `kvjax.testing`: `test_conformance` runs `check_cache_kind` on
+`tier:4:fp32,4:int8+group:16` and `tier:4:fp32,4:fp32` (held tokens within the error bound of what
+was appended, positions / mask / lengths / filled, padding ignored, rows independent, inputs not
+mutated, jit equals eager, chunk-exact, never overflows, never holds more than its budget, reset /
+reorder, nbytes; all-fp32: attention over what is held and a Llama forward vs NumPy).
+
+What is special to the tiers, checked here against the definition (module docstring of
+kvjax.caches.tiered): with n tokens seen, the token of age a = n - 1 - p sits in tier i iff
+start_i <= a < end_i, holding the chain of encodings Q_i(...Q_0(x)); a query attends over every
+token of age < sum(budgets) as of its arrival, whatever the chunking. Also: jit == no jit across
+three tiers (the kit's jit stream stays in the first ones), model level (all-fp32 == full,
+constant-memory generate), memory per tier, spec errors and the unsupported crop.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import tiered
 from kvjax.models import llama
-from kvjax.testing import oracle
+from kvjax.testing import oracle, spec_factory
 from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
 
 L, B, K, G, H = 2, 2, 2, 2, 16
@@ -28,6 +37,11 @@ GROUP = 8
 ROPE = RoPE(H, 10000.0)
 
 
+@pytest.mark.parametrize("spec", [
+    "tier:4:fp32,4:int8+group:16", pytest.param("tier:4:fp32,4:fp32", marks=pytest.mark.slow)])
+def test_conformance(check_kind, spec):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory(spec))
 
 
 def chain(x: np.ndarray, fmts, group: int, exact: bool = False):
@@ -223,30 +237,6 @@ def test_attend_matches_oracle(tiers, plan, seed):
   check_view(cache, orc, tiers)
 
 
-def test_chunk_equals_token_by_token():
-  """A 7-token chunk leaves the same cache and outputs as 7 single-token calls."""
-  tiers = TIER_SETS[0]
-  rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.normal(size=(B, 7, K * G, H)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, 7, K, H)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(B, 7, K, H)), jnp.float32)
-  nv = jnp.asarray([7, 5])
-  chunked, c1 = _attend(new_cache(tiers), q, k, v, nv, layer=1)
-  c1 = c1.advance(nv)
-  c2 = new_cache(tiers)
-  outs = []
-  for j in range(7):
-    step_nv = (j < nv).astype(jnp.int32)
-    o, c2 = _attend(c2, q[:, j:j + 1], k[:, j:j + 1], v[:, j:j + 1], step_nv, layer=1)
-    c2 = c2.advance(step_nv)
-    outs.append(o)
-  single = jnp.concatenate(outs, axis=1)
-  for b, n in enumerate([7, 5]):
-    np.testing.assert_allclose(chunked[b, :n], single[b, :n], atol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                         c1.view(), c2.view())
-
-
 # ---------------------------------------------------------------------------------------------
 # Model-level tests
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +250,7 @@ def test_all_fp32_budget_above_sequence_equals_full(fixture, request):
 
 
 def test_jit_equals_no_jit(tiny):
+  """Across three tiers, with RoPE (the kit's jit stream stays in the first tiers)."""
   cache = kvjax.make_cache("tier:4:fp32,4:int8,8:int2", tiny.config, 2, 64)
   rng = np.random.default_rng(2)
   c = tiny.config
@@ -315,21 +306,6 @@ def test_spec_errors_and_unsupported_ops(tiny):
   with pytest.raises(NotImplementedError, match="crop"):
     cache.crop(3)
   assert bool(cache.has_room(10**6)) and cache.fits(10**6) and cache.limited is False
-
-
-def test_reorder_and_reset():
-  tiers = TIER_SETS[0]
-  rng = np.random.default_rng(3)
-  cache = new_cache(tiers)
-  k = jnp.asarray(rng.normal(size=(L, B, K, 6, H)), jnp.float32)
-  cache = _append(cache, k, k, jnp.asarray([6, 4]))
-  swapped = cache.reorder(jnp.asarray([1, 0]))
-  a, b = cache.view(), swapped.view()
-  np.testing.assert_array_equal(a.keys[:, 0], b.keys[:, 1])
-  np.testing.assert_array_equal(a.positions[:, 1], b.positions[:, 0])
-  assert swapped.lengths.tolist() == [4, 6]
-  empty = cache.reset()
-  assert not bool(empty.view().mask.any()) and empty.lengths.tolist() == [0, 0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,24 @@
-"""Sliding-window / attention-sink cache (kvjax/caches/window.py) against NumPy oracles.
+"""Sliding-window / attention-sink cache (kvjax/caches/window.py): its policy against NumPy oracles.
 
-What is checked:
+The generic invariants come from `kvjax.testing`: `test_conformance` runs `check_cache_kind` on
+`window:6` and `sink:2+window:6` (held tokens are what was appended at their positions, positions /
+mask / lengths / filled, padding ignored, rows independent, inputs not mutated, jit equals eager,
+chunk-exact, attention over what is held and a Llama forward vs NumPy while the stream fits, never
+overflows, never holds more than its budget, reset / crop / reorder, nbytes).
+
+What is special to the window, checked here:
   * storage: after any sequence of ragged appends (`slide` and `kvjax.append`), each row holds
     exactly its first S and last N tokens, in the slots the layout prescribes, and `view()` names
-    them (mask, positions); padding never lands nor evicts;
-  * attention: `attend` over any chunk equals a float64 oracle that rebuilds, for every query, the
-    StreamingLLM picture (sinks at cache positions 0..S-1, window right before the query);
+    them (mask, positions); `slide` equals `kvjax.append`, jitted or not, and mutates nothing past
+    the budget (the kit's jit / mutation streams stay within it); static facts, crop / reorder
+    layouts;
+  * attention: `attend` over any chunk (one block or several) equals a float64 oracle that
+    rebuilds, for every query, the StreamingLLM picture (sinks at cache positions 0..S-1, window
+    right before the query);
   * bounded RoPE: a row 20,000 tokens in attends exactly like a row that has just filled its cache;
   * model level (tiny): chunked prefill == token-by-token decode; a window longer than the sequence
-    == the full cache; jit == no-jit; nothing mutated; ragged batches; constant-memory streaming
-    `generate` with one decode compile;
+    == the full cache; jit == no-jit; ragged batches; constant-memory streaming `generate` with one
+    decode compile;
   * SmolLM2 (slow): perplexity with sinks is finite and near full; window-only is finite.
 """
 
@@ -28,7 +37,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.window import WindowCache, slide
 from kvjax.models.llama import Llama
-from kvjax.testing import oracle
+from kvjax.testing import oracle, spec_factory
 from tests.helpers import smollm2_or_skip
 
 SETTINGS = settings(max_examples=20, deadline=None)
@@ -130,7 +139,16 @@ def feed(cache, orc, steps, rng, *, how="slide", layers=2, kv_heads=2, head_dim=
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage invariants
+# The kit's generic invariants
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["window:6", pytest.param("sink:2+window:6", marks=pytest.mark.slow)])
+def test_conformance(check_kind, spec):
+  """Every generic invariant of `kvjax.testing` (see the module docstring)."""
+  check_kind(spec_factory(spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: which tokens are kept, and where
 # ---------------------------------------------------------------------------------------------
 @SETTINGS
 @given(append_sequences(), st.sampled_from(["slide", "append"]))
@@ -155,18 +173,8 @@ def test_slide_equals_append_and_jit_equals_eager():
       np.testing.assert_array_equal(np.asarray(getattr(x, f)), np.asarray(getattr(y, f)))
 
 
-def test_padding_never_written_nor_evicts():
-  cache = empty_cache(1, 1, 2)
-  ones = jnp.ones((2, 1, 2, 3, 4))
-  cache = slide(cache, ones, ones)  # positions 0, 1, 2
-  before = jax.tree_util.tree_map(np.asarray, cache)
-  junk = jnp.full((2, 1, 2, 5, 4), 7.0)
-  after = slide(cache, junk, junk, jnp.array([0], jnp.int32))
-  for f in ("k", "v", "pos", "lengths"):
-    np.testing.assert_array_equal(np.asarray(getattr(after, f)), getattr(before, f))
-
-
 def test_nothing_mutated():
+  """Past the budget (the kit's streams stay within it), and crop / reorder / reset too."""
   rng = np.random.default_rng(1)
   cache = slide(empty_cache(2, 1, 3), jnp.asarray(rng.standard_normal((2, 2, 2, 5, 4)), jnp.float32),
                 jnp.asarray(rng.standard_normal((2, 2, 2, 5, 4)), jnp.float32))
@@ -382,10 +390,11 @@ def test_generate_streams_in_constant_memory(tiny):
   prompt = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10]
   spec = "sink:4+window:32"
   initial = kvjax.make_cache(spec, tiny.config, 1, 512)
-  before = kvjax.compile_stats()["n_compiles"]
+  before = kvjax.compile_stats()["by_function"]
   res = kvjax.generate(tiny, prompt, cache=spec, max_new_tokens=300, stop_at_eos=False)
-  first_compiles = kvjax.compile_stats()["n_compiles"] - before
-  assert first_compiles <= 2  # one prefill, one decode (fewer if already built)
+  after = kvjax.compile_stats()["by_function"]
+  loops = sum(after.get(f, 0) - before.get(f, 0) for f in ("jit(_prefill)", "jit(_decode)"))
+  assert loops <= 2  # one prefill, one decode (fewer if already built)
   assert res.tokens.shape == (1, 300) and int(res.n_generated[0]) == 300
   assert res.cache_bytes == initial.nbytes()
   assert int(res.cache.lengths[0]) == len(prompt) + 299
