@@ -210,12 +210,27 @@ def render_peers(d):
   return lines
 
 
+def render_sharding(d):
+  st = d["settings"]
+  rows = [[r["setup"], r["devices"], r["batch"], r["capacity"], num(r["decode_tok_per_s"], 1),
+           fmt_bytes(r["cache_bytes"]), fmt_bytes(r["cache_bytes_per_device"])] for r in d["results"]]
+  ctx = [[c["budget_mib"], c["devices"], c["without slot sharding"], c["with slot sharding"]]
+         for c in d["contexts"]]
+  return [f"{st['model']}, {st['new_tokens']} new tokens; {st['fake_devices']}.\n",
+          table(["setup", "devices", "batch", "capacity", "decode tok/s", "cache", "cache per device"],
+                rows),
+          "\nLargest full-cache context (fp32, batch 1, multiples of 256 tokens) whose share fits a "
+          "per-device budget (`kvjax.planning.bytes_per_device`):\n",
+          table(["MiB per device", "devices", "without slot sharding", "with slot sharding"], ctx)]
+
+
 section("Cached vs uncached decoding", "speedup", "per-token latency and total time", render_speedup)
 section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs tokens", render_memory)
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
 section("Streaming: sink vs window vs full", "streaming", "memory, step time and rolling perplexity",
         render_streaming)
 section("kvjax vs HF transformers and llama.cpp", "peers", "decode throughput", render_peers)
+section("Sharded decoding on 1, 2, 4 and 8 devices", "sharding", "bytes per device", render_sharding)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")

@@ -6,7 +6,7 @@ import resource
 
 import numpy as np
 
-from kvjax import decode
+from kvjax import decode, sharding
 from kvjax.models.protocol import model_dtype
 from kvjax.sampling import GREEDY
 
@@ -33,7 +33,8 @@ def peak_rss_bytes() -> int:
 
 
 def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 128,
-              capacity: int | None = None, cache: str = "full", repeats: int = 2) -> dict:
+              capacity: int | None = None, cache: str = "full", repeats: int = 2, mesh=None,
+              rules=None) -> dict:
   """Runs generate `repeats` times (the first compiles) and reports the best decode run.
 
   model: any model of `kvjax.models.protocol` (a tokenizer is optional)."""
@@ -43,7 +44,8 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
   best = None
   for _ in range(repeats):
     result = decode.generate(model, prompts, max_new_tokens=new_tokens, cache=cache,
-                             capacity=capacity, sampler=GREEDY, stop_at_eos=False)
+                             capacity=capacity, sampler=GREEDY, stop_at_eos=False, mesh=mesh,
+                             rules=rules)
     if best is None or result.decode_tok_per_s > best.decode_tok_per_s:
       best = result
   after = decode.compile_stats()
@@ -59,5 +61,8 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
       "n_compiles": after["n_compiles"] - before["n_compiles"],
       "cache_bytes": sum(cache_bytes.values()),
       "cache_bytes_by_kind": cache_bytes,
+      "cache_bytes_per_device": sharding.max_bytes_per_device(best.cache),
+      "devices": 1 if mesh is None else int(mesh.size),
+      "sharding": best.sharding,
       "peak_rss_bytes": peak_rss_bytes(),
   }

@@ -23,6 +23,10 @@ def _add_model(p):
                  help="cache spec, e.g. full, dynamic, none, int8, sink:4+window:1020, or a "
                       "registered kind")
   p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+  p.add_argument("--mesh", default=None, metavar="AXES",
+                 help="run over a device mesh, e.g. data=2,model=4 (-1: the remaining devices)")
+  p.add_argument("--mesh-rules", default=None, metavar="RULES",
+                 help="logical axis rules, e.g. batch=data,kv_heads=model,slots= (kvjax.sharding)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _mesh(args):
+  """(mesh, rules) from --mesh / --mesh-rules, or (None, None)."""
+  if args.mesh is None:
+    if args.mesh_rules:
+      raise ValueError("--mesh-rules needs --mesh")
+    return None, None
+  from kvjax import sharding
+
+  rules = sharding.AxisRules.parse(args.mesh_rules) if args.mesh_rules else None
+  return sharding.make_mesh(args.mesh), rules
+
+
 def _load(args):
   import jax.numpy as jnp
 
@@ -90,9 +106,10 @@ def _cmd_generate(args) -> dict:
   if stream:
     sys.stdout.write(text)
     sys.stdout.flush()
+  mesh, rules = _mesh(args)
   result = decode.generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, cache=args.cache,
                            capacity=args.capacity, sampler=sampler, seed=args.seed,
-                           on_tokens=on_tokens if stream else None)
+                           on_tokens=on_tokens if stream else None, mesh=mesh, rules=rules)
   ids = [int(t) for t in result.tokens[0, : result.n_generated[0]]]
   out_text = model.tokenizer.decode([t for t in ids if t != model.tokenizer.eos_id])
   if stream:
@@ -104,7 +121,8 @@ def _cmd_generate(args) -> dict:
           "ids": ids, "text": out_text, "prefill_s": result.prefill_s,
           "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
           "compile_s": result.compile_s, "n_compiles": result.n_compiles,
-          "cache_bytes": sum(cache_bytes.values()), "cache_bytes_by_kind": cache_bytes}
+          "cache_bytes": sum(cache_bytes.values()), "cache_bytes_by_kind": cache_bytes,
+          "sharding": result.sharding}
 
 
 def _cmd_perplexity(args) -> dict:
@@ -117,7 +135,8 @@ def _cmd_perplexity(args) -> dict:
   except OSError as e:
     raise ValueError(f"cannot read {args.file}: {e.strerror}") from None
   ids = model.tokenizer.encode(text)[: args.max_tokens]
-  result = perplexity(model, ids, cache=args.cache, chunk=args.chunk)
+  mesh, rules = _mesh(args)
+  result = perplexity(model, ids, cache=args.cache, chunk=args.chunk, mesh=mesh, rules=rules)
   if not args.json:
     print(f"ppl {result.ppl:.4f}  nll {result.nll:.4f}  tokens {result.tokens}  "
           f"cache {sum(result.cache_bytes.values())} bytes  ({result.seconds:.1f}s)")
@@ -130,8 +149,10 @@ def _cmd_bench(args) -> dict:
   from kvjax.bench import run_bench
 
   model = _load(args)
+  mesh, rules = _mesh(args)
   out = run_bench(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                  capacity=args.capacity, cache=args.cache, repeats=args.repeats)
+                  capacity=args.capacity, cache=args.cache, repeats=args.repeats, mesh=mesh,
+                  rules=rules)
   if not args.json:
     print(f"{out['decode_tok_per_s']:.1f} tok/s decode (batch {args.batch}), prefill "
           f"{out['prefill_s']*1e3:.0f} ms, compile {out['compile_s']:.1f} s in {out['n_compiles']} "

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax import sharding
 from kvjax import spec as spec_lib
 from kvjax.caches import base, registry
 from kvjax.caches.base import CapacityError
@@ -50,16 +51,18 @@ def output_bucket(n: int) -> int:
 
 
 _COMPILES = {"n_compiles": 0, "compile_s": 0.0}
+_COMPILED_FUNCTIONS: dict[str, int] = {}
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 
 
-def _on_compile_event(event: str, duration: float, **_):
+def _on_compile_event(event: str, duration: float, fun_name: str = "?", **_):
   if event in _COMPILE_EVENTS:
     _COMPILES["compile_s"] += duration
     if event == _COMPILE_EVENTS[-1]:
       _COMPILES["n_compiles"] += 1
+      _COMPILED_FUNCTIONS[fun_name] = _COMPILED_FUNCTIONS.get(fun_name, 0) + 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
@@ -67,8 +70,9 @@ jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
 
 def compile_stats() -> dict:
   """{'n_compiles': XLA executables built so far in this process, 'compile_s': seconds spent
-  tracing, lowering and compiling them}."""
-  return dict(_COMPILES)
+  tracing, lowering and compiling them, 'by_function': {'jit(_decode)': count, ...}} (eager
+  jax.numpy operations count too: each new shape of one is a small executable)."""
+  return dict(_COMPILES, by_function=dict(_COMPILED_FUNCTIONS))
 
 
 def clear_caches() -> None:
@@ -206,6 +210,7 @@ class GenerateResult:
 
   overflowed: bool [B], rows whose cache dropped tokens past its capacity or that stopped before
   max_new_tokens because their cache had no room left (always False for evicting kinds).
+  sharding: with a mesh, what was split over which devices and the fallbacks taken; else None.
   compile_s / n_compiles: compilation during this call (0 when every executable was cached).
   """
 
@@ -220,6 +225,7 @@ class GenerateResult:
   n_compiles: int
   spec: str
   overflowed: np.ndarray | None = None
+  sharding: str | None = None
 
   @property
   def decode_tok_per_s(self) -> float:
@@ -245,7 +251,8 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
              sampler: Sampler = GREEDY, seed: int | jax.Array = 0, eos_id: int | None = None,
              pad_id: int | None = None, prompt_lengths=None, padding: str = "right",
              stop_at_eos: bool = True, on_tokens: Callable[[np.ndarray], None] | None = None,
-             stream_chunk: int = 1, cache_options: dict | None = None) -> GenerateResult:
+             stream_chunk: int = 1, cache_options: dict | None = None, mesh=None,
+             rules=None) -> GenerateResult:
   """Generates up to `max_new_tokens` per row.
 
   Args:
@@ -262,6 +269,10 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     eos_id: stop a row when it emits this id (default: the tokenizer's EOS if `stop_at_eos`).
     on_tokens: called with each new block of tokens [B, n] as they are produced (streaming).
     cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
+    mesh: a `jax.sharding.Mesh` to run on (several devices or processes); rules: `AxisRules`
+      mapping the cache's and weights' logical axes to its axes (default: batch over `data`, kv
+      heads and tensor parallelism over `model`, with the fallbacks of `kvjax.sharding`).
+      `GenerateResult.sharding` says what was split.
   """
   check_model(model, "generate")
   cfg = model.config
@@ -287,6 +298,8 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   before = compile_stats()
 
   if spec is not None and not spec.uses_cache:
+    if mesh is not None:
+      raise ValueError("cache='none' (the uncached baseline) runs on one device; drop mesh=")
     return _generate_uncached(model, handle, ids, lengths, max_new_tokens, key, eos, pad, sampler,
                               spec, on_tokens, before)
 
@@ -320,13 +333,23 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   # Padding tokens past the capacity are dropped by the cache's write, so the bucket may exceed it.
   tokens = np.zeros((batch, prompt_bucket(p_max)), np.int32)
   tokens[:, :p_max] = ids
+  tokens, lengths_in, plan = jnp.asarray(tokens), jnp.asarray(lengths), None
+  if mesh is not None:
+    plan = sharding.plan(mesh, cfg, batch=batch, capacity=kv_cache.capacity, rules=rules,
+                         slot_sharding_ok=sharding.supports_slot_sharding(kv_cache))
+    if growable and plan.rules.slots:
+      raise ValueError("a dynamic (growable) cache cannot split its slots over devices")
+    kv_cache = sharding.shard_cache(kv_cache, plan)
+    params = sharding.shard_params(params, plan)
+    tokens, lengths_in = sharding.shard_rows(np.asarray(tokens), plan), sharding.shard_rows(lengths, plan)
+    key = sharding.replicate(np.asarray(key), plan)
   start = time.perf_counter()
-  state = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), kv_cache, key, jnp.int32(eos),
+  state = _prefill(params, tokens, lengths_in, kv_cache, key, np.int32(eos),
                    model=handle, sampler=sampler, out_size=output_bucket(max_new_tokens))
   jax.block_until_ready(state)
   prefill_s = time.perf_counter() - start
   if on_tokens is not None:
-    on_tokens(np.asarray(state.out)[:, :1])
+    on_tokens(sharding.fetch(state.out)[:, :1])
 
   decode_s = 0.0
   emitted = 1
@@ -342,28 +365,28 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
       state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
     stop_at = max_new_tokens if on_tokens is None else min(max_new_tokens, step + stream_chunk)
     start = time.perf_counter()
-    state = _decode(params, state, jnp.int32(stop_at), jnp.int32(eos), jnp.int32(pad),
+    state = _decode(params, state, np.int32(stop_at), np.int32(eos), np.int32(pad),
                     model=handle, sampler=sampler)
     jax.block_until_ready(state)
     decode_s += time.perf_counter() - start
     if on_tokens is not None:
       new_step = int(state.step)
-      on_tokens(np.asarray(state.out)[:, emitted:new_step])
+      on_tokens(sharding.fetch(state.out)[:, emitted:new_step])
       emitted = new_step
 
-  out = np.asarray(state.out)[:, :max_new_tokens]  # sliced in NumPy: no per-length compile
-  n_gen = np.asarray(state.n_generated)
+  out = sharding.fetch(state.out)[:, :max_new_tokens]  # sliced in NumPy: no per-length compile
+  n_gen = sharding.fetch(state.n_generated)
   out = np.where(np.arange(max_new_tokens)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
-  overflowed = np.asarray(state.cache.overflowed(), bool)
+  overflowed = sharding.fetch(state.cache.overflowed()).astype(bool)
   if out_of_room:
-    overflowed = overflowed | (~np.asarray(state.done) & (n_gen < max_new_tokens))
+    overflowed = overflowed | (~sharding.fetch(state.done) & (n_gen < max_new_tokens))
   after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
                         cache=state.cache, prefill_s=prefill_s, decode_s=decode_s,
                         compile_s=after["compile_s"] - before["compile_s"],
                         n_compiles=after["n_compiles"] - before["n_compiles"],
                         spec=str(spec) if prebuilt is None else type(prebuilt).__name__,
-                        overflowed=overflowed)
+                        overflowed=overflowed, sharding=None if plan is None else plan.describe())
 
 
 def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, sampler, spec,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import sharding
 from kvjax import spec as spec_lib
 from kvjax.caches import base, registry
 from kvjax.decode import compile_stats
@@ -89,7 +90,7 @@ def _documents(ids) -> tuple[list[np.ndarray], bool]:
 
 
 def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: int | None = None,
-               cache_options: dict | None = None):
+               cache_options: dict | None = None, mesh=None, rules=None):
   """Perplexity of `model` on token ids, fed through a cache.
 
   ids: one document (1-D ids) -> a `PerplexityResult`; several (a list of 1-D id sequences,
@@ -100,6 +101,7 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   chunk: tokens fed per step (default `default_chunk`); capacity: slots per row (default: the
     kind's own choice for the longest document).
   cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
+  mesh, rules: run over a device mesh (documents split over the batch axes); see `kvjax.sharding`.
   """
   check_model(model, "perplexity")
   docs, batched = _documents(ids)
@@ -140,11 +142,18 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   starts = np.arange(n_chunks, dtype=np.int32)[:, None] * chunk
   n_valid = np.clip(lengths[None, :] - starts, 0, chunk).astype(np.int32)  # [C, B]
   chunks = jnp.asarray(tokens.reshape(batch, n_chunks, chunk).transpose(1, 0, 2))
+  params, n_valid = model.params, jnp.asarray(n_valid)
+  if mesh is not None:
+    plan = sharding.plan(mesh, model.config, batch=batch, capacity=kv_cache.capacity, rules=rules,
+                         slot_sharding_ok=sharding.supports_slot_sharding(kv_cache))
+    kv_cache, params = sharding.shard_cache(kv_cache, plan), sharding.shard_params(params, plan)
+    rows = jax.sharding.PartitionSpec(None, sharding.SlotSharding._part(plan.rules.batch))
+    chunks = sharding.place(np.asarray(chunks), jax.sharding.NamedSharding(mesh, rows))
+    n_valid = sharding.place(np.asarray(n_valid), jax.sharding.NamedSharding(mesh, rows))
   before = compile_stats()
   start = time.perf_counter()
-  nll, final_cache = _score(model.params, chunks, jnp.asarray(n_valid), kv_cache,
-                            model=static_step(model))
-  nll = np.asarray(nll).transpose(1, 0, 2).reshape(batch, padded_len)
+  nll, final_cache = _score(params, chunks, n_valid, kv_cache, model=static_step(model))
+  nll = sharding.fetch(nll).transpose(1, 0, 2).reshape(batch, padded_len)
   # `seconds` excludes compiling (zero when this shape was scored before).
   seconds = time.perf_counter() - start - (compile_stats()["compile_s"] - before["compile_s"])
   cache_bytes = final_cache.nbytes()

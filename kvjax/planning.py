@@ -68,6 +68,20 @@ def measured_bytes(spec, config, context: int, batch: int = 1, dtype=jnp.float32
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
+def bytes_per_device(spec, config, context: int, batch: int = 1, dtype=jnp.float32, *, mesh,
+                     rules=None, **options) -> int:
+  """The largest per-device share of `make_cache(spec, ..., mesh=mesh, rules=rules)`: the cache's
+  abstract shapes split by the sharding plan (`kvjax.sharding`), nothing allocated."""
+  from kvjax import sharding
+
+  shapes = jax.eval_shape(lambda: spec_lib.make_cache(spec, config, batch, context, dtype, **options))
+  plan_ = sharding.plan(mesh, config, batch=batch, capacity=shapes.capacity, rules=rules,
+                        slot_sharding_ok=sharding.supports_slot_sharding(shapes))
+  shardings = sharding.cache_shardings(shapes, plan_)
+  return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
+
+
 def available(spec) -> bool:
   """True when the spec's kind is registered (built in, or by a user or plugin)."""
   try:
@@ -99,12 +113,12 @@ def rank(spec) -> int | None:
   return None
 
 
-def _largest_fitting(make, config, max_bytes, context, batch, dtype, low: int, high: int) -> int:
-  """Largest n in [low, high] with estimate(make(n)) <= max_bytes, given that make(low) fits
+def _largest_fitting(make, need, max_bytes, low: int, high: int) -> int:
+  """Largest n in [low, high] with need(make(n)) <= max_bytes, given that make(low) fits
   (bytes grow with n)."""
   while low < high:
     mid = (low + high + 1) // 2
-    if estimate_bytes(make(mid), config, context, batch, dtype) <= max_bytes:
+    if need(make(mid)) <= max_bytes:
       low = mid
     else:
       high = mid - 1
@@ -112,37 +126,46 @@ def _largest_fitting(make, config, max_bytes, context, batch, dtype, low: int, h
 
 
 def plan(config, max_bytes: int, context: int, batch: int = 1, dtype=jnp.float32, *,
-         min_window: int = 64):
+         min_window: int = 64, mesh=None, rules=None):
   """(spec, estimated bytes) of the most faithful candidate that fits `max_bytes` for `context`
-  tokens per row. Windows smaller than `min_window` tokens are not offered."""
+  tokens per row. Windows smaller than `min_window` tokens are not offered.
+
+  With a `mesh` (and sharding `rules`), `max_bytes` is a per-device budget and the bytes returned
+  are the largest per-device share (`bytes_per_device`): splitting the batch, heads or slots over
+  devices lets a more faithful spec fit."""
   if not isinstance(context, int) or context <= 0:
     raise ValueError(f"plan: context must be a positive int, got {context!r}")
   if not isinstance(max_bytes, int) or max_bytes <= 0:
     raise ValueError(f"plan: max_bytes must be a positive int, got {max_bytes!r}")
   smallest = None
 
+  def need(spec):
+    if mesh is None:
+      return estimate_bytes(spec, config, context, batch, dtype)
+    return bytes_per_device(spec, config, context, batch, dtype, mesh=mesh, rules=rules)
+
   def consider(spec):
     nonlocal smallest
     try:
-      need = estimate_bytes(spec, config, context, batch, dtype)
+      need_bytes = need(spec)
     except spec_lib.SpecError:  # e.g. a quantization group that does not divide the head dim
       return False
-    smallest = need if smallest is None else min(smallest, need)
-    return need <= max_bytes
+    smallest = need_bytes if smallest is None else min(smallest, need_bytes)
+    return need_bytes <= max_bytes
 
   for entry in candidates():
     if isinstance(entry, str):
       spec = spec_lib.parse_spec(entry)
       if available(spec) and consider(spec):
-        return spec, estimate_bytes(spec, config, context, batch, dtype)
+        return spec, need(spec)
       continue
     _, make, extra = entry
     most = context - extra  # a bigger n holds nothing more: the whole context already fits
     if most < min_window or not available(make(min_window)) or not consider(make(min_window)):
       continue
-    n = _largest_fitting(make, config, max_bytes, context, batch, dtype, min_window, most)
+    n = _largest_fitting(make, need, max_bytes, min_window, most)
     spec = spec_lib.parse_spec(make(n))
-    return spec, estimate_bytes(spec, config, context, batch, dtype)
+    return spec, need(spec)
   if smallest is None:
     raise PlanError(f"no candidate cache kind is available for {getattr(config, 'name', type(config).__name__)} (see plan.candidates)")
   raise PlanError(f"no cache spec fits {max_bytes} bytes for {context} tokens x {batch} rows of "

@@ -23,6 +23,7 @@ through the kind registry: every kind, built in or registered by a user, is buil
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -277,7 +278,8 @@ def check_config(config, what: str = "make_cache") -> None:
                       f"(from {type(config).__name__})")
 
 
-def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, **options):
+def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, *, mesh=None,
+               rules=None, **options):
   """Builds an empty cache of the kind `spec` names, for `batch` rows.
 
   config: anything with `n_layers`, `n_kv_heads`, `head_dim` (a model config), or a model (then
@@ -287,6 +289,8 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
     kind that declares a `capacity` hook), and a budget larger than `capacity` is an error.
   dtype: storage dtype of full-precision keys/values; default: the config's (or model's) `dtype`
     if it has one, else fp32 on CPU and bf16 on accelerators.
+  mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
+    `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
   options: kind-specific extras (e.g. calibration maps for share:G:cal).
   """
   spec = parse_spec(spec)
@@ -319,5 +323,14 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
       raise SpecError(f"cache spec {str(spec)!r}: kind {info.name!r} does not take "
                       f"{', '.join(sorted(extra))} (it accepts: "
                       f"{', '.join(sorted(info.accepts)) or 'no other terms'})")
-  return info.factory(spec, config, batch=int(batch), capacity=int(capacity), dtype=jnp.dtype(dtype),
-                      **options)
+  cache = info.factory(spec, config, batch=int(batch), capacity=int(capacity),
+                       dtype=jnp.dtype(dtype), **options)
+  if mesh is not None:
+    from kvjax import sharding
+
+    plan = sharding.plan(mesh, config, batch=int(batch), capacity=cache.capacity, rules=rules,
+                         slot_sharding_ok=sharding.supports_slot_sharding(cache))
+    for note in plan.notes:
+      logging.getLogger("kvjax").info("make_cache(%s): %s", spec, note)
+    cache = sharding.shard_cache(cache, plan)
+  return cache

@@ -78,7 +78,7 @@ def test_memory_quick_and_report(tmp_path):
   assert proc.returncode == 0, proc.stderr
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
-  assert md.count("*Not run yet.*") == 4  # speedup, quality, streaming, peers
+  assert md.count("*Not run yet.*") == 5  # speedup, quality, streaming, peers, sharding
 
 
 def test_quality_quick(tmp_path):
@@ -124,3 +124,14 @@ def test_peers_with_hf(tmp_path):
   assert d["hf"] is not None, d["hf_note"]
   assert d["ratios"]["kvjax_over_hf_batch1"] > 0
   assert d["greedy_tokens_agree"] == d["settings"]["new_tokens"]  # same model, same greedy tokens
+
+
+def test_sharding_quick(tmp_path):
+  run_script("sharding", tmp_path, "--quick", "--strict")
+  d = json.loads((tmp_path / "sharding.json").read_text())
+  check_common(d, "sharding")
+  assert {r["devices"] for r in d["results"]} == {1, 2, 4, 8}
+  for r in d["results"]:
+    assert r["cache_bytes_per_device"] <= r["cache_bytes"] // r["devices"] + 64
+  for c in d["contexts"]:
+    assert c["with slot sharding"] >= c["devices"] * c["without slot sharding"] - 256 * c["devices"]

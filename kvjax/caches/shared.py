@@ -172,6 +172,15 @@ class SharedCache:
   def filled(self) -> jax.Array:
     return self.inner.filled()
 
+  def logical_axes(self):
+    """For `kvjax.sharding`: the inner cache's axes; the calibration maps are replicated."""
+    from kvjax import sharding
+
+    unnamed = lambda x: sharding.Names((None,) * x.ndim)
+    return self.replace(inner=sharding.cache_logical_axes(self.inner),
+                        maps=jax.tree_util.tree_map(unnamed, self.maps),
+                        pending=jax.tree_util.tree_map(unnamed, self.pending))
+
   def token_positions(self, tokens: int) -> jax.Array:
     return base.row_slots(self.lengths, tokens)
 

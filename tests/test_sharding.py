@@ -1,0 +1,180 @@
+"""kvjax.sharding: caches and decoding over a device mesh, and across processes.
+
+The test process has one CPU device, so the multi-device checks run in subprocesses with
+`--xla_force_host_platform_device_count=8` (tests/sharding_checks.py) and, for multi-host, two
+processes joined by `jax.distributed.initialize` on 127.0.0.1 with gloo collectives
+(tests/multihost_worker.py). Checked:
+  * sharded equals unsharded (greedy tokens equal, perplexity NLLs within fp32 tolerance): the full
+    cache on 1, 2, 4 and 8 devices with batch, head and slot (flash-decoding) sharding; every kind
+    with batch, head and both (slow); SmolLM2, whose 3 kv heads divide no mesh (slow);
+  * the compiled decode loop gathers no cache buffer across devices (no all-gather / all-to-all of
+    an [.., S, H] array) and still donates the cache (input/output aliases);
+  * a second call on an equal mesh built anew compiles nothing;
+  * the fallback table for head counts that do not divide the devices (no devices needed);
+  * two processes decode a sharded batch to the tokens of a single process;
+  * bytes per device follow the split; a kind that cannot split its slots says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import sharding as ks
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_checks(suite: str, tmp_path, *extra) -> list[dict]:
+  out = tmp_path / f"{suite}.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_checks.py"), "--suite", suite,
+                         "--out", str(out), *extra], capture_output=True, text=True, env=env,
+                        timeout=3000, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return json.loads(out.read_text())
+
+
+def assert_equal_rows(rows):
+  for row in rows:
+    if "error" in row or "check" in row:
+      continue
+    where = f"{row['spec']} on {row['mesh']} ({row['rules']}): {row['plan']}"
+    assert row["tokens_equal"], f"greedy tokens differ: {where}"
+    assert row["nll_diff"] < 1e-4, f"NLLs differ by {row['nll_diff']}: {where}"
+
+
+def test_full_cache_sharded_equals_unsharded(tmp_path):
+  rows = run_checks("tiny-full", tmp_path, "--hlo")
+  assert_equal_rows(rows)
+  by = {(r.get("mesh"), r.get("rules")): r for r in rows}
+  one = by[("data=1", None)]["cache_bytes_per_device"]
+  # batch split over 2/4/8 devices, slots over 2/4/8: each device holds 1/n of the cache (+lengths)
+  for mesh, n in (("data=2", 2), ("data=4", 4), ("data=8", 8)):
+    assert by[(mesh, None)]["cache_bytes_per_device"] < one / n + 64
+  slot_rows = [r for r in rows if r.get("rules") and "slots=('model',)" in r["rules"] and "error" not in r]
+  assert len(slot_rows) == 4
+  for r in slot_rows:
+    n = int(r["mesh"].split("model=")[1])
+    assert r["cache_bytes_per_device"] < one / n + 64, r
+    assert "slots over model" in r["plan"]
+  for r in rows:
+    if "big_collectives" in r:
+      assert r["big_collectives"] == [], f"the decode loop moves cache buffers: {r}"
+      assert r["aliases"] >= 3, f"the cache is no longer donated: {r}"
+  errors = [r for r in rows if "error" in r]
+  assert len(errors) == 1 and "cannot split its slots" in errors[0]["error"]
+  (recompiles,) = [r for r in rows if r.get("check") == "recompiles"]
+  assert recompiles["compiles"] == 0
+
+
+@pytest.mark.slow
+def test_every_kind_sharded_equals_unsharded(tmp_path):
+  rows = run_checks("tiny-kinds", tmp_path)
+  assert len(rows) == 3 * 13 and not any("error" in r for r in rows)
+  assert_equal_rows(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_sharded_equals_unsharded(tmp_path):
+  from tests.helpers import smollm2_or_skip
+
+  smollm2_or_skip()
+  rows = run_checks("smollm2", tmp_path)
+  assert_equal_rows(rows)
+  assert not any("error" in r for r in rows)
+  notes = " ".join(r["plan"] for r in rows if r["mesh"].startswith("model"))
+  assert "3 kv heads do not divide model=2" in notes
+
+
+# ---- plans without devices --------------------------------------------------------------------
+def abstract(**axes):
+  return jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_fallbacks_for_three_kv_heads(devices):
+  cfg = kvjax.SMOLLM2_135M
+  batch_split = ks.plan(abstract(model=devices), cfg, batch=8 * devices, capacity=2048)
+  assert batch_split.rules.batch == ("model",) and batch_split.rules.kv_heads == ()
+  assert "the batch is split over model instead" in batch_split.describe()
+  assert not batch_split.rules.tensor_parallel
+  slot_split = ks.plan(abstract(model=devices), cfg, batch=3, capacity=2048)
+  assert slot_split.rules.slots == ("model",)
+  assert "slots are split over model instead" in slot_split.describe()
+  duplicated = ks.plan(abstract(model=devices), cfg, batch=3, capacity=2048, slot_sharding_ok=False)
+  assert duplicated.rules == ks.AxisRules(batch=(), kv_heads=(), slots=(), tensor_parallel=False)
+  assert "holds all heads" in duplicated.describe()
+
+
+def test_default_rules_and_overrides():
+  tiny = kvjax.TINY  # 4 kv heads
+  both = ks.plan(abstract(data=2, model=4), tiny, batch=4, capacity=64)
+  assert both.rules.batch == ("data",) and both.rules.kv_heads == ("model",)
+  assert both.rules.tensor_parallel and not both.notes
+  batch_only = ks.plan(abstract(data=8), tiny, batch=8, capacity=64)  # a 1-D mesh named data
+  assert batch_only.rules.batch == ("data",) and batch_only.rules.kv_heads == ()
+  rules = ks.AxisRules.parse("batch=,kv_heads=,slots=data*model")
+  slots = ks.plan(abstract(data=2, model=4), tiny, batch=4, capacity=64, rules=rules)
+  assert slots.rules.slots == ("data", "model") and slots.spec(ks.LOGICAL_AXES)[3] == ("data", "model")
+  with pytest.raises(ValueError, match="LOGICAL_AXIS=MESH_AXES"):
+    ks.AxisRules.parse("rows=data")
+  with pytest.raises(ValueError, match="splits two logical axes"):
+    ks.AxisRules(batch=("data",), kv_heads=("data",))
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    ks.make_mesh("data=2,model=3")
+  with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+    ks.plan("data=2", tiny, batch=2)
+
+
+def test_single_device_mesh_equals_no_mesh(tiny):
+  mesh = ks.make_mesh("data=1")
+  a = kvjax.generate(tiny, [[5, 6, 7], [8]], max_new_tokens=5, mesh=mesh)
+  b = kvjax.generate(tiny, [[5, 6, 7], [8]], max_new_tokens=5)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert a.sharding.startswith("mesh {'data': 1}") and b.sharding is None
+  cache = kvjax.make_cache("full", tiny, 2, 16, mesh=mesh)
+  assert ks.max_bytes_per_device(cache) == sum(cache.nbytes().values())
+  with pytest.raises(ValueError, match="runs on one device"):
+    kvjax.generate(tiny, [[1, 2]], max_new_tokens=2, cache="none", mesh=mesh)
+
+
+# ---- several processes --------------------------------------------------------------------------
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mesh,rules", [("data=2,model=4", None),
+                                        ("data=8", "batch=,kv_heads=,slots=data")])
+def test_two_processes_decode_like_one(tmp_path, tiny, mesh, rules):
+  """Two processes x 4 CPU devices, one 8-device mesh (gloo collectives on 127.0.0.1)."""
+  port = free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = []
+  for pid in range(2):
+    cmd = [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), "--process-id", str(pid),
+           "--port", str(port), "--out", str(tmp_path / f"p{pid}.json"), "--mesh", mesh]
+    if rules:
+      cmd += ["--rules", rules]
+    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=env, cwd=ROOT))
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  results = [json.loads((tmp_path / f"p{pid}.json").read_text()) for pid in range(2)]
+  prompts = np.random.default_rng(0).integers(0, 250, (4, 12)).astype(np.int32)
+  want = kvjax.generate(tiny, prompts, max_new_tokens=8, stop_at_eos=False).tokens
+  for r in results:
+    assert (r["processes"], r["devices"], r["local_devices"]) == (2, 8, 4)
+    np.testing.assert_array_equal(np.array(r["tokens"]), want)
