@@ -34,8 +34,9 @@ def peak_rss_bytes() -> int:
 
 def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 128,
               capacity: int | None = None, cache: str = "full", repeats: int = 2, mesh=None,
-              rules=None) -> dict:
-  """Runs generate `repeats` times (the first compiles) and reports the best decode run.
+              rules=None, draft: str | None = None, draft_tokens: int = 4) -> dict:
+  """Runs generate `repeats` times (the first compiles) and reports the best decode run
+  (`draft`: self-speculative decoding over that cache spec, `draft_tokens` per round).
 
   model: any model of `kvjax.models.protocol` (a tokenizer is optional)."""
   prompt = bench_prompt(getattr(model, "tokenizer", None), prompt_len, model.config.vocab_size)
@@ -45,7 +46,7 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
   for _ in range(repeats):
     result = decode.generate(model, prompts, max_new_tokens=new_tokens, cache=cache,
                              capacity=capacity, sampler=GREEDY, stop_at_eos=False, mesh=mesh,
-                             rules=rules)
+                             rules=rules, draft=draft, draft_tokens=draft_tokens)
     if best is None or result.decode_tok_per_s > best.decode_tok_per_s:
       best = result
   after = decode.compile_stats()
@@ -65,4 +66,6 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
       "devices": 1 if mesh is None else int(mesh.size),
       "sharding": best.sharding,
       "peak_rss_bytes": peak_rss_bytes(),
+      "draft": draft, "draft_tokens": draft_tokens if draft else None,
+      "draft_acceptance": best.draft_acceptance,
   }

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--no-stream", action="store_true", help="print the text only at the end")
+  _add_draft(g)
 
   pp = sub.add_parser("perplexity", help="perplexity of the model on a text file")
   pp.add_argument("file")
@@ -59,7 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--new-tokens", type=int, default=128)
   b.add_argument("--capacity", type=int, default=None)
   b.add_argument("--repeats", type=int, default=2)
+  _add_draft(b)
   return parser
+
+
+def _add_draft(p):
+  p.add_argument("--draft", default=None, metavar="SPEC",
+                 help="self-speculative decoding: draft over this cheaper cache (e.g. "
+                      "sink:4+window:252) and verify over --cache")
+  p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                 help="tokens drafted per round (default 4)")
 
 
 def _mesh(args):
@@ -109,7 +119,8 @@ def _cmd_generate(args) -> dict:
   mesh, rules = _mesh(args)
   result = decode.generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, cache=args.cache,
                            capacity=args.capacity, sampler=sampler, seed=args.seed,
-                           on_tokens=on_tokens if stream else None, mesh=mesh, rules=rules)
+                           on_tokens=on_tokens if stream else None, mesh=mesh, rules=rules,
+                           draft=args.draft, draft_tokens=args.draft_tokens)
   ids = [int(t) for t in result.tokens[0, : result.n_generated[0]]]
   out_text = model.tokenizer.decode([t for t in ids if t != model.tokenizer.eos_id])
   if stream:
@@ -122,7 +133,9 @@ def _cmd_generate(args) -> dict:
           "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
           "compile_s": result.compile_s, "n_compiles": result.n_compiles,
           "cache_bytes": sum(cache_bytes.values()), "cache_bytes_by_kind": cache_bytes,
-          "sharding": result.sharding}
+          "sharding": result.sharding, "draft": result.draft_spec,
+          "draft_tokens": args.draft_tokens if args.draft else None,
+          "draft_acceptance": result.draft_acceptance}
 
 
 def _cmd_perplexity(args) -> dict:
@@ -152,8 +165,10 @@ def _cmd_bench(args) -> dict:
   mesh, rules = _mesh(args)
   out = run_bench(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   capacity=args.capacity, cache=args.cache, repeats=args.repeats, mesh=mesh,
-                  rules=rules)
+                  rules=rules, draft=args.draft, draft_tokens=args.draft_tokens)
   if not args.json:
+    if args.draft:
+      print(f"draft {args.draft} x{args.draft_tokens}: acceptance {out['draft_acceptance']:.2f}")
     print(f"{out['decode_tok_per_s']:.1f} tok/s decode (batch {args.batch}), prefill "
           f"{out['prefill_s']*1e3:.0f} ms, compile {out['compile_s']:.1f} s in {out['n_compiles']} "
           f"compiles, cache {out['cache_bytes']/2**20:.1f} MiB, peak RSS {out['peak_rss_bytes']/2**20:.0f} MiB")

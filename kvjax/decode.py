@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax import sharding
+from kvjax import sharding, speculative
 from kvjax import spec as spec_lib
 from kvjax.caches import base, registry
 from kvjax.caches.base import CapacityError
@@ -226,6 +226,8 @@ class GenerateResult:
   spec: str
   overflowed: np.ndarray | None = None
   sharding: str | None = None
+  draft_acceptance: float | None = None
+  draft_spec: str | None = None
 
   @property
   def decode_tok_per_s(self) -> float:
@@ -252,7 +254,8 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
              pad_id: int | None = None, prompt_lengths=None, padding: str = "right",
              stop_at_eos: bool = True, on_tokens: Callable[[np.ndarray], None] | None = None,
              stream_chunk: int = 1, cache_options: dict | None = None, mesh=None,
-             rules=None) -> GenerateResult:
+             rules=None, draft=None, draft_tokens: int = 4,
+             draft_options: dict | None = None) -> GenerateResult:
   """Generates up to `max_new_tokens` per row.
 
   Args:
@@ -273,6 +276,11 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
       mapping the cache's and weights' logical axes to its axes (default: batch over `data`, kv
       heads and tensor parallelism over `model`, with the fallbacks of `kvjax.sharding`).
       `GenerateResult.sharding` says what was split.
+    draft: a cache spec for self-speculative decoding (`kvjax.speculative`): `draft_tokens`
+      tokens per round are drafted by the same model over this cheaper cache and verified in one
+      pass over `cache`; greedy output equals plain decoding, sampled output has the same
+      distribution. `GenerateResult.draft_acceptance` = accepted / drafted tokens.
+      draft_options: keyword arguments for the draft's `make_cache`.
   """
   check_model(model, "generate")
   cfg = model.config
@@ -297,6 +305,14 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   dtype = model_dtype(model)
   before = compile_stats()
 
+  if draft is not None:
+    draft = spec_lib.parse_spec(draft)
+    if not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 1:
+      raise ValueError(f"draft_tokens must be a positive int, got {draft_tokens!r}")
+    if not draft.uses_cache or (spec is not None and not spec.uses_cache):
+      raise ValueError("draft= needs a cache on both sides: neither cache nor draft may be 'none'")
+    if mesh is not None:
+      raise ValueError("draft= (self-speculative decoding) runs on one device; drop mesh=")
   if spec is not None and not spec.uses_cache:
     if mesh is not None:
       raise ValueError("cache='none' (the uncached baseline) runs on one device; drop mesh=")
@@ -306,6 +322,8 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   batch, p_max = ids.shape
   longest = int(lengths.max())
   needed = longest + max_new_tokens - 1  # the last sampled token is never fed back
+  if draft is not None:
+    needed += draft_tokens + 1  # a verification pass writes k + 1 tokens before cropping
   if capacity is not None and (not isinstance(capacity, (int, np.integer)) or capacity < 1):
     raise ValueError(f"capacity must be a positive int, got {capacity!r}")
   if prebuilt is not None:
@@ -325,6 +343,9 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     if not kv_cache.fits(longest):
       raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
   growable = bool(getattr(kv_cache, "growable", False))
+  draft_cache = None
+  if draft is not None:
+    draft_cache = _draft_cache(draft, kv_cache, cfg, batch, needed, longest, dtype, draft_options)
   if not growable and not kv_cache.fits(needed):
     raise CapacityError(
         f"max_new_tokens={max_new_tokens} with a {longest}-token prompt needs {needed} cache slots, "
@@ -350,6 +371,10 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   prefill_s = time.perf_counter() - start
   if on_tokens is not None:
     on_tokens(sharding.fetch(state.out)[:, :1])
+  if draft_cache is not None:
+    return _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle, sampler,
+                                 max_new_tokens, eos, pad, draft, draft_tokens, on_tokens,
+                                 stream_chunk, spec, prebuilt, ids, lengths, prefill_s, before)
 
   decode_s = 0.0
   emitted = 1
@@ -387,6 +412,75 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
                         n_compiles=after["n_compiles"] - before["n_compiles"],
                         spec=str(spec) if prebuilt is None else type(prebuilt).__name__,
                         overflowed=overflowed, sharding=None if plan is None else plan.describe())
+
+
+def _draft_cache(draft, kv_cache, cfg, batch, needed, longest, dtype, options):
+  """The draft's empty cache, after checking that both caches can be cropped."""
+  for what, cache in (("cache", kv_cache), ("draft", None)):
+    if cache is not None and not base.supports(cache, "crop"):
+      raise ValueError(f"draft=: the {what} kind {type(cache).__name__} cannot crop, which "
+                       "speculative decoding needs to drop rejected tokens")
+  if getattr(kv_cache, "growable", False):
+    raise ValueError("draft=: a dynamic (growable) main cache is not supported; use 'full'")
+  info = registry.lookup(draft.kind)
+  cap = int(info.default_capacity(draft, needed=needed, prompt=longest))
+  draft_cache = spec_lib.make_cache(draft, cfg, batch, cap, dtype, **(options or {}))
+  if not base.supports(draft_cache, "crop"):
+    raise ValueError(f"draft={str(draft)!r}: the kind {type(draft_cache).__name__} cannot crop, "
+                     "which speculative decoding needs to drop rejected tokens")
+  if not draft_cache.fits(longest):
+    raise CapacityError(f"draft={str(draft)!r}: the {longest}-token prompt does not fit its "
+                        f"capacity {draft_cache.capacity}")
+  return draft_cache
+
+
+def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle, sampler,
+                          max_new, eos, pad, draft, k, on_tokens, stream_chunk, spec, prebuilt,
+                          ids, lengths, prefill_s, before):
+  """The decode loop of `generate(..., draft=...)`; see `kvjax.speculative`."""
+  start = time.perf_counter()
+  draft_cache = speculative.prefill_draft(params, tokens, lengths_in, draft_cache, model=handle)
+  jax.block_until_ready(draft_cache)
+  prefill_s += time.perf_counter() - start
+  s = speculative.start(state, draft_cache)  # writes past max_new are dropped, never needed
+  decode_s, emitted = 0.0, 1
+  while True:
+    n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
+    running = ~done & (n_gen < max_new)
+    if not running.any():
+      break
+    if not (bool(s.cache.has_room(k + 1)) and bool(s.draft.has_room(k + 1))):
+      break
+    # Streaming: run until every running row has `stream_chunk` more tokens.
+    stop_at = max_new if on_tokens is None else min(max_new, int(n_gen[running].min()) + stream_chunk)
+    start = time.perf_counter()
+    s = speculative.speculate(params, s, np.int32(stop_at), np.int32(max_new), np.int32(eos),
+                              np.int32(pad), model=handle, sampler=sampler, k=k)
+    jax.block_until_ready(s)
+    decode_s += time.perf_counter() - start
+    if on_tokens is not None:  # columns every row has filled (or finished)
+      n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
+      ready = min(int(np.where(done, max_new, n_gen).min()), max_new)
+      if ready > emitted:
+        on_tokens(np.asarray(s.out)[:, emitted:ready])
+        emitted = ready
+  n_gen = np.minimum(np.asarray(s.n_generated), max_new)
+  if on_tokens is not None and int(n_gen.max()) > emitted:
+    on_tokens(np.asarray(s.out)[:, emitted:int(n_gen.max())])
+  out = np.asarray(s.out)[:, :max_new]
+  out = np.where(np.arange(max_new)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
+  overflowed = np.asarray(s.cache.overflowed()).astype(bool)
+  overflowed |= ~np.asarray(s.done) & (n_gen < max_new)
+  drafted = int(np.asarray(s.drafted).sum())
+  after = compile_stats()
+  return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
+                        cache=s.cache, prefill_s=prefill_s, decode_s=decode_s,
+                        compile_s=after["compile_s"] - before["compile_s"],
+                        n_compiles=after["n_compiles"] - before["n_compiles"],
+                        spec=str(spec) if prebuilt is None else type(prebuilt).__name__,
+                        overflowed=overflowed,
+                        draft_acceptance=int(np.asarray(s.accepted).sum()) / drafted if drafted else None,
+                        draft_spec=str(draft))
 
 
 def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, sampler, spec,

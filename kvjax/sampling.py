@@ -32,9 +32,16 @@ class Sampler:
     return self.temperature == 0.0
 
   def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+    if self.greedy:
+      return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, self.transform(logits), axis=-1).astype(jnp.int32)
+
+  def transform(self, logits: jax.Array) -> jax.Array:
+    """The logits this sampler draws from (fp32 [..., V]): divided by the temperature, -inf
+    outside the top-k and the top-p nucleus. Greedy: the logits unchanged."""
     logits = logits.astype(jnp.float32)
     if self.greedy:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      return logits
     logits = logits / self.temperature
     if self.top_k:
       kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][..., -1:]
@@ -46,7 +53,13 @@ class Sampler:
       keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < self.top_p
       cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
       logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+  def probs(self, logits: jax.Array) -> jax.Array:
+    """The distribution this sampler draws from, fp32 [..., V] (one-hot of the argmax if greedy)."""
+    if self.greedy:
+      return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(self.transform(logits), axis=-1)
 
 
 GREEDY = Sampler()

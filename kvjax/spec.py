@@ -9,6 +9,8 @@ A spec string is terms joined by `+`:
   residual:R                   the R most recent tokens stay full precision (needs intN)
   group:G                      quantization group size (default 32)
   h2o:K                        keep the K heaviest-attended tokens (needs window for the recent part)
+  snapkv:K                     keep the K prompt tokens its last queries attend to most (SnapKV;
+                               needs window), then decode as h2o does
   offload                      older blocks live in host memory
   tier:64:fp32,512:int8,4096:int2   budgets per precision tier, newest first
   share:G  |  share:G:cal      layers in groups of G share one cache (cal: calibrated linear maps)
@@ -48,6 +50,7 @@ class CacheSpec:
   residual: int | None = None
   group: int = 32
   h2o: int | None = None
+  snapkv: int | None = None
   offload: bool = False
   tiers: tuple[tuple[int, str], ...] | None = None
   share: int = 1
@@ -65,6 +68,7 @@ class CacheSpec:
     positive("residual", self.residual)
     positive("group", self.group)
     positive("h2o", self.h2o)
+    positive("snapkv", self.snapkv)
     positive("share", self.share)
     if not isinstance(self.sink, int) or self.sink < 0:
       raise SpecError(f"sink:{self.sink} must be a non-negative integer")
@@ -77,19 +81,24 @@ class CacheSpec:
       raise SpecError(f"residual:{self.residual} needs a quantized storage term (int8, int4, int2)")
     if self.residual is not None and self.residual % self.group:
       raise SpecError(f"residual:{self.residual} must be a multiple of group:{self.group}")
-    if self.h2o is not None and self.window is None:
-      raise SpecError(f"h2o:{self.h2o} needs a window:N term for the recent tokens it always keeps")
-    if self.h2o is not None and self.residual is not None and self.residual > self.window:
-      raise SpecError(f"residual:{self.residual} must not exceed window:{self.window} with h2o (the "
-                      f"full-precision ring holds the newest tokens of the window)")
+    if self.h2o is not None and self.snapkv is not None:
+      raise SpecError(f"h2o:{self.h2o} and snapkv:{self.snapkv} are two scorers for one pool; pick one")
+    scored = self.h2o if self.h2o is not None else self.snapkv
+    name = "h2o" if self.h2o is not None else "snapkv"
+    if scored is not None and self.window is None:
+      raise SpecError(f"{name}:{scored} needs a window:N term for the recent tokens it always keeps")
+    if scored is not None and self.residual is not None and self.residual > self.window:
+      raise SpecError(f"residual:{self.residual} must not exceed window:{self.window} with {name} "
+                      f"(the full-precision ring holds the newest tokens of the window)")
     bounded = self.window is not None or self.tiers is not None
-    if self.mode == "none" and (bounded or self.bits or self.h2o or self.offload or self.share > 1):
+    if self.mode == "none" and (bounded or self.bits or self.h2o or self.snapkv or self.offload or self.share > 1):
       raise SpecError("'none' (no cache) cannot be combined with other cache terms")
     if self.mode == "dynamic" and bounded:
       raise SpecError("'dynamic' grows an unbounded cache; it contradicts window/tier budgets")
     if self.tiers is not None:
-      if self.window is not None or self.bits is not None or self.h2o is not None:
-        raise SpecError("tier:... sets its own budgets and precisions; drop window/intN/h2o terms")
+      if (self.window is not None or self.bits is not None or self.h2o is not None
+          or self.snapkv is not None):
+        raise SpecError("tier:... sets its own budgets and precisions; drop window/intN/h2o/snapkv terms")
       for budget, dtype in self.tiers:
         if dtype not in TIER_DTYPES:
           raise SpecError(f"tier dtype {dtype!r} is unknown; expected one of {', '.join(TIER_DTYPES)}")
@@ -120,7 +129,7 @@ class CacheSpec:
     if self.tiers is not None:
       return sum(b for b, _ in self.tiers)
     if self.window is not None:
-      return self.window + self.sink + (self.h2o or 0)
+      return self.window + self.sink + (self.h2o or 0) + (self.snapkv or 0)
     return None
 
   @property
@@ -140,6 +149,8 @@ class CacheSpec:
       return "tiered"
     if self.h2o is not None:
       return "h2o"
+    if self.snapkv is not None:
+      return "snapkv"
     if self.window is not None:
       return "window"
     if self.bits is not None:
@@ -179,6 +190,8 @@ class CacheSpec:
       terms.append(f"group:{self.group}")
     if self.h2o is not None:
       terms.append(f"h2o:{self.h2o}")
+    if self.snapkv is not None:
+      terms.append(f"snapkv:{self.snapkv}")
     if self.sink:
       terms.append(f"sink:{self.sink}")
     if self.window is not None:
@@ -191,11 +204,12 @@ class CacheSpec:
     return "+".join(terms)
 
 
-_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None,
+_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None, "snapkv": None,
              "offload": False, "tiers": None, "share": 1}
 
 
-_INT_TERMS = {"window": "window", "sink": "sink", "residual": "residual", "group": "group", "h2o": "h2o"}
+_INT_TERMS = {"window": "window", "sink": "sink", "residual": "residual", "group": "group", "h2o": "h2o",
+              "snapkv": "snapkv"}
 
 
 def _int_value(term: str, raw: str) -> int:
@@ -263,7 +277,7 @@ def parse_spec(spec) -> CacheSpec:
     else:
       custom = registry.custom_kinds()
       raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: full, dynamic, none, "
-                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, offload, "
+                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, snapkv:K, offload, "
                       "tier:..., share:G" + (", registered: " + ", ".join(custom) if custom else "")
                       + ")")
   return CacheSpec(**fields)

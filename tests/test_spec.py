@@ -65,7 +65,7 @@ def test_roundtrip(spec):
     "full", "dynamic", "none", "window:64", "sink:4+window:64", "int8", "int4+group:64",
     "int2+residual:64", "int4+residual:128+group:64", "h2o:32+window:32", "offload", "int8+offload",
     "tier:64:fp32,512:int8,4096:int2", "share:2", "share:3:cal", "int4+share:2", "dynamic+int8",
-    "h2o:16+sink:4+window:64",
+    "h2o:16+sink:4+window:64", "int8+snapkv:16+sink:4+window:64",
 ])
 def test_known_strings_roundtrip(text):
   spec = parse_spec(text)

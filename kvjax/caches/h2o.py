@@ -51,6 +51,8 @@ back, and the scores keep the attention of the cropped queries.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -59,6 +61,11 @@ from kvjax import attention as attn
 from kvjax.caches import base, packing, registry
 from kvjax.caches.registry import SpecError
 from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
+
+
+# SnapKV's defaults: the last 32 prompt queries score the prompt, smoothed over 7 positions.
+SNAP_OBSERVE = 32
+SNAP_KERNEL = 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,9 +132,17 @@ class H2OCache(base.Evicting):
   heavy: int = struct.field(pytree_node=False, default=1)
   window: int = struct.field(pytree_node=False, default=1)
   sink: int = struct.field(pytree_node=False, default=0)
+  scorer: str = struct.field(pytree_node=False, default="h2o")
+  observe: int = struct.field(pytree_node=False, default=SNAP_OBSERVE)
+  kernel: int = struct.field(pytree_node=False, default=SNAP_KERNEL)
 
-  # Eviction makes room: kvjax.append must not raise capacity errors. Chunks are fed token by
-  # token inside `attend`, so chunked feeding is exact (base.CacheBase.chunk_exact).
+  # Eviction makes room: kvjax.append must not raise capacity errors. With the h2o scorer, chunks
+  # are fed token by token inside `attend`, so chunked feeding is exact (chunk_exact below).
+
+  @property
+  def chunk_exact(self) -> bool:
+    """h2o: yes. snapkv: no, a chunk is one prompt, attended in full and then compressed."""
+    return self.scorer == "h2o"
 
   @property
   def exact(self) -> bool:
@@ -142,7 +157,14 @@ class H2OCache(base.Evicting):
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, heavy: int,
            window: int, sink: int = 0, bits: int | None = None, residual: int = 0,
-           group: int = 32, dtype=jnp.float32) -> "H2OCache":
+           group: int = 32, dtype=jnp.float32, scorer: str = "h2o",
+           observe: int = SNAP_OBSERVE, kernel: int = SNAP_KERNEL) -> "H2OCache":
+    if scorer not in ("h2o", "snapkv"):
+      raise SpecError(f"H2OCache: unknown scorer {scorer!r}; expected 'h2o' or 'snapkv'")
+    if not isinstance(observe, int) or observe < 1 or not isinstance(kernel, int) or kernel < 1 \
+        or kernel % 2 == 0:
+      raise SpecError(f"H2OCache: observe must be an int >= 1 and kernel an odd int >= 1, got "
+                      f"observe={observe!r}, kernel={kernel!r}")
     for name, value, low in (("heavy", heavy, 1), ("window", window, 1), ("sink", sink, 0),
                              ("residual", residual, 0)):
       if not isinstance(value, int) or value < low:
@@ -163,7 +185,8 @@ class H2OCache(base.Evicting):
     return cls(k=store(), v=store(), ring_k=ring(), ring_v=ring(),
                positions=jnp.full(lead + (slots,), -1, jnp.int32),
                scores=jnp.zeros(lead + (slots,), jnp.float32),
-               lengths=jnp.zeros((batch,), jnp.int32), heavy=heavy, window=window, sink=sink)
+               lengths=jnp.zeros((batch,), jnp.int32), heavy=heavy, window=window, sink=sink,
+               scorer=scorer, observe=min(observe, window), kernel=kernel)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -279,6 +302,8 @@ class H2OCache(base.Evicting):
       mass = jnp.sum(probs, axis=(2, 3)) * valid_t[:, None, None]  # [B, K, S]
       return (ks, vs, rk, rv, pos, score + mass), out[:, 0]
 
+    if self.scorer == "snapkv" and t > 1:
+      return self._snap_chunk(layer, q, k, v, n_valid, positions)
     xs = (q, k, v, positions, valid)
     st = self._layer(layer)
     if t == 1:
@@ -287,6 +312,83 @@ class H2OCache(base.Evicting):
     else:
       st, out = jax.lax.scan(step, st, jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1), xs))
       out = out.swapaxes(0, 1)
+    return out, self._with_layer(layer, st)
+
+  def _snap_chunk(self, layer: int, q, k, v, n_valid, positions):
+    """SnapKV over one chunk of T > 1 tokens (a prompt): exact attention, then compression.
+
+    q [B, T, K, G, H] rotated and scaled; k [B, T, K, H] rotated; v [B, T, K, H];
+    n_valid [B]; positions int32 [B, T]. Returns (out [B, T, N, H], cache).
+
+    Every query of the chunk attends over what the cache holds plus the chunk's tokens up to its
+    own (causal), so a prompt fed in one chunk gets the full cache's outputs. Then each candidate
+    (held or new) is scored by the attention the row's last `observe` real queries give it, summed
+    over their query heads; the chunk's scores are smoothed along positions by an average pool of
+    `kernel` tokens (SnapKV keeps the neighbours of a hit), held tokens add the score to what they
+    had. The cache keeps the sinks, the window's most recent tokens and the `heavy` best scored.
+    """
+    ks, vs, rk, rv, pos, score = self._layer(layer)
+    b, t, kh, _ = k.shape
+    p, r = self.pool, self.residual
+    ck, cv = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, T, H]
+    held_k = jnp.concatenate([ks.decode(q.dtype), rk.astype(q.dtype)], axis=2)  # [B, K, P + R, H]
+    held_v = jnp.concatenate([vs.decode(q.dtype), rv.astype(q.dtype)], axis=2)
+    held_mask = (pos >= 0)[:, :, None, :]  # [B, K, 1, P + R]
+    index = jnp.arange(t, dtype=jnp.int32)
+
+    # Outputs: dense over the held slots, blockwise-causal over the chunk, merged online.
+    block = math.gcd(t, 256)
+    chunk_stats = attn.blockwise_stats(
+        q, lambda start: (jax.lax.dynamic_slice_in_dim(ck, start, block, axis=2),
+                          jax.lax.dynamic_slice_in_dim(cv, start, block, axis=2)),
+        attn.causal_visibility(jnp.broadcast_to(index, (b, t)), n_valid),
+        attn.n_filled_blocks(n_valid, block), block)
+    stats = attn.combine_stats(attn.attention_stats(q, held_k, held_v, held_mask), chunk_stats)
+    out = attn.finish_stats(stats, q.dtype)
+
+    # Scores from the observation window: the last `observe` real queries of each row.
+    at = n_valid[:, None] - self.observe + jnp.arange(self.observe, dtype=jnp.int32)  # [B, O]
+    seen = at >= 0
+    q_obs = jnp.take_along_axis(q, jnp.clip(at, 0, t - 1)[:, :, None, None, None], axis=1)
+    keys = jnp.concatenate([held_k, ck.astype(q.dtype)], axis=2)  # [B, K, P + R + T, H]
+    chunk_mask = (index[None, None, :] <= at[:, :, None])[:, None]  # [B, 1, O, T]
+    mask = jnp.concatenate([jnp.broadcast_to(held_mask, (b, kh, self.observe, p + r)),
+                            jnp.broadcast_to(chunk_mask, (b, kh, self.observe, t))], axis=-1)
+    probs = attn.masked_softmax(attn.scores_of(q_obs, keys), mask[:, :, None])  # [B,K,G,O,S]
+    mass = jnp.einsum("bkgos,bo->bks", probs, seen.astype(probs.dtype))
+    chunk_mass = jax.lax.reduce_window(mass[..., p + r:], 0.0, jax.lax.add, (1, 1, self.kernel),
+                                       (1, 1, 1), "SAME") / self.kernel
+
+    # Candidates: the pool, the ring, the chunk. The ring keeps the R newest; the pool the rest.
+    final = (self.lengths + n_valid)[:, None, None]  # [B, 1, 1]
+    chunk_pos = jnp.broadcast_to(jnp.where(index[None, :] < n_valid[:, None], positions, -1)[:, None],
+                                 (b, kh, t))
+    fresh_pos = jnp.concatenate([pos[..., p:], chunk_pos], axis=-1)
+    live = (fresh_pos >= 0)[..., None]  # padding may hold anything: keep it out of the sums below
+    fresh_k = jnp.where(live, jnp.concatenate([rk.astype(ck.dtype), ck], axis=2), 0)  # [B,K,R+T,H]
+    fresh_v = jnp.where(live, jnp.concatenate([rv.astype(cv.dtype), cv], axis=2), 0)
+    fresh_score = jnp.concatenate([score[..., p:] + mass[..., p:p + r], chunk_mass], axis=-1)
+    in_ring = (fresh_pos >= 0) & (fresh_pos >= final - r)
+    onehot = in_ring[..., None] & (attn.ring_slot(fresh_pos, max(r, 1))[..., None]
+                                   == jnp.arange(r, dtype=jnp.int32))  # [B, K, R + T, R]
+    hot = onehot.astype(jnp.float32)
+    rk = jnp.einsum("bkcr,bkch->bkrh", hot, fresh_k.astype(jnp.float32)).astype(rk.dtype)
+    rv = jnp.einsum("bkcr,bkch->bkrh", hot, fresh_v.astype(jnp.float32)).astype(rv.dtype)
+    ring_pos = jnp.where(jnp.any(onehot, axis=2),
+                         jnp.sum(jnp.where(onehot, fresh_pos[..., None], 0), axis=2), -1)
+    ring_score = jnp.sum(jnp.where(onehot, fresh_score[..., None], 0.0), axis=2)
+
+    def encode(x, store):
+      enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
+      return stores_map(lambda s_, e: jnp.concatenate([s_, e], axis=2), store, enc)
+
+    c_pos = jnp.concatenate([pos[..., :p], jnp.where(in_ring, -1, fresh_pos)], axis=-1)
+    c_score = jnp.concatenate([score[..., :p] + mass[..., :p], fresh_score], axis=-1)
+    c_pos, c_score, (ks, vs) = evict_topk(
+        c_pos, c_score, (encode(fresh_k, ks), encode(fresh_v, vs)), final[:, 0, 0] - r,
+        heavy=self.heavy, window=self.window - r, sink=self.sink)
+    st = (ks, vs, rk, rv, jnp.concatenate([c_pos, ring_pos], axis=-1),
+          jnp.concatenate([c_score, ring_score], axis=-1))
     return out, self._with_layer(layer, st)
 
   def write(self, layer: int, k, v, n_valid=None) -> "H2OCache":
@@ -340,23 +442,27 @@ class H2OCache(base.Evicting):
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> H2OCache:
-  """`h2o:K+window:W[+sink:S][+intN[+residual:R][+group:G]]`. `capacity` is not used."""
-  registry.no_options("h2o", options)
-  if spec.h2o is None or spec.window is None:
-    raise SpecError(f"cache spec {str(spec)!r}: the h2o kind needs h2o:K and window:W terms")
+  """`h2o:K+window:W` or `snapkv:K+window:W`, each `[+sink:S][+intN[+residual:R][+group:G]]`.
+  `capacity` is not used. snapkv options: observe=32 (queries that score the prompt), kernel=7."""
+  scorer = "snapkv" if spec.snapkv is not None else "h2o"
+  extra = {k: options.pop(k) for k in ("observe", "kernel") if k in options and scorer == "snapkv"}
+  registry.no_options(scorer, options)
+  heavy = spec.snapkv if scorer == "snapkv" else spec.h2o
+  if heavy is None or spec.window is None:
+    raise SpecError(f"cache spec {str(spec)!r}: the {scorer} kind needs {scorer}:K and window:W terms")
   if spec.offload or spec.share > 1 or spec.tiers is not None or spec.mode != "full":
-    raise SpecError(f"cache spec {str(spec)!r}: h2o cannot be combined with "
+    raise SpecError(f"cache spec {str(spec)!r}: {scorer} cannot be combined with "
                     "offload/share/tier/dynamic terms")
   return H2OCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
-                       head_dim=config.head_dim, heavy=spec.h2o, window=spec.window,
+                       head_dim=config.head_dim, heavy=heavy, window=spec.window,
                        sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
-                       group=spec.group, dtype=dtype)
+                       group=spec.group, dtype=dtype, scorer=scorer, **extra)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """The pool (at its precision), the residual ring, positions and scores per slot, lengths."""
   residual = spec.residual or 0
-  pool = spec.sink + spec.window - residual + spec.h2o
+  pool = spec.sink + spec.window - residual + (spec.h2o or spec.snapkv)
   slots = pool + residual
   fmt = "fp32" if spec.bits is None else f"int{spec.bits}"
   pool_bytes = (token_bytes(pool, config.head_dim, fmt, spec.group, dtype) if spec.bits is not None
@@ -368,3 +474,7 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
 registry.register_kind("h2o", from_spec, estimate_bytes=estimate_bytes,
                        capacity=registry.budget_capacity, builtin=True,
                        description="the recent window plus the most-attended older tokens (H2O)")
+registry.register_kind("snapkv", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.budget_capacity, builtin=True,
+                       description="the prompt tokens its last queries attend to most (SnapKV), "
+                                   "then h2o while decoding")

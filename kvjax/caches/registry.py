@@ -43,13 +43,14 @@ class SpecError(ValueError):
 
 # Terms the spec grammar itself defines; a registered kind may not take one of these names.
 BUILTIN_TERMS = frozenset({"full", "dynamic", "none", "window", "sink", "bits", "residual", "group",
-                           "h2o", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
+                           "h2o", "snapkv", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
 # Built-in kinds and the module that registers each.
 _BUILTIN_MODULES = {
     "full": "kvjax.caches.full",
     "quantized": "kvjax.caches.quantized",
     "window": "kvjax.caches.window",
     "h2o": "kvjax.caches.h2o",
+    "snapkv": "kvjax.caches.h2o",
     "tiered": "kvjax.caches.tiered",
     "offload": "kvjax.caches.offload",
     "shared": "kvjax.caches.shared",
@@ -106,7 +107,7 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
   if unknown:
     raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
                      "use spec field names: dynamic, window, sink, bits, residual, group, h2o, "
-                     "offload, tiers, share")
+                     "snapkv, offload, tiers, share")
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
                   accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin,
                   examples=tuple(examples))
