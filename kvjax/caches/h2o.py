@@ -63,9 +63,10 @@ from kvjax.caches.registry import SpecError
 from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
 
 
-# SnapKV's defaults: the last 32 prompt queries score the prompt, smoothed over 7 positions.
+# SnapKV's defaults: the last 32 prompt queries score the prompt, max-pooled over 7 positions.
 SNAP_OBSERVE = 32
 SNAP_KERNEL = 7
+SNAP_POOLING = "max"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class H2OCache(base.Evicting):
   scorer: str = struct.field(pytree_node=False, default="h2o")
   observe: int = struct.field(pytree_node=False, default=SNAP_OBSERVE)
   kernel: int = struct.field(pytree_node=False, default=SNAP_KERNEL)
+  pooling: str = struct.field(pytree_node=False, default=SNAP_POOLING)
 
   # Eviction makes room: kvjax.append must not raise capacity errors. With the h2o scorer, chunks
   # are fed token by token inside `attend`, so chunked feeding is exact (chunk_exact below).
@@ -158,7 +160,10 @@ class H2OCache(base.Evicting):
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, heavy: int,
            window: int, sink: int = 0, bits: int | None = None, residual: int = 0,
            group: int = 32, dtype=jnp.float32, scorer: str = "h2o",
-           observe: int = SNAP_OBSERVE, kernel: int = SNAP_KERNEL) -> "H2OCache":
+           observe: int = SNAP_OBSERVE, kernel: int = SNAP_KERNEL,
+           pooling: str = SNAP_POOLING) -> "H2OCache":
+    if pooling not in ("max", "avg"):
+      raise SpecError(f"H2OCache: pooling must be 'max' or 'avg', got {pooling!r}")
     if scorer not in ("h2o", "snapkv"):
       raise SpecError(f"H2OCache: unknown scorer {scorer!r}; expected 'h2o' or 'snapkv'")
     if not isinstance(observe, int) or observe < 1 or not isinstance(kernel, int) or kernel < 1 \
@@ -186,7 +191,7 @@ class H2OCache(base.Evicting):
                positions=jnp.full(lead + (slots,), -1, jnp.int32),
                scores=jnp.zeros(lead + (slots,), jnp.float32),
                lengths=jnp.zeros((batch,), jnp.int32), heavy=heavy, window=window, sink=sink,
-               scorer=scorer, observe=min(observe, window), kernel=kernel)
+               scorer=scorer, observe=min(observe, window), kernel=kernel, pooling=pooling)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -323,8 +328,8 @@ class H2OCache(base.Evicting):
     Every query of the chunk attends over what the cache holds plus the chunk's tokens up to its
     own (causal), so a prompt fed in one chunk gets the full cache's outputs. Then each candidate
     (held or new) is scored by the attention the row's last `observe` real queries give it, summed
-    over their query heads; the chunk's scores are smoothed along positions by an average pool of
-    `kernel` tokens (SnapKV keeps the neighbours of a hit), held tokens add the score to what they
+    over their query heads; the chunk's scores are smoothed along positions by a max (or average)
+    pool of `kernel` tokens (SnapKV keeps the neighbours of a hit), held tokens add the score to what they
     had. The cache keeps the sinks, the window's most recent tokens and the `heavy` best scored.
     """
     ks, vs, rk, rv, pos, score = self._layer(layer)
@@ -356,8 +361,12 @@ class H2OCache(base.Evicting):
                             jnp.broadcast_to(chunk_mask, (b, kh, self.observe, t))], axis=-1)
     probs = attn.masked_softmax(attn.scores_of(q_obs, keys), mask[:, :, None])  # [B,K,G,O,S]
     mass = jnp.einsum("bkgos,bo->bks", probs, seen.astype(probs.dtype))
-    chunk_mass = jax.lax.reduce_window(mass[..., p + r:], 0.0, jax.lax.add, (1, 1, self.kernel),
-                                       (1, 1, 1), "SAME") / self.kernel
+    # Scores are >= 0, so 0 is a neutral padding for both pools.
+    reduce = jax.lax.max if self.pooling == "max" else jax.lax.add
+    chunk_mass = jax.lax.reduce_window(mass[..., p + r:], 0.0, reduce, (1, 1, self.kernel),
+                                       (1, 1, 1), "SAME")
+    if self.pooling == "avg":
+      chunk_mass = chunk_mass / self.kernel
 
     # Candidates: the pool, the ring, the chunk. The ring keeps the R newest; the pool the rest.
     final = (self.lengths + n_valid)[:, None, None]  # [B, 1, 1]
@@ -443,9 +452,11 @@ class H2OCache(base.Evicting):
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> H2OCache:
   """`h2o:K+window:W` or `snapkv:K+window:W`, each `[+sink:S][+intN[+residual:R][+group:G]]`.
-  `capacity` is not used. snapkv options: observe=32 (queries that score the prompt), kernel=7."""
+  `capacity` is not used. snapkv options: observe (queries that score the prompt), kernel and
+  pooling ('max' or 'avg': how scores are smoothed along positions); defaults above."""
   scorer = "snapkv" if spec.snapkv is not None else "h2o"
-  extra = {k: options.pop(k) for k in ("observe", "kernel") if k in options and scorer == "snapkv"}
+  extra = {k: options.pop(k) for k in ("observe", "kernel", "pooling")
+           if k in options and scorer == "snapkv"}
   registry.no_options(scorer, options)
   heavy = spec.snapkv if scorer == "snapkv" else spec.h2o
   if heavy is None or spec.window is None:
