@@ -38,6 +38,7 @@ TEMPLATES = {  # budget b -> spec
     "h2o": "h2o:{heavy}+window:{w}",
     "snapkv": "snapkv:{heavy}+window:{w}",
     "snapkv+int8": "int8+snapkv:{heavy}+window:{w}",
+    "snapkv+pyramid": "snapkv:{heavy}+window:{w}+pyramid",
 }
 QUICK = dict(model="tiny", lengths=[96], fractions=[0.25], depths=[0.5], multi=[2], ppl=48)
 

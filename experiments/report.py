@@ -224,6 +224,37 @@ def render_sharding(d):
           table(["MiB per device", "devices", "without slot sharding", "with slot sharding"], ctx)]
 
 
+def render_needles(d):
+  st = d["settings"]
+  rows = [[r["length"], f"`{r['spec']}`", r["kind"],
+           "all" if r["fraction"] is None else f"{100 * r['fraction']:.0f}%",
+           fmt_bytes(r["bytes_per_row"]), num(r["retrieval"]), num(r["single"]), num(r["multi"])]
+          for r in d["rows"]]
+  ppl = [[f"`{r['spec']}`", "all" if r["fraction"] is None else f"{100 * r['fraction']:.0f}%",
+          fmt_bytes(r["bytes"]), num(r["ppl"], 3)] for r in d["ppl_rows"]]
+  return [f"Model {st['model']} ({st['dtype']}); per context: {len(st['depths'])} single-key "
+          f"trials (depths {st['depths']}) and multi-key trials with {st['multi_keys']} keys, one "
+          "asked; greedy, exact match of the 5-digit key.\n",
+          table(["context", "spec", "kind", "budget", "cache per row", "retrieval", "single",
+                 "multi-key"], rows),
+          f"\nPerplexity on {st['ppl_tokens']} tokens of {pathlib.Path(st['text']).name}, one "
+          "token per step (budget as a share of those tokens):\n",
+          table(["spec", "budget", "cache bytes", "perplexity"], ppl)]
+
+
+def render_speculative(d):
+  st = d["settings"]
+  rows = [[r["context"], f"`{r['draft']}`" if r["draft"] else "none (plain)",
+           num(r["decode_tok_per_s"], 1), num(r["ms_per_token"], 1),
+           num(r["acceptance"]), num(r["speedup"]), "yes" if r["same_tokens"] else "**no**"]
+          for r in d["rows"]]
+  return [f"Model {st['model']} ({st['dtype']}), greedy, {st['new_tokens']} new tokens after a "
+          f"context of tinyshakespeare, {st['draft_tokens']} draft tokens per round, full cache "
+          "verifies.\n",
+          table(["context", "draft", "decode tok/s", "ms/token", "acceptance", "speed-up",
+                 "same tokens as plain"], rows)]
+
+
 section("Cached vs uncached decoding", "speedup", "per-token latency and total time", render_speedup)
 section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs tokens", render_memory)
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
@@ -231,6 +262,8 @@ section("Streaming: sink vs window vs full", "streaming", "memory, step time and
         render_streaming)
 section("kvjax vs HF transformers and llama.cpp", "peers", "decode throughput", render_peers)
 section("Sharded decoding on 1, 2, 4 and 8 devices", "sharding", "bytes per device", render_sharding)
+section("Needles: prompt-aware compression", "needles", "retrieval vs cache memory", render_needles)
+section("Self-speculative decoding", "speculative", "self-speculative decoding", render_speculative)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")

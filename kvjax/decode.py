@@ -399,19 +399,27 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
       on_tokens(sharding.fetch(state.out)[:, emitted:new_step])
       emitted = new_step
 
-  out = sharding.fetch(state.out)[:, :max_new_tokens]  # sliced in NumPy: no per-length compile
   n_gen = sharding.fetch(state.n_generated)
-  out = np.where(np.arange(max_new_tokens)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
   overflowed = sharding.fetch(state.cache.overflowed()).astype(bool)
   if out_of_room:
     overflowed = overflowed | (~sharding.fetch(state.done) & (n_gen < max_new_tokens))
+  return _result(sharding.fetch(state.out), n_gen, max_new_tokens, pad, state.cache, overflowed,
+                 ids, lengths, prefill_s, decode_s, before,
+                 str(spec) if prebuilt is None else type(prebuilt).__name__,
+                 sharding=None if plan is None else plan.describe())
+
+
+def _result(out, n_gen, max_new, pad, cache, overflowed, ids, lengths, prefill_s, decode_s,
+            before, spec: str, **extra) -> GenerateResult:
+  """The `GenerateResult` of a decode loop: out [B, >= max_new] ids, padded past n_gen."""
+  out = out[:, :max_new]  # sliced in NumPy: no per-length compile
+  out = np.where(np.arange(max_new)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
   after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
-                        cache=state.cache, prefill_s=prefill_s, decode_s=decode_s,
+                        cache=cache, prefill_s=prefill_s, decode_s=decode_s,
                         compile_s=after["compile_s"] - before["compile_s"],
-                        n_compiles=after["n_compiles"] - before["n_compiles"],
-                        spec=str(spec) if prebuilt is None else type(prebuilt).__name__,
-                        overflowed=overflowed, sharding=None if plan is None else plan.describe())
+                        n_compiles=after["n_compiles"] - before["n_compiles"], spec=spec,
+                        overflowed=overflowed, **extra)
 
 
 def _draft_cache(draft, kv_cache, cfg, batch, needed, longest, dtype, options):
@@ -467,20 +475,14 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
   n_gen = np.minimum(np.asarray(s.n_generated), max_new)
   if on_tokens is not None and int(n_gen.max()) > emitted:
     on_tokens(np.asarray(s.out)[:, emitted:int(n_gen.max())])
-  out = np.asarray(s.out)[:, :max_new]
-  out = np.where(np.arange(max_new)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
   overflowed = np.asarray(s.cache.overflowed()).astype(bool)
   overflowed |= ~np.asarray(s.done) & (n_gen < max_new)
   drafted = int(np.asarray(s.drafted).sum())
-  after = compile_stats()
-  return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
-                        cache=s.cache, prefill_s=prefill_s, decode_s=decode_s,
-                        compile_s=after["compile_s"] - before["compile_s"],
-                        n_compiles=after["n_compiles"] - before["n_compiles"],
-                        spec=str(spec) if prebuilt is None else type(prebuilt).__name__,
-                        overflowed=overflowed,
-                        draft_acceptance=int(np.asarray(s.accepted).sum()) / drafted if drafted else None,
-                        draft_spec=str(draft))
+  return _result(np.asarray(s.out), n_gen, max_new, pad, s.cache, overflowed, ids, lengths,
+                 prefill_s, decode_s, before,
+                 str(spec) if prebuilt is None else type(prebuilt).__name__,
+                 draft_acceptance=int(np.asarray(s.accepted).sum()) / drafted if drafted else None,
+                 draft_spec=str(draft))
 
 
 def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, sampler, spec,

@@ -11,6 +11,9 @@ A spec string is terms joined by `+`:
   h2o:K                        keep the K heaviest-attended tokens (needs window for the recent part)
   snapkv:K                     keep the K prompt tokens its last queries attend to most (SnapKV;
                                needs window), then decode as h2o does
+  pyramid | pyramid:BETA       h2o/snapkv budgets shrinking with depth (PyramidKV): layer l keeps
+                               K_l tokens, from 2K - K/BETA at the first layer down to K/BETA
+                               (BETA default 20), L x K in all
   offload                      older blocks live in host memory
   tier:64:fp32,512:int8,4096:int2   budgets per precision tier, newest first
   share:G  |  share:G:cal      layers in groups of G share one cache (cal: calibrated linear maps)
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.caches import registry
-from kvjax.caches.registry import SpecError
+from kvjax.caches.registry import PYRAMID_BETA, SpecError, pyramid_budgets
 from kvjax.models.protocol import default_dtype, model_dtype
 
 
@@ -51,6 +54,7 @@ class CacheSpec:
   group: int = 32
   h2o: int | None = None
   snapkv: int | None = None
+  pyramid: int | None = None
   offload: bool = False
   tiers: tuple[tuple[int, str], ...] | None = None
   share: int = 1
@@ -69,6 +73,7 @@ class CacheSpec:
     positive("group", self.group)
     positive("h2o", self.h2o)
     positive("snapkv", self.snapkv)
+    positive("pyramid", self.pyramid)
     positive("share", self.share)
     if not isinstance(self.sink, int) or self.sink < 0:
       raise SpecError(f"sink:{self.sink} must be a non-negative integer")
@@ -84,6 +89,9 @@ class CacheSpec:
     if self.h2o is not None and self.snapkv is not None:
       raise SpecError(f"h2o:{self.h2o} and snapkv:{self.snapkv} are two scorers for one pool; pick one")
     scored = self.h2o if self.h2o is not None else self.snapkv
+    if self.pyramid is not None and scored is None:
+      raise SpecError(f"pyramid:{self.pyramid} shapes the budgets of a scored pool; it needs h2o:K "
+                      "or snapkv:K")
     name = "h2o" if self.h2o is not None else "snapkv"
     if scored is not None and self.window is None:
       raise SpecError(f"{name}:{scored} needs a window:N term for the recent tokens it always keeps")
@@ -129,7 +137,10 @@ class CacheSpec:
     if self.tiers is not None:
       return sum(b for b, _ in self.tiers)
     if self.window is not None:
-      return self.window + self.sink + (self.h2o or 0) + (self.snapkv or 0)
+      heavy = (self.h2o or 0) + (self.snapkv or 0)
+      if self.pyramid is not None:  # the first layer holds the most
+        heavy = max(pyramid_budgets(heavy, 2, self.pyramid))
+      return self.window + self.sink + heavy
     return None
 
   @property
@@ -192,6 +203,8 @@ class CacheSpec:
       terms.append(f"h2o:{self.h2o}")
     if self.snapkv is not None:
       terms.append(f"snapkv:{self.snapkv}")
+    if self.pyramid is not None:
+      terms.append("pyramid" if self.pyramid == PYRAMID_BETA else f"pyramid:{self.pyramid}")
     if self.sink:
       terms.append(f"sink:{self.sink}")
     if self.window is not None:
@@ -204,7 +217,7 @@ class CacheSpec:
     return "+".join(terms)
 
 
-_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None, "snapkv": None,
+_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None, "snapkv": None, "pyramid": None,
              "offload": False, "tiers": None, "share": 1}
 
 
@@ -238,7 +251,9 @@ def parse_spec(spec) -> CacheSpec:
     if key in seen:
       raise SpecError(f"cache spec {spec!r}: term {term!r} repeats or contradicts an earlier term")
     seen.add(key)
-    if name in ("full", "dynamic", "none", "offload"):
+    if name == "pyramid":
+      fields["pyramid"] = _int_value(term, rest) if rest else PYRAMID_BETA
+    elif name in ("full", "dynamic", "none", "offload"):
       if rest:
         raise SpecError(f"term {term!r}: {name} takes no value")
       if name == "offload":
@@ -277,7 +292,7 @@ def parse_spec(spec) -> CacheSpec:
     else:
       custom = registry.custom_kinds()
       raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: full, dynamic, none, "
-                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, snapkv:K, offload, "
+                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, snapkv:K, pyramid, offload, "
                       "tier:..., share:G" + (", registered: " + ", ".join(custom) if custom else "")
                       + ")")
   return CacheSpec(**fields)

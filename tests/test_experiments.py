@@ -78,7 +78,8 @@ def test_memory_quick_and_report(tmp_path):
   assert proc.returncode == 0, proc.stderr
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
-  assert md.count("*Not run yet.*") == 5  # speedup, quality, streaming, peers, sharding
+  # speedup, quality, streaming, peers, sharding, needles, speculative
+  assert md.count("*Not run yet.*") == 7
 
 
 def test_quality_quick(tmp_path):
@@ -135,3 +136,24 @@ def test_sharding_quick(tmp_path):
     assert r["cache_bytes_per_device"] <= r["cache_bytes"] // r["devices"] + 64
   for c in d["contexts"]:
     assert c["with slot sharding"] >= c["devices"] * c["without slot sharding"] - 256 * c["devices"]
+
+
+def test_needles_quick(tmp_path):
+  run_script("needles", tmp_path, "--quick", "--strict")
+  d = json.loads((tmp_path / "needles.json").read_text())
+  check_common(d, "needles")
+  kinds = {r["kind"] for r in d["rows"]}
+  assert {"full", "sink+window", "h2o", "snapkv"} <= kinds
+  for r in d["rows"]:
+    assert 0 <= r["retrieval"] <= 1 and r["bytes_per_row"] > 0
+  assert {r["kind"] for r in d["ppl_rows"]} >= {"full", "snapkv"}
+  maybe_png(tmp_path, "needles")
+
+
+def test_speculative_quick(tmp_path):
+  run_script("speculative", tmp_path, "--quick")
+  d = json.loads((tmp_path / "speculative.json").read_text())
+  check_common(d, "speculative")
+  drafted = [r for r in d["rows"] if r["draft"]]
+  assert drafted and all(r["same_tokens"] for r in drafted)  # greedy: identical output
+  assert all(0 <= r["acceptance"] <= 1 for r in drafted)

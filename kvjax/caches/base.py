@@ -40,6 +40,9 @@ Capabilities are declared as attributes of the kind, never as lists of kind name
                kinds, about 1 / (2^bits - 1) for quantized ones, None where the view is not the
                given tokens at all (`share:G` followers). `kvjax.testing` checks it.
 
+Optional attribute: `lossless_tokens`, for kinds whose layers hold different numbers of tokens
+(per-layer budgets): the longest stream every layer holds whole (default: `capacity`).
+
 Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
 tells whether a kind implements one. `CacheBase` (through `Limited` / `Evicting`) provides the
 derived members, so a new kind writes the storage and the attention and nothing else.

@@ -59,7 +59,8 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.caches import base, packing, registry
-from kvjax.caches.registry import SpecError
+from kvjax.caches.layered import LayeredCache
+from kvjax.caches.registry import SpecError, pyramid_budgets
 from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
 
 
@@ -464,22 +465,36 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
   if spec.offload or spec.share > 1 or spec.tiers is not None or spec.mode != "full":
     raise SpecError(f"cache spec {str(spec)!r}: {scorer} cannot be combined with "
                     "offload/share/tier/dynamic terms")
-  return H2OCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
-                       head_dim=config.head_dim, heavy=heavy, window=spec.window,
-                       sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
-                       group=spec.group, dtype=dtype, scorer=scorer, **extra)
+  make = lambda n_layers, k: H2OCache.init(
+      n_layers=n_layers, batch=batch, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+      heavy=k, window=spec.window, sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
+      group=spec.group, dtype=dtype, scorer=scorer, **extra)
+  if spec.pyramid is not None:  # one cache per layer, each with its own budget
+    return LayeredCache.of(make(1, k) for k in layer_budgets(spec, config.n_layers))
+  return make(config.n_layers, heavy)
+
+
+def layer_budgets(spec, n_layers: int) -> list[int]:
+  """The scored-token budget of each layer: K everywhere, or PyramidKV's taper."""
+  heavy = spec.snapkv if spec.snapkv is not None else spec.h2o
+  if spec.pyramid is None:
+    return [heavy] * n_layers
+  return pyramid_budgets(heavy, n_layers, spec.pyramid)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
-  """The pool (at its precision), the residual ring, positions and scores per slot, lengths."""
+  """Per layer: the pool (at its precision), the residual ring, positions and scores per slot;
+  and the lengths (once per layer with pyramid budgets, whose layers are separate caches)."""
   residual = spec.residual or 0
-  pool = spec.sink + spec.window - residual + (spec.h2o or spec.snapkv)
-  slots = pool + residual
   fmt = "fp32" if spec.bits is None else f"int{spec.bits}"
-  pool_bytes = (token_bytes(pool, config.head_dim, fmt, spec.group, dtype) if spec.bits is not None
-                else 2 * pool * config.head_dim * jnp.dtype(dtype).itemsize)
-  ring_bytes = 2 * residual * config.head_dim * jnp.dtype(dtype).itemsize
-  return registry.streams(config, batch) * (pool_bytes + ring_bytes + 8 * slots) + 4 * batch
+  total = 0
+  for heavy in layer_budgets(spec, config.n_layers):
+    pool = spec.sink + spec.window - residual + heavy
+    pool_bytes = (token_bytes(pool, config.head_dim, fmt, spec.group, dtype) if spec.bits is not None
+                  else 2 * pool * config.head_dim * jnp.dtype(dtype).itemsize)
+    ring_bytes = 2 * residual * config.head_dim * jnp.dtype(dtype).itemsize
+    total += batch * config.n_kv_heads * (pool_bytes + ring_bytes + 8 * (pool + residual))
+  return total + 4 * batch * (config.n_layers if spec.pyramid is not None else 1)
 
 
 registry.register_kind("h2o", from_spec, estimate_bytes=estimate_bytes,

@@ -43,7 +43,7 @@ class SpecError(ValueError):
 
 # Terms the spec grammar itself defines; a registered kind may not take one of these names.
 BUILTIN_TERMS = frozenset({"full", "dynamic", "none", "window", "sink", "bits", "residual", "group",
-                           "h2o", "snapkv", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
+                           "h2o", "snapkv", "pyramid", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
 # Built-in kinds and the module that registers each.
 _BUILTIN_MODULES = {
     "full": "kvjax.caches.full",
@@ -107,7 +107,7 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
   if unknown:
     raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
                      "use spec field names: dynamic, window, sink, bits, residual, group, h2o, "
-                     "snapkv, offload, tiers, share")
+                     "snapkv, pyramid, offload, tiers, share")
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
                   accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin,
                   examples=tuple(examples))
@@ -193,6 +193,19 @@ def unbounded_capacity(spec, *, needed: int, prompt: int) -> int:
   if spec.mode == "dynamic":
     return max(64, 1 << max(prompt, 1).bit_length())
   return bucket(needed)
+
+
+PYRAMID_BETA = 20  # PyramidKV's default: the last layer keeps about K / 20 scored tokens
+
+
+def pyramid_budgets(heavy: int, n_layers: int, beta: int = PYRAMID_BETA) -> list[int]:
+  """Scored-token budgets per layer, shrinking linearly with depth (PyramidKV): from
+  2K - K/beta at layer 0 to K/beta (at least 1) at the last, about L x K in all."""
+  low = max(1, round(heavy / beta))
+  high = max(low, 2 * heavy - low)
+  if n_layers == 1:
+    return [heavy]
+  return [max(1, round(high - (high - low) * layer / (n_layers - 1))) for layer in range(n_layers)]
 
 
 def budget_capacity(spec, *, needed: int, prompt: int) -> int:

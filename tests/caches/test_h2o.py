@@ -282,12 +282,13 @@ def test_attend_matches_oracle(config, plan, seed):
 # ---------------------------------------------------------------------------------------------
 # Model-level tests
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["h2o:8+window:16+sink:2", "snapkv:8+window:16+sink:2"])
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_gqa"])
-def test_budget_above_sequence_equals_full(fixture, request):
+def test_budget_above_sequence_equals_full(fixture, spec, request):
   model = request.getfixturevalue(fixture)
   ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 24).astype(np.int32)
   full = np.asarray(llama.forward(model.config, model.params, jnp.asarray(ids[None])))[0]
-  got, cache = model_logits(model, "h2o:8+window:16+sink:2", ids, [9, 1, 1, 13])
+  got, cache = model_logits(model, spec, ids, [9, 1, 1, 13])
   np.testing.assert_allclose(got, full, atol=1e-4)
   assert int(cache.filled().min()) == 24
 
