@@ -39,6 +39,7 @@ TEMPLATES = {  # budget b -> spec
     "snapkv": "snapkv:{heavy}+window:{w}",
     "snapkv+int8": "int8+snapkv:{heavy}+window:{w}",
     "snapkv+pyramid": "snapkv:{heavy}+window:{w}+pyramid",
+    "snapkv+adakv": "snapkv:{heavy}+window:{w}+adakv",
 }
 QUICK = dict(model="tiny", lengths=[96], fractions=[0.25], depths=[0.5], multi=[2], ppl=48)
 

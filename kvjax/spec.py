@@ -11,6 +11,8 @@ A spec string is terms joined by `+`:
   h2o:K                        keep the K heaviest-attended tokens (needs window for the recent part)
   snapkv:K                     keep the K prompt tokens its last queries attend to most (SnapKV;
                                needs window), then decode as h2o does
+  adakv                        one scored budget per layer shared by its kv heads (AdaKV): heads
+                               compete for kv_heads x K slots, each keeps its sinks and window
   pyramid | pyramid:BETA       h2o/snapkv budgets shrinking with depth (PyramidKV): layer l keeps
                                K_l tokens, from 2K - K/BETA at the first layer down to K/BETA
                                (BETA default 20), L x K in all
@@ -55,6 +57,7 @@ class CacheSpec:
   h2o: int | None = None
   snapkv: int | None = None
   pyramid: int | None = None
+  adakv: bool = False
   offload: bool = False
   tiers: tuple[tuple[int, str], ...] | None = None
   share: int = 1
@@ -89,6 +92,10 @@ class CacheSpec:
     if self.h2o is not None and self.snapkv is not None:
       raise SpecError(f"h2o:{self.h2o} and snapkv:{self.snapkv} are two scorers for one pool; pick one")
     scored = self.h2o if self.h2o is not None else self.snapkv
+    if self.adakv and scored is None:
+      raise SpecError("adakv shares a scored pool across kv heads; it needs h2o:K or snapkv:K")
+    if self.adakv and self.residual is not None:
+      raise SpecError(f"adakv does not take residual:{self.residual} yet; drop the residual ring")
     if self.pyramid is not None and scored is None:
       raise SpecError(f"pyramid:{self.pyramid} shapes the budgets of a scored pool; it needs h2o:K "
                       "or snapkv:K")
@@ -205,6 +212,8 @@ class CacheSpec:
       terms.append(f"snapkv:{self.snapkv}")
     if self.pyramid is not None:
       terms.append("pyramid" if self.pyramid == PYRAMID_BETA else f"pyramid:{self.pyramid}")
+    if self.adakv:
+      terms.append("adakv")
     if self.sink:
       terms.append(f"sink:{self.sink}")
     if self.window is not None:
@@ -217,7 +226,7 @@ class CacheSpec:
     return "+".join(terms)
 
 
-_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None, "snapkv": None, "pyramid": None,
+_DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None, "snapkv": None, "pyramid": None, "adakv": False,
              "offload": False, "tiers": None, "share": 1}
 
 
@@ -253,6 +262,10 @@ def parse_spec(spec) -> CacheSpec:
     seen.add(key)
     if name == "pyramid":
       fields["pyramid"] = _int_value(term, rest) if rest else PYRAMID_BETA
+    elif name == "adakv":
+      if rest:
+        raise SpecError(f"term {term!r}: adakv takes no value")
+      fields["adakv"] = True
     elif name in ("full", "dynamic", "none", "offload"):
       if rest:
         raise SpecError(f"term {term!r}: {name} takes no value")
@@ -292,7 +305,7 @@ def parse_spec(spec) -> CacheSpec:
     else:
       custom = registry.custom_kinds()
       raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: full, dynamic, none, "
-                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, snapkv:K, pyramid, offload, "
+                      "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, snapkv:K, pyramid, adakv, offload, "
                       "tier:..., share:G" + (", registered: " + ", ".join(custom) if custom else "")
                       + ")")
   return CacheSpec(**fields)

@@ -73,7 +73,8 @@ SNAP_POOLING = "max"
 # ---------------------------------------------------------------------------------------------
 # The policy, as a pure function
 # ---------------------------------------------------------------------------------------------
-def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, sink: int = 0):
+def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, sink: int = 0,
+               slots: int | None = None):
   """Keeps `sink + window + heavy` of C candidates per leading index: H2O's eviction.
 
   Args:
@@ -82,13 +83,16 @@ def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, 
     payload: pytree whose array leaves are [B, ..., C, ...] (keys, values, ...), gathered along.
     lengths: int32 [B] tokens seen per row: positions >= lengths - window are "recent".
     heavy, window, sink: static sizes; C >= sink + window + heavy.
+    slots: how many to keep (default sink + window + heavy). A pool shared by several kv heads
+      (`adakv`) keeps heads x (sink + window + heavy): the protection rule is per position, so
+      every head's sinks and window are kept and the heads compete for the rest.
 
   Returns:
     (positions, scores, payload) with C replaced by S = sink + window + heavy: the live
     candidates with position < sink or >= lengths - window, then the live rest by decreasing
     score, then empty ones (position -1, score 0), in that order of priority.
   """
-  slots = heavy + window + sink
+  slots = heavy + window + sink if slots is None else slots
   c = positions.shape[-1]
   if c < slots:
     raise ValueError(f"evict_topk: {c} candidates cannot fill {slots} slots")
@@ -122,6 +126,9 @@ class H2OCache(base.Evicting):
   positions: int32 [L, B, K, P + R]: pool slots then ring slots, -1 where empty.
   scores: float32 [L, B, K, P + R]: accumulated attention of each held token.
   lengths: int32 [B] tokens seen per row.
+  heads: None, or with a pool shared by the kv heads of a layer (`adakv`): int32 [L, B, 1, P]
+    the kv head each slot belongs to; the arrays above then have one "head" axis of size 1 and
+    P = kv_heads x (sink + window + heavy) slots (no residual ring).
   """
 
   k: TokenStore
@@ -131,6 +138,7 @@ class H2OCache(base.Evicting):
   positions: jax.Array
   scores: jax.Array
   lengths: jax.Array
+  heads: jax.Array | None = None
   heavy: int = struct.field(pytree_node=False, default=1)
   window: int = struct.field(pytree_node=False, default=1)
   sink: int = struct.field(pytree_node=False, default=0)
@@ -138,6 +146,7 @@ class H2OCache(base.Evicting):
   observe: int = struct.field(pytree_node=False, default=SNAP_OBSERVE)
   kernel: int = struct.field(pytree_node=False, default=SNAP_KERNEL)
   pooling: str = struct.field(pytree_node=False, default=SNAP_POOLING)
+  n_kv: int = struct.field(pytree_node=False, default=0)
 
   # Eviction makes room: kvjax.append must not raise capacity errors. With the h2o scorer, chunks
   # are fed token by token inside `attend`, so chunked feeding is exact (chunk_exact below).
@@ -162,7 +171,10 @@ class H2OCache(base.Evicting):
            window: int, sink: int = 0, bits: int | None = None, residual: int = 0,
            group: int = 32, dtype=jnp.float32, scorer: str = "h2o",
            observe: int = SNAP_OBSERVE, kernel: int = SNAP_KERNEL,
-           pooling: str = SNAP_POOLING) -> "H2OCache":
+           pooling: str = SNAP_POOLING, shared_heads: bool = False) -> "H2OCache":
+    if shared_heads and residual:
+      raise SpecError("adakv (a pool shared by the kv heads) does not take a residual ring yet; "
+                      "drop residual:R")
     if pooling not in ("max", "avg"):
       raise SpecError(f"H2OCache: pooling must be 'max' or 'avg', got {pooling!r}")
     if scorer not in ("h2o", "snapkv"):
@@ -184,6 +196,8 @@ class H2OCache(base.Evicting):
       raise SpecError(f"int{bits} storage: head_dim {head_dim} is not a multiple of group:{group}")
     pool = sink + window - residual + heavy
     lead = (n_layers, batch, kv_heads)
+    if shared_heads:
+      pool, lead = kv_heads * pool, (n_layers, batch, 1)
     # Separate buffers everywhere: a donated cache must not hold one buffer twice.
     store = lambda: TokenStore.empty(lead + (pool, head_dim), bits=bits, group=group, dtype=dtype)
     ring = lambda: jnp.zeros(lead + (residual, head_dim), dtype)
@@ -191,8 +205,11 @@ class H2OCache(base.Evicting):
     return cls(k=store(), v=store(), ring_k=ring(), ring_v=ring(),
                positions=jnp.full(lead + (slots,), -1, jnp.int32),
                scores=jnp.zeros(lead + (slots,), jnp.float32),
-               lengths=jnp.zeros((batch,), jnp.int32), heavy=heavy, window=window, sink=sink,
-               scorer=scorer, observe=min(observe, window), kernel=kernel, pooling=pooling)
+               lengths=jnp.zeros((batch,), jnp.int32),
+               heads=jnp.zeros(lead + (slots,), jnp.int32) if shared_heads else None,
+               heavy=heavy, window=window, sink=sink, scorer=scorer,
+               observe=min(observe, window), kernel=kernel, pooling=pooling,
+               n_kv=kv_heads if shared_heads else 0)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -200,9 +217,26 @@ class H2OCache(base.Evicting):
     return self.positions
 
   @property
+  def shared_heads(self) -> bool:
+    return self.heads is not None
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv if self.shared_heads else self.positions.shape[2]
+
+  @property
   def capacity(self) -> int:
-    """Slots per row (sink + window + heavy): what the cache holds at most, not a stream limit."""
+    """Slots per row, layer and kv head (sink + window + heavy): what the cache holds at most,
+    not a stream limit. With a shared pool (`adakv`) one head may hold up to the sinks, the
+    window and every head's scored share: sink + window + kv_heads x heavy."""
+    if self.shared_heads:
+      return self.sink + self.window + self.n_kv * self.heavy
     return self.positions.shape[3]
+
+  @property
+  def lossless_tokens(self) -> int:
+    """The longest stream every (layer, kv head) holds whole."""
+    return self.sink + self.window + self.heavy
 
   @property
   def pool(self) -> int:
@@ -227,20 +261,43 @@ class H2OCache(base.Evicting):
 
   def held(self) -> jax.Array:
     """int32 [L, B, K]: tokens held per layer, row and kv head."""
+    if self.shared_heads:
+      mine = (self.positions >= 0) & (self.heads == jnp.arange(self.n_kv)[:, None])  # [L,B,K,P]
+      return jnp.sum(mine, axis=-1).astype(jnp.int32)
     return jnp.sum(self.positions >= 0, axis=-1).astype(jnp.int32)
 
   # ---- one token through one layer ------------------------------------------------------------
   def _layer(self, layer: int):
     pick = lambda a: a[layer]
     return (self.k.map(pick), self.v.map(pick), self.ring_k[layer], self.ring_v[layer],
-            self.positions[layer], self.scores[layer])
+            self.positions[layer], self.scores[layer],
+            None if self.heads is None else self.heads[layer])
 
   def _with_layer(self, layer: int, st) -> "H2OCache":
-    ks, vs, rk, rv, pos, score = st
+    ks, vs, rk, rv, pos, score, hd = st
     put = lambda a, p: a.at[layer].set(p)
     return self.replace(k=stores_map(put, self.k, ks), v=stores_map(put, self.v, vs),
                         ring_k=put(self.ring_k, rk), ring_v=put(self.ring_v, rv),
-                        positions=put(self.positions, pos), scores=put(self.scores, score))
+                        positions=put(self.positions, pos), scores=put(self.scores, score),
+                        heads=None if hd is None else put(self.heads, hd))
+
+  def _held(self, st, dtype):
+    """What one layer's queries read: keys, values [B, K, S, H] (a shared pool broadcast to
+    every head) and the mask [B, K, 1, S] of live slots (of the query's own head)."""
+    ks, vs, rk, rv, pos, _, hd = st
+    keys = jnp.concatenate([ks.decode(dtype), rk.astype(dtype)], axis=2)
+    values = jnp.concatenate([vs.decode(dtype), rv.astype(dtype)], axis=2)
+    live = pos >= 0
+    if hd is None:
+      return keys, values, live[:, :, None, :]
+    shape = (keys.shape[0], self.n_kv) + keys.shape[2:]
+    mine = live & (hd == jnp.arange(self.n_kv)[None, :, None])  # [B, K, S]
+    return jnp.broadcast_to(keys, shape), jnp.broadcast_to(values, shape), mine[:, :, None, :]
+
+  def _fold(self, mass):
+    """Attention mass [B, K, S] over the held slots -> per slot of the layer's storage (a shared
+    pool has one row for every head: each slot only got mass from its own head)."""
+    return jnp.sum(mass, axis=1, keepdims=True) if self.shared_heads else mass
 
   def _admit(self, st, k_t, v_t, pos_t, valid_t, now):
     """Adds one token per row to one layer's state and evicts down to the budget.
@@ -249,7 +306,9 @@ class H2OCache(base.Evicting):
     k_t, v_t: [B, K, H] (key rotated); pos_t: int32 [B]; valid_t: bool [B];
     now: int32 [B] tokens the row has seen once this token is in.
     """
-    ks, vs, rk, rv, pos, score = st
+    if self.shared_heads:
+      return self._admit_shared(st, k_t, v_t, pos_t, valid_t, now)
+    ks, vs, rk, rv, pos, score, hd = st
     b, kh = pos.shape[:2]
     p, r = self.pool, self.residual
     rows = jnp.arange(b)
@@ -281,7 +340,28 @@ class H2OCache(base.Evicting):
                                           window=self.window - r, sink=self.sink)
     pos = jnp.concatenate([c_pos, pos[..., p:]], axis=-1)
     score = jnp.concatenate([c_score, score[..., p:]], axis=-1)
-    return ks, vs, rk, rv, pos, score
+    return ks, vs, rk, rv, pos, score, hd
+
+  def _admit_shared(self, st, k_t, v_t, pos_t, valid_t, now):
+    """`_admit` for a pool shared by the kv heads (`adakv`): the new token brings one candidate
+    per head; every head keeps its sinks and window, and all heads compete for the
+    kv_heads x heavy scored slots."""
+    ks, vs, rk, rv, pos, score, hd = st
+    b, kh = pos.shape[0], self.n_kv
+
+    def encode(x, store):  # x [B, K, H] -> appended as K candidates of the one pool row
+      enc = TokenStore.encode(x[:, None], bits=store.bits, group=store.group, dtype=store.data.dtype)
+      return stores_map(lambda s_, e: jnp.concatenate([s_, e], axis=2), store, enc)
+
+    new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None, None], (b, 1, kh))
+    c_pos = jnp.concatenate([pos, new_pos], axis=-1)
+    c_score = jnp.concatenate([score, jnp.zeros((b, 1, kh), jnp.float32)], axis=-1)
+    c_heads = jnp.concatenate([hd, jnp.broadcast_to(jnp.arange(kh, dtype=jnp.int32), (b, 1, kh))],
+                              axis=-1)
+    pos, score, (ks, vs, hd) = evict_topk(
+        c_pos, c_score, (encode(k_t, ks), encode(v_t, vs), c_heads), now, heavy=self.heavy,
+        window=self.window, sink=self.sink, slots=self.pool)
+    return ks, vs, rk, rv, pos, score, hd
 
   # ---- protocol -------------------------------------------------------------------------------
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
@@ -300,13 +380,11 @@ class H2OCache(base.Evicting):
     def step(st, xs):
       q_t, k_t, v_t, pos_t, valid_t = xs
       st = self._admit(st, k_t, v_t, pos_t, valid_t, jnp.where(valid_t, pos_t + 1, final))
-      ks, vs, rk, rv, pos, score = st
-      keys = jnp.concatenate([ks.decode(q.dtype), rk.astype(q.dtype)], axis=2)  # [B, K, S, H]
-      values = jnp.concatenate([vs.decode(q.dtype), rv.astype(q.dtype)], axis=2)
-      mask = (pos >= 0)[:, :, None, :]  # [B, K, 1, S]
+      keys, values, mask = self._held(st, q.dtype)  # [B, K, S, H], [B, K, 1, S]
       out, probs = attn.dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
       mass = jnp.sum(probs, axis=(2, 3)) * valid_t[:, None, None]  # [B, K, S]
-      return (ks, vs, rk, rv, pos, score + mass), out[:, 0]
+      ks, vs, rk, rv, pos, score, hd = st
+      return (ks, vs, rk, rv, pos, score + self._fold(mass), hd), out[:, 0]
 
     if self.scorer == "snapkv" and t > 1:
       return self._snap_chunk(layer, q, k, v, n_valid, positions)
@@ -333,13 +411,12 @@ class H2OCache(base.Evicting):
     pool of `kernel` tokens (SnapKV keeps the neighbours of a hit), held tokens add the score to what they
     had. The cache keeps the sinks, the window's most recent tokens and the `heavy` best scored.
     """
-    ks, vs, rk, rv, pos, score = self._layer(layer)
+    st = self._layer(layer)
+    ks, vs, rk, rv, pos, score, hd = st
     b, t, kh, _ = k.shape
     p, r = self.pool, self.residual
     ck, cv = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, T, H]
-    held_k = jnp.concatenate([ks.decode(q.dtype), rk.astype(q.dtype)], axis=2)  # [B, K, P + R, H]
-    held_v = jnp.concatenate([vs.decode(q.dtype), rv.astype(q.dtype)], axis=2)
-    held_mask = (pos >= 0)[:, :, None, :]  # [B, K, 1, P + R]
+    held_k, held_v, held_mask = self._held(st, q.dtype)  # [B, K, P + R, H], [B, K, 1, P + R]
     index = jnp.arange(t, dtype=jnp.int32)
 
     # Outputs: dense over the held slots, blockwise-causal over the chunk, merged online.
@@ -361,7 +438,7 @@ class H2OCache(base.Evicting):
     mask = jnp.concatenate([jnp.broadcast_to(held_mask, (b, kh, self.observe, p + r)),
                             jnp.broadcast_to(chunk_mask, (b, kh, self.observe, t))], axis=-1)
     probs = attn.masked_softmax(attn.scores_of(q_obs, keys), mask[:, :, None])  # [B,K,G,O,S]
-    mass = jnp.einsum("bkgos,bo->bks", probs, seen.astype(probs.dtype))
+    mass = jnp.einsum("bkgos,bo->bks", probs, seen.astype(probs.dtype))  # [B, K, P + R + T]
     # Scores are >= 0, so 0 is a neutral padding for both pools.
     reduce = jax.lax.max if self.pooling == "max" else jax.lax.add
     chunk_mass = jax.lax.reduce_window(mass[..., p + r:], 0.0, reduce, (1, 1, self.kernel),
@@ -373,6 +450,24 @@ class H2OCache(base.Evicting):
     final = (self.lengths + n_valid)[:, None, None]  # [B, 1, 1]
     chunk_pos = jnp.broadcast_to(jnp.where(index[None, :] < n_valid[:, None], positions, -1)[:, None],
                                  (b, kh, t))
+    if self.shared_heads:  # one pool row for all heads: the chunk's K x T tokens join it
+      fold = lambda x: x.reshape((b, 1, kh * t) + x.shape[3:])
+      c_pos = jnp.concatenate([pos, fold(chunk_pos)], axis=-1)
+      c_score = jnp.concatenate([score + self._fold(mass[..., :p]), fold(chunk_mass)], axis=-1)
+      c_heads = jnp.concatenate(
+          [hd, jnp.broadcast_to(jnp.repeat(jnp.arange(kh, dtype=jnp.int32), t), (b, 1, kh * t))],
+          axis=-1)
+      live = (chunk_pos >= 0)[..., None]
+
+      def encode_fold(x, store):
+        enc = TokenStore.encode(fold(jnp.where(live, x, 0)), bits=store.bits, group=store.group,
+                                dtype=store.data.dtype)
+        return stores_map(lambda s_, e: jnp.concatenate([s_, e], axis=2), store, enc)
+
+      pos, score, (ks, vs, hd) = evict_topk(
+          c_pos, c_score, (encode_fold(ck, ks), encode_fold(cv, vs), c_heads), final[:, 0, 0],
+          heavy=self.heavy, window=self.window, sink=self.sink, slots=p)
+      return out, self._with_layer(layer, (ks, vs, rk, rv, pos, score, hd))
     fresh_pos = jnp.concatenate([pos[..., p:], chunk_pos], axis=-1)
     live = (fresh_pos >= 0)[..., None]  # padding may hold anything: keep it out of the sums below
     fresh_k = jnp.where(live, jnp.concatenate([rk.astype(ck.dtype), ck], axis=2), 0)  # [B,K,R+T,H]
@@ -398,7 +493,7 @@ class H2OCache(base.Evicting):
         c_pos, c_score, (encode(fresh_k, ks), encode(fresh_v, vs)), final[:, 0, 0] - r,
         heavy=self.heavy, window=self.window - r, sink=self.sink)
     st = (ks, vs, rk, rv, jnp.concatenate([c_pos, ring_pos], axis=-1),
-          jnp.concatenate([c_score, ring_score], axis=-1))
+          jnp.concatenate([c_score, ring_score], axis=-1), hd)
     return out, self._with_layer(layer, st)
 
   def write(self, layer: int, k, v, n_valid=None) -> "H2OCache":
@@ -425,6 +520,12 @@ class H2OCache(base.Evicting):
     """Keys (rotated, dequantized), values [L, B, K, P + R, H]: pool slots then ring slots."""
     keys = jnp.concatenate([self.k.decode(), self.ring_k.astype(jnp.float32)], axis=3)
     values = jnp.concatenate([self.v.decode(), self.ring_v.astype(jnp.float32)], axis=3)
+    if self.shared_heads:  # the shared row, shown once per head with that head's slots live
+      mask = (self.positions >= 0) & (self.heads == jnp.arange(self.n_kv)[:, None])
+      shape = mask.shape + keys.shape[-1:]
+      return base.CacheView(keys=jnp.broadcast_to(keys, shape),
+                            values=jnp.broadcast_to(values, shape), mask=mask,
+                            positions=jnp.where(mask, self.positions, -1))
     return base.CacheView(keys=keys, values=values, mask=self.positions >= 0,
                           positions=self.positions)
 
@@ -448,7 +549,8 @@ class H2OCache(base.Evicting):
     take = lambda a: jnp.take(a, indices, axis=1)
     return self.replace(k=self.k.map(take), v=self.v.map(take), ring_k=take(self.ring_k),
                         ring_v=take(self.ring_v), positions=take(self.positions),
-                        scores=take(self.scores), lengths=jnp.take(self.lengths, indices, axis=0))
+                        scores=take(self.scores), lengths=jnp.take(self.lengths, indices, axis=0),
+                        heads=None if self.heads is None else take(self.heads))
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> H2OCache:
@@ -468,7 +570,7 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
   make = lambda n_layers, k: H2OCache.init(
       n_layers=n_layers, batch=batch, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
       heavy=k, window=spec.window, sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
-      group=spec.group, dtype=dtype, scorer=scorer, **extra)
+      group=spec.group, dtype=dtype, scorer=scorer, shared_heads=spec.adakv, **extra)
   if spec.pyramid is not None:  # one cache per layer, each with its own budget
     return LayeredCache.of(make(1, k) for k in layer_budgets(spec, config.n_layers))
   return make(config.n_layers, heavy)
@@ -493,7 +595,8 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
     pool_bytes = (token_bytes(pool, config.head_dim, fmt, spec.group, dtype) if spec.bits is not None
                   else 2 * pool * config.head_dim * jnp.dtype(dtype).itemsize)
     ring_bytes = 2 * residual * config.head_dim * jnp.dtype(dtype).itemsize
-    total += batch * config.n_kv_heads * (pool_bytes + ring_bytes + 8 * (pool + residual))
+    per_slot = 12 if spec.adakv else 8  # position and score (and the slot's kv head)
+    total += batch * config.n_kv_heads * (pool_bytes + ring_bytes + per_slot * (pool + residual))
   return total + 4 * batch * (config.n_layers if spec.pyramid is not None else 1)
 
 

@@ -43,7 +43,7 @@ class SpecError(ValueError):
 
 # Terms the spec grammar itself defines; a registered kind may not take one of these names.
 BUILTIN_TERMS = frozenset({"full", "dynamic", "none", "window", "sink", "bits", "residual", "group",
-                           "h2o", "snapkv", "pyramid", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
+                           "h2o", "snapkv", "pyramid", "adakv", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
 # Built-in kinds and the module that registers each.
 _BUILTIN_MODULES = {
     "full": "kvjax.caches.full",
@@ -107,7 +107,7 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
   if unknown:
     raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
                      "use spec field names: dynamic, window, sink, bits, residual, group, h2o, "
-                     "snapkv, pyramid, offload, tiers, share")
+                     "snapkv, pyramid, adakv, offload, tiers, share")
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
                   accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin,
                   examples=tuple(examples))
