@@ -5,15 +5,19 @@ Single passkey: a random 5-digit key hidden at several depths of filler text, co
 only one of them asked for. Greedy `kvjax.generate` continues the question; the score is exact
 match of the first 5-digit number in its answer.
 
-Each compressing kind runs at budgets of `--fractions` of each context (5%, 10%, 25%): its spec
-is built from the budget, e.g. `snapkv:{b - 64}+window:64`. The full cache is the reference.
+Each compressing kind (`--kinds`; default sink+window, h2o, snapkv, snapkv+adakv,
+snapkv+pyramid) runs at budgets of `--fractions` of each context (5%, 10%, 25%): its spec is built
+from the budget, e.g. `snapkv:{b - 64}+window:64`. The full cache is the reference. `--append`
+adds rows to an existing needles.json (e.g. a 4k context measured with fewer kinds).
 Perplexity: the first `--ppl-tokens` tokens of tinyshakespeare fed one token per step (decode
 semantics: every token sees what the cache holds), budgets as fractions of `--ppl-tokens`.
 Bytes: the cache arrays after the run, per row.
 
 Outputs (in --out): needles.json, needles.csv, needles.png (bytes on x, retrieval on y).
 
-  python experiments/needles.py             # SmolLM2-135M, contexts 1k/2k/4k
+  python experiments/needles.py             # SmolLM2-135M, contexts 1k/2k/4k, every default kind
+  python experiments/needles.py --lengths 1024 2048 && \
+    python experiments/needles.py --lengths 4096 --append --no-ppl   # the same in two sittings
   python experiments/needles.py --quick     # tiny random model (numbers meaningless)
 """
 
@@ -41,6 +45,7 @@ TEMPLATES = {  # budget b -> spec
     "snapkv+pyramid": "snapkv:{heavy}+window:{w}+pyramid",
     "snapkv+adakv": "snapkv:{heavy}+window:{w}+adakv",
 }
+DEFAULT_KINDS = ["sink+window", "h2o", "snapkv", "snapkv+adakv", "snapkv+pyramid"]
 QUICK = dict(model="tiny", lengths=[96], fractions=[0.25], depths=[0.5], multi=[2], ppl=48)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -59,6 +64,10 @@ parser.add_argument("--fractions", nargs="+", type=float, default=None)
 parser.add_argument("--kinds", nargs="+", default=None, choices=list(TEMPLATES))
 parser.add_argument("--ppl-tokens", type=int, default=None)
 parser.add_argument("--strict", action="store_true", help="raise on a failing cache kind")
+parser.add_argument("--append", action="store_true",
+                    help="keep the rows of an existing needles.json in --out (a row measured again "
+                         "replaces its old one), e.g. to add a longer context with fewer kinds")
+parser.add_argument("--no-ppl", action="store_true", help="skip the perplexity part")
 args = parser.parse_args()
 
 import kvjax  # noqa: E402
@@ -70,7 +79,7 @@ fractions = args.fractions or (QUICK["fractions"] if quick else FRACTIONS)
 depths = QUICK["depths"] if quick else DEPTHS
 multi = QUICK["multi"] if quick else MULTI_KEYS
 ppl_tokens = args.ppl_tokens or (QUICK["ppl"] if quick else PPL_TOKENS)
-kinds = args.kinds or list(TEMPLATES)
+kinds = args.kinds or DEFAULT_KINDS
 out = common.out_dir(args.out)
 info = common.run_info(args)
 model = common.load_model(model_name)
@@ -147,7 +156,7 @@ for length in lengths:
             f" multi {row['multi']:.2f})  {common.fmt_bytes(row['bytes_per_row'])}/row", flush=True)
 
 ppl_rows = []
-for fraction in [None] + fractions:
+for fraction in ([] if args.no_ppl else [None] + fractions):
   budget = None if fraction is None else max(8, int(round(fraction * ppl_tokens)))
   for kind in (["full"] if fraction is None else kinds):
     spec = "full" if fraction is None else spec_for(kind, budget)
@@ -156,6 +165,18 @@ for fraction in [None] + fractions:
       ppl_rows.append(dict(kind=kind, spec=spec, fraction=fraction, ppl=p.ppl, tokens=p.tokens,
                            bytes=common.total_bytes(p.cache_bytes)))
       print(f"  ppl {spec:34s} {p.ppl:9.3f}", flush=True)
+
+if args.append and (out / "needles.json").is_file():
+  import json
+
+  old = json.loads((out / "needles.json").read_text())
+  mine = {(r["length"], r["spec"]) for r in rows}
+  rows = [r for r in old["rows"] if (r["length"], r["spec"]) not in mine] + rows
+  rows.sort(key=lambda r: (r["length"], r["fraction"] or 0))
+  done = {r["spec"] for r in ppl_rows}
+  ppl_rows = [r for r in old["ppl_rows"] if r["spec"] not in done] + ppl_rows
+  info["earlier_runs"] = old.get("earlier_runs", []) + [{k: old[k] for k in ("date", "command")}]
+  lengths = sorted({r["length"] for r in rows})
 
 payload = {"experiment": "needles", "quick": quick, **info,
            "settings": {"model": model_name, "dtype": np.dtype(model.dtype).name, "lengths": lengths,
