@@ -3,11 +3,13 @@
 Public API:
   load(name_or_path)                       -> Model (params, config, step, tokenizer)
   generate(model, prompts, max_new_tokens=, cache=, sampler=, ...)   any model with a step function
+  generate(..., draft=SPEC, draft_tokens=k)  self-speculative decoding (kvjax.speculative)
   perplexity(model, ids or [docs], cache=)
   make_cache(spec, config, batch, capacity, dtype), parse_spec(spec), CacheSpec
   cache.attend(layer, q, k, v, n_valid, rope=, scale=) / cache.advance(n_valid)   inside a model
   append / view / reset / crop / reorder / grow / nbytes       (any cache kind)
-  slide (window/sinks), quantize (int8/4/3/2), evict_topk (H2O)  (kind-specific verbs)
+  slide (window/sinks), quantize (int8/4/3/2), evict_topk (H2O/SnapKV)  (kind-specific verbs)
+  LayeredCache                             one cache per layer (per-layer budgets, +pyramid)
   register_kind(name, factory, ...)        a cache kind of your own, usable by spec string
   plan(config, max_bytes, context)         -> the most faithful cache spec that fits a budget
   generate_with_prefix / PrefixStore       prefix caching
@@ -29,6 +31,8 @@ from kvjax.sampling import GREEDY, Sampler
 from kvjax.spec import CacheSpec, SpecError, make_cache, parse_spec
 from kvjax.caches.window import WindowCache, slide
 from kvjax.caches.h2o import H2OCache, evict_topk
+from kvjax.caches.layered import LayeredCache
+from kvjax.speculative import accept_drafts
 from kvjax.caches.tiered import TieredCache
 from kvjax.caches.quantized import QuantizedCache, quantize
 from kvjax.caches.offload import OffloadCache
@@ -47,7 +51,7 @@ __all__ = [
     "FullCache", "GenerateResult", "compile_stats", "generate",
     "Model", "load", "SMOLLM2_135M", "TINY", "LlamaConfig", "perplexity", "GREEDY", "Sampler",
     "CacheSpec", "SpecError", "make_cache", "parse_spec",
-    "WindowCache", "slide", "H2OCache", "evict_topk", "TieredCache", "QuantizedCache", "quantize",
+    "WindowCache", "slide", "H2OCache", "evict_topk", "LayeredCache", "accept_drafts", "TieredCache", "QuantizedCache", "quantize",
     "OffloadCache", "ShareMaps", "SharedCache", "fit_share_maps", "PrefixStore",
     "generate_with_prefix", "PlanError", "estimate_bytes", "plan",
 ]
