@@ -227,19 +227,21 @@ def render_sharding(d):
 def render_needles(d):
   st = d["settings"]
   rows = [[r["length"], f"`{r['spec']}`", r["kind"],
-           "all" if r["fraction"] is None else f"{100 * r['fraction']:.0f}%",
+           "all" if r["fraction"] is None else f"{100 * r['fraction']:g}%",
            fmt_bytes(r["bytes_per_row"]), num(r["retrieval"]), num(r["single"]), num(r["multi"])]
           for r in d["rows"]]
-  ppl = [[f"`{r['spec']}`", "all" if r["fraction"] is None else f"{100 * r['fraction']:.0f}%",
+  ppl = [[f"`{r['spec']}`", "all" if r["fraction"] is None else f"{100 * r['fraction']:g}%",
           fmt_bytes(r["bytes"]), num(r["ppl"], 3)] for r in d["ppl_rows"]]
-  return [f"Model {st['model']} ({st['dtype']}); per context: {len(st['depths'])} single-key "
+  lines = [f"Model {st['model']} ({st['dtype']}); per context: {len(st['depths'])} single-key "
           f"trials (depths {st['depths']}) and multi-key trials with {st['multi_keys']} keys, one "
           "asked; greedy, exact match of the 5-digit key.\n",
           table(["context", "spec", "kind", "budget", "cache per row", "retrieval", "single",
-                 "multi-key"], rows),
-          f"\nPerplexity on {st['ppl_tokens']} tokens of {pathlib.Path(st['text']).name}, one "
-          "token per step (budget as a share of those tokens):\n",
-          table(["spec", "budget", "cache bytes", "perplexity"], ppl)]
+                 "multi-key"], rows)]
+  if ppl:
+    lines += [f"\nPerplexity on {st['ppl_tokens']} tokens of {pathlib.Path(st['text']).name}, "
+              "one token per step (budget as a share of those tokens):\n",
+              table(["spec", "budget", "cache bytes", "perplexity"], ppl)]
+  return lines
 
 
 def render_speculative(d):
