@@ -424,18 +424,15 @@ def _result(out, n_gen, max_new, pad, cache, overflowed, ids, lengths, prefill_s
 
 def _draft_cache(draft, kv_cache, cfg, batch, needed, longest, dtype, options):
   """The draft's empty cache, after checking that both caches can be cropped."""
-  for what, cache in (("cache", kv_cache), ("draft", None)):
-    if cache is not None and not base.supports(cache, "crop"):
-      raise ValueError(f"draft=: the {what} kind {type(cache).__name__} cannot crop, which "
-                       "speculative decoding needs to drop rejected tokens")
   if getattr(kv_cache, "growable", False):
     raise ValueError("draft=: a dynamic (growable) main cache is not supported; use 'full'")
   info = registry.lookup(draft.kind)
   cap = int(info.default_capacity(draft, needed=needed, prompt=longest))
   draft_cache = spec_lib.make_cache(draft, cfg, batch, cap, dtype, **(options or {}))
-  if not base.supports(draft_cache, "crop"):
-    raise ValueError(f"draft={str(draft)!r}: the kind {type(draft_cache).__name__} cannot crop, "
-                     "which speculative decoding needs to drop rejected tokens")
+  for what, cache in (("cache", kv_cache), ("draft", draft_cache)):
+    if not base.supports(cache, "crop"):
+      raise ValueError(f"draft=: the {what} kind {type(cache).__name__} cannot crop, which "
+                       "speculative decoding needs to drop rejected tokens")
   if not draft_cache.fits(longest):
     raise CapacityError(f"draft={str(draft)!r}: the {longest}-token prompt does not fit its "
                         f"capacity {draft_cache.capacity}")
@@ -463,7 +460,7 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
     stop_at = max_new if on_tokens is None else min(max_new, int(n_gen[running].min()) + stream_chunk)
     start = time.perf_counter()
     s = speculative.speculate(params, s, np.int32(stop_at), np.int32(max_new), np.int32(eos),
-                              np.int32(pad), model=handle, sampler=sampler, k=k)
+                              model=handle, sampler=sampler, k=k)
     jax.block_until_ready(s)
     decode_s += time.perf_counter() - start
     if on_tokens is not None:  # columns every row has filled (or finished)

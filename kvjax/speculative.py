@@ -104,7 +104,7 @@ def start(state, draft) -> SpecState:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "k"), donate_argnames=("state",))
-def speculate(params, state: SpecState, stop_at, max_new, eos_id, pad_id, *, model,
+def speculate(params, state: SpecState, stop_at, max_new, eos_id, *, model,
               sampler: Sampler, k: int):
   """Rounds until every row is done, has `max_new` tokens, or has `stop_at` (streaming)."""
   b = state.last.shape[0]
@@ -169,5 +169,4 @@ def speculate(params, state: SpecState, stop_at, max_new, eos_id, pad_id, *, mod
                      drafted=s.drafted + jnp.where(live, k, 0),
                      accepted=s.accepted + jnp.where(live, n_acc, 0), key=key)
 
-  del pad_id  # finished rows keep their slots; generate() pads past n_generated
   return jax.lax.while_loop(cond, body, state)

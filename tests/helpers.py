@@ -53,3 +53,9 @@ def model_logits(model, spec, ids, chunks, capacity=64):
     i += c
   return np.concatenate(out), cache
 
+
+
+def lively(model):
+  """Weights scaled by 5 so greedy decoding does not repeat one token (random init is flat)."""
+  return model.with_params(jax.tree_util.tree_map(lambda p: p * 5.0 if p.ndim > 1 else p,
+                                                  model.params))

@@ -18,12 +18,7 @@ import pytest
 import kvjax
 from kvjax import speculative
 from kvjax.sampling import Sampler
-
-
-def lively(model):
-  """Weights scaled so greedy decoding does not repeat one token (random init is flat)."""
-  return model.with_params(jax.tree_util.tree_map(lambda p: p * 5.0 if p.ndim > 1 else p,
-                                                  model.params))
+from tests.helpers import lively
 
 
 @pytest.fixture(scope="module")

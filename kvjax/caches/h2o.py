@@ -112,6 +112,13 @@ def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, 
   return positions, scores, jax.tree_util.tree_map(take, payload)
 
 
+def append_encoded(store: TokenStore, x) -> TokenStore:
+  """`store` [B, K, S, ...] with x [B, K, C, H] encoded at its precision appended as C more
+  slots (the candidates `evict_topk` chooses from)."""
+  enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
+  return stores_map(lambda s, e: jnp.concatenate([s, e], axis=2), store, enc)
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------
@@ -328,11 +335,7 @@ class H2OCache(base.Evicting):
       cand_k, cand_v, cand_pos = k_t, v_t, new_pos
       cand_score = jnp.zeros((b, kh), jnp.float32)
 
-    def encode(x, store):
-      enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
-      return stores_map(lambda s, e: jnp.concatenate([s, e[:, :, None]], axis=2), store, enc)
-
-    cand = (encode(cand_k, ks), encode(cand_v, vs))  # [B, K, P + 1, ...]
+    cand = (append_encoded(ks, cand_k[:, :, None]), append_encoded(vs, cand_v[:, :, None]))
     c_pos = jnp.concatenate([pos[..., :p], cand_pos[..., None]], axis=-1)
     c_score = jnp.concatenate([score[..., :p], cand_score[..., None]], axis=-1)
     # The pool's "recent" part is the window minus the ring's newest R tokens.
@@ -349,17 +352,13 @@ class H2OCache(base.Evicting):
     ks, vs, rk, rv, pos, score, hd = st
     b, kh = pos.shape[0], self.n_kv
 
-    def encode(x, store):  # x [B, K, H] -> appended as K candidates of the one pool row
-      enc = TokenStore.encode(x[:, None], bits=store.bits, group=store.group, dtype=store.data.dtype)
-      return stores_map(lambda s_, e: jnp.concatenate([s_, e], axis=2), store, enc)
-
     new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None, None], (b, 1, kh))
     c_pos = jnp.concatenate([pos, new_pos], axis=-1)
     c_score = jnp.concatenate([score, jnp.zeros((b, 1, kh), jnp.float32)], axis=-1)
     c_heads = jnp.concatenate([hd, jnp.broadcast_to(jnp.arange(kh, dtype=jnp.int32), (b, 1, kh))],
                               axis=-1)
     pos, score, (ks, vs, hd) = evict_topk(
-        c_pos, c_score, (encode(k_t, ks), encode(v_t, vs), c_heads), now, heavy=self.heavy,
+        c_pos, c_score, (append_encoded(ks, k_t[:, None]), append_encoded(vs, v_t[:, None]), c_heads), now, heavy=self.heavy,
         window=self.window, sink=self.sink, slots=self.pool)
     return ks, vs, rk, rv, pos, score, hd
 
@@ -459,13 +458,10 @@ class H2OCache(base.Evicting):
           axis=-1)
       live = (chunk_pos >= 0)[..., None]
 
-      def encode_fold(x, store):
-        enc = TokenStore.encode(fold(jnp.where(live, x, 0)), bits=store.bits, group=store.group,
-                                dtype=store.data.dtype)
-        return stores_map(lambda s_, e: jnp.concatenate([s_, e], axis=2), store, enc)
+      keep = lambda x: fold(jnp.where(live, x, 0))  # padding may hold anything
 
       pos, score, (ks, vs, hd) = evict_topk(
-          c_pos, c_score, (encode_fold(ck, ks), encode_fold(cv, vs), c_heads), final[:, 0, 0],
+          c_pos, c_score, (append_encoded(ks, keep(ck)), append_encoded(vs, keep(cv)), c_heads), final[:, 0, 0],
           heavy=self.heavy, window=self.window, sink=self.sink, slots=p)
       return out, self._with_layer(layer, (ks, vs, rk, rv, pos, score, hd))
     fresh_pos = jnp.concatenate([pos[..., p:], chunk_pos], axis=-1)
@@ -483,14 +479,10 @@ class H2OCache(base.Evicting):
                          jnp.sum(jnp.where(onehot, fresh_pos[..., None], 0), axis=2), -1)
     ring_score = jnp.sum(jnp.where(onehot, fresh_score[..., None], 0.0), axis=2)
 
-    def encode(x, store):
-      enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
-      return stores_map(lambda s_, e: jnp.concatenate([s_, e], axis=2), store, enc)
-
     c_pos = jnp.concatenate([pos[..., :p], jnp.where(in_ring, -1, fresh_pos)], axis=-1)
     c_score = jnp.concatenate([score[..., :p] + mass[..., :p], fresh_score], axis=-1)
     c_pos, c_score, (ks, vs) = evict_topk(
-        c_pos, c_score, (encode(fresh_k, ks), encode(fresh_v, vs)), final[:, 0, 0] - r,
+        c_pos, c_score, (append_encoded(ks, fresh_k), append_encoded(vs, fresh_v)), final[:, 0, 0] - r,
         heavy=self.heavy, window=self.window - r, sink=self.sink)
     st = (ks, vs, rk, rv, jnp.concatenate([c_pos, ring_pos], axis=-1),
           jnp.concatenate([c_score, ring_score], axis=-1), hd)

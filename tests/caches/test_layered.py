@@ -20,7 +20,7 @@ import kvjax
 from kvjax.caches import h2o, registry
 from kvjax.caches.layered import LayeredCache
 from kvjax.testing import spec_factory
-from tests.helpers import SETTINGS
+from tests.helpers import SETTINGS, lively
 
 
 @SETTINGS
@@ -42,11 +42,6 @@ def test_pyramid_budgets(heavy, n_layers, beta):
     pytest.param("int4+residual:4+h2o:4+window:4+group:4+pyramid:2", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   check_kind(spec_factory(spec))
-
-
-def lively(model):
-  return model.with_params(jax.tree_util.tree_map(lambda p: p * 5.0 if p.ndim > 1 else p,
-                                                  model.params))
 
 
 @pytest.mark.parametrize("spec", ["h2o:6+window:6+sink:2", "snapkv:6+window:6"])
