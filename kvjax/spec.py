@@ -19,6 +19,11 @@ A spec string is terms joined by `+`:
   offload                      older blocks live in host memory
   tier:64:fp32,512:int8,4096:int2   budgets per precision tier, newest first
   share:G  |  share:G:cal      layers in groups of G share one cache (cal: calibrated linear maps)
+  lowrank:R                    store R-dimensional latents of each layer's keys and values, from
+                               projections fitted on calibration text (MLA-style; with intN the
+                               latents are quantized)
+  paged:P                      keys/values live in a pool of P-token pages shared by all rows, with a
+                               block table per row (vLLM-style); with intN the pages are quantized
   NAME[:VALUE]                 a kind registered with `kvjax.register_kind` (see caches/registry.py)
 
 `parse_spec` turns a string into a `CacheSpec` (frozen, hashable: a static jit argument) and
@@ -62,6 +67,8 @@ class CacheSpec:
   tiers: tuple[tuple[int, str], ...] | None = None
   share: int = 1
   share_calibrated: bool = False
+  lowrank: int | None = None
+  paged: int | None = None
   custom: tuple[tuple[str, str | None], ...] = ()
 
   def __post_init__(self):
@@ -78,6 +85,8 @@ class CacheSpec:
     positive("snapkv", self.snapkv)
     positive("pyramid", self.pyramid)
     positive("share", self.share)
+    positive("lowrank", self.lowrank)
+    positive("paged", self.paged)
     if not isinstance(self.sink, int) or self.sink < 0:
       raise SpecError(f"sink:{self.sink} must be a non-negative integer")
     if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -123,6 +132,19 @@ class CacheSpec:
     if self.offload and (self.window is not None or self.tiers is not None):
       raise SpecError("offload moves old blocks of an unbounded cache to host memory; "
                       "a window/tier cache is already bounded")
+    for term, value in (("lowrank", self.lowrank), ("paged", self.paged)):
+      if value is None:
+        continue
+      others = [t for t, on in (("window", self.window is not None), ("tier", self.tiers is not None),
+                                ("offload", self.offload), ("share", self.share > 1),
+                                ("dynamic", self.mode == "dynamic"), ("none", self.mode == "none"),
+                                ("lowrank", term != "lowrank" and self.lowrank is not None))
+                if on]
+      if others:
+        raise SpecError(f"{term}:{value} is a storage layout of its own; it does not combine with "
+                        f"{', '.join(others)} (it takes intN and group:G)")
+      if self.residual is not None:
+        raise SpecError(f"{term}:{value} does not take residual:{self.residual}")
     if len(self.custom) > 1:
       raise SpecError(f"a spec selects one registered kind; got {[n for n, _ in self.custom]}")
     if self.custom and self.mode == "none":
@@ -161,6 +183,10 @@ class CacheSpec:
     """Name of the registered kind that builds this spec (see `kvjax.caches.registry`)."""
     if self.share > 1:
       return "shared"
+    if self.paged is not None:
+      return "paged"
+    if self.lowrank is not None:
+      return "lowrank"
     if self.custom:
       return self.custom[0][0]
     if self.tiers is not None:
@@ -196,7 +222,7 @@ class CacheSpec:
   def __str__(self) -> str:
     terms = []
     if self.mode != "full" or not any((self.window, self.bits, self.h2o, self.offload, self.tiers,
-                                       self.share > 1, self.custom)):
+                                       self.share > 1, self.custom, self.lowrank, self.paged)):
       terms.append(self.mode)
     if self.tiers is not None:
       terms.append("tier:" + ",".join(f"{b}:{d}" for b, d in self.tiers))
@@ -222,16 +248,20 @@ class CacheSpec:
       terms.append("offload")
     if self.share > 1:
       terms.append(f"share:{self.share}" + (":cal" if self.share_calibrated else ""))
+    if self.lowrank is not None:
+      terms.append(f"lowrank:{self.lowrank}")
+    if self.paged is not None:
+      terms.append(f"paged:{self.paged}")
     terms += [name if value is None else f"{name}:{value}" for name, value in self.custom]
     return "+".join(terms)
 
 
 _DEFAULTS = {"window": None, "sink": 0, "bits": None, "residual": None, "group": 32, "h2o": None, "snapkv": None, "pyramid": None, "adakv": False,
-             "offload": False, "tiers": None, "share": 1}
+             "offload": False, "tiers": None, "share": 1, "lowrank": None, "paged": None}
 
 
 _INT_TERMS = {"window": "window", "sink": "sink", "residual": "residual", "group": "group", "h2o": "h2o",
-              "snapkv": "snapkv"}
+              "snapkv": "snapkv", "lowrank": "lowrank", "paged": "paged"}
 
 
 def _int_value(term: str, raw: str) -> int:
@@ -306,7 +336,7 @@ def parse_spec(spec) -> CacheSpec:
       custom = registry.custom_kinds()
       raise SpecError(f"cache spec {spec!r}: unknown term {term!r} (known: full, dynamic, none, "
                       "window:N, sink:S, int8|int4|int3|int2, residual:R, group:G, h2o:K, snapkv:K, pyramid, adakv, offload, "
-                      "tier:..., share:G" + (", registered: " + ", ".join(custom) if custom else "")
+                      "tier:..., share:G, lowrank:R, paged:P" + (", registered: " + ", ".join(custom) if custom else "")
                       + ")")
   return CacheSpec(**fields)
 

@@ -43,7 +43,7 @@ class SpecError(ValueError):
 
 # Terms the spec grammar itself defines; a registered kind may not take one of these names.
 BUILTIN_TERMS = frozenset({"full", "dynamic", "none", "window", "sink", "bits", "residual", "group",
-                           "h2o", "snapkv", "pyramid", "adakv", "offload", "tier", "tiers", "share", "int8", "int4", "int3", "int2"})
+                           "h2o", "snapkv", "pyramid", "adakv", "offload", "tier", "tiers", "share", "lowrank", "paged", "int8", "int4", "int3", "int2"})
 # Built-in kinds and the module that registers each.
 _BUILTIN_MODULES = {
     "full": "kvjax.caches.full",
@@ -54,6 +54,8 @@ _BUILTIN_MODULES = {
     "tiered": "kvjax.caches.tiered",
     "offload": "kvjax.caches.offload",
     "shared": "kvjax.caches.shared",
+    "lowrank": "kvjax.caches.lowrank",
+    "paged": "kvjax.caches.paged",
 }
 ENTRY_POINT_GROUP = "kvjax.cache_kinds"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -1,0 +1,422 @@
+"""Paged KV cache (`paged:P`): one pool of P-token pages shared by every row, a block table per row.
+
+Layout (N pages in the pool, M = capacity / P pages per row at most):
+
+  pool    keys, values [L, K, N, P, H] (or, with `intN`, their bit-packed codes [L, K, N, P, Hp]
+          and float16 scales / zero points [L, K, N, P, H / g], one per token and group of g
+          channels)
+  table   int32 [B, M]: table[b, j] is the page that holds row b's positions [jP, (j+1)P), or N
+          ("no page") where none is assigned
+  lengths int32 [B]: tokens each row has seen
+  refcount int32 [N]: how many table entries and pins point at each page; a page is free iff 0
+  pins    int32 [N]: references held from outside the rows (the prefix index of `kvjax.serve`)
+  failed  bool [B]: rows that asked for a page when the pool had none (their tokens were dropped)
+
+Keys are stored rotated by RoPE, as in the full cache. A row's token at position p lives in slot
+p % P of page table[b, p // P]. Pages are taken and given back inside jit: the free list is the
+set of pages whose reference count is 0, read in page order with a fixed-size `jnp.nonzero`, and
+the counts are recomputed from the table (plus pins) after every change, so they cannot drift.
+
+Rules (checked by tests/caches/test_paged.py against a NumPy oracle):
+  * the first layer's write of a call reserves pages: every page a row needs for its new tokens,
+    and a private copy of a shared, partially filled last page before the row extends it
+    (copy-on-write); rows take free pages in row order;
+  * pool exhausted: a row that needs more pages than are free gets none; its new tokens are
+    dropped (never written over another row's page) and `overflowed()` flags it for good. Outside
+    jit, `kvjax.append` raises `CapacityError` first (`has_room` counts free pages). Page 0 is a
+    page like any other;
+  * tokens past the capacity (M pages) are dropped and flagged, as in the full cache;
+  * `reorder` (beam search, parallel sampling) and `fork` copy table rows, never pages: rows that
+    share a prefix share its pages until one of them writes into a shared page;
+  * `crop` and `release` give pages back (a page shared with another row or pinned stays).
+
+Attention reads a row's pages through its table, a block of pages at a time, over the blocks
+below the longest row (as the full cache does over its slots), so a step's cost follows the tokens
+held. Memory: `nbytes()` is the pool's (fixed when it is built, as in vLLM); `used_bytes()` what
+the pages in use hold, which follows the tokens, not batch x capacity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kvjax import attention as attn
+from kvjax.caches import base, packing, registry
+from kvjax.caches.registry import SpecError
+
+
+@struct.dataclass
+class PagedCache(base.Limited):
+  """Pages shared by all rows; see the module docstring for the layout and the rules.
+
+  pool: tuple of arrays [L, K, N, P, ...]: (keys, values) at full precision, or (key codes, key
+    scales, [key zeros], value codes, value scales, [value zeros]) with `bits`.
+  """
+
+  pool: tuple
+  table: jax.Array
+  lengths: jax.Array
+  refcount: jax.Array
+  pins: jax.Array
+  failed: jax.Array
+  page_size: int = struct.field(pytree_node=False)
+  head_dim_: int = struct.field(pytree_node=False)
+  bits: int | None = struct.field(pytree_node=False, default=None)
+  group: int = struct.field(pytree_node=False, default=32)
+  pages_per_block: int = struct.field(pytree_node=False, default=1)
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+           page_size: int = 16, pages: int | None = None, dtype=jnp.float32, bits: int | None = None,
+           group: int = 32) -> "PagedCache":
+    """An empty cache: `capacity` tokens per row at most (a multiple of page_size), a pool of
+    `pages` pages (default: batch x capacity / page_size, room for every row to be full)."""
+    for name, value in (("page_size", page_size), ("capacity", capacity)):
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"PagedCache: {name} must be a positive int, got {value!r}")
+    if capacity % page_size:
+      raise ValueError(f"PagedCache: capacity {capacity} is not a multiple of the page size {page_size}")
+    per_row = capacity // page_size
+    pages = batch * per_row if pages is None else pages
+    if not isinstance(pages, (int, np.integer)) or pages <= 0:
+      raise ValueError(f"PagedCache: pages must be a positive int, got {pages!r}")
+    if bits is not None:
+      if bits not in packing.SUPPORTED_BITS:
+        raise SpecError(f"paged: int{bits} is not supported; supported: "
+                        + ", ".join(f"int{b}" for b in packing.SUPPORTED_BITS))
+      if head_dim % min(group, head_dim):
+        raise SpecError(f"paged: group:{group} must divide the head dim {head_dim}")
+    shape = (n_layers, kv_heads, int(pages), page_size)
+    if bits is None:
+      pool = (jnp.zeros(shape + (head_dim,), dtype), jnp.zeros(shape + (head_dim,), dtype))
+    else:
+      g = min(group, head_dim)
+      codes = shape + (packing.packed_length(head_dim, bits),)
+      scales = shape + (head_dim // g,)
+      side = [jnp.zeros(codes, jnp.uint8), jnp.zeros(scales, jnp.float16)]
+      if bits != 8:  # asymmetric below 8 bits: zero points too
+        side.append(jnp.zeros(scales, jnp.float16))
+      pool = tuple(side) + tuple(jnp.zeros_like(a) for a in side)
+    ppb = 1
+    for d in range(per_row, 0, -1):  # pages read per attention block: <= 256 tokens, divides M
+      if per_row % d == 0 and d * page_size <= max(256, page_size):
+        ppb = d
+        break
+    return cls(pool=pool, table=jnp.full((batch, per_row), pages, jnp.int32),
+               lengths=jnp.zeros((batch,), jnp.int32), refcount=jnp.zeros((pages,), jnp.int32),
+               pins=jnp.zeros((pages,), jnp.int32), failed=jnp.zeros((batch,), bool),
+               page_size=page_size, head_dim_=head_dim, bits=bits, group=group, pages_per_block=ppb)
+
+  # ---- static facts ---------------------------------------------------------------------------
+  @property
+  def exact(self) -> bool:
+    return self.bits is None
+
+  @property
+  def error_bound(self) -> float:
+    return packing.error_bound(self.bits)
+
+  @property
+  def n_layers(self) -> int:
+    return self.pool[0].shape[0]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.pool[0].shape[1]
+
+  @property
+  def n_pages(self) -> int:
+    """Pages in the pool (N); also the table's "no page" marker."""
+    return self.pool[0].shape[2]
+
+  @property
+  def batch(self) -> int:
+    return self.table.shape[0]
+
+  @property
+  def max_pages(self) -> int:
+    return self.table.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    return self.max_pages * self.page_size
+
+  @property
+  def head_dim(self) -> int:
+    return self.head_dim_
+
+  @property
+  def _vgroup(self) -> int:
+    return min(self.group, self.head_dim)
+
+  # ---- pages ----------------------------------------------------------------------------------
+  def free_pages(self) -> jax.Array:
+    """int32 []: pages nobody references."""
+    return jnp.sum(self.refcount == 0).astype(jnp.int32)
+
+  def pages_in_use(self) -> jax.Array:
+    """int32 []: pages some row or pin references."""
+    return self.n_pages - self.free_pages()
+
+  def page_bytes(self) -> int:
+    """Bytes one page holds over all layers and kv heads (keys and values, scales included)."""
+    return sum(int(np.prod(a.shape[:2] + a.shape[3:])) * a.dtype.itemsize for a in self.pool)
+
+  def used_bytes(self) -> int:
+    """Bytes of the pages in use plus the bookkeeping arrays: what the tokens held cost."""
+    book = sum(int(a.size) * a.dtype.itemsize
+               for a in (self.table, self.lengths, self.refcount, self.pins, self.failed))
+    return int(self.pages_in_use()) * self.page_bytes() + book
+
+  def _recount(self, table, pins=None) -> jax.Array:
+    pins = self.pins if pins is None else pins
+    held = jnp.zeros((self.n_pages + 1,), jnp.int32).at[table.reshape(-1)].add(1)
+    return held[:-1] + pins
+
+  def _with_table(self, table, **changes) -> "PagedCache":
+    pins = changes.get("pins", self.pins)
+    return self.replace(table=table, refcount=self._recount(table, pins), **changes)
+
+  def pages_needed(self, n: int) -> jax.Array:
+    """int32 [B]: new pages each row needs to take n more tokens (a copy of a shared last page
+    included)."""
+    p = self.page_size
+    end = jnp.minimum(self.lengths + n, self.capacity)
+    j = jnp.arange(self.max_pages, dtype=jnp.int32)[None, :]
+    missing = (j < (end[:, None] + p - 1) // p) & (self.table == self.n_pages)
+    return jnp.sum(missing, axis=1).astype(jnp.int32) + self._must_copy(jnp.full_like(self.lengths, n))
+
+  def _must_copy(self, n_valid) -> jax.Array:
+    """int32 [B]: 1 where the row's next token goes into a partially filled page that another row
+    (or a pin) also references."""
+    p = self.page_size
+    j = jnp.minimum(self.lengths // p, self.max_pages - 1)
+    page = jnp.take_along_axis(self.table, j[:, None], axis=1)[:, 0]
+    shared = self.refcount[jnp.minimum(page, self.n_pages - 1)] > 1
+    return ((self.lengths % p != 0) & (n_valid > 0) & (page < self.n_pages) & shared
+            & (self.lengths < self.capacity)).astype(jnp.int32)
+
+  def _reserve(self, n_valid) -> "PagedCache":
+    """Takes the pages the rows need for n_valid [B] more tokens (see the module docstring)."""
+    p, n_pages = self.page_size, self.n_pages
+    end = jnp.minimum(self.lengths + n_valid, self.capacity)
+    j = jnp.arange(self.max_pages, dtype=jnp.int32)[None, :]
+    missing = (j < (end[:, None] + p - 1) // p) & (self.table == n_pages)  # [B, M]
+    copy = self._must_copy(n_valid)
+    demand = jnp.sum(missing, axis=1).astype(jnp.int32) + copy  # [B]
+    free = self.refcount == 0
+    free_ids = jnp.nonzero(free, size=n_pages, fill_value=n_pages)[0].astype(jnp.int32)
+    start = jnp.cumsum(demand) - demand
+    ok = (demand == 0) | (start + demand <= jnp.sum(free))
+    rank = jnp.cumsum(missing, axis=1) - 1
+    taken = free_ids[jnp.clip(start[:, None] + rank, 0, n_pages - 1)]
+    table = jnp.where(missing & ok[:, None], taken, self.table)
+    # copy-on-write of a shared last page: the row's private copy is the last page it took
+    col = jnp.minimum(self.lengths // p, self.max_pages - 1)
+    src = jnp.take_along_axis(self.table, col[:, None], axis=1)[:, 0]
+    dst = free_ids[jnp.clip(start + demand - 1, 0, n_pages - 1)]
+    do_copy = (copy > 0) & ok
+    table = table.at[jnp.arange(self.batch), col].set(jnp.where(do_copy, dst, table[jnp.arange(self.batch), col]))
+    dst = jnp.where(do_copy, dst, n_pages)  # rows without a copy write nowhere (dropped)
+    src = jnp.minimum(src, n_pages - 1)
+    pool = tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in self.pool)
+    return self._with_table(table, pool=pool, failed=self.failed | ~ok)
+
+  # ---- storage --------------------------------------------------------------------------------
+  def _encode(self, x) -> tuple:
+    """Leaves of one of keys/values for x [B, T, K, H]."""
+    if self.bits is None:
+      return (x.astype(self.pool[0].dtype),)
+    q = packing.quantize(x, self.bits, self._vgroup, axis=-1)
+    return (q.packed, q.scale) + (() if q.zero is None else (q.zero,))
+
+  def _decode(self, leaves, shape) -> jax.Array:
+    """float [*shape] from the leaves of one of keys/values (shape ends in H)."""
+    if self.bits is None:
+      return leaves[0]
+    zero = leaves[2] if len(leaves) > 2 else None
+    q = packing.Quantized(packed=leaves[0], scale=leaves[1], zero=zero, bits=self.bits,
+                          group=self._vgroup, axis=len(shape) - 1, shape=tuple(shape))
+    return packing.dequantize(q, jnp.float32)
+
+  def _halves(self, leaves):
+    half = len(leaves) // 2
+    return leaves[:half], leaves[half:]
+
+  def write(self, layer: int, k, v, n_valid=None) -> "PagedCache":
+    """Stores k, v [B, T, K, H] of one layer at each row's next positions (lengths unchanged).
+    The call for layer 0 reserves the pages first (every layer uses the same pages)."""
+    n_valid = base.normalize_n_valid(n_valid, self.batch, k.shape[1], what="PagedCache.write")
+    cache = self._reserve(n_valid) if layer == 0 else self
+    p = self.page_size
+    pos = base.row_slots(cache.lengths, k.shape[1])  # [B, T]
+    col = jnp.minimum(pos // p, self.max_pages - 1)
+    page = jnp.take_along_axis(cache.table, col, axis=1)
+    real = ((jnp.arange(k.shape[1])[None, :] < n_valid[:, None]) & (pos < self.capacity)
+            & ~cache.failed[:, None])
+    page = jnp.where(real, page, self.n_pages)  # padding, overflow and failed rows: dropped
+    slot = pos % p
+    new = self._encode(k) + self._encode(v)
+    pool = tuple(a.at[layer, :, page, slot].set(x, mode="drop") for a, x in zip(cache.pool, new))
+    return cache.replace(pool=pool)
+
+  def advance(self, n_valid) -> "PagedCache":
+    return self.replace(lengths=self.lengths + n_valid)
+
+  def _load_block(self, layer: int, start):
+    """(k, v [B, K, bs, H]) of positions [start, start + bs) of every row, through its table."""
+    ppb, p = self.pages_per_block, self.page_size
+    ids = jax.lax.dynamic_slice_in_dim(self.table, start // p, ppb, axis=1)  # [B, ppb]
+    ids = jnp.minimum(ids, self.n_pages - 1)  # "no page" reads a real page; it is masked
+    leaves = tuple(jnp.swapaxes(a[layer][:, ids], 0, 1) for a in self.pool)  # [B, K, ppb, P, ...]
+    flat = tuple(x.reshape(x.shape[:2] + (ppb * p,) + x.shape[4:]) for x in leaves)
+    shape = flat[0].shape[:3] + (self.head_dim,)
+    kl, vl = self._halves(flat)
+    return self._decode(kl, shape), self._decode(vl, shape)
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+    """Rotates, stores and attends over the row's filled pages. Returns (out [B,T,N,H], cache)."""
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.apply_rope(rope, q, positions)
+    cache = self.write(layer, attn.apply_rope(rope, k, positions), v, n_valid)
+    kv_len = jnp.where(cache.failed, 0, jnp.minimum(self.lengths + n_valid, self.capacity))
+    qg = attn.prepare_queries(q, self.kv_heads, scale)
+    bs = self.pages_per_block * self.page_size
+    out = attn.attend_prefix_blocks(qg, lambda start: cache._load_block(layer, start), positions,
+                                    kv_len, bs)
+    return out, cache
+
+  # ---- capacity -------------------------------------------------------------------------------
+  def has_room(self, n: int) -> jax.Array:
+    """bool []: every row can take n more tokens: below the capacity, and enough free pages."""
+    return ((jnp.max(self.lengths) + n <= self.capacity)
+            & (jnp.sum(self.pages_needed(n)) <= self.free_pages()) & ~jnp.any(self.failed))
+
+  def overflowed(self) -> jax.Array:
+    """bool [B]: rows given more tokens than the capacity, or refused a page by a full pool."""
+    return (self.lengths > self.capacity) | self.failed
+
+  # ---- inspection ---------------------------------------------------------------------------
+  def view(self) -> base.CacheView:
+    """Dense [L, B, K, capacity, H] picture: position s of row b at slot s."""
+    leaves = tuple(jnp.swapaxes(a[:, :, jnp.minimum(self.table, self.n_pages - 1)], 1, 2)
+                   for a in self.pool)  # [L, B, K, M, P, ...]
+    flat = tuple(x.reshape(x.shape[:3] + (self.capacity,) + x.shape[5:]) for x in leaves)
+    shape = flat[0].shape[:4] + (self.head_dim,)
+    kl, vl = self._halves(flat)
+    return base.prefix_view(self, self._decode(kl, shape), self._decode(vl, shape))
+
+  def filled(self) -> jax.Array:
+    return jnp.where(self.failed, 0, jnp.minimum(self.lengths, self.capacity))
+
+  # ---- rows -----------------------------------------------------------------------------------
+  def reset(self) -> "PagedCache":
+    """Empty: no page referenced, no pin, no failure (the pool keeps stale values)."""
+    table = jnp.full_like(self.table, self.n_pages)
+    return self.replace(table=table, lengths=jnp.zeros_like(self.lengths),
+                        refcount=jnp.zeros_like(self.refcount), pins=jnp.zeros_like(self.pins),
+                        failed=jnp.zeros_like(self.failed))
+
+  def crop(self, length) -> "PagedCache":
+    """Forgets every token at position >= length (per row if [B]); pages past it are given back."""
+    lengths = jnp.minimum(self.lengths, jnp.asarray(length, jnp.int32))
+    keep = jnp.arange(self.max_pages)[None, :] < ((lengths + self.page_size - 1) // self.page_size)[:, None]
+    return self._with_table(jnp.where(keep, self.table, self.n_pages), lengths=lengths)
+
+  def reorder(self, indices) -> "PagedCache":
+    """Row b of the result is row indices[b]: rows point at the same pages, nothing is copied."""
+    indices = jnp.asarray(indices, jnp.int32)
+    return self._with_table(jnp.take(self.table, indices, axis=0),
+                            lengths=jnp.take(self.lengths, indices), failed=jnp.take(self.failed, indices))
+
+  def fork(self, src, dst) -> "PagedCache":
+    """Rows dst[i] become copies of rows src[i] (int [n] each) sharing their pages; the other rows
+    are unchanged. What dst rows held is given back."""
+    src, dst = jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32)
+    return self._with_table(self.table.at[dst].set(self.table[src]),
+                            lengths=self.lengths.at[dst].set(self.lengths[src]),
+                            failed=self.failed.at[dst].set(self.failed[src]))
+
+  def release(self, rows) -> "PagedCache":
+    """Empties the rows where rows (bool [B]) is true and gives their pages back."""
+    rows = jnp.asarray(rows, bool)
+    return self._with_table(jnp.where(rows[:, None], self.n_pages, self.table),
+                            lengths=jnp.where(rows, 0, self.lengths), failed=self.failed & ~rows)
+
+  def adopt(self, row, pages, length) -> "PagedCache":
+    """Row `row` (int) becomes a row of `length` tokens held by `pages` (int32 [M], the "no page"
+    marker N past the ones used): a prefix-cache hit. What the row held is given back."""
+    pages = jnp.asarray(pages, jnp.int32)
+    return self._with_table(self.table.at[row].set(pages),
+                            lengths=self.lengths.at[row].set(jnp.asarray(length, jnp.int32)),
+                            failed=self.failed.at[row].set(False))
+
+  def pin(self, pages, count=1) -> "PagedCache":
+    """Adds `count` outside references to pages (int32 [n]; N entries ignored): they stay
+    allocated when no row holds them (the prefix index does this)."""
+    pins = self.pins.at[jnp.asarray(pages, jnp.int32)].add(count, mode="drop")
+    return self.replace(pins=pins, refcount=self._recount(self.table, pins))
+
+  def unpin(self, pages) -> "PagedCache":
+    return self.pin(pages, -1)
+
+  def row_view(self, row) -> "PagedCache":
+    """A batch-1 cache of row `row` (int, may be traced) over the same pool: prefill one request
+    without computing the other rows. The other rows' references travel as pins, so the view
+    never takes their pages; `merge_row` puts the result back."""
+    table = jax.lax.dynamic_slice_in_dim(self.table, row, 1, axis=0)
+    own = self._recount(table, jnp.zeros_like(self.pins))
+    return self.replace(table=table, lengths=jax.lax.dynamic_slice_in_dim(self.lengths, row, 1),
+                        failed=jax.lax.dynamic_slice_in_dim(self.failed, row, 1),
+                        pins=self.refcount - own)
+
+  def merge_row(self, row, view: "PagedCache") -> "PagedCache":
+    """This cache with row `row` (and the pool) taken from `view`, a `row_view` of it."""
+    table = jax.lax.dynamic_update_slice_in_dim(self.table, view.table, row, axis=0)
+    return self._with_table(table, pool=view.pool,
+                            lengths=jax.lax.dynamic_update_slice_in_dim(self.lengths, view.lengths, row, 0),
+                            failed=jax.lax.dynamic_update_slice_in_dim(self.failed, view.failed, row, 0))
+
+  def row_pages(self, row: int) -> np.ndarray:
+    """The pages row `row` holds, in order (outside jit)."""
+    used = -(-int(self.lengths[row]) // self.page_size)
+    return np.asarray(self.table[row, :used])
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, pages: int | None = None,
+              **options) -> PagedCache:
+  """`paged:P[+intN][+group:G]`; option `pages=` sizes the pool (default: every row full)."""
+  registry.no_options("paged", options)
+  p = spec.paged
+  capacity = -(-capacity // p) * p
+  return PagedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                         head_dim=config.head_dim, capacity=capacity, page_size=p, pages=pages,
+                         dtype=dtype, bits=spec.bits, group=spec.group)
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """The default pool (every row full) plus the table and counters."""
+  p, h = spec.paged, config.head_dim
+  per_row = -(-context // p)
+  if spec.bits is None:
+    per_token = 2 * h * jnp.dtype(dtype).itemsize
+  else:
+    g = min(spec.group, h)
+    per_token = 2 * (packing.packed_length(h, spec.bits) + (1 if spec.bits == 8 else 2) * 2 * (h // g))
+  pages = batch * per_row
+  return (registry.streams(config, batch) * per_row * p * per_token
+          + 4 * batch * per_row + 4 * batch + 8 * pages + batch)
+
+
+def _capacity(spec, *, needed: int, prompt: int) -> int:
+  cap = registry.bucket(needed)
+  return -(-cap // spec.paged) * spec.paged
+
+
+registry.register_kind("paged", from_spec, estimate_bytes=estimate_bytes, capacity=_capacity,
+                       builtin=True, examples=("paged:4", "paged:4+int8+group:4"),
+                       description="pages of P tokens in a pool shared by all rows, a block table per row")

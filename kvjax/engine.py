@@ -1,0 +1,392 @@
+"""Continuous batching over a paged cache: `Engine` (insert / step / free) and `serve`.
+
+The engine owns one `PagedCache` of `rows` rows. Requests join free rows and leave when they finish,
+between jitted steps whose shapes never change, so a running engine compiles nothing new:
+
+  insert(request)  admits a request into a free row if the pool can hold all of it (prompt plus
+                   max_new_tokens, for each of its `n` samples): prefix pages already in the page
+                   index are adopted without a copy, the rest of the prompt is prefilled in chunks
+                   through a batch-1 view of the row, and the first token of each sample is drawn.
+                   n > 1 forks the row: the samples share the prompt's pages (copy-on-write).
+  step()           one token for every running row (idle rows feed nothing and take no page);
+                   returns the `Event`s of the tokens drawn (streaming).
+  free(row)        gives a row's pages back (finished rows are freed by `step`).
+  run(requests)    admits requests in order as rows and pages free up, steps, yields events.
+
+Prefix caching (vLLM-style "automatic prefix caching"): every full page of a prompt is keyed by a
+hash chain over the page-sized blocks of token ids before it, seeded by the weights' fingerprint,
+the cache spec and the dtype. After a prefill the engine pins the new full pages in its
+`PageIndex`; a later prompt that starts with the same blocks points its table at them. A prompt
+wholly covered still recomputes its last token (writing into the shared page copies it first), so
+its first token comes from fresh logits. The known pitfalls are closed by construction: a hit
+never mixes weights or dtypes (they are part of the key), and the paged kind keeps every token
+(window kinds cannot be paged), so no page a window dropped is ever reused. When the pool runs
+short the least recently used index entries are unpinned first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import decode
+from kvjax import spec as spec_lib
+from kvjax.caches.paged import PagedCache
+from kvjax.models.protocol import check_model, model_dtype, static_step
+from kvjax.prefix import params_fingerprint
+from kvjax.sampling import GREEDY, Sampler
+
+CHUNKS = (16, 64, 256)  # prefill chunk sizes: one executable each
+
+
+@dataclasses.dataclass
+class Request:
+  """ids: the prompt's token ids; n: samples drawn from it (parallel sampling, sharing its pages);
+  id: any label the events carry (default: the order of insertion)."""
+
+  ids: Sequence[int]
+  max_new_tokens: int
+  id: Any = None
+  n: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+  """One token of one sample of a request; `done` on its last token."""
+
+  request: Any
+  sample: int
+  token: int
+  done: bool
+
+
+@dataclasses.dataclass
+class _Row:
+  request: Request
+  sample: int
+  end: int  # tokens the row holds when it finishes
+  generated: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pieces (static: the model's step and the sampler)
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _prefill_chunk(params, tokens, n_valid, cache, row, *, model):
+  """Feeds tokens [1, C] (n_valid [1] real) to row `row`; returns (last logits [V], cache)."""
+  view = cache.row_view(row)
+  logits, view = model.step_last(params, tokens, view, n_valid)
+  return logits[0], cache.merge_row(row, view)
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "n"))
+def _draw(logits, key, *, sampler, n):
+  """n independent draws from logits [V] -> int32 [n]."""
+  return sampler(jnp.broadcast_to(logits, (n,) + logits.shape), key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampler"), donate_argnames=("cache",))
+def _step(params, last, active, cache, key, *, model, sampler):
+  """One token for every active row: last int32 [B], active bool [B] -> (tokens [B], cache)."""
+  logits, cache = model.step(params, last[:, None], cache, active.astype(jnp.int32))
+  return sampler(logits[:, 0], key), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _release(cache, rows):
+  return cache.release(rows)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _fork(cache, src, dst):
+  return cache.fork(src, dst)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _adopt(cache, row, pages, length):
+  return cache.adopt(row, pages, length)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _pin(cache, pages, count):
+  return cache.pin(pages, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page index (prefix caching on pages)
+# ---------------------------------------------------------------------------------------------
+class PageIndex:
+  """Full prompt pages by the hash chain of the token blocks that lead to them, in LRU order."""
+
+  def __init__(self, seed: bytes, page_size: int):
+    self.seed = seed
+    self.page_size = page_size
+    self.pages: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+    self.hits = 0  # tokens served from the index
+    self.lookups = 0
+
+  def chain(self, ids: np.ndarray) -> list[bytes]:
+    """One key per full page of ids: key_i = sha256(key_{i-1} || block_i)."""
+    keys, prev = [], self.seed
+    for i in range(len(ids) // self.page_size):
+      block = np.asarray(ids[i * self.page_size:(i + 1) * self.page_size], np.int32)
+      prev = hashlib.sha256(prev + block.tobytes()).digest()
+      keys.append(prev)
+    return keys
+
+  def match(self, keys: list[bytes]) -> list[int]:
+    """Pages of the longest run of leading keys present (marked as recently used)."""
+    pages = []
+    for key in keys:
+      page = self.pages.get(key)
+      if page is None:
+        break
+      self.pages.move_to_end(key)
+      pages.append(page)
+    return pages
+
+  def add(self, keys: list[bytes], pages: Sequence[int]) -> list[int]:
+    """Records key -> page for keys not yet present; returns the pages newly recorded (to pin)."""
+    new = []
+    for key, page in zip(keys, pages):
+      if key in self.pages:
+        self.pages.move_to_end(key)
+      else:
+        self.pages[key] = int(page)
+        new.append(int(page))
+    return new
+
+  def evict(self, n: int) -> list[int]:
+    """Forgets the n least recently used entries; returns their pages (to unpin)."""
+    out = []
+    while self.pages and len(out) < n:
+      out.append(self.pages.popitem(last=False)[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+class Engine:
+  """Continuous batching on a paged cache (see the module docstring).
+
+  Args:
+    model: a kvjax model (`model.step`, `model.params`, `model.config`).
+    rows: rows decoded together (the batch of every step).
+    capacity: tokens one row may hold (prompt + output), a multiple of the page size.
+    cache: a `paged:P` spec (with `+int8` / `+int4` for quantized pages).
+    pages: pages in the pool (default: rows x capacity / P, room for every row to be full).
+    sampler, seed: how tokens are drawn (one PRNG stream for the engine).
+    eos_id: a sample ends when it draws this id (None: only at max_new_tokens).
+    prefix_cache: keep full prompt pages in a `PageIndex` for later prompts.
+  """
+
+  def __init__(self, model, *, rows: int = 8, capacity: int = 2048, cache: str = "paged:16",
+               pages: int | None = None, sampler: Sampler = GREEDY, seed: int = 0,
+               eos_id: int | None = None, prefix_cache: bool = True):
+    check_model(model, "Engine")
+    spec = spec_lib.parse_spec(cache)
+    if spec.kind != "paged":
+      raise spec_lib.SpecError(f"Engine: cache {str(spec)!r} is not paged; use paged:P (e.g. paged:16)")
+    self.model, self.sampler, self.eos_id = model, sampler, eos_id
+    self.cache: PagedCache = spec_lib.make_cache(spec, model, rows, capacity, pages=pages)
+    self.page_size = self.cache.page_size
+    seed_bytes = repr((params_fingerprint(model.params), str(spec), str(model_dtype(model)))).encode()
+    self.index = PageIndex(hashlib.sha256(seed_bytes).digest(), self.page_size) if prefix_cache else None
+    self._step_fn = static_step(model)
+    self._key = jax.random.PRNGKey(seed)
+    self._rows: dict[int, _Row] = {}
+    self._last = np.zeros(rows, np.int32)
+    self._inserted = 0
+    self._pending: list[Event] = []  # events of inserts, returned by the next step
+
+  # ---- facts ----------------------------------------------------------------------------------
+  @property
+  def rows(self) -> int:
+    return self.cache.batch
+
+  @property
+  def capacity(self) -> int:
+    return self.cache.capacity
+
+  def free_rows(self) -> list[int]:
+    return [r for r in range(self.rows) if r not in self._rows]
+
+  def running(self) -> int:
+    return len(self._rows)
+
+  def _pages(self, tokens: int) -> int:
+    return -(-tokens // self.page_size)
+
+  def _promised(self) -> int:
+    """Pages the running rows may still take before they finish (a shared last page counted)."""
+    lengths = np.asarray(self.cache.lengths)
+    return sum(self._pages(row.end) - int(lengths[r]) // self.page_size for r, row in self._rows.items())
+
+  def _next_key(self):
+    self._key, sub = jax.random.split(self._key)
+    return sub
+
+  # ---- insert ---------------------------------------------------------------------------------
+  def _check(self, request: Request) -> np.ndarray:
+    ids = np.asarray(request.ids, np.int32).reshape(-1)
+    if ids.size == 0:
+      raise ValueError(f"Engine.insert: request {request.id!r} has an empty prompt")
+    decode._validate_vocab(ids, self.model.config.vocab_size)
+    if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+      raise ValueError(f"Engine.insert: max_new_tokens must be a positive int, got {request.max_new_tokens!r}")
+    if not isinstance(request.n, int) or not 1 <= request.n <= self.rows:
+      raise ValueError(f"Engine.insert: n must lie in [1, rows={self.rows}], got {request.n!r}")
+    if ids.size + request.max_new_tokens > self.capacity:
+      raise decode.CapacityError(f"Engine.insert: request {request.id!r} needs {ids.size} + "
+                                 f"{request.max_new_tokens} tokens, more than a row's capacity {self.capacity}")
+    return ids
+
+  def _make_room(self, need: int) -> bool:
+    """Unpins LRU index pages until `need` pages are free beyond what running rows may take."""
+    while True:
+      spare = int(self.cache.free_pages()) - self._promised()
+      if spare >= need:
+        return True
+      if self.index is None or not self.index.pages:
+        return False
+      pages = self.index.evict(max(need - spare, 1))
+      self.cache = _pin(self.cache, jnp.asarray(pages, jnp.int32), -1)
+
+  def insert(self, request: Request) -> list[int] | None:
+    """Admits `request` (rows it runs in) or returns None when rows or pages are short now.
+
+    Raises ValueError / CapacityError for a request that could never run (see `_check`).
+    """
+    ids = self._check(request)
+    if request.id is None:
+      request = dataclasses.replace(request, id=self._inserted)
+    free = self.free_rows()
+    if len(free) < request.n:
+      return None
+    keys = self.index.chain(ids) if self.index is not None else []
+    hit = self.index.match(keys) if self.index is not None else []
+    reused = min(len(hit) * self.page_size, ids.size - 1)  # the last token is always recomputed
+    hit = hit[:self._pages(reused)]
+    end = ids.size + request.max_new_tokens
+    own = self._pages(ids.size) - len(hit) + 1  # the prompt's new pages (+1: a copied shared page)
+    need = own + request.n * (self._pages(end) - ids.size // self.page_size)
+    if need > self.cache.n_pages:
+      raise decode.CapacityError(f"Engine.insert: request {request.id!r} needs up to {need} pages, "
+                                 f"more than the pool's {self.cache.n_pages}")
+    if not self._make_room(need):
+      return None
+    row = free[0]
+    if hit:
+      pages = np.full(self.cache.max_pages, self.cache.n_pages, np.int32)
+      pages[:len(hit)] = hit
+      self.cache = _adopt(self.cache, row, jnp.asarray(pages), reused)
+      if self.index is not None:
+        self.index.hits += reused
+    if self.index is not None:
+      self.index.lookups += 1
+    logits = self._prefill(row, ids[reused:])
+    if self.index is not None and keys:
+      table = np.asarray(self.cache.table)[row]
+      new = self.index.add(keys, table[:len(keys)])
+      if new:
+        self.cache = _pin(self.cache, jnp.asarray(new, jnp.int32), 1)
+    rows = free[:request.n]
+    if request.n > 1:
+      self.cache = _fork(self.cache, jnp.full((request.n - 1,), row, jnp.int32),
+                         jnp.asarray(rows[1:], jnp.int32))
+    first = np.asarray(_draw(logits, self._next_key(), sampler=self.sampler, n=request.n))
+    self._inserted += 1
+    for sample, (r, token) in enumerate(zip(rows, first)):
+      self._rows[r] = _Row(request=request, sample=sample, end=end)
+      self._pending.append(self._emit(r, int(token)))
+    self._retire()
+    return rows
+
+  def _prefill(self, row: int, ids: np.ndarray):
+    logits = None
+    start = 0
+    while start < ids.size:
+      left = ids.size - start
+      size = next((c for c in CHUNKS if c >= left), CHUNKS[-1])
+      n = min(size, left)
+      chunk = np.zeros((1, size), np.int32)
+      chunk[0, :n] = ids[start:start + n]
+      logits, self.cache = _prefill_chunk(self.model.params, jnp.asarray(chunk),
+                                          jnp.asarray([n], jnp.int32), self.cache, row,
+                                          model=self._step_fn)
+      start += n
+    return logits
+
+  # ---- step / free ----------------------------------------------------------------------------
+  def _emit(self, r: int, token: int) -> Event:
+    row = self._rows[r]
+    row.generated += 1
+    self._last[r] = token
+    done = (row.generated >= row.request.max_new_tokens
+            or (self.eos_id is not None and token == self.eos_id))
+    if done:
+      row.end = -1  # marks the row for `_retire`
+    return Event(request=row.request.id, sample=row.sample, token=token, done=done)
+
+  def _retire(self):
+    finished = [r for r, row in self._rows.items() if row.end < 0]
+    if finished:
+      mask = np.zeros(self.rows, bool)
+      mask[finished] = True
+      self.cache = _release(self.cache, jnp.asarray(mask))
+      for r in finished:
+        del self._rows[r]
+
+  def step(self) -> list[Event]:
+    """One token for every running row; returns the events (with those of the inserts since the
+    last step first). Finished rows are freed."""
+    events, self._pending = self._pending, []
+    if self._rows:
+      active = np.zeros(self.rows, bool)
+      active[list(self._rows)] = True
+      tokens, self.cache = _step(self.model.params, jnp.asarray(self._last), jnp.asarray(active),
+                                 self.cache, self._next_key(), model=self._step_fn,
+                                 sampler=self.sampler)
+      tokens = np.asarray(tokens)
+      events += [self._emit(r, int(tokens[r])) for r in sorted(self._rows)]
+      self._retire()
+    return events
+
+  def free(self, row: int) -> None:
+    """Stops the request in `row` and gives its pages back."""
+    if row not in self._rows:
+      raise ValueError(f"Engine.free: row {row} is not running")
+    self._rows[row].end = -1
+    self._retire()
+
+  def run(self, requests: Iterable[Request]) -> Iterator[Event]:
+    """Admits requests in order as room frees up, steps until all are done, yields events."""
+    queue = collections.deque(requests)
+    while queue or self._rows or self._pending:
+      while queue and self.insert(queue[0]) is not None:
+        queue.popleft()
+      if queue and not self._rows and not self._pending:
+        raise decode.CapacityError(f"Engine.run: request {queue[0].id!r} cannot be admitted even "
+                                   "into an idle engine (pool too small)")
+      yield from self.step()
+
+
+def serve(model, requests: Iterable[Request], **engine_options) -> Iterator[Event]:
+  """Streams the events of `requests` run through a new `Engine(model, **engine_options)`."""
+  return Engine(model, **engine_options).run(requests)
+
+
+def collect(events: Iterable[Event]) -> dict:
+  """{(request id, sample): [tokens]} from a stream of events."""
+  out: dict = {}
+  for event in events:
+    out.setdefault((event.request, event.sample), []).append(event.token)
+  return out
