@@ -1,4 +1,4 @@
-"""Calibration for cross-layer KV sharing (`share:G:cal`).
+"""Calibration for cross-layer KV sharing (`share:G:cal`) and latent KV caches (`lowrank:R`).
 
 `collect_kv(model, ids)` runs the model's own step over calibration text with a recording cache (a
 full cache that also keeps every layer's un-rotated k and v as they arrive), so it works for any
@@ -10,7 +10,12 @@ model of `kvjax.models.protocol`. `fit_share_maps(model, ids, group)` then fits,
 over the flattened [K * H] features of every calibration token (float64 `np.linalg.lstsq`), and
 returns them as `kvjax.caches.shared.ShareMaps` for `make_cache("share:G:cal", ..., maps=maps)`.
 
-Invariants (tests/caches/test_shared.py): the recorded k/v equal the NumPy
+`fit_lowrank(model, ids, rank)` fits, per layer, the top-R principal directions (and the mean) of
+the flattened keys and of the values of every calibration token, for `make_cache("lowrank:R", ...,
+maps=maps)` (`kvjax.caches.lowrank`); `rotated=True` fits the keys after RoPE at their window
+positions instead (the cache's `keys="post"` mode).
+
+Invariants (tests/caches/test_shared.py, tests/caches/test_lowrank.py): the recorded k/v equal the NumPy
 Llama oracle's pre-RoPE projections; the fit recovers an exact affine relation; on the calibration
 tokens the fitted maps' error is never above the identity map's (what plain `share:G` uses).
 """
@@ -26,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.caches.full import FullCache
+from kvjax.caches.lowrank import LowRankMaps
 from kvjax.caches.shared import ShareMaps
 from kvjax.models.protocol import model_dtype, static_step
 
@@ -117,3 +123,64 @@ def fit_share_maps(model, ids, group: int, *, window: int = 512, ridge: float = 
     v_w[layer], v_b[layer] = fit_affine(v[leader], v[layer], ridge)
   return ShareMaps(k_w=jnp.asarray(k_w, jnp.float32), k_b=jnp.asarray(k_b, jnp.float32),
                    v_w=jnp.asarray(v_w, jnp.float32), v_b=jnp.asarray(v_b, jnp.float32))
+
+
+def principal_basis(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """PCA of the rows of x [n, F] in float64: (basis [F, rank] orthonormal, mean [F]).
+
+  The columns are the top right singular vectors of the centred rows, largest first, each with its
+  largest-magnitude entry made positive (so the result does not depend on the SVD's sign choice)."""
+  x = np.asarray(x, np.float64)
+  mean = x.mean(axis=0)
+  _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+  basis = vt[:rank].T
+  if basis.shape[1] < rank:  # fewer tokens than features: pad with an orthonormal complement
+    q, _ = np.linalg.qr(np.concatenate([basis, np.eye(x.shape[1])], axis=1))
+    basis = np.concatenate([basis, q[:, basis.shape[1]:rank]], axis=1)
+  signs = np.sign(basis[np.argmax(np.abs(basis), axis=0), np.arange(rank)])
+  return basis * np.where(signs == 0, 1.0, signs), mean
+
+
+def rotate_flat(keys: np.ndarray, positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
+  """RoPE of flattened keys [n, K * H] at positions [n] (float64, HF's rotate-half convention)."""
+  n = keys.shape[0]
+  x = np.asarray(keys, np.float64).reshape(n, -1, head_dim)
+  inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  ang = positions.astype(np.float64)[:, None, None] * inv  # [n, 1, H/2]
+  cos, sin = np.cos(ang), np.sin(ang)
+  x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(n, -1)
+
+
+def fit_lowrank(model, ids, rank: int, *, window: int = 512, kv: Any = None,
+                rotated: bool = False) -> LowRankMaps:
+  """Fits `lowrank:R` maps on calibration token ids (1-D): per layer, the top-`rank` principal
+  directions and the mean of the flattened [K * H] keys, and of the values.
+
+  kv: precomputed `collect_kv(model, ids, window=window)` output (un-rotated keys).
+  rotated: fit the keys after RoPE at their positions in the calibration windows (0 .. window-1),
+  for the cache's `keys="post"` mode (values are never rotated).
+  """
+  config = model.config
+  features = config.n_kv_heads * config.head_dim
+  if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+    raise ValueError(f"fit_lowrank: rank must be a positive int, got {rank!r}")
+  if rank > features:
+    raise ValueError(f"fit_lowrank: rank {rank} is larger than the {features} key/value features "
+                     f"per token (kv_heads {config.n_kv_heads} x head_dim {config.head_dim})")
+  k, v = kv if kv is not None else collect_kv(model, ids, window=window)
+  n_layers, n_tokens, _ = k.shape
+  if rotated:
+    window = min(window, n_tokens)
+    positions = np.arange(n_tokens) % window
+  out = {"k_basis": [], "k_mean": [], "v_basis": [], "v_mean": []}
+  for layer in range(n_layers):
+    keys = k[layer]
+    if rotated:
+      keys = rotate_flat(keys, positions, config.head_dim, config.rope_theta)
+    for name, x in (("k", keys), ("v", v[layer])):
+      basis, mean = principal_basis(x, int(rank))
+      out[name + "_basis"].append(basis)
+      out[name + "_mean"].append(mean)
+  arrays = {name: jnp.asarray(np.stack(xs), jnp.float32) for name, xs in out.items()}
+  return LowRankMaps(**arrays, rotated=rotated)

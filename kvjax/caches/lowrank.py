@@ -1,0 +1,411 @@
+"""Low-rank latent KV cache (`lowrank:R`): MLA-style storage for a model not trained with MLA.
+
+Per layer, calibration text gives two PCA bases of the flattened [K * H] key and value features
+(`kvjax.calibrate.fit_lowrank`): R orthonormal columns and a mean each (`LowRankMaps`). The cache
+keeps, for every token, only its two R-dimensional coordinates in those bases,
+
+  zk = (k - k_mean) @ k_basis        zv = (v - v_mean) @ v_basis          ([L, B, S, R] each)
+
+instead of 2 * K * H numbers: R / (K * H) of a full cache (SmolLM2-135M: K * H = 192). With an
+`intN` term the latents themselves are stored quantized, per token over groups of
+`min(group, R)` latent dims (packed codes plus float16 scales, `kvjax.caches.packing`).
+
+Reading (what `attend` computes). A query never sees a rebuilt value: the softmax weights are
+applied to the value latents and the up-projection comes last, once per query,
+
+  out_g = (sum_s p_s zv_s) @ v_basis_g^T + v_mean_g      (g: the kv head's [H] rows of the basis)
+
+which equals attending over the rebuilt values because the weights sum to one. Keys come in two
+flavours, chosen by the maps (`fit_lowrank(rotated=...)`) and checked against the `keys=` option:
+
+  keys="pre" (default): the basis is fitted on un-rotated keys (as Palu / Eigen Attention do) and
+      the latents of un-rotated keys are stored. Each filled block of latents is turned back into
+      keys [B, K, bs, H] (z @ k_basis^T + k_mean), rotated by RoPE at the block's slot positions,
+      and scored against the rotated queries.
+  keys="post": the basis is fitted on keys rotated at their calibration positions and the
+      latents of rotated keys are stored. The key up-projection moves to the query side instead:
+      q' = k_basis_g^T q (one [H] -> [R] product per query and kv head) and
+      score = q' . zk + q . k_mean_g, so a step never rebuilds a key at all.
+
+On SmolLM2 the pre-RoPE projection gives the lower perplexity at every rank measured
+(docs/caches/lowrank.md): RoPE turns a key's direction with its position, so one basis fitted
+over many positions must spend its rank on the rotation. Hence the default.
+
+Both read only the blocks below the longest row (cost follows the tokens held, as `full`). The
+cache holds its own copy of the maps (a fixed cost per cache: `maps_nbytes()`), so donating a cache
+never deletes the caller's. `view()` shows the rebuilt keys (rotated, as attention sees them) and
+values; they are not the tokens given unless R = K * H, so `exact = False` and
+`error_bound = None`. Storage of one token never depends on the others, so T tokens in one
+`attend` give what one-by-one feeding gives (`chunk_exact`).
+
+Invariants (tests/caches/test_lowrank.py): attention equals a NumPy oracle of the latent cache
+(project, store, rebuild, attend); with R = K * H the logits equal the full cache's; the
+reconstruction error on the calibration tokens never grows with R; `estimate_bytes` equals the
+measured `nbytes()`; the `kvjax.testing` conformance kit passes with and without intN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax import attention as attn
+from kvjax.attention import RoPE
+from kvjax.caches import base, packing, registry
+from kvjax.caches.registry import SpecError
+
+KEY_MODES = ("pre", "post")
+
+
+@struct.dataclass
+class LowRankMaps:
+  """Per-layer PCA bases of the flattened [K * H] keys and values (float32).
+
+  k_basis, v_basis: [L, K*H, R] with orthonormal columns; k_mean, v_mean: [L, K*H].
+  rotated (static): the key basis was fitted on keys rotated by RoPE (`keys="post"`).
+  """
+
+  k_basis: jax.Array
+  k_mean: jax.Array
+  v_basis: jax.Array
+  v_mean: jax.Array
+  rotated: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def n_layers(self) -> int:
+    return self.k_basis.shape[0]
+
+  @property
+  def features(self) -> int:
+    return self.k_basis.shape[1]
+
+  @property
+  def rank(self) -> int:
+    return self.k_basis.shape[2]
+
+  def project(self, layer: int, k, v):
+    """k, v [..., K, H] -> latents zk, zv [..., R] (float32)."""
+
+    def one(x, basis, mean):
+      flat = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)
+      return (flat - mean[layer]) @ basis[layer]
+
+    return one(k, self.k_basis, self.k_mean), one(v, self.v_basis, self.v_mean)
+
+  def rebuild(self, layer: int, zk, zv, kv_heads: int):
+    """Latents [..., R] -> keys, values [..., K, H] (float32)."""
+
+    def one(z, basis, mean):
+      flat = z.astype(jnp.float32) @ basis[layer].T + mean[layer]
+      return flat.reshape(*flat.shape[:-1], kv_heads, -1)
+
+    return one(zk, self.k_basis, self.k_mean), one(zv, self.v_basis, self.v_mean)
+
+
+def _latent_store(shape, bits, group, dtype):
+  """(array, scale, zero) of an empty latent buffer [L, B, S, R]: float latents, or packed codes
+  with float16 scales (and zero points below 8 bits)."""
+  if bits is None:
+    return jnp.zeros(shape, dtype), None, None
+  lead, r = shape[:-1], shape[-1]
+  codes = jnp.zeros(lead + (packing.packed_length(r, bits),), jnp.uint8)
+  scale = jnp.zeros(lead + (r // group,), jnp.float16)
+  zero = None if bits == 8 else jnp.zeros(lead + (r // group,), jnp.float16)
+  return codes, scale, zero
+
+
+@struct.dataclass
+class LowRankCache(base.Limited):
+  """Latents of keys and values, [L, B, S, R] each (see the module docstring).
+
+  zk, zv: float latents, or uint8 codes packed along R when `bits` is set; zk_scale/zk_zero and
+  zv_scale/zv_zero: their float16 per-group scales and zero points (None when unused).
+  maps: this cache's own `LowRankMaps`. lengths: int32 [B] tokens seen per row.
+  """
+
+  exact = False
+  error_bound = None  # the view is a projection of what was given, not bounded by a step size
+  chunk_exact = True
+
+  zk: jax.Array
+  zv: jax.Array
+  zk_scale: jax.Array | None
+  zk_zero: jax.Array | None
+  zv_scale: jax.Array | None
+  zv_zero: jax.Array | None
+  maps: LowRankMaps
+  lengths: jax.Array
+  kv_heads_: int = struct.field(pytree_node=False, default=1)
+  head_dim_: int = struct.field(pytree_node=False, default=1)
+  rank: int = struct.field(pytree_node=False, default=1)
+  bits: int | None = struct.field(pytree_node=False, default=None)
+  group: int = struct.field(pytree_node=False, default=32)
+  block_size: int = struct.field(pytree_node=False, default=256)
+  rope: RoPE | None = struct.field(pytree_node=False, default=None)
+
+  # ---- construction -------------------------------------------------------------------------
+  @classmethod
+  def init(cls, *, maps: LowRankMaps, batch: int, kv_heads: int, head_dim: int, capacity: int,
+           bits: int | None = None, group: int = 32, dtype=jnp.float32, rope: RoPE | None = None,
+           block_size: int | None = None) -> "LowRankCache":
+    if not isinstance(capacity, int) or capacity <= 0:
+      raise ValueError(f"LowRankCache: capacity must be positive, got {capacity}")
+    rank = maps.rank
+    if bits is not None:
+      if bits not in packing.SUPPORTED_BITS:
+        raise ValueError(f"LowRankCache: unsupported bit width {bits}; supported: "
+                         f"{packing.SUPPORTED_BITS}")
+      group = min(group, rank)
+      if rank % group:
+        raise ValueError(f"LowRankCache: group:{group} must divide the rank {rank} (latents are "
+                         "quantized per token over groups of latent dims)")
+    bs = block_size or base.pick_block_size(capacity)
+    if capacity % bs:
+      raise ValueError(f"LowRankCache: block_size {bs} must divide capacity {capacity}")
+    shape = (maps.n_layers, batch, capacity, rank)
+    zk, zk_scale, zk_zero = _latent_store(shape, bits, group, dtype)
+    zv, zv_scale, zv_zero = _latent_store(shape, bits, group, dtype)
+    own = jax.tree_util.tree_map(jnp.array, maps)  # generate donates the cache; the caller keeps its maps
+    return cls(zk=zk, zv=zv, zk_scale=zk_scale, zk_zero=zk_zero, zv_scale=zv_scale,
+               zv_zero=zv_zero, maps=own, lengths=jnp.zeros((batch,), jnp.int32),
+               kv_heads_=kv_heads, head_dim_=head_dim, rank=rank, bits=bits, group=group,
+               block_size=bs, rope=rope)
+
+  # ---- static facts ---------------------------------------------------------------------------
+  @property
+  def n_layers(self) -> int:
+    return self.zk.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self.zk.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    return self.zk.shape[2]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.kv_heads_
+
+  @property
+  def head_dim(self) -> int:
+    return self.head_dim_
+
+  @property
+  def keys(self) -> str:
+    """'post' when the stored key latents are of rotated keys, else 'pre'."""
+    return "post" if self.maps.rotated else "pre"
+
+  # ---- latent storage -------------------------------------------------------------------------
+  def _store(self, which: str, layer: int, z, slots):
+    """The arrays of latent buffer `which` ('zk'/'zv') with z [B, T, R] written at slots [B, T]."""
+    rows = jnp.arange(self.batch)[:, None]
+    names = (which, which + "_scale", which + "_zero")
+    if self.bits is None:
+      parts = (z.astype(self.zk.dtype), None, None)
+    else:
+      q = packing.quantize(z, self.bits, self.group, axis=-1)
+      parts = (q.packed, q.scale, q.zero)
+    out = {}
+    for name, part in zip(names, parts):
+      buf = getattr(self, name)
+      if buf is not None:
+        out[name] = buf.at[layer, rows, slots].set(part.astype(buf.dtype), mode="drop")
+    return out
+
+  def _load(self, which: str, layer: int, start, size: int):
+    """Float32 latents [B, size, R] of buffer `which` at slots [start, start + size)."""
+    def cut(x):
+      return jax.lax.dynamic_slice_in_dim(x[layer], start, size, axis=1)
+
+    data = cut(getattr(self, which))
+    if self.bits is None:
+      return data.astype(jnp.float32)
+    scale, zero = getattr(self, which + "_scale"), getattr(self, which + "_zero")
+    q = packing.Quantized(packed=data, scale=cut(scale), zero=None if zero is None else cut(zero),
+                          bits=self.bits, group=self.group, axis=2,
+                          shape=(self.batch, size, self.rank))
+    return packing.dequantize(q)
+
+  # ---- protocol -------------------------------------------------------------------------------
+  def write(self, layer: int, k, v, n_valid=None) -> "LowRankCache":
+    """Projects k, v [B, T, K, H] (as given) and stores their latents at each row's next slots.
+
+    Slots >= capacity are dropped, never clamped; padding is written past the valid region and
+    overwritten by the row's next write (as `FullCache.write`)."""
+    zk, zv = self.maps.project(layer, k, v)
+    slots = base.row_slots(self.lengths, k.shape[1])
+    return self.replace(**self._store("zk", layer, zk, slots), **self._store("zv", layer, zv, slots))
+
+  def advance(self, n_valid) -> "LowRankCache":
+    return self.replace(lengths=self.lengths + n_valid)
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+    """Stores the new tokens' latents, then attends over the filled latent blocks of `layer`.
+
+    Returns (out [B, T, N, H], cache); see the module docstring for the two key modes."""
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    q = attn.apply_rope(rope, q, positions)
+    post = self.maps.rotated
+    cache = self.write(layer, attn.apply_rope(rope, k, positions) if post else k, v)
+    kv_len = jnp.minimum(self.lengths + n_valid, self.capacity)
+    kh, h, r, bs = self.kv_heads, self.head_dim, self.rank, self.block_size
+    qg = attn.prepare_queries(q, kh, scale).astype(jnp.float32)  # [B, T, K, G, H]
+    b, t, _, g, _ = qg.shape
+    maps = self.maps
+    if post:  # absorb the key up-projection into the queries
+      k_heads = maps.k_basis[layer].reshape(kh, h, r)
+      q_lat = jnp.einsum("btkgh,khr->btkgr", qg, k_heads)
+      q_bias = jnp.einsum("btkgh,kh->bkgt", qg, maps.k_mean[layer].reshape(kh, h))
+    visible = attn.causal_visibility(positions, kv_len)
+
+    def body(j, stats):
+      start = j * bs
+      slots = start + jnp.arange(bs, dtype=jnp.int32)
+      zk = cache._load("zk", layer, start, bs)  # [B, bs, R]
+      zv = cache._load("zv", layer, start, bs)
+      if post:
+        scores = jnp.einsum("btkgr,bsr->bkgts", q_lat, zk) + q_bias[..., None]
+      else:
+        keys = (zk @ maps.k_basis[layer].T + maps.k_mean[layer]).reshape(b, bs, kh, h)
+        keys = attn.apply_rope_bounded(rope, keys, jnp.broadcast_to(slots, (b, bs)), self.capacity)
+        scores = attn.scores_of(qg, keys.swapaxes(1, 2))
+      peak, weights = attn._masked_exp(scores, visible(slots)[:, :, None])
+      new = (peak[..., 0], jnp.sum(weights, axis=-1), jnp.einsum("bkgts,bsr->bkgtr", weights, zv))
+      return attn.combine_stats(stats, new)
+
+    init = (jnp.full((b, kh, g, t), attn.MASKED, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+            jnp.zeros((b, kh, g, t, r), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, attn.n_filled_blocks(kv_len, bs), body, init)
+    latent = acc / jnp.maximum(total, 1e-30)[..., None]  # [B, K, G, T, R]
+    v_heads = maps.v_basis[layer].reshape(kh, h, r)
+    out = jnp.einsum("bkgtr,khr->bkgth", latent, v_heads)
+    out = out + maps.v_mean[layer].reshape(kh, h)[None, :, None, None, :]
+    return attn.ungroup(out).astype(q.dtype), cache
+
+  def view(self) -> base.CacheView:
+    """Rebuilt keys (rotated by slot position in the pre-RoPE mode) and values [L, B, K, S, H]."""
+    keys, values = [], []
+    slots = jnp.broadcast_to(jnp.arange(self.capacity, dtype=jnp.int32), (self.batch, self.capacity))
+    for layer in range(self.n_layers):
+      zk = self._load("zk", layer, 0, self.capacity)
+      zv = self._load("zv", layer, 0, self.capacity)
+      kl, vl = self.maps.rebuild(layer, zk, zv, self.kv_heads)  # [B, S, K, H]
+      if not self.maps.rotated:
+        kl = attn.apply_rope(self.rope, kl, slots)
+      keys.append(kl.swapaxes(1, 2))
+      values.append(vl.swapaxes(1, 2))
+    dtype = self.zk.dtype if self.bits is None else jnp.float32
+    return base.prefix_view(self, jnp.stack(keys).astype(dtype), jnp.stack(values).astype(dtype))
+
+  def reset(self) -> "LowRankCache":
+    return self.replace(lengths=jnp.zeros_like(self.lengths))
+
+  def nbytes(self) -> dict[str, int]:
+    """Every array: the latents (and their scales), the lengths, and the cache's copy of the maps."""
+    return base.tree_nbytes(self)
+
+  def kv_nbytes(self) -> dict[str, int]:
+    """The per-token storage alone (latents, scales, lengths)."""
+    return base.tree_nbytes(self.replace(maps=None))
+
+  def maps_nbytes(self) -> int:
+    return sum(base.tree_nbytes(self.maps).values())
+
+  def logical_axes(self):
+    """For `kvjax.sharding`: latents [layers, batch, slots, -]; the maps are replicated."""
+    from kvjax import sharding
+
+    def names(x):
+      return sharding.Names(("layers", "batch", "slots", None)[:x.ndim])
+
+    unnamed = lambda x: sharding.Names((None,) * x.ndim)
+    latents = {n: jax.tree_util.tree_map(names, getattr(self, n))
+               for n in ("zk", "zv", "zk_scale", "zk_zero", "zv_scale", "zv_zero")}
+    return self.replace(**latents, maps=jax.tree_util.tree_map(unnamed, self.maps),
+                        lengths=sharding.Names(("batch",)))
+
+  # ---- beam search / speculative decoding -------------------------------------------------------
+  def crop(self, length) -> "LowRankCache":
+    """Forgets every token at position >= length (per row if length is [B])."""
+    return self.replace(lengths=jnp.minimum(self.lengths, jnp.asarray(length, jnp.int32)))
+
+  def reorder(self, indices) -> "LowRankCache":
+    """Row b of the result is row indices[b] of this cache (beam reordering)."""
+    indices = jnp.asarray(indices, jnp.int32)
+    take = lambda x: None if x is None else jnp.take(x, indices, axis=1)
+    return self.replace(zk=take(self.zk), zv=take(self.zv), zk_scale=take(self.zk_scale),
+                        zk_zero=take(self.zk_zero), zv_scale=take(self.zv_scale),
+                        zv_zero=take(self.zv_zero), lengths=jnp.take(self.lengths, indices, axis=0))
+
+
+def _needs_maps(spec) -> SpecError:
+  return SpecError(
+      f"{str(spec)!r} needs calibration maps: make_cache(spec, config, ..., "
+      f"maps=kvjax.calibrate.fit_lowrank(model, ids, {spec.lowrank})) (or cache_options={{'maps': "
+      "maps}} for generate / perplexity)")
+
+
+def check_maps(spec, config, maps) -> None:
+  """Clear errors for maps that do not fit `spec` and `config`."""
+  if maps is None:
+    raise _needs_maps(spec)
+  if not isinstance(maps, LowRankMaps):
+    raise TypeError(f"{str(spec)!r}: maps must be kvjax.caches.lowrank.LowRankMaps (from "
+                    f"kvjax.calibrate.fit_lowrank), got {type(maps).__name__}")
+  features = config.n_kv_heads * config.head_dim
+  rank = spec.lowrank
+  if rank > features:
+    raise SpecError(f"{str(spec)!r}: rank {rank} is larger than the {features} key/value features "
+                    f"per token (kv_heads {config.n_kv_heads} x head_dim {config.head_dim})")
+  want = {"k_basis": (config.n_layers, features, rank), "v_basis": (config.n_layers, features, rank),
+          "k_mean": (config.n_layers, features), "v_mean": (config.n_layers, features)}
+  for name, shape in want.items():
+    got = tuple(getattr(maps, name).shape)
+    if got != shape:
+      raise ValueError(f"{str(spec)!r}: maps.{name} has shape {got}, expected {shape} "
+                       f"(layers, kv_heads * head_dim{', rank' if len(shape) == 3 else ''})")
+
+
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, maps=None,
+              keys: str | None = None, **options) -> LowRankCache:
+  """`lowrank:R[+intN][+group:G]`: needs `maps` (`LowRankMaps` of rank R); `keys` ('pre' or
+  'post', default: whatever the maps were fitted for) must agree with the maps."""
+  registry.no_options("lowrank", options)
+  check_maps(spec, config, maps)
+  if keys is not None:
+    if keys not in KEY_MODES:
+      raise ValueError(f"{str(spec)!r}: keys must be one of {KEY_MODES}, got {keys!r}")
+    fitted = "post" if maps.rotated else "pre"
+    if keys != fitted:
+      raise ValueError(f"{str(spec)!r}: keys={keys!r} but the maps were fitted on {fitted}-RoPE keys; "
+                       f"fit them with kvjax.calibrate.fit_lowrank(..., rotated={keys == 'post'})")
+  theta = getattr(config, "rope_theta", None)
+  rope = RoPE(config.head_dim, theta) if theta is not None else None
+  return LowRankCache.init(maps=maps, batch=batch, kv_heads=config.n_kv_heads,
+                           head_dim=config.head_dim, capacity=capacity, bits=spec.bits,
+                           group=spec.group, dtype=dtype, rope=rope)
+
+
+def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
+  """Latents of keys and values for `context` slots ([L, B, S, R] each: float, or packed codes
+  plus float16 scales and zero points), the lengths, and the float32 maps (2 x [L, K*H, R + 1])."""
+  r, layers = spec.lowrank, config.n_layers
+  features = config.n_kv_heads * config.head_dim
+  tokens = layers * batch * context
+  if spec.bits is None:
+    per_token = r * jnp.dtype(dtype).itemsize
+  else:
+    group = min(spec.group, r)
+    if r % group:
+      raise SpecError(f"{str(spec)!r}: group:{group} does not divide the rank {r}")
+    per_token = packing.packed_length(r, spec.bits) + (r // group) * 2 * (1 if spec.bits == 8 else 2)
+  maps = 2 * layers * features * (r + 1) * 4
+  return 2 * tokens * per_token + 4 * batch + maps
+
+
+registry.register_kind("lowrank", from_spec, estimate_bytes=estimate_bytes,
+                       capacity=registry.unbounded_capacity, accepts={"bits", "group"}, builtin=True,
+                       description="R-dim PCA latents of each layer's keys and values (calibrated)")
