@@ -37,7 +37,8 @@ from kvjax.caches.tiered import TieredCache
 from kvjax.caches.quantized import QuantizedCache, quantize
 from kvjax.caches.offload import OffloadCache
 from kvjax.caches.shared import ShareMaps, SharedCache
-from kvjax.calibrate import fit_share_maps
+from kvjax.caches.lowrank import LowRankCache, LowRankMaps
+from kvjax.calibrate import fit_lowrank, fit_share_maps
 from kvjax.prefix import PrefixStore, generate_with_prefix
 from kvjax.planning import PlanError, estimate_bytes, plan
 
@@ -52,6 +53,7 @@ __all__ = [
     "Model", "load", "SMOLLM2_135M", "TINY", "LlamaConfig", "perplexity", "GREEDY", "Sampler",
     "CacheSpec", "SpecError", "make_cache", "parse_spec",
     "WindowCache", "slide", "H2OCache", "evict_topk", "LayeredCache", "accept_drafts", "TieredCache", "QuantizedCache", "quantize",
-    "OffloadCache", "ShareMaps", "SharedCache", "fit_share_maps", "PrefixStore",
+    "OffloadCache", "ShareMaps", "SharedCache", "fit_share_maps", "LowRankCache", "LowRankMaps", "fit_lowrank",
+    "PrefixStore",
     "generate_with_prefix", "PlanError", "estimate_bytes", "plan",
 ]
