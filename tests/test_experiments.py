@@ -11,6 +11,7 @@ Invariants checked:
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -157,3 +158,13 @@ def test_speculative_quick(tmp_path):
   drafted = [r for r in d["rows"] if r["draft"]]
   assert drafted and all(r["same_tokens"] for r in drafted)  # greedy: identical output
   assert all(0 <= r["acceptance"] <= 1 for r in drafted)
+
+
+def test_lowrank_quick(tmp_path):
+  run_script("lowrank", tmp_path, "--quick", "--strict")
+  d = json.loads((tmp_path / "lowrank.json").read_text())
+  check_common(d, "lowrank")
+  by_label = {r["label"]: r for r in d["rows"]}
+  assert {"full", "share:2:cal", "int8", "lowrank:16", "lowrank:64+int4"} <= set(by_label)
+  assert by_label["lowrank:16"]["bytes_per_token"] < by_label["full"]["bytes_per_token"] / 8
+  assert all(math.isfinite(r["ppl"]) for r in d["rows"])
