@@ -25,7 +25,8 @@ from kvjax.sampling import GREEDY
 SPECS = ["full", "dynamic", "window:32", "sink:4+window:28", "int8", "int4+residual:32", "int2",
          "h2o:8+window:8", "int4+residual:32+h2o:8+window:32", "snapkv:8+window:8",
          "tier:8:bf16,16:int8,16:int2",
-         "offload", "share:2", "share:2+int8", "share:2+window:32"]
+         "offload", "share:2", "share:2+int8", "share:2+window:32",
+         "paged:16", "paged:16+int4"]
 PLATFORMS = ["cuda", "tpu"]
 
 

@@ -35,6 +35,12 @@ def append(cache, k, v, n_valid=None):
       raise base.CapacityError(
           f"append: row {row} would hold {int(after[row])} tokens but the cache capacity is "
           f"{cache.capacity}")
+  short = getattr(cache, "pages_short", None)  # kinds that draw pages from a shared pool
+  if short is not None and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
+    missing = int(short(n_valid))
+    if missing > 0:
+      raise base.CapacityError(f"append: the page pool is {missing} page(s) short for these tokens "
+                               f"({int(cache.free_pages())} free of {cache.n_pages})")
   for layer in range(cache.n_layers):
     cache = cache.write(layer, k[layer].transpose(0, 2, 1, 3), v[layer].transpose(0, 2, 1, 3), n_valid)
   return cache.advance(n_valid)

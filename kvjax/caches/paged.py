@@ -20,7 +20,9 @@ the counts are recomputed from the table (plus pins) after every change, so they
 Rules (checked by tests/caches/test_paged.py against a NumPy oracle):
   * the first layer's write of a call reserves pages: every page a row needs for its new tokens,
     and a private copy of a shared, partially filled last page before the row extends it
-    (copy-on-write); rows take free pages in row order;
+    (copy-on-write); rows take free pages in row order. Copies are decided on the counts before
+    the call: when every holder of a shared page writes into it at once (forks that all take
+    their next token), each takes a copy and the original goes free;
   * pool exhausted: a row that needs more pages than are free gets none; its new tokens are
     dropped (never written over another row's page) and `overflowed()` flags it for good. Outside
     jit, `kvjax.append` raises `CapacityError` first (`has_room` counts free pages). Page 0 is a
@@ -181,14 +183,19 @@ class PagedCache(base.Limited):
     pins = changes.get("pins", self.pins)
     return self.replace(table=table, refcount=self._recount(table, pins), **changes)
 
-  def pages_needed(self, n: int) -> jax.Array:
-    """int32 [B]: new pages each row needs to take n more tokens (a copy of a shared last page
-    included)."""
+  def pages_needed(self, n) -> jax.Array:
+    """int32 [B]: new pages each row needs to take n (int or [B]) more tokens (a copy of a shared
+    last page included)."""
+    n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), self.lengths.shape)
     p = self.page_size
     end = jnp.minimum(self.lengths + n, self.capacity)
     j = jnp.arange(self.max_pages, dtype=jnp.int32)[None, :]
     missing = (j < (end[:, None] + p - 1) // p) & (self.table == self.n_pages)
-    return jnp.sum(missing, axis=1).astype(jnp.int32) + self._must_copy(jnp.full_like(self.lengths, n))
+    return jnp.sum(missing, axis=1).astype(jnp.int32) + self._must_copy(n)
+
+  def pages_short(self, n) -> jax.Array:
+    """int32 []: pages the pool lacks for n (int or [B]) more tokens per row (0: they fit)."""
+    return jnp.maximum(jnp.sum(self.pages_needed(n)) - self.free_pages(), 0)
 
   def _must_copy(self, n_valid) -> jax.Array:
     """int32 [B]: 1 where the row's next token goes into a partially filled page that another row
