@@ -91,9 +91,10 @@ cal_window = min(WINDOW, cal_tokens)
 
 maps: dict = {}
 t0 = time.perf_counter()
-for r in ranks:
-  for rotated in (False, True):
-    maps[(r, rotated)] = calibrate.fit_lowrank(model, None, r, kv=kv, window=cal_window, rotated=rotated)
+for rotated in (False, True):  # principal directions are nested: fit the largest rank, keep prefixes
+  top = calibrate.fit_lowrank(model, None, max(ranks), kv=kv, window=cal_window, rotated=rotated)
+  for r in ranks:
+    maps[(r, rotated)] = top.replace(k_basis=top.k_basis[..., :r], v_basis=top.v_basis[..., :r])
 share_maps = calibrate.fit_share_maps(model, None, 2, kv=kv)
 fit_s = time.perf_counter() - t0
 print(f"  fitted {len(maps)} low-rank maps and the share:2 maps in {fit_s:.1f} s", flush=True)

@@ -128,15 +128,15 @@ def fit_share_maps(model, ids, group: int, *, window: int = 512, ridge: float = 
 def principal_basis(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
   """PCA of the rows of x [n, F] in float64: (basis [F, rank] orthonormal, mean [F]).
 
-  The columns are the top right singular vectors of the centred rows, largest first, each with its
-  largest-magnitude entry made positive (so the result does not depend on the SVD's sign choice)."""
+  The columns are the top right singular vectors of the centred rows (eigenvectors of their F x F
+  scatter matrix: one matrix product over the tokens, then a small symmetric eigenproblem), largest
+  first, each with its largest-magnitude entry made positive (so the result does not depend on the
+  solver's sign choice)."""
   x = np.asarray(x, np.float64)
   mean = x.mean(axis=0)
-  _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-  basis = vt[:rank].T
-  if basis.shape[1] < rank:  # fewer tokens than features: pad with an orthonormal complement
-    q, _ = np.linalg.qr(np.concatenate([basis, np.eye(x.shape[1])], axis=1))
-    basis = np.concatenate([basis, q[:, basis.shape[1]:rank]], axis=1)
+  centred = x - mean
+  _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+  basis = np.ascontiguousarray(vectors[:, ::-1][:, :rank])
   signs = np.sign(basis[np.argmax(np.abs(basis), axis=0), np.arange(rank)])
   return basis * np.where(signs == 0, 1.0, signs), mean
 
