@@ -257,8 +257,7 @@ class Engine:
         return True
       if self.index is None or not self.index.pages:
         return False
-      pages = self.index.evict(max(need - spare, 1))
-      self.cache = _pin(self.cache, jnp.asarray(pages, jnp.int32), -1)
+      self._pin(self.index.evict(max(need - spare, 1)), -1)
 
   def insert(self, request: Request) -> list[int] | None:
     """Admits `request` (rows it runs in) or returns None when rows or pages are short now.
@@ -296,8 +295,7 @@ class Engine:
     if self.index is not None and keys:
       table = np.asarray(self.cache.table)[row]
       new = self.index.add(keys, table[:len(keys)])
-      if new:
-        self.cache = _pin(self.cache, jnp.asarray(new, jnp.int32), 1)
+      self._pin(new, 1)
     rows = free[:request.n]
     if request.n > 1:
       self.cache = _fork(self.cache, jnp.full((request.n - 1,), row, jnp.int32),
@@ -309,6 +307,14 @@ class Engine:
       self._pending.append(self._emit(r, int(token)))
     self._retire()
     return rows
+
+  def _pin(self, pages: list[int], count: int) -> None:
+    """Adds count to the pins of pages, in fixed-size batches (one executable whatever the number)."""
+    size = self.cache.max_pages
+    for i in range(0, len(pages), size):
+      batch = np.full(size, self.cache.n_pages, np.int32)  # the "no page" marker is dropped
+      batch[:len(pages[i:i + size])] = pages[i:i + size]
+      self.cache = _pin(self.cache, jnp.asarray(batch), jnp.int32(count))
 
   def _prefill(self, row: int, ids: np.ndarray):
     logits = None
