@@ -279,7 +279,9 @@ class PagedCache(base.Limited):
     ppb, p = self.pages_per_block, self.page_size
     ids = jax.lax.dynamic_slice_in_dim(self.table, start // p, ppb, axis=1)  # [B, ppb]
     ids = jnp.minimum(ids, self.n_pages - 1)  # "no page" reads a real page; it is masked
-    leaves = tuple(jnp.swapaxes(a[layer][:, ids], 0, 1) for a in self.pool)  # [B, K, ppb, P, ...]
+    # one gather straight from the pool ([B, ppb, K, P, ...]): slicing the layer out first made
+    # XLA copy the whole layer's pool on every block
+    leaves = tuple(jnp.swapaxes(a[layer, :, ids], 1, 2) for a in self.pool)  # [B, K, ppb, P, ...]
     flat = tuple(x.reshape(x.shape[:2] + (ppb * p,) + x.shape[4:]) for x in leaves)
     shape = flat[0].shape[:3] + (self.head_dim,)
     kl, vl = self._halves(flat)
