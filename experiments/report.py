@@ -257,6 +257,33 @@ def render_speculative(d):
                  "same tokens as plain"], rows)]
 
 
+def render_serving(d):
+  st = d["settings"]
+  lines = []
+  trace = [r for r in d["rows"] if r["setting"] == "trace"]
+  if trace:
+    rows = [[r["method"], r["rows"], num(r["seconds"], 1), num(r["tok_per_s"], 1),
+             fmt_bytes(r["peak_bytes"])] for r in trace]
+    lines += [f"Model {st['model']} ({st['dtype']}), {st['requests']} requests (prompts "
+              f"{min(st['prompt_lengths'])}..{max(st['prompt_lengths'])} tokens, outputs "
+              f"{min(st['output_lengths'])}..{max(st['output_lengths'])}), all queued at once; tok/s "
+              "counts the tokens the requests asked for, over wall time:\n",
+              table(["method", "rows", "seconds", "useful tok/s", "peak cache memory"], rows)]
+  prefix = [r for r in d["rows"] if r["setting"] == "prefix"]
+  if prefix:
+    rows = [[r["method"], r["peak_pages"], fmt_bytes(r["peak_bytes"]),
+             num(r.get("memory_saved"), 2) if r.get("memory_saved") is not None else ""] for r in prefix]
+    lines += ["\n16 requests sharing a 1024-token system prompt:\n",
+              table(["setup", "peak pages", "peak memory", "saved"], rows)]
+  step = [r for r in d["rows"] if r["setting"] == "step"]
+  if step:
+    rows = [[r["rows"], r["prompt_len"], num(r["full_tok_per_s"], 1), num(r["paged_tok_per_s"], 1),
+             num(r["paged_vs_full"])] for r in step]
+    lines += ["\nDecode speed at equal tokens held:\n",
+              table(["batch", "tokens held", "full tok/s", "paged tok/s", "paged / full"], rows)]
+  return lines
+
+
 section("Cached vs uncached decoding", "speedup", "per-token latency and total time", render_speedup)
 section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs tokens", render_memory)
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
@@ -266,6 +293,8 @@ section("kvjax vs HF transformers and llama.cpp", "peers", "decode throughput", 
 section("Sharded decoding on 1, 2, 4 and 8 devices", "sharding", "bytes per device", render_sharding)
 section("Needles: prompt-aware compression", "needles", "retrieval vs cache memory", render_needles)
 section("Self-speculative decoding", "speculative", "self-speculative decoding", render_speculative)
+section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
+        render_serving)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")

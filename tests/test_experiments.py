@@ -79,8 +79,8 @@ def test_memory_quick_and_report(tmp_path):
   assert proc.returncode == 0, proc.stderr
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
-  # speedup, quality, streaming, peers, sharding, needles, speculative
-  assert md.count("*Not run yet.*") == 7
+  # speedup, quality, streaming, peers, sharding, needles, speculative, serving
+  assert md.count("*Not run yet.*") == 8
 
 
 def test_quality_quick(tmp_path):
@@ -158,6 +158,16 @@ def test_speculative_quick(tmp_path):
   drafted = [r for r in d["rows"] if r["draft"]]
   assert drafted and all(r["same_tokens"] for r in drafted)  # greedy: identical output
   assert all(0 <= r["acceptance"] <= 1 for r in drafted)
+
+
+def test_serving_quick(tmp_path):
+  run_script("serving", tmp_path, "--quick", "--requests", "6", "--skip", "step")
+  d = json.loads((tmp_path / "serving.json").read_text())
+  check_common(d, "serving")
+  by = {(r["setting"], r["method"]): r for r in d["rows"]}
+  assert by[("trace", "continuous batching, paged:16")]["useful_tokens"] > 0
+  on, off = (by[("prefix", f"paged:16, page index {s}")] for s in ("on", "off"))
+  assert on["peak_pages"] < off["peak_pages"]
 
 
 def test_lowrank_quick(tmp_path):
