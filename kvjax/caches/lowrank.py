@@ -27,9 +27,10 @@ flavours, chosen by the maps (`fit_lowrank(rotated=...)`) and checked against th
       q' = k_basis_g^T q (one [H] -> [R] product per query and kv head) and
       score = q' . zk + q . k_mean_g, so a step never rebuilds a key at all.
 
-On SmolLM2 the pre-RoPE projection gives the lower perplexity at every rank measured
-(docs/caches/lowrank.md): RoPE turns a key's direction with its position, so one basis fitted
-over many positions must spend its rank on the rotation. Hence the default.
+On SmolLM2 neither mode wins at every rank (docs/caches/lowrank.md): pre-RoPE is clearly better
+at R = 16 and slightly at 96, post-RoPE better at 32 and 64; over the four ranks pre-RoPE has the
+lower mean log-perplexity, and its basis does not depend on the positions seen in calibration
+(a post-RoPE basis is fitted on positions 0 .. window-1 only). Hence the default.
 
 Both read only the blocks below the longest row (cost follows the tokens held, as `full`). The
 cache holds its own copy of the maps (a fixed cost per cache: `maps_nbytes()`), so donating a cache
