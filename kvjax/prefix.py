@@ -9,6 +9,9 @@ How (fixed shapes throughout, so each step is one jitted executable per bucket):
      the requested spec (`extend`, a jitted `Llama.apply` on an existing cache).
   2. `broadcast`: the batch-1 cache becomes B identical rows (`cache.reorder(zeros(B))`, a gather
      along the batch axis of every cache array; works for every kind that implements `reorder`).
+     On pages (`paged:P`) nothing is copied: the store keeps only the prefix's pages
+     (`PagedCache.compact`) and the B rows point at them (`PagedCache.widen`); a row copies a
+     shared page only when it writes into it.
   3. each row's suffix is prefilled on top, ragged (right-padded, `n_valid` = suffix lengths),
      by decode's own prefill, and decode's `while_loop` generates from there.
 
@@ -111,10 +114,15 @@ def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_op
   return extend(model, empty, prefix_ids[None])
 
 
-def broadcast(cache, batch: int):
-  """B copies of the single row of a batch-1 cache (fixed shapes: a gather along the batch axis)."""
+def broadcast(cache, batch: int, room: int = 0):
+  """B copies of the single row of a batch-1 cache (fixed shapes: a gather along the batch axis).
+
+  A paged cache instead gives B rows that point at the same pages (nothing is copied), in a pool
+  with `room` more tokens' worth of pages per row."""
   if cache.batch != 1:
     raise ValueError(f"broadcast: expected a batch-1 cache, got batch {cache.batch}")
+  if hasattr(cache, "widen"):
+    return cache.widen(batch, room)
   return cache.reorder(jnp.zeros((batch,), jnp.int32))
 
 
@@ -230,6 +238,8 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   hit = prefilled is not None
   if not hit:
     prefilled = prefill_prefix(model, prefix_ids, cache=spec, capacity=capacity, **cache_options)
+    if hasattr(prefilled, "compact"):  # paged: keep the prefix's pages only
+      prefilled = prefilled.compact()
     jax.block_until_ready(prefilled)
   prefix_s = time.perf_counter() - start
   if not prefilled.fits(needed) and (hit or getattr(prefilled, "growable", False)) and supports(prefilled, "grow"):
@@ -242,7 +252,7 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
     store.put(store_key, prefilled)
 
   t0 = time.perf_counter()
-  rows = jax.block_until_ready(broadcast(prefilled, batch))
+  rows = jax.block_until_ready(broadcast(prefilled, batch, room=needed - prefix_ids.size))
   broadcast_s = time.perf_counter() - t0
   result = decode.generate(model, ids, prompt_lengths=lengths, max_new_tokens=max_new_tokens,
                            cache=rows, sampler=sampler, seed=seed, eos_id=eos_id, pad_id=pad_id,

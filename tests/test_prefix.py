@@ -103,6 +103,24 @@ def test_stored_cache_grows_when_a_request_needs_more(tiny):
   np.testing.assert_array_equal(long.tokens, want.tokens)
 
 
+def test_paged_prefix_is_stored_once_and_shared(tiny):
+  """On pages the store keeps the prefix's pages only and the rows point at them."""
+  prefix_ids, suffixes = list(range(100, 137)), [[3, 4], [5, 6, 7], [8]]
+  store = PrefixStore(max_bytes=1 << 30)
+  got = generate_with_prefix(tiny, prefix_ids, suffixes, max_new_tokens=4, cache="paged:8",
+                             store=store)
+  want = kvjax.generate(tiny, [prefix_ids + s for s in suffixes], max_new_tokens=4)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  (stored, size), = store._entries.values()
+  assert stored.n_pages == 5 and size < 5 * stored.page_bytes() + 512  # 37 tokens: 5 pages
+  table = np.asarray(got.cache.table)
+  assert (table[:, :4] == table[0, :4]).all(), "the 4 full prefix pages are shared by every row"
+  again = generate_with_prefix(tiny, prefix_ids, suffixes, max_new_tokens=4, cache="paged:8",
+                               store=store)
+  assert again.prefix_hit
+  np.testing.assert_array_equal(again.tokens, want.tokens)
+
+
 @pytest.mark.parametrize("spec", ["share:2"])
 def test_other_kinds(tiny, spec):
   prefix_ids, suffixes = list(range(100, 118)), [[3, 4], [5, 6, 7]]

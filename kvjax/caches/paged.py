@@ -390,6 +390,35 @@ class PagedCache(base.Limited):
                             lengths=jax.lax.dynamic_update_slice_in_dim(self.lengths, view.lengths, row, 0),
                             failed=jax.lax.dynamic_update_slice_in_dim(self.failed, view.failed, row, 0))
 
+  # ---- prefix store (outside jit: shapes change) ----------------------------------------------
+  def compact(self) -> "PagedCache":
+    """The same rows in a pool of only the pages they reference (renumbered in order of first
+    use): what `PrefixStore` keeps of a prefilled prefix."""
+    table = np.asarray(self.table)
+    used = list(dict.fromkeys(int(p) for p in table.reshape(-1) if p < self.n_pages))
+    if not used:
+      used = [0]
+    remap = np.full(self.n_pages + 1, len(used), np.int32)
+    remap[used] = np.arange(len(used), dtype=np.int32)
+    idx = jnp.asarray(used, jnp.int32)
+    return self.replace(pool=tuple(a[:, :, idx] for a in self.pool),
+                        table=jnp.asarray(remap[table]), pins=self.pins[idx],
+                        refcount=self.refcount[idx])
+
+  def widen(self, batch: int, room: int) -> "PagedCache":
+    """`batch` rows that all point at this batch-1 cache's pages (no page is copied), in a pool
+    with `room` more tokens' worth of pages per row (plus one for a copied shared last page)."""
+    if self.batch != 1:
+      raise ValueError(f"widen: expected a batch-1 cache, got batch {self.batch}")
+    extra = batch * (-(-room // self.page_size) + 1)
+    n = self.n_pages + extra
+    table = jnp.where(self.table == self.n_pages, n, self.table)
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 3))
+    wide = self.replace(pool=tuple(pad(a) for a in self.pool), table=jnp.tile(table, (batch, 1)),
+                        lengths=jnp.tile(self.lengths, batch), failed=jnp.tile(self.failed, batch),
+                        pins=jnp.pad(self.pins, (0, extra)), refcount=jnp.zeros((n,), jnp.int32))
+    return wide._with_table(wide.table)
+
   def row_pages(self, row: int) -> np.ndarray:
     """The pages row `row` holds, in order (outside jit)."""
     used = -(-int(self.lengths[row]) // self.page_size)
