@@ -54,7 +54,8 @@ def test_prefill_and_decode_export_for_gpu_and_tpu(bf16_model, spec):
   cache = kvjax.make_cache(spec, model, batch, 64)
   leaves = [x for x in jax.tree_util.tree_leaves(cache) if jnp.issubdtype(x.dtype, jnp.floating)
             and x.ndim == 5]
-  assert any(x.dtype == jnp.bfloat16 for x in leaves), "the cache should hold bf16 keys/values"
+  if not (spec.startswith("paged") and "int" in spec):  # quantized pages hold no float keys
+    assert any(x.dtype == jnp.bfloat16 for x in leaves), "the cache should hold bf16 keys/values"
   params, cache_abs = abstract(model.params), abstract(cache)
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
 
