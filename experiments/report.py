@@ -263,12 +263,14 @@ def render_serving(d):
   trace = [r for r in d["rows"] if r["setting"] == "trace"]
   if trace:
     rows = [[r["method"], r["rows"], num(r["seconds"], 1), num(r["tok_per_s"], 1),
-             fmt_bytes(r["peak_bytes"])] for r in trace]
+             fmt_bytes(r["peak_bytes"]), fmt_bytes(r.get("mean_bytes", r["peak_bytes"]))]
+            for r in trace]
     lines += [f"Model {st['model']} ({st['dtype']}), {st['requests']} requests (prompts "
               f"{min(st['prompt_lengths'])}..{max(st['prompt_lengths'])} tokens, outputs "
               f"{min(st['output_lengths'])}..{max(st['output_lengths'])}), all queued at once; tok/s "
               "counts the tokens the requests asked for, over wall time:\n",
-              table(["method", "rows", "seconds", "useful tok/s", "peak cache memory"], rows)]
+              table(["method", "rows", "seconds", "useful tok/s", "peak KV memory",
+                     "mean KV memory"], rows)]
   prefix = [r for r in d["rows"] if r["setting"] == "prefix"]
   if prefix:
     rows = [[r["method"], r["peak_pages"], fmt_bytes(r["peak_bytes"]),

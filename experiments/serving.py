@@ -74,14 +74,13 @@ rows = []
 
 
 def run_engine(requests, **options):
-  """(seconds, peak pages in use, engine) of an engine run over requests."""
+  """(seconds, peak pages in use, mean pages in use over steps, engine) of an engine run."""
   engine = Engine(model, rows=rows_n, capacity=capacity, cache=spec, **options)
-  peak = 0
+  used = []
   start = time.perf_counter()
-  queue = list(requests)
-  for _ in engine.run(queue):
-    peak = max(peak, int(engine.cache.pages_in_use()))
-  return time.perf_counter() - start, peak, engine
+  for _ in engine.run(list(requests)):
+    used.append(int(engine.cache.pages_in_use()))
+  return time.perf_counter() - start, max(used), float(np.mean(used)), engine
 
 
 def static_batches(requests):
@@ -97,19 +96,21 @@ def static_batches(requests):
 
 if "trace" not in args.skip:
   warm = trace[:: max(1, n_requests // 6)][:6]  # compiles every prefill chunk and the step
-  run_engine(warm)
+  run_engine(warm, prefix_cache=False)
   static_batches(warm)
-  seconds, peak, engine = run_engine(trace)
+  # the trace's prompts share nothing, so the page index is off: pages in use are rows' pages
+  seconds, peak, mean, engine = run_engine(trace, prefix_cache=False)
   page_bytes = engine.cache.page_bytes()
   continuous = dict(setting="trace", method=f"continuous batching, {spec}", rows=rows_n,
                     seconds=seconds, useful_tokens=useful, tok_per_s=useful / seconds,
-                    peak_pages=peak, peak_bytes=peak * page_bytes,
-                    pool_bytes=kvjax.total_bytes(engine.cache), prefix_hit_tokens=engine.index.hits)
+                    peak_pages=peak, peak_bytes=peak * page_bytes, mean_bytes=mean * page_bytes,
+                    pool_bytes=kvjax.total_bytes(engine.cache))
   print(f"  continuous: {continuous['tok_per_s']:.1f} tok/s, peak {peak} pages "
-        f"({peak * page_bytes / 2**20:.1f} MiB)", flush=True)
+        f"({peak * page_bytes / 2**20:.1f} MiB), mean {mean * page_bytes / 2**20:.1f} MiB", flush=True)
   seconds, cache_bytes = static_batches(trace)
   static = dict(setting="trace", method="static batching, full", rows=rows_n, seconds=seconds,
-                useful_tokens=useful, tok_per_s=useful / seconds, peak_bytes=cache_bytes)
+                useful_tokens=useful, tok_per_s=useful / seconds, peak_bytes=cache_bytes,
+                mean_bytes=cache_bytes)
   print(f"  static:     {static['tok_per_s']:.1f} tok/s, cache {cache_bytes / 2**20:.1f} MiB", flush=True)
   continuous["speedup_vs_static"] = continuous["tok_per_s"] / static["tok_per_s"]
   continuous["memory_vs_static"] = continuous["peak_bytes"] / static["peak_bytes"]
