@@ -257,6 +257,16 @@ def render_speculative(d):
                  "same tokens as plain"], rows)]
 
 
+def render_lowrank(d):
+  st = d["settings"]
+  rows = [[f"`{r['label']}`", r["keys"] or "", num(r["bytes_per_token"], 0), num(r["bytes_vs_full"], 3),
+           fmt_bytes(r["maps_bytes"]) if r["maps_bytes"] else "", num(r["ppl"], 2)] for r in d["rows"]]
+  return [f"Model {st.get('model', '?')}; PCA maps fitted on the first {st.get('calibration_tokens', '?')} "
+          "tokens, perplexity on a disjoint later span; bytes per token of the cache arrays (the "
+          "maps are a fixed cost per cache, listed apart):\n",
+          table(["cache", "keys", "bytes/token", "vs full", "maps", "perplexity"], rows)]
+
+
 def render_serving(d):
   st = d["settings"]
   lines = []
@@ -295,6 +305,7 @@ section("kvjax vs HF transformers and llama.cpp", "peers", "decode throughput", 
 section("Sharded decoding on 1, 2, 4 and 8 devices", "sharding", "bytes per device", render_sharding)
 section("Needles: prompt-aware compression", "needles", "retrieval vs cache memory", render_needles)
 section("Self-speculative decoding", "speculative", "self-speculative decoding", render_speculative)
+section("Low-rank latent caches", "lowrank", "perplexity vs bytes per token", render_lowrank)
 section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
         render_serving)
 

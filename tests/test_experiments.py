@@ -79,8 +79,8 @@ def test_memory_quick_and_report(tmp_path):
   assert proc.returncode == 0, proc.stderr
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
-  # speedup, quality, streaming, peers, sharding, needles, speculative, serving
-  assert md.count("*Not run yet.*") == 8
+  # speedup, quality, streaming, peers, sharding, needles, speculative, lowrank, serving
+  assert md.count("*Not run yet.*") == 9
 
 
 def test_quality_quick(tmp_path):
