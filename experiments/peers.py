@@ -5,7 +5,8 @@ All decode SmolLM2-135M-Instruct (the same GGUF file) greedily from the same pro
 at batch 1 and 8, llama.cpp at batch 1 both in float32 and in the file's own Q4_1.
 
   * kvjax: `kvjax.bench.run_bench` (what `kvjax bench` runs): full cache of capacity 2048, jitted
-    prefill + while-loop decode, best of 2 runs, compile excluded. In this process.
+    prefill + while-loop decode, best of `--repeats` runs after one that compiles (the peers also
+    get a warm-up run and then `--repeats`). In this process.
   * HF: `experiments/hf_peer.py` in a subprocess with a python that has torch + transformers
     (`--hf-python`, else $KVJAX_HF_PYTHON, else this python if it can import them; otherwise the
     HF side is skipped with a note). `generate(do_sample=False, min_new_tokens=N)` with its
@@ -60,7 +61,7 @@ BATCHES = [1, 8]
 NEW_TOKENS = 128
 PROMPT_LEN = 32
 CAPACITY = 2048
-REPEATS = 2
+REPEATS = 3
 BANDWIDTH_MB = 1024  # array copied to measure memory bandwidth
 HF_TIMEOUT_S = 3600
 LLAMACPP_TIMEOUT_S = 3600
@@ -150,7 +151,7 @@ print(f"model {model.name} ({np.dtype(model.dtype).name}, {weight_bytes / 2**20:
 kv = []
 for batch in common.progress(batches, desc="kvjax"):
   r = run_bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                capacity=capacity, cache="full", repeats=args.repeats)
+                capacity=capacity, cache="full", repeats=args.repeats + 1)  # + 1: the first compiles
   kv.append(r)
   print(f"  kvjax batch {batch}: {r['decode_tok_per_s']:.1f} decode tok/s "
         f"(prefill {r['prefill_s'] * 1e3:.0f} ms, compile {r['compile_s']:.1f} s)", flush=True)
