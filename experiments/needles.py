@@ -22,6 +22,7 @@ Outputs (in --out): needles.json, needles.csv, needles.png (bytes on x, retrieva
 """
 
 import argparse
+import gc
 import re
 
 import numpy as np
@@ -128,6 +129,14 @@ def score(answers: list[str], trials: list[dict]) -> list[bool]:
   return [bool(f) and f.group(0) == str(t["key"]) for f, t in zip(found, trials)]
 
 
+def release_executables():
+  """Drops this spec's compiled code before the next one: every XLA:CPU executable holds memory
+  maps, and a sweep over dozens of SmolLM2 specs in one process ran out of them (LLVM: "Cannot
+  allocate memory") before it could write its results."""
+  kvjax.clear_caches()
+  gc.collect()
+
+
 outcomes = common.Outcomes(strict=args.strict)
 rows = []
 for length in lengths:
@@ -154,6 +163,7 @@ for length in lengths:
       rows.append(row)
       print(f"  {length:5d} {spec:34s} retrieval {row['retrieval']:.2f} (single {row['single']:.2f},"
             f" multi {row['multi']:.2f})  {common.fmt_bytes(row['bytes_per_row'])}/row", flush=True)
+    release_executables()
 
 ppl_rows = []
 for fraction in ([] if args.no_ppl else [None] + fractions):
@@ -165,6 +175,7 @@ for fraction in ([] if args.no_ppl else [None] + fractions):
       ppl_rows.append(dict(kind=kind, spec=spec, fraction=fraction, ppl=p.ppl, tokens=p.tokens,
                            bytes=common.total_bytes(p.cache_bytes)))
       print(f"  ppl {spec:34s} {p.ppl:9.3f}", flush=True)
+    release_executables()
 
 if args.append and (out / "needles.json").is_file():
   import json
