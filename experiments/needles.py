@@ -69,7 +69,41 @@ parser.add_argument("--append", action="store_true",
                     help="keep the rows of an existing needles.json in --out (a row measured again "
                          "replaces its old one), e.g. to add a longer context with fewer kinds")
 parser.add_argument("--no-ppl", action="store_true", help="skip the perplexity part")
+parser.add_argument("--replot", action="store_true",
+                    help="only redraw needles.png from the needles.json in --out (runs nothing)")
 args = parser.parse_args()
+
+
+def plot(rows: list[dict], model_name: str, out) -> None:
+  """needles.png: cache bytes per row on x (log), retrieval on y; one line per kind and length."""
+  plt = common.pyplot()
+  if plt is None or not rows:
+    return
+  fig, ax = plt.subplots(figsize=(9.5, 4.8))
+  lengths = sorted({r["length"] for r in rows})
+  for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
+    for j, length in enumerate(lengths):
+      mine = sorted((r for r in rows if r["kind"] == kind and r["length"] == length),
+                    key=lambda r: r["bytes_per_row"])
+      ax.plot([r["bytes_per_row"] for r in mine], [r["retrieval"] for r in mine],
+              color=f"C{i}", marker="os^"[j % 3], label=f"{kind}, {length} tokens")
+  ax.set(xscale="log", xlabel="cache bytes per row", ylabel="retrieval (exact match)",
+         ylim=(-0.05, 1.05), title=f"{model_name}: needles vs cache memory")
+  common.bytes_axis(ax.xaxis)
+  ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  fig.savefig(out / "needles.png", dpi=120)
+  print(f"wrote {out / 'needles.png'}")
+
+
+if args.replot:
+  import json
+
+  out = common.out_dir(args.out)
+  saved = json.loads((out / "needles.json").read_text())
+  plot(saved["rows"], saved["settings"]["model"], out)
+  raise SystemExit(0)
+
 
 import kvjax  # noqa: E402
 
@@ -205,19 +239,4 @@ common.write_csv(out / "needles.csv", [{k: v for k, v in r.items() if k not in (
                                                                                   "prompt_tokens")}
                                        for r in rows])
 
-plt = common.pyplot()
-if plt is not None and rows:
-  fig, ax = plt.subplots(figsize=(7, 4.8))
-  for i, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
-    for j, length in enumerate(lengths):
-      mine = sorted((r for r in rows if r["kind"] == kind and r["length"] == length),
-                    key=lambda r: r["bytes_per_row"])
-      ax.plot([r["bytes_per_row"] for r in mine], [r["retrieval"] for r in mine],
-              color=f"C{i}", marker="os^"[j % 3], label=f"{kind}, {length} tokens")
-  ax.set(xscale="log", xlabel="cache bytes per row", ylabel="retrieval (exact match)",
-         ylim=(-0.05, 1.05), title=f"{model_name}: needles vs cache memory")
-  common.bytes_axis(ax.xaxis)
-  ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(out / "needles.png", dpi=120)
-  print(f"wrote {out / 'needles.png'}")
+plot(rows, model_name, out)
