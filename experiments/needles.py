@@ -22,7 +22,7 @@ Outputs (in --out): needles.json, needles.csv, needles.png (bytes on x, retrieva
 """
 
 import argparse
-import gc
+import json
 import re
 
 import numpy as np
@@ -97,8 +97,6 @@ def plot(rows: list[dict], model_name: str, out) -> None:
 
 
 if args.replot:
-  import json
-
   out = common.out_dir(args.out)
   saved = json.loads((out / "needles.json").read_text())
   plot(saved["rows"], saved["settings"]["model"], out)
@@ -163,14 +161,6 @@ def score(answers: list[str], trials: list[dict]) -> list[bool]:
   return [bool(f) and f.group(0) == str(t["key"]) for f, t in zip(found, trials)]
 
 
-def release_executables():
-  """Drops this spec's compiled code before the next one: every XLA:CPU executable holds memory
-  maps, and a sweep over dozens of SmolLM2 specs in one process ran out of them (LLVM: "Cannot
-  allocate memory") before it could write its results."""
-  kvjax.clear_caches()
-  gc.collect()
-
-
 outcomes = common.Outcomes(strict=args.strict)
 rows = []
 for length in lengths:
@@ -197,7 +187,7 @@ for length in lengths:
       rows.append(row)
       print(f"  {length:5d} {spec:34s} retrieval {row['retrieval']:.2f} (single {row['single']:.2f},"
             f" multi {row['multi']:.2f})  {common.fmt_bytes(row['bytes_per_row'])}/row", flush=True)
-    release_executables()
+    kvjax.clear_caches()  # a 32-spec sweep ran out of memory maps without this
 
 ppl_rows = []
 for fraction in ([] if args.no_ppl else [None] + fractions):
@@ -209,11 +199,9 @@ for fraction in ([] if args.no_ppl else [None] + fractions):
       ppl_rows.append(dict(kind=kind, spec=spec, fraction=fraction, ppl=p.ppl, tokens=p.tokens,
                            bytes=common.total_bytes(p.cache_bytes)))
       print(f"  ppl {spec:34s} {p.ppl:9.3f}", flush=True)
-    release_executables()
+    kvjax.clear_caches()
 
 if args.append and (out / "needles.json").is_file():
-  import json
-
   old = json.loads((out / "needles.json").read_text())
   mine = {(r["length"], r["spec"]) for r in rows}
   rows = [r for r in old["rows"] if (r["length"], r["spec"]) not in mine] + rows

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import time
 from typing import Any, Callable
 
@@ -76,8 +77,12 @@ def compile_stats() -> dict:
 
 
 def clear_caches() -> None:
-  """Drops every compiled executable (JAX's caches); the next call compiles again."""
+  """Drops every compiled executable (JAX's caches) and collects the garbage that still holds
+  them, so their memory maps are returned now; the next call compiles again. Long sweeps in one
+  process (many specs, meshes or test modules) call this between cases: every XLA:CPU executable
+  keeps memory maps, and a process that runs out of them aborts inside LLVM."""
   jax.clear_caches()
+  gc.collect()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 pytest_plugins = ["kvjax.testing.plugin"]
 
-import gc
 import os
 
 # Tests run on the CPU in float32; keep XLA from grabbing every core for one test's threads.
@@ -8,6 +7,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+import kvjax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
@@ -35,8 +36,7 @@ _GROWTH_LIMIT = 6000  # ~650 executables kept alive across modules
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_code(request):
   yield
-  jax.clear_caches()
-  gc.collect()
+  kvjax.clear_caches()
   maps = _memory_maps()
   if maps is None:
     return

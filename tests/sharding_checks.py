@@ -10,7 +10,6 @@ its error message instead.
 """
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -150,7 +149,6 @@ def main():
     # dropping them between cases keeps the peak at one case's worth (SmolLM2 on 8 devices piled
     # up to 17 GB without this, and CI's second pytest worker pushed the box past 24 GB).
     kvjax.clear_caches()
-    gc.collect()
   if args.suite == "tiny-full":
     rows.append(recompiles(model, prompts_ragged))
   with open(args.out, "w") as f:
