@@ -296,12 +296,35 @@ def render_serving(d):
   return lines
 
 
+def render_batch1_limits(d):
+  weight = d["weight_bytes"]
+  lines = [f"Where a batch-1 SmolLM2 step (fp32, {weight / 1e6:.0f} MB of weights read per token) "
+           "loses its time against the memory roofline. tok/s in the roofline rows = bandwidth / "
+           "weight bytes, the most a step could decode if it did nothing but read its weights.\n"]
+  roof = d.get("roofline_gb_per_s") or {}
+  if roof:
+    def label(key):  # "2t_huge" -> "2 threads, huge pages"
+      threads, pages = key.split("_")
+      return f"{threads[:-1]} thread{'s' if threads != '1t' else ''}, " + ("huge pages" if pages == "huge" else "4 KiB pages")
+
+    rows = [[label(k), num(v, 1), num(v * 1e9 / weight, 0)] for k, v in roof.items()]
+    lines += [table(["C stream (batch1/stream.c)", "GB/s", "tok/s bound"], rows), ""]
+  rows = [[f"weights [{k.replace('_', ', ')}]", num(v["seconds"] * 1e3, 2), num(v["gb_per_s"], 1)]
+          for k, v in d["xla_dot_chain"].items()]
+  lines += [table(["XLA dots alone (211 products)", "ms", "GB/s"], rows), ""]
+  rows = [[f"`{k}`", num(v["best"], 1), num(v["median"], 1), len(v["runs"]), v.get("note", "")]
+          for k, v in d["step_tok_per_s"].items()]
+  lines += [table(["kvjax step variant", "best tok/s", "median tok/s", "runs", "note"], rows)]
+  return lines
+
+
 section("Cached vs uncached decoding", "speedup", "per-token latency and total time", render_speedup)
 section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs tokens", render_memory)
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
 section("Streaming: sink vs window vs full", "streaming", "memory, step time and rolling perplexity",
         render_streaming)
 section("kvjax vs HF transformers and llama.cpp", "peers", "decode throughput", render_peers)
+section("Batch-1 limits on the CPU", "batch1_limits", "batch-1 limits", render_batch1_limits)
 section("Sharded decoding on 1, 2, 4 and 8 devices", "sharding", "bytes per device", render_sharding)
 section("Needles: prompt-aware compression", "needles", "retrieval vs cache memory", render_needles)
 section("Self-speculative decoding", "speculative", "self-speculative decoding", render_speculative)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -79,8 +80,9 @@ def test_memory_quick_and_report(tmp_path):
   assert proc.returncode == 0, proc.stderr
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
-  # speedup, quality, streaming, peers, sharding, needles, speculative, lowrank, serving
-  assert md.count("*Not run yet.*") == 9
+  # speedup, quality, streaming, peers, batch1_limits, sharding, needles, speculative, lowrank,
+  # serving
+  assert md.count("*Not run yet.*") == 10
 
 
 def test_quality_quick(tmp_path):
@@ -178,3 +180,14 @@ def test_lowrank_quick(tmp_path):
   assert {"full", "share:2:cal", "int8", "lowrank:16", "lowrank:64+int4"} <= set(by_label)
   assert by_label["lowrank:16"]["bytes_per_token"] < by_label["full"]["bytes_per_token"] / 8
   assert all(math.isfinite(r["ppl"]) for r in d["rows"])
+
+
+def test_batch1_limits_quick(tmp_path):
+  run_script("batch1_limits", tmp_path, "--quick")
+  d = json.loads((tmp_path / "batch1_limits.json").read_text())
+  check_common(d, "batch1_limits")
+  assert d["xla_dot_chain"]["in_out"]["gb_per_s"] > 0
+  assert d["step_tok_per_s"]["xla"]["best"] > 0
+  if shutil.which("g++"):  # the roofline and the FFI kernel are built with the system compiler
+    assert d["roofline_gb_per_s"]["2t_huge"] > 0
+    assert d["step_tok_per_s"]["ffi-matvec"]["best"] > 0
