@@ -176,45 +176,30 @@ void run(ffi::ThreadPool& pool, const Problem& p, Kernel kernel, int64_t align) 
   while (split->done.load(std::memory_order_acquire) < split->n_chunks) relax();
 }
 
-ffi::Error check(size_t w_rank, int64_t x_size, int64_t in, int64_t y_size, int64_t out) {
-  if (w_rank != 2) return ffi::Error::InvalidArgument("kvjax matvec: w must be 2-D");
-  if (in <= 0 || x_size % in != 0 || y_size != x_size / in * out)
+// w is [in, out] when kInOut, else [out, in]; x is [..., in] and y [..., out].
+template <bool kInOut>
+ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("kvjax matvec: w must be 2-D");
+  const int64_t in = kInOut ? wd[0] : wd[1], out = kInOut ? wd[1] : wd[0];
+  const int64_t x_size = x.element_count();
+  if (in <= 0 || x_size % in != 0 || y->element_count() != x_size / in * out)
     return ffi::Error::InvalidArgument("kvjax matvec: x, w and y shapes do not agree");
+  Problem p{w.typed_data(), x.typed_data(), y->typed_data(), x_size / in, in, out};
+  if (kInOut) {
+    run(pool, p, in_out_columns, 16);
+  } else {
+    run(pool, p, out_in_rows, 4);
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error InOut(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                 ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
-  const int64_t in = wd.size() == 2 ? wd[0] : 0, out = wd.size() == 2 ? wd[1] : 0;
-  if (auto e = check(wd.size(), x.element_count(), in, y->element_count(), out); e.failure()) return e;
-  Problem p{w.typed_data(), x.typed_data(), y->typed_data(), x.element_count() / in, in, out};
-  run(pool, p, in_out_columns, 16);
-  return ffi::Error::Success();
-}
-
-ffi::Error OutIn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                 ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
-  const int64_t out = wd.size() == 2 ? wd[0] : 0, in = wd.size() == 2 ? wd[1] : 0;
-  if (auto e = check(wd.size(), x.element_count(), in, y->element_count(), out); e.failure()) return e;
-  Problem p{w.typed_data(), x.typed_data(), y->typed_data(), x.element_count() / in, in, out};
-  run(pool, p, out_in_rows, 4);
-  return ffi::Error::Success();
-}
+#define KVJAX_BIND_MATVEC                                                                 \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecInOut, InOut,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecOutIn, OutIn,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecInOut, Matvec<true>, KVJAX_BIND_MATVEC);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecOutIn, Matvec<false>, KVJAX_BIND_MATVEC);
