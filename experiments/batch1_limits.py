@@ -38,9 +38,12 @@ import time
 import common
 
 HERE = pathlib.Path(__file__).resolve().parent
-WEIGHT_BYTES = 538_000_000  # SmolLM2-135M fp32 weights read per token (30 layers + LM head)
+# SmolLM2-135M's matrices, as kvjax stores them: per layer q, k, v, o, gate, up, down [in, out],
+# and the tied embedding used as LM head [vocab, dim].
+N_LAYERS = 30
 LAYER_SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 HEAD_SHAPE = (49152, 576)
+WEIGHT_BYTES = 4 * (N_LAYERS * sum(a * b for a, b in LAYER_SHAPES) + HEAD_SHAPE[0] * HEAD_SHAPE[1])
 VARIANTS = ["xla", "hugepages", "ffi-matvec"]
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -68,8 +71,8 @@ def huge_pages(arrays) -> int:
   advise_huge, collapse, page = 14, 25, 1 << 21  # MADV_HUGEPAGE, MADV_COLLAPSE (Linux >= 6.1)
   covered = 0
   for a in arrays:
-    start = a.unsafe_buffer_pointer() & ~(page - 1)
-    end = (a.unsafe_buffer_pointer() + a.nbytes + page - 1) & ~(page - 1)
+    pointer = a.unsafe_buffer_pointer()
+    start, end = pointer & ~(page - 1), (pointer + a.nbytes + page - 1) & ~(page - 1)
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advise_huge)
     if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), collapse) == 0:
       covered += end - start
@@ -155,7 +158,7 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # 2. XLA's dots alone
 rng = np.random.default_rng(0)
-layers = 4 if args.quick else 30
+layers = 4 if args.quick else N_LAYERS
 shapes = LAYER_SHAPES * layers
 weights = [jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
 head = jnp.asarray(rng.standard_normal(HEAD_SHAPE, dtype=np.float32))

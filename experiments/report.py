@@ -305,7 +305,8 @@ def render_batch1_limits(d):
   if roof:
     def label(key):  # "2t_huge" -> "2 threads, huge pages"
       threads, pages = key.split("_")
-      return f"{threads[:-1]} thread{'s' if threads != '1t' else ''}, " + ("huge pages" if pages == "huge" else "4 KiB pages")
+      plural = "" if threads == "1t" else "s"
+      return f"{threads[:-1]} thread{plural}, {'huge' if pages == 'huge' else '4 KiB'} pages"
 
     rows = [[label(k), num(v, 1), num(v * 1e9 / weight, 0)] for k, v in roof.items()]
     lines += [table(["C stream (batch1/stream.c)", "GB/s", "tok/s bound"], rows), ""]

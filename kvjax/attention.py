@@ -245,7 +245,8 @@ def blockwise_stats(q, load_block: Callable, visible: Callable, n_blocks, block_
 
   load_block(start) -> (k, v [B, K, block_size, H]) of slots [start, start + block_size);
   visible(slots [block_size]) -> bool mask broadcastable to [B, K, T, block_size].
-  Returns the statistics of `attention_stats` over every block read.
+  Returns the statistics of `attention_stats` over every block read. Block 0 is always read, so
+  load_block(0) must be valid even when n_blocks is 0 (its keys are then all invisible).
   """
 
   def block_stats(j):

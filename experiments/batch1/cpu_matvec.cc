@@ -3,14 +3,13 @@
 // the SmolLM2 step it was no faster than XLA's dot (docs/results.md has the figures).
 //
 // The idea: a batch-1 step is 211 matrix-vector products that stream the whole model (538 MB)
-// once per token. On the 2-core CPU one thread streams about 29 GB/s and two about 47, so the
-// kernel splits each product over the calling thread plus XLA's intra-op pool.
+// once per token, and XLA runs each on one core while two cores stream faster than one (the
+// roofline rows of batch1_limits.py). So the kernel splits each product over the calling thread
+// plus XLA's intra-op pool.
 //
-// Two layouts:
-//   kvjax_matvec_in_out: y[m, n] = sum_d x[m, d] * w[d, n]    w: [in, out] (the layer weights)
-//   kvjax_matvec_out_in: y[m, n] = sum_d x[m, d] * w[n, d]    w: [out, in] (embedding / LM head)
-// x is [..., in] (the leading dims flattened to m), y is [..., out]. Every output element is
-// written by exactly one task, so results do not depend on how the work was split.
+// KvjaxMatvecInOut: y[m, n] = sum_d x[m, d] * w[d, n], w: [in, out] as kvjax stores the layer
+// weights; x is [..., in] (the leading dims flattened to m), y is [..., out]. Every output
+// element is written by exactly one task, so results do not depend on how the work was split.
 //
 // Work is cut into chunks of output columns that tasks claim from an atomic counter. The caller
 // claims chunks too, and waits only for chunks that another thread has already claimed, so a
@@ -85,58 +84,8 @@ void in_out_columns(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// ---- w [out, in]: dot products of four weight rows with x at a time. ----
-inline float dot_row(const float* w, const float* x, int64_t in) {
-  float s = 0.0f;
-  for (int64_t d = 0; d < in; ++d) s += w[d] * x[d];
-  return s;
-}
-
-void out_in_rows(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t in = p.in;
-  for (int64_t r = 0; r < p.m; ++r) {
-    const float* x = p.x + r * in;
-    float* y = p.y + r * p.out;
-    int64_t n = n0;
-#if defined(__AVX512F__)
-    const int64_t full = in & ~int64_t(15);
-    const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1u);
-    for (; n + 4 <= n1; n += 4) {
-      const float* w0 = p.w + n * in;
-      const float* w1 = w0 + in;
-      const float* w2 = w1 + in;
-      const float* w3 = w2 + in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t d = 0;
-      for (; d < full; d += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + d);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + d), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + d), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + d), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + d), xv, a3);
-      }
-      if (tail) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + d);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + d), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + d), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + d), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + d), xv, a3);
-      }
-      y[n] = _mm512_reduce_add_ps(a0);
-      y[n + 1] = _mm512_reduce_add_ps(a1);
-      y[n + 2] = _mm512_reduce_add_ps(a2);
-      y[n + 3] = _mm512_reduce_add_ps(a3);
-    }
-#endif
-    for (; n < n1; ++n) y[n] = dot_row(p.w + n * in, x, in);
-  }
-}
-
-using Kernel = void (*)(const Problem&, int64_t, int64_t);
-
 struct Split {
   Problem problem;
-  Kernel kernel;
   int64_t chunk, n_chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -146,7 +95,7 @@ struct Split {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= n_chunks) return;
       const int64_t n0 = c * chunk;
-      kernel(problem, n0, std::min(problem.out, n0 + chunk));
+      in_out_columns(problem, n0, std::min(problem.out, n0 + chunk));
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -155,18 +104,18 @@ struct Split {
 // Below this many weight bytes a second thread costs more than it saves.
 constexpr int64_t kMinParallelBytes = 256 * 1024;
 
-void run(ffi::ThreadPool& pool, const Problem& p, Kernel kernel, int64_t align) {
+// Output columns are split in chunks of a multiple of `align` (the kernel's vector width).
+void run(ffi::ThreadPool& pool, const Problem& p, int64_t align) {
   const int64_t bytes = p.in * p.out * static_cast<int64_t>(sizeof(float));
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t threads = std::min<int64_t>(cores, pool.num_threads() + 1);
   if (bytes < kMinParallelBytes || threads < 2) {
-    kernel(p, 0, p.out);
+    in_out_columns(p, 0, p.out);
     return;
   }
   // Two chunks per thread: enough to even out a late helper, few enough to keep long streams.
   auto split = std::make_shared<Split>();
   split->problem = p;
-  split->kernel = kernel;
   int64_t chunk = (p.out + 2 * threads - 1) / (2 * threads);
   chunk = (chunk + align - 1) / align * align;
   split->chunk = chunk;
@@ -176,30 +125,23 @@ void run(ffi::ThreadPool& pool, const Problem& p, Kernel kernel, int64_t align) 
   while (split->done.load(std::memory_order_acquire) < split->n_chunks) relax();
 }
 
-// w is [in, out] when kInOut, else [out, in]; x is [..., in] and y [..., out].
-template <bool kInOut>
-ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatvecInOut(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("kvjax matvec: w must be 2-D");
-  const int64_t in = kInOut ? wd[0] : wd[1], out = kInOut ? wd[1] : wd[0];
+  const int64_t in = wd[0], out = wd[1];
   const int64_t x_size = x.element_count();
-  if (in <= 0 || x_size % in != 0 || y->element_count() != x_size / in * out)
+  if (in <= 0 || x_size % in != 0 || static_cast<int64_t>(y->element_count()) != x_size / in * out)
     return ffi::Error::InvalidArgument("kvjax matvec: x, w and y shapes do not agree");
-  Problem p{w.typed_data(), x.typed_data(), y->typed_data(), x_size / in, in, out};
-  if (kInOut) {
-    run(pool, p, in_out_columns, 16);
-  } else {
-    run(pool, p, out_in_rows, 4);
-  }
+  run(pool, Problem{w.typed_data(), x.typed_data(), y->typed_data(), x_size / in, in, out}, 16);
   return ffi::Error::Success();
 }
 
-#define KVJAX_BIND_MATVEC                                                                 \
-  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() \
-      .Ret<ffi::Buffer<ffi::F32>>()
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecInOut, Matvec<true>, KVJAX_BIND_MATVEC);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecOutIn, Matvec<false>, KVJAX_BIND_MATVEC);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvjaxMatvecInOut, MatvecInOut,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
