@@ -737,9 +737,12 @@ def applicable(cache) -> list[str]:
   return names
 
 
+QUICK_EXAMPLES = 3  # examples per invariant with quick=True
+
+
 def check_cache_kind(factory: Callable, *, name: str | None = None, dtype=jnp.float32,
                      head_dim: int = 16, capacity: int = 8, shapes=None, max_examples: int = 6,
-                     only=None, skip=()) -> list[str]:
+                     only=None, skip=(), quick: bool = False) -> list[str]:
   """Runs the conformance suite on one cache kind; returns the names of the invariants checked.
 
   factory(n_layers, batch, kv_heads, head_dim, capacity, dtype) -> an empty cache of the kind.
@@ -747,6 +750,9 @@ def check_cache_kind(factory: Callable, *, name: str | None = None, dtype=jnp.fl
     divides; an evicting kind may size itself from its budget instead). shapes: a strategy of
     `strategies.CacheShape` to draw from instead (default: 2 layers, batch 1 or 3, 1 or 2 kv heads).
   max_examples: hypothesis examples per invariant. only / skip: names from `INVARIANTS`.
+  quick: a cheap run for a development loop: one shape (2 layers, batch 3, 2 kv heads) and at
+    most `QUICK_EXAMPLES` examples per invariant, so a kind compiles a few executables, not one
+    set per shape. Every invariant still runs; the thorough default searches wider.
 
   Raises `CacheKindError` (an AssertionError) naming every violated invariant, each with its
   message and the minimal failing example hypothesis shrank it to.
@@ -755,7 +761,10 @@ def check_cache_kind(factory: Callable, *, name: str | None = None, dtype=jnp.fl
   if unknown:
     raise ValueError(f"check_cache_kind: unknown invariants {sorted(unknown)}; known: {INVARIANTS}")
   if shapes is None:
-    shapes = kst.cache_shapes(n_layers=(2,), head_dims=(head_dim,), capacities=(capacity,))
+    shapes = kst.cache_shapes(n_layers=(2,), head_dims=(head_dim,), capacities=(capacity,),
+                              **({"batch": (3,), "kv_heads": (2,)} if quick else {}))
+  if quick:
+    max_examples = min(max_examples, QUICK_EXAMPLES)
   probe = factory(*kst.CacheShape(2, 1, 1, head_dim, capacity).args(dtype))
   base.check_cache(probe, "check_cache_kind")
   kit = _Kit(factory, dtype, shapes, max_examples, name or getattr(factory, "__name__", "kind"))

@@ -10,13 +10,11 @@ of tests/test_registry_kinds.py with one thing changed each.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import struct
 
-from kvjax import attention as attn
 from kvjax.caches import base
 from kvjax.caches.full import FullCache
 from kvjax.testing import CacheKindError, check_cache_kind
@@ -114,11 +112,11 @@ def test_each_bug_is_caught_by_its_invariant(factory, invariant):
   _assert_caught(factory, invariant, only=[invariant])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("factory,invariant", BROKEN, ids=lambda x: getattr(x, "__name__", x))
-def test_each_bug_is_caught_and_named_by_the_whole_suite(factory, invariant):
-  """The whole suite, as a user runs it, fails with the right invariant among those it names."""
-  _assert_caught(factory, invariant)
+def test_each_bug_is_caught_and_named_by_the_whole_suite(factory, invariant, kvjax_kit):
+  """The whole suite, as a user runs it, fails with the right invariant among those it names:
+  the quick setting (one shape, 3 examples: the fast lane's) and the thorough one (slow lane)."""
+  _assert_caught(factory, invariant, quick=kvjax_kit == "quick")
 
 
 @pytest.mark.parametrize("factory", [full_factory(""), ring_factory("")], ids=lambda f: f.__name__)
