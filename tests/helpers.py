@@ -9,15 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
 import kvjax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-SETTINGS = settings(max_examples=20, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow,
-                                           HealthCheck.function_scoped_fixture])
+
+
+def examples(n: int) -> settings:
+  """Hypothesis settings for a property that runs `n` examples under the `ci` profile and
+  proportionally fewer under `dev` (a quarter, at least 2); see tests/conftest.py. Deadlines and
+  health checks come from the profile."""
+  scale = settings.default.max_examples / settings.get_profile("ci").max_examples
+  return settings(max_examples=max(2, round(n * scale)))
+
+
+SETTINGS = examples(20)  # the usual count for a property that compiles per shape bucket
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kvjax.attention import (RoPE, blockwise_attention, causal_attention, dense_attention,
                              group_queries)
 from kvjax.testing import oracle
+from tests.helpers import examples
 
 ATOL = 1e-5
 
@@ -87,7 +88,7 @@ _blockwise = jax.jit(blockwise_attention, static_argnames=("block_size",))
 
 @pytest.mark.parametrize("kv,g,t,s", [(1, 1, 1, 5), (2, 3, 4, 9), (2, 2, 3, 1)])
 @given(seed=st.integers(0, 2**16), density=st.floats(0.0, 1.0))
-@settings(max_examples=8, deadline=None)
+@examples(8)
 def test_dense_attention_matches_oracle(kv, g, t, s, seed, density):
   rng = np.random.default_rng(seed)
   b, h = 2, 8
@@ -146,7 +147,7 @@ def test_causal_attention_first_token_is_its_value():
 @pytest.mark.parametrize("kv,g,bs,n_blocks,t", [(1, 1, 4, 4, 1), (2, 2, 4, 3, 3), (1, 4, 8, 2, 2),
                                                 (2, 1, 8, 1, 4)])
 @given(data=st.data())
-@settings(max_examples=10, deadline=None)
+@examples(10)
 def test_blockwise_matches_oracle(kv, g, bs, n_blocks, t, data):
   b, h, s = 3, 8, bs * n_blocks
   # Ragged rows (empty ones included): row b holds kv_len tokens and its T queries are its newest.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import kvjax
 from kvjax import planning as plan_lib
 from kvjax.planning import PlanError, estimate_bytes, measured_bytes, plan, rank
+from tests.helpers import examples
 
 SPECS = ["full", "dynamic", "offload", "int8", "int4", "int3", "int2", "int4+residual:64",
          "int2+residual:64", "int8+group:16", "sink:4+window:32", "window:16", "tier:64:fp32,32:int4",
@@ -42,7 +43,7 @@ def real_bytes(spec, config, context, batch, dtype):
 
 @given(spec=st.sampled_from(SPECS), config=configs, context=st.integers(1, 300), batch=st.integers(1, 3),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
-@settings(max_examples=25, deadline=None)
+@examples(25)
 def test_estimate_equals_real_nbytes(spec, config, context, batch, dtype):
   parsed = kvjax.parse_spec(spec)
   assume(built(parsed))  # kinds whose module is missing are left out
@@ -75,7 +76,7 @@ def _sized_n(spec) -> int:
 
 
 @given(budget=st.integers(1 << 14, 1 << 25), context=st.integers(70, 4000), batch=st.integers(1, 2))
-@settings(max_examples=25, deadline=None)
+@examples(25)
 def test_plan_picks_most_faithful_fitting(budget, context, batch):
   cfg = kvjax.SMOLLM2_135M
   try:

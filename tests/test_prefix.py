@@ -15,13 +15,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
 from kvjax import prefix
 from kvjax.prefix import PrefixStore, generate_with_prefix
-from tests.helpers import smollm2_or_skip
+from tests.helpers import examples
 
 
 def leaves(tree):
@@ -34,7 +34,7 @@ def assert_same_leaves(before, tree):
 
 
 @given(data=st.data())
-@settings(max_examples=6, deadline=None)
+@examples(6)
 def test_equals_plain_generate(tiny, data):
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
   prefix_ids = rng.integers(0, 260, data.draw(st.integers(1, 20))).tolist()
@@ -171,7 +171,7 @@ ops = st.lists(st.tuples(st.sampled_from(["get", "put"]), st.integers(0, 5), st.
 
 
 @given(ops=ops, budget=st.integers(1, 100))
-@settings(max_examples=25, deadline=None)
+@examples(25)
 def test_store_is_lru_within_budget(ops, budget):
   store = PrefixStore(budget)
   model: list[tuple[int, int]] = []  # (key, size), least recently used first
@@ -197,8 +197,8 @@ def test_store_is_lru_within_budget(ops, budget):
 
 
 @pytest.mark.slow
-def test_smollm2_prefix_equals_plain():
-  model = smollm2_or_skip()
+def test_smollm2_prefix_equals_plain(smollm2):
+  model = smollm2
   system = model.tokenizer.encode("You are a helpful assistant. Answer briefly.\n")
   questions = [model.tokenizer.encode(q) for q in ("What is 2+2?", "Name a color.")]
   got = generate_with_prefix(model, system, questions, max_new_tokens=6)

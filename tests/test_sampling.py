@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kvjax.sampling import GREEDY, Sampler
+from tests.helpers import examples
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.07, 0.03]], jnp.float32))
 
@@ -35,7 +36,7 @@ _GREEDY_LIKE = [jax.jit(s) for s in (GREEDY, Sampler(temperature=2.0, top_k=1),
 
 
 @given(seed=st.integers(0, 2**16))
-@settings(max_examples=10, deadline=None)
+@examples(10)
 def test_greedy_is_argmax(seed):
   logits = jax.random.normal(jax.random.PRNGKey(seed), (4, 50))
   want = np.argmax(np.asarray(logits), -1)

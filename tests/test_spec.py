@@ -12,11 +12,12 @@ Invariants checked:
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
 from kvjax.spec import CacheSpec, SpecError, parse_spec
+from tests.helpers import examples
 
 small = st.integers(1, 4096)
 
@@ -51,7 +52,7 @@ def valid_specs(draw):
 
 
 @given(spec=valid_specs())
-@settings(max_examples=25, deadline=None)
+@examples(25)
 def test_roundtrip(spec):
   text = str(spec)
   assert parse_spec(text) == spec, text

@@ -5,12 +5,13 @@ import pathlib
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kvjax.models import registry
 from kvjax.models.tokenizer import (ByteTokenizer, StreamDecoder, Tokenizer, TokenizerError,
                                     _byte_alphabet)
+from tests.helpers import examples
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SHAKESPEARE = pathlib.Path("/work/shared/data/tinyshakespeare.txt")
@@ -221,7 +222,7 @@ def test_byte_tokenizer_basics():
   assert text == "user: yo\nassistant: "
 
 
-@settings(max_examples=100, deadline=None)
+@examples(100)
 @given(st.text())
 def test_byte_tokenizer_roundtrip(text):
   tok = ByteTokenizer()
@@ -234,7 +235,7 @@ def test_byte_tokenizer_roundtrip(text):
   assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
 
 
-@settings(max_examples=100, deadline=None)
+@examples(100)
 @given(st.lists(st.integers(0, 259), max_size=40))
 def test_byte_stream_equals_decode(ids):
   tok = ByteTokenizer()
@@ -243,7 +244,7 @@ def test_byte_stream_equals_decode(ids):
 
 
 def test_smollm2_roundtrip_property(smol):
-  @settings(max_examples=60, deadline=None)
+  @examples(60)
   @given(st.text(max_size=40))
   def check(text):
     ids = smol.encode(text)

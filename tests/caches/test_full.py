@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
@@ -31,6 +31,7 @@ from kvjax.attention import RoPE
 from kvjax.caches.full import FullCache
 from kvjax.testing import oracle, spec_factory
 from kvjax.testing import strategies as kst
+from tests.helpers import examples
 
 L, B, K, H, CAP = 2, 3, 2, 4, 16
 
@@ -156,7 +157,7 @@ def feed(cache, orc, rng, t, n_valid):
 
 @given(steps=st.lists(st.tuples(st.sampled_from([1, 3, 5]), st.integers(0, 2**16)), min_size=1, max_size=6),
        seed=st.integers(0, 2**16))
-@settings(max_examples=12, deadline=None)
+@examples(12)
 def test_attend_matches_oracle(steps, seed):
   """Several blocks, RoPE: oracle attention at every real query, keys stored rotated, one layer."""
   rng = np.random.default_rng(seed)

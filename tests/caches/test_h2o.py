@@ -33,7 +33,7 @@ from kvjax.attention import RoPE
 from kvjax.caches import h2o
 from kvjax.models import llama
 from kvjax.testing import oracle, spec_factory
-from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
+from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits
 
 L, B, K, G, H = 2, 2, 2, 2, 16
 GROUP = 8
@@ -372,8 +372,8 @@ def test_spec_errors_and_ops(tiny):
 # Real model
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_h2o():
-  model = smollm2_or_skip()
+def test_smollm2_h2o(smollm2):
+  model = smollm2
   spec = "h2o:64+window:64"
   res = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache=spec)
   full = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache="full")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
@@ -34,7 +34,7 @@ from kvjax.caches.offload import OffloadCache
 from kvjax.models.llama import Llama
 from kvjax.testing import oracle, spec_factory
 from kvjax.testing import strategies as kst
-from tests.helpers import smollm2_or_skip
+from tests.helpers import examples
 
 L, B, K, H, CAP, BS, R = 2, 3, 2, 4, 16, 4, 8
 
@@ -90,7 +90,7 @@ step_strategy = st.integers(1, 6).flatmap(
 
 
 @given(steps=st.lists(step_strategy, min_size=1, max_size=6), seed=st.integers(0, 2**16))
-@settings(max_examples=20, deadline=None)
+@examples(20)
 def test_ring_and_host_follow_appends(steps, seed):
   """The host holds every stored token, the ring the last R at slot p mod R (overflow inside jit
   included: dropped, never written onto others), and the buffers stay in host memory."""
@@ -248,8 +248,8 @@ def test_generate_equals_full(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_offload_matches_full():
-  model = smollm2_or_skip()
+def test_smollm2_offload_matches_full(smollm2):
+  model = smollm2
   prompt = "The capital of France is"
   full = kvjax.generate(model, prompt, max_new_tokens=8, cache="full")
   off = kvjax.generate(model, prompt, max_new_tokens=8, cache="offload")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
@@ -37,7 +37,7 @@ from kvjax.caches.quantized import QuantizedCache, from_full, from_spec, quantiz
 from kvjax.models.llama import Llama
 from kvjax.spec import SpecError, make_cache, parse_spec
 from kvjax.testing import oracle, spec_factory
-from tests.helpers import smollm2_or_skip
+from tests.helpers import examples
 
 L, K, H = 2, 2, 32
 
@@ -151,7 +151,7 @@ def test_conformance(check_kind, spec):
 
 
 # ---- contents ------------------------------------------------------------------------------------
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(20)
 @given(bits=st.sampled_from([8, 4, 3, 2]), residual=st.sampled_from([None, 16]),
        seed=st.integers(0, 2**31 - 1),
        steps=st.lists(st.tuples(st.sampled_from([1, 24]), st.lists(st.integers(0, 24), min_size=3,
@@ -464,8 +464,8 @@ def _shakespeare_ids(model, n):
 
 
 @pytest.mark.slow
-def test_smollm2_generate_int8_matches_full_start():
-  model = smollm2_or_skip()
+def test_smollm2_generate_int8_matches_full_start(smollm2):
+  model = smollm2
   prompt = "The quick brown fox"
   res = kvjax.generate(model, prompt, max_new_tokens=12, cache="int8")
   ref = kvjax.generate(model, prompt, max_new_tokens=12, cache="full")
@@ -474,8 +474,8 @@ def test_smollm2_generate_int8_matches_full_start():
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_int8_within_one_percent():
-  model = smollm2_or_skip()
+def test_smollm2_perplexity_int8_within_one_percent(smollm2):
+  model = smollm2
   ids = _shakespeare_ids(model, 256)
   full = kvjax.perplexity(model, ids, cache="full")
   int8 = kvjax.perplexity(model, ids, cache="int8")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
@@ -40,7 +40,7 @@ from kvjax.attention import RoPE
 from kvjax.caches.shared import SharedCache, ShareMaps
 from kvjax.models.llama import Llama
 from kvjax.testing import oracle, spec_factory
-from tests.helpers import smollm2_or_skip
+from tests.helpers import examples
 
 
 # ---- the kit's generic invariants ------------------------------------------------------------------
@@ -212,7 +212,7 @@ step_strategy = st.integers(1, 3).flatmap(
 
 
 @given(steps=st.lists(step_strategy, min_size=1, max_size=4), seed=st.integers(0, 2**16))
-@settings(max_examples=15, deadline=None)
+@examples(15)
 def test_append_writes_leaders_and_view_serves_followers(steps, seed):
   rng = np.random.default_rng(seed)
   eager = jitted = shared_cache()
@@ -339,7 +339,7 @@ def test_collect_kv_matches_oracle_projections(tiny_gqa):
 
 
 @given(n_in=st.integers(1, 6), n_out=st.integers(1, 6), seed=st.integers(0, 2**16))
-@settings(max_examples=20, deadline=None)
+@examples(20)
 def test_fit_affine_recovers_exact_maps(n_in, n_out, seed):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((40, n_in))
@@ -367,8 +367,8 @@ def test_fit_share_maps_beats_identity_on_calibration_data(tiny_gqa):
 
 
 @pytest.mark.slow
-def test_smollm2_shared_generates_sane_tokens():
-  model = smollm2_or_skip()
+def test_smollm2_shared_generates_sane_tokens(smollm2):
+  model = smollm2
   out = kvjax.generate(model, "The capital of France is", max_new_tokens=6, cache="share:2")
   assert ((out.tokens >= 0) & (out.tokens < model.config.vocab_size)).all()
   full = kvjax.make_cache("full", model.config, 1, 64)

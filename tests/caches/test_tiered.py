@@ -30,7 +30,7 @@ from kvjax.attention import RoPE
 from kvjax.caches import tiered
 from kvjax.models import llama
 from kvjax.testing import oracle, spec_factory
-from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits, smollm2_or_skip
+from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits
 
 L, B, K, G, H = 2, 2, 2, 2, 16
 GROUP = 8
@@ -312,8 +312,8 @@ def test_spec_errors_and_unsupported_ops(tiny):
 # Real model
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_tiered():
-  model = smollm2_or_skip()
+def test_smollm2_tiered(smollm2):
+  model = smollm2
   spec = "tier:32:fp32,64:int8,128:int2"
   res = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache=spec)
   full = kvjax.generate(model, "The quick brown fox", max_new_tokens=12, cache="full")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
@@ -38,9 +38,8 @@ from kvjax.attention import RoPE
 from kvjax.caches.window import WindowCache, slide
 from kvjax.models.llama import Llama
 from kvjax.testing import oracle, spec_factory
-from tests.helpers import smollm2_or_skip
+from tests.helpers import SETTINGS
 
-SETTINGS = settings(max_examples=20, deadline=None)
 THETA = 10000.0
 
 
@@ -434,11 +433,6 @@ def test_perplexity_tiny(tiny):
 # SmolLM2 (slow)
 # ---------------------------------------------------------------------------------------------
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare.txt"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-  return smollm2_or_skip()
 
 
 @pytest.mark.slow
