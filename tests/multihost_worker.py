@@ -21,7 +21,10 @@ parser.add_argument("--rules", default=None)
 parser.add_argument("--cache", default="full")
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# Keep the caller's other XLA flags (the test suite compiles at a low optimization level).
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=4"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -118,6 +118,7 @@ def test_perplexity_json(capsys, tmp_path, tiny):
   assert out["cache_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_module_subprocess():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(

@@ -137,10 +137,14 @@ def test_refused_requests(model):
   assert engine.insert(Request(ids=[1] * 3, max_new_tokens=2)) is None  # no free row now
 
 
-def test_beam_search_shares_pages_and_matches_full(model):
+def test_one_beam_is_greedy(model):
   ids = prompts(9, [37])[0]
   one = beam_search(model, ids, beams=1, max_new_tokens=10, cache="paged:8")
   assert one.tokens[0].tolist() == alone(model, ids, 10)
+
+
+def test_beam_search_shares_pages_and_matches_full(model):
+  ids = prompts(9, [37])[0]
   paged = beam_search(model, ids, beams=4, max_new_tokens=10, cache="paged:8")
   full = beam_search(model, ids, beams=4, max_new_tokens=10, cache="full")
   np.testing.assert_array_equal(paged.tokens, full.tokens)

