@@ -118,6 +118,19 @@ def test_perplexity_json(capsys, tmp_path, tiny):
   assert out["cache_bytes"] > 0
 
 
+def test_python_dash_m_runs_the_cli(monkeypatch, capsys, tiny):
+  """`python -m kvjax` is the CLI (in this process: the subprocess version is in the full lane)."""
+  import runpy
+
+  monkeypatch.setattr(sys, "argv", ["kvjax", "generate", "Hi", "--model", "tiny",
+                                    "--max-new-tokens", "2", "--json"])
+  with pytest.raises(SystemExit) as exit_info:
+    runpy.run_module("kvjax", run_name="__main__")
+  assert exit_info.value.code in (0, None)
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert len(out["ids"]) == 2
+
+
 @pytest.mark.slow
 def test_module_subprocess():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
