@@ -64,6 +64,7 @@ import kvjax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
+
 # ---- lanes -------------------------------------------------------------------------------------
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
