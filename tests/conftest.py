@@ -15,7 +15,7 @@ models. docs/contributing.md says how to use them.
   picks one. Tests state their full count once with `tests.helpers.examples(n)`.
 * Conformance kit. The `check_kind` fixture runs each kind twice: a cheap setting (one shape, few
   examples) in the fast lane and the thorough one (every shape, the full example count) marked
-  slow.
+  slow; a spec that is slow by its own parametrization runs only the thorough one.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.slow)
     # A spec whose own parametrization is slow had only its thorough kit run before the quick
     # setting existed; its quick run would repeat a subset of that one in the same lane.
-    if "[quick-" in item.nodeid and item.get_closest_marker("slow"):
+    kit = getattr(item, "callspec", None) and item.callspec.params.get("kvjax_kit")
+    if kit == "quick" and item.get_closest_marker("slow"):
       repeats.append(item)
     else:
       kept.append(item)

@@ -8,8 +8,10 @@ controller on each report's `user_properties`, so one file covers the whole run:
   python -m pytest -q -n 2 --timing-report=timings.json   # default: .pytest_cache/kvjax-timings.json
   python scripts/test_timings.py timings.json             # the top 20 by wall time and by compiles
 
-A persistent-cache hit builds nothing, so a warm run shows fewer compiles than a cold one:
-`cache_hits` counts those loads (`/jax/compilation_cache/cache_hits`).
+`compiles` counts every executable a test obtained, built or loaded from the persistent
+compilation cache (JAX times both as a backend compile); `cache_hits` says how many of them were
+loads (`/jax/compilation_cache/cache_hits`), so a warm run shows the same compiles, more hits and
+fewer compile seconds.
 """
 
 from __future__ import annotations
