@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode
+from kvjax import decode, prompts
 from kvjax import spec as spec_lib
 from kvjax.caches import registry
 from kvjax.caches.base import supports
@@ -104,9 +104,8 @@ def extend(model, cache, tokens, n_valid=None):
 
 def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_options):
   """A batch-1 cache of the given spec holding the prefix tokens (1-D ids)."""
-  prefix_ids = np.asarray(prefix_ids, np.int32).reshape(-1)
-  if prefix_ids.size == 0:
-    raise ValueError("prefill_prefix: the prefix is empty")
+  prefix_ids = prompts.token_row(prefix_ids, getattr(model, "tokenizer", None),
+                                 what="prefill_prefix: the prefix")
   decode._validate_vocab(prefix_ids, model.config.vocab_size)
   empty = spec_lib.make_cache(cache, model.config, 1, capacity, model_dtype(model), **cache_options)
   if not empty.fits(prefix_ids.size):

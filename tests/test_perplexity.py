@@ -76,6 +76,17 @@ def test_errors(tiny):
     kvjax.perplexity(tiny, IDS, cache="int5")
 
 
+def test_ids_are_read_like_generate_prompts(tiny):
+  """Float ids are refused, never truncated (a 2-D float array was refused, a list of float
+  arrays was not); text is encoded with the model's tokenizer."""
+  for bad in ([np.array([1.5, 2.0, 3.0])], np.array([1.0, 2.0, 3.0]), [[1, 2], [3.0, 4.0]]):
+    with pytest.raises(TypeError, match="integer"):
+      kvjax.perplexity(tiny, bad)
+  text = kvjax.perplexity(tiny, "hello there")
+  ids = kvjax.perplexity(tiny, tiny.tokenizer.encode("hello there"))
+  np.testing.assert_allclose(text.token_nll, ids.token_nll)
+
+
 def test_input_not_mutated(tiny):
   ids = IDS.copy()
   kvjax.perplexity(tiny, ids, cache="window:16", chunk=8)

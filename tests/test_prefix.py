@@ -146,7 +146,7 @@ def test_extend_and_broadcast_leave_inputs_alone(tiny):
 
 
 def test_errors(tiny):
-  with pytest.raises(ValueError, match="empty prompt in row 1"):
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
     generate_with_prefix(tiny, [1, 2], [[3], []], max_new_tokens=2)
   with pytest.raises(ValueError, match="prefix is empty"):
     generate_with_prefix(tiny, [], [[3]], max_new_tokens=2)
