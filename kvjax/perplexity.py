@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import sharding
+from kvjax import prompts, sharding
 from kvjax import spec as spec_lib
 from kvjax.caches import base, registry
 from kvjax.decode import compile_stats
@@ -80,15 +80,6 @@ def _probe_capacity(spec) -> int:
   return max(64, spec.budget or 0)
 
 
-def _documents(ids) -> tuple[list[np.ndarray], bool]:
-  """(documents as int32 1-D arrays, whether several were given)."""
-  if hasattr(ids, "ndim") and ids.ndim == 2:
-    return [np.asarray(row, np.int32) for row in ids], True
-  if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], (int, np.integer)):
-    return [np.asarray(d, np.int32).reshape(-1) for d in ids], True
-  return [np.asarray(ids, np.int32).reshape(-1)], False
-
-
 def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: int | None = None,
                cache_options: dict | None = None, mesh=None, rules=None):
   """Perplexity of `model` on token ids, fed through a cache.
@@ -104,13 +95,16 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   mesh, rules: run over a device mesh (documents split over the batch axes); see `kvjax.sharding`.
   """
   check_model(model, "perplexity")
-  docs, batched = _documents(ids)
+  docs, batched = prompts.token_rows(ids, getattr(model, "tokenizer", None), what="document")
   for i, d in enumerate(docs):
     if d.size < 2:
       raise ValueError(f"perplexity needs at least 2 tokens per document; document {i} has {d.size}")
     if d.min() < 0 or d.max() >= model.config.vocab_size:
       raise ValueError(f"token ids of document {i} must lie in [0, {model.config.vocab_size})")
-  batch, longest = len(docs), max(d.size for d in docs)
+  n_docs, longest = len(docs), max(d.size for d in docs)
+  batch = n_docs  # a mesh's batch axes may need padding rows (one token 0) after the documents
+  if mesh is not None and not hasattr(cache, "attend"):
+    batch = sharding.padded_batch(mesh, n_docs, rules)
   if hasattr(cache, "attend"):
     base.check_cache(cache, "perplexity")
     if cache.batch != batch:
@@ -136,7 +130,7 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   padded_len = -(-registry.bucket(longest) // chunk) * chunk
   n_chunks = padded_len // chunk
   tokens = np.zeros((batch, padded_len), np.int32)
-  lengths = np.array([d.size for d in docs], np.int32)
+  lengths = np.array([d.size for d in docs] + [1] * (batch - n_docs), np.int32)
   for b, d in enumerate(docs):
     tokens[b, :d.size] = d
   starts = np.arange(n_chunks, dtype=np.int32)[:, None] * chunk

@@ -26,7 +26,9 @@ When a size does not divide its mesh axes (SmolLM2 has 3 kv heads; meshes have 2
   |                               | 2. the slots over `model` (flash-decoding), if the kind       |
   |                               |    supports it and the capacity divides                        |
   |                               | 3. replicated over `model` (every device holds all heads)     |
-  | batch over `data`             | replicated over `data`                                       |
+  | batch over `data`             | `generate` / `perplexity` pad the batch up to a multiple     |
+  |                               | (`padded_batch`); given a batch that does not divide:         |
+  |                               | replicated over `data`                                       |
   | slots (asked for) over an axis| replicated                                                   |
 
 Weights are tensor-parallel only while kv heads are split over the same axes (query heads are
@@ -203,6 +205,21 @@ def plan(mesh: Mesh, config, *, batch: int, capacity: int | None = None, rules: 
     notes.append("weights replicated (they are tensor-parallel only while kv heads are split)")
   resolved = AxisRules(**kept, tensor_parallel=tp)
   return ShardingPlan(mesh, resolved, tuple(notes))
+
+
+def padded_batch(mesh: Mesh, batch: int, rules: AxisRules | None = None) -> int:
+  """The smallest batch >= `batch` that the rules' batch axes present in `mesh` divide.
+
+  `generate` and `perplexity` pad their rows up to it (padding rows are independent and finish at
+  once), so the batch is split over `data` instead of being replicated: each device then holds
+  and computes ceil(batch / n) rows rather than all of them."""
+  names = set(mesh.axis_names)
+  n = math.prod(mesh.shape[a] for a in (rules or AxisRules()).batch if a in names)
+  return -(-batch // n) * n
+
+
+def with_note(plan_: ShardingPlan, note: str) -> ShardingPlan:
+  return dataclasses.replace(plan_, notes=plan_.notes + (note,))
 
 
 # ---------------------------------------------------------------------------------------------

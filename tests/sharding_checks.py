@@ -153,6 +153,7 @@ def main():
     kvjax.clear_caches()
   if args.suite == "tiny-full":
     rows.append(recompiles(model, prompts_ragged))
+    rows.append(padded_batch(model, prompts_ragged[:3]))
   with open(args.out, "w") as f:
     json.dump(rows, f)
 
@@ -165,6 +166,21 @@ def recompiles(model, prompts):
   kvjax.generate(model, [p[::-1] for p in prompts], max_new_tokens=7, capacity=64,
                  mesh=mesh_of("data=2,model=4"))
   return {"check": "recompiles", "compiles": kvjax.compile_stats()["n_compiles"] - before}
+
+
+def padded_batch(model, prompts):
+  """3 prompts on a data=8 mesh: padded to 8 rows, each device holds one row's cache (not all
+  three replicated), and the tokens and NLLs are those of one device."""
+  mesh = mesh_of("data=8")
+  ref = kvjax.generate(model, prompts, max_new_tokens=8, capacity=64, stop_at_eos=False)
+  out = kvjax.generate(model, prompts, max_new_tokens=8, capacity=64, stop_at_eos=False, mesh=mesh)
+  ref_ppl = kvjax.perplexity(model, prompts)
+  ppl = kvjax.perplexity(model, prompts, mesh=mesh)
+  return {"check": "padded-batch", "tokens_equal": bool((out.tokens == ref.tokens).all()),
+          "shape": list(out.tokens.shape), "plan": out.sharding,
+          "nll_diff": max(float(np.abs(a.token_nll - b.token_nll).max()) for a, b in zip(ppl, ref_ppl)),
+          "cache_rows": out.cache.batch, "cache_bytes_per_device": ks.max_bytes_per_device(out.cache),
+          "cache_bytes": int(sum(out.cache.nbytes().values()))}
 
 
 if __name__ == "__main__":

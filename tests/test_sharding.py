@@ -76,6 +76,13 @@ def test_full_cache_sharded_equals_unsharded(tmp_path):
   assert len(errors) == 1 and "cannot split its slots" in errors[0]["error"]
   (recompiles,) = [r for r in rows if r.get("check") == "recompiles"]
   assert recompiles["compiles"] == 0
+  # 3 prompts on data=8: padded to 8 rows and split, not replicated (each device: one row)
+  (padded,) = [r for r in rows if r.get("check") == "padded-batch"]
+  assert padded["tokens_equal"] and padded["nll_diff"] < 1e-4, padded
+  assert padded["shape"][0] == 3 and padded["cache_rows"] == 8, padded
+  assert padded["cache_bytes_per_device"] < padded["cache_bytes"] / 8 + 64, padded
+  assert "batch over data" in padded["plan"] and "padded to 8 rows" in padded["plan"], padded
+  assert "batch is replicated" not in padded["plan"], padded
 
 
 @pytest.mark.slow
