@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax import prompts as prompts_lib
 from kvjax import sharding, speculative
 from kvjax import spec as spec_lib
-from kvjax.caches import base, registry
+from kvjax.caches import base, paged, registry
 from kvjax.caches.base import CapacityError
 from kvjax.caches.full import FullCache
 from kvjax.models.protocol import check_model, model_dtype, static_step
@@ -74,6 +75,22 @@ def compile_stats() -> dict:
   tracing, lowering and compiling them, 'by_function': {'jit(_decode)': count, ...}} (eager
   jax.numpy operations count too: each new shape of one is a small executable)."""
   return dict(_COMPILES, by_function=dict(_COMPILED_FUNCTIONS))
+
+
+class _Stopwatch:
+  """Wall seconds of the timed blocks minus the compiling done inside them (`compile_stats`), so
+  a first call reports the speed of the compiled code, as a second call would."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def __enter__(self):
+    self._start, self._compiling = time.perf_counter(), _COMPILES["compile_s"]
+    return self
+
+  def __exit__(self, *exc):
+    compiling = _COMPILES["compile_s"] - self._compiling
+    self.seconds += max(time.perf_counter() - self._start - compiling, 0.0)
 
 
 def clear_caches() -> None:
@@ -156,54 +173,13 @@ def _uncached_step(params, tokens, lengths, key, *, model, sampler, layout):
 def normalize_prompts(prompts, tokenizer=None, prompt_lengths=None, padding: str = "right"):
   """Returns (ids int32 [B, P] right-padded with 0, lengths int32 [B]).
 
-  Accepts: a string or list of strings (needs `tokenizer`), a list of ints (one row), a list of
-  lists of ints (ragged rows), or a 2-D array with optional `prompt_lengths` and `padding`
-  ('right': real tokens first, 'left': real tokens last).
+  Accepts what `kvjax.prompts` does: a string or list of strings (needs `tokenizer`), a list of
+  ints (one row), a list of lists of ints (ragged rows), or a 2-D integer array with optional
+  `prompt_lengths` and `padding` ('right': real tokens first, 'left': real tokens last).
   """
-  if padding not in ("left", "right"):
-    raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
-  if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                  and all(isinstance(p, str) for p in prompts)):
-    if tokenizer is None:
-      raise TypeError("text prompts need a model with a tokenizer; pass token ids instead")
-    texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    rows = [tokenizer.encode(t) for t in texts]
-  elif isinstance(prompts, (list, tuple)):
-    if not prompts:
-      raise ValueError("empty prompt: give at least one token")
-    if all(isinstance(p, (int, np.integer)) for p in prompts):
-      rows = [list(prompts)]
-    elif all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
-      rows = [list(np.asarray(p).reshape(-1)) for p in prompts]
-    else:
-      raise TypeError("prompts must be a string, a list of ints, a list of lists of ints, or a 2-D array")
-  else:
-    arr = np.asarray(prompts)
-    if arr.ndim == 1:
-      arr = arr[None]
-    if arr.ndim != 2:
-      raise ValueError(f"prompt array must be [batch, length], got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-      raise TypeError(f"prompt ids must be integers, got dtype {arr.dtype}")
-    lengths = np.full(arr.shape[0], arr.shape[1]) if prompt_lengths is None else np.asarray(prompt_lengths)
-    if lengths.shape != (arr.shape[0],):
-      raise ValueError(f"prompt_lengths must have shape [batch]=({arr.shape[0]},), got {lengths.shape}")
-    if (lengths > arr.shape[1]).any() or (lengths < 0).any():
-      raise ValueError(f"prompt_lengths must lie in [1, {arr.shape[1]}], got {lengths.tolist()}")
-    if padding == "right":
-      rows = [list(arr[b, :n]) for b, n in enumerate(lengths)]
-    else:
-      rows = [list(arr[b, arr.shape[1] - n:]) for b, n in enumerate(lengths)]
-  if not rows:
-    raise ValueError("empty prompt batch: give at least one prompt")
-  for b, row in enumerate(rows):
-    if len(row) == 0:
-      raise ValueError(f"empty prompt in row {b}: every row needs at least one token")
-  lengths = np.array([len(r) for r in rows], np.int32)
-  ids = np.zeros((len(rows), lengths.max()), np.int32)
-  for b, row in enumerate(rows):
-    ids[b, :len(row)] = np.asarray(row, np.int64)
-  return ids, lengths
+  rows, _ = prompts_lib.token_rows(prompts, tokenizer, prompt_lengths=prompt_lengths,
+                                   padding=padding)
+  return prompts_lib.pad_rows(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +192,8 @@ class GenerateResult:
   overflowed: bool [B], rows whose cache dropped tokens past its capacity or that stopped before
   max_new_tokens because their cache had no room left (always False for evicting kinds).
   sharding: with a mesh, what was split over which devices and the fallbacks taken; else None.
+  prefill_s / decode_s: seconds running the prefill / the decode loop, compiling excluded, so a
+  first call reports the speed a second one has (`decode_tok_per_s`).
   compile_s / n_compiles: compilation during this call (0 when every executable was cached).
   """
 
@@ -233,6 +211,22 @@ class GenerateResult:
   sharding: str | None = None
   draft_acceptance: float | None = None
   draft_spec: str | None = None
+  eos_id: int | None = None
+
+  def rows(self, keep_eos: bool = False) -> list[np.ndarray]:
+    """Each row's generated ids without the padding after it (and without its final EOS unless
+    `keep_eos`): what to decode into text. `tokens` keeps the fixed [B, max_new_tokens] shape."""
+    out = []
+    for row, n in zip(self.tokens, self.n_generated):
+      row = row[:int(n)]
+      if not keep_eos and self.eos_id is not None and row.size and row[-1] == self.eos_id:
+        row = row[:-1]
+      out.append(row)
+    return out
+
+  def texts(self, tokenizer) -> list[str]:
+    """`tokenizer.decode` of each of `rows()` (e.g. `out.texts(model.tokenizer)`)."""
+    return [tokenizer.decode(row) for row in self.rows()]
 
   @property
   def decode_tok_per_s(self) -> float:
@@ -245,9 +239,7 @@ class GenerateResult:
     return {} if self.cache is None else self.cache.nbytes()
 
 
-def _validate_vocab(ids: np.ndarray, vocab: int):
-  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-    raise ValueError(f"prompt token ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
+_validate_vocab = prompts_lib.check_vocab
 
 
 def _is_cache_object(cache) -> bool:
@@ -276,7 +268,9 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     sampler: `Sampler` (greedy by default); seed: int or PRNG key.
     eos_id: stop a row when it emits this id (default: the tokenizer's EOS if `stop_at_eos`).
     on_tokens: called with each new block of tokens [B, n] as they are produced (streaming).
-    cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
+    cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal, `pages=` for
+      paged:P, whose pool otherwise holds exactly the pages the rows will fill: each row's prompt
+      plus max_new_tokens, rounded up to pages).
     mesh: a `jax.sharding.Mesh` to run on (several devices or processes); rules: `AxisRules`
       mapping the cache's and weights' logical axes to its axes (default: batch over `data`, kv
       heads and tensor parallelism over `model`, with the fallbacks of `kvjax.sharding`).
@@ -324,6 +318,11 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     return _generate_uncached(model, handle, ids, lengths, max_new_tokens, key, eos, pad, sampler,
                               spec, on_tokens, before)
 
+  n_rows = ids.shape[0]  # the caller's rows; a mesh may add padding rows after them
+  if mesh is not None and prebuilt is None:
+    padded = sharding.padded_batch(mesh, n_rows, rules)
+    ids = np.pad(ids, ((0, padded - n_rows), (0, 0)))
+    lengths = np.pad(lengths, (0, padded - n_rows), constant_values=1)
   batch, p_max = ids.shape
   longest = int(lengths.max())
   needed = longest + max_new_tokens - 1  # the last sampled token is never fed back
@@ -344,7 +343,10 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   else:
     info = registry.lookup(spec.kind)
     cap = int(capacity or info.default_capacity(spec, needed=needed, prompt=longest))
-    kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype, **(cache_options or {}))
+    options = dict(cache_options or {})
+    if spec.paged and "pages" not in options:  # a pool for what the rows will hold, not B x cap
+      options["pages"] = paged.pages_for(lengths + (needed - longest), spec.paged)
+    kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype, **options)
     if not kv_cache.fits(longest):
       raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
   growable = bool(getattr(kv_cache, "growable", False))
@@ -369,19 +371,24 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     params = sharding.shard_params(params, plan)
     tokens, lengths_in = sharding.shard_rows(np.asarray(tokens), plan), sharding.shard_rows(lengths, plan)
     key = sharding.replicate(np.asarray(key), plan)
-  start = time.perf_counter()
-  state = _prefill(params, tokens, lengths_in, kv_cache, key, np.int32(eos),
-                   model=handle, sampler=sampler, out_size=output_bucket(max_new_tokens))
-  jax.block_until_ready(state)
-  prefill_s = time.perf_counter() - start
+    if batch > n_rows:
+      plan = sharding.with_note(plan, f"batch {n_rows} padded to {batch} rows to split it (rows "
+                                f"{n_rows}..{batch - 1} of the returned cache are padding)")
+  with _Stopwatch() as prefill_clock:
+    state = _prefill(params, tokens, lengths_in, kv_cache, key, np.int32(eos),
+                     model=handle, sampler=sampler, out_size=output_bucket(max_new_tokens))
+    if batch > n_rows:  # padding rows are finished from the start
+      state = state.replace(done=state.done | sharding.shard_rows(np.arange(batch) >= n_rows, plan))
+    jax.block_until_ready(state)
+  prefill_s = prefill_clock.seconds
   if on_tokens is not None:
-    on_tokens(sharding.fetch(state.out)[:, :1])
+    on_tokens(sharding.fetch(state.out)[:n_rows, :1])
   if draft_cache is not None:
     return _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle, sampler,
                                  max_new_tokens, eos, pad, draft, draft_tokens, on_tokens,
                                  stream_chunk, spec, prebuilt, ids, lengths, prefill_s, before)
 
-  decode_s = 0.0
+  decode_clock = _Stopwatch()
   emitted = 1
   out_of_room = False
   while True:
@@ -394,34 +401,34 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
         break
       state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
     stop_at = max_new_tokens if on_tokens is None else min(max_new_tokens, step + stream_chunk)
-    start = time.perf_counter()
-    state = _decode(params, state, np.int32(stop_at), np.int32(eos), np.int32(pad),
-                    model=handle, sampler=sampler)
-    jax.block_until_ready(state)
-    decode_s += time.perf_counter() - start
+    with decode_clock:
+      state = _decode(params, state, np.int32(stop_at), np.int32(eos), np.int32(pad),
+                      model=handle, sampler=sampler)
+      jax.block_until_ready(state)
     if on_tokens is not None:
       new_step = int(state.step)
-      on_tokens(sharding.fetch(state.out)[:, emitted:new_step])
+      on_tokens(sharding.fetch(state.out)[:n_rows, emitted:new_step])
       emitted = new_step
 
-  n_gen = sharding.fetch(state.n_generated)
-  overflowed = sharding.fetch(state.cache.overflowed()).astype(bool)
+  n_gen = sharding.fetch(state.n_generated)[:n_rows]
+  overflowed = sharding.fetch(state.cache.overflowed()).astype(bool)[:n_rows]
   if out_of_room:
-    overflowed = overflowed | (~sharding.fetch(state.done) & (n_gen < max_new_tokens))
-  return _result(sharding.fetch(state.out), n_gen, max_new_tokens, pad, state.cache, overflowed,
-                 ids, lengths, prefill_s, decode_s, before,
-                 str(spec) if prebuilt is None else type(prebuilt).__name__,
+    overflowed = overflowed | (~sharding.fetch(state.done)[:n_rows] & (n_gen < max_new_tokens))
+  return _result(sharding.fetch(state.out)[:n_rows], n_gen, max_new_tokens, pad, state.cache,
+                 overflowed, ids[:n_rows], lengths[:n_rows], prefill_s, decode_clock.seconds, before,
+                 str(spec) if prebuilt is None else type(prebuilt).__name__, eos,
                  sharding=None if plan is None else plan.describe())
 
 
 def _result(out, n_gen, max_new, pad, cache, overflowed, ids, lengths, prefill_s, decode_s,
-            before, spec: str, **extra) -> GenerateResult:
+            before, spec: str, eos_id: int = -1, **extra) -> GenerateResult:
   """The `GenerateResult` of a decode loop: out [B, >= max_new] ids, padded past n_gen."""
+  eos_id = None if eos_id < 0 else int(eos_id)
   out = out[:, :max_new]  # sliced in NumPy: no per-length compile
   out = np.where(np.arange(max_new)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
   after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
-                        cache=cache, prefill_s=prefill_s, decode_s=decode_s,
+                        cache=cache, prefill_s=prefill_s, decode_s=decode_s, eos_id=eos_id,
                         compile_s=after["compile_s"] - before["compile_s"],
                         n_compiles=after["n_compiles"] - before["n_compiles"], spec=spec,
                         overflowed=overflowed, **extra)
@@ -448,12 +455,12 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
                           max_new, eos, pad, draft, k, on_tokens, stream_chunk, spec, prebuilt,
                           ids, lengths, prefill_s, before):
   """The decode loop of `generate(..., draft=...)`; see `kvjax.speculative`."""
-  start = time.perf_counter()
-  draft_cache = speculative.prefill_draft(params, tokens, lengths_in, draft_cache, model=handle)
-  jax.block_until_ready(draft_cache)
-  prefill_s += time.perf_counter() - start
+  with _Stopwatch() as clock:
+    draft_cache = speculative.prefill_draft(params, tokens, lengths_in, draft_cache, model=handle)
+    jax.block_until_ready(draft_cache)
+  prefill_s += clock.seconds
   s = speculative.start(state, draft_cache)  # writes past max_new are dropped, never needed
-  decode_s, emitted = 0.0, 1
+  decode_clock, emitted = _Stopwatch(), 1
   while True:
     n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
     running = ~done & (n_gen < max_new)
@@ -463,11 +470,10 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
       break
     # Streaming: run until every running row has `stream_chunk` more tokens.
     stop_at = max_new if on_tokens is None else min(max_new, int(n_gen[running].min()) + stream_chunk)
-    start = time.perf_counter()
-    s = speculative.speculate(params, s, np.int32(stop_at), np.int32(max_new), np.int32(eos),
-                              model=handle, sampler=sampler, k=k)
-    jax.block_until_ready(s)
-    decode_s += time.perf_counter() - start
+    with decode_clock:
+      s = speculative.speculate(params, s, np.int32(stop_at), np.int32(max_new), np.int32(eos),
+                                model=handle, sampler=sampler, k=k)
+      jax.block_until_ready(s)
     if on_tokens is not None:  # columns every row has filled (or finished)
       n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
       ready = min(int(np.where(done, max_new, n_gen).min()), max_new)
@@ -481,8 +487,8 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
   overflowed |= ~np.asarray(s.done) & (n_gen < max_new)
   drafted = int(np.asarray(s.drafted).sum())
   return _result(np.asarray(s.out), n_gen, max_new, pad, s.cache, overflowed, ids, lengths,
-                 prefill_s, decode_s, before,
-                 str(spec) if prebuilt is None else type(prebuilt).__name__,
+                 prefill_s, decode_clock.seconds, before,
+                 str(spec) if prebuilt is None else type(prebuilt).__name__, eos,
                  draft_acceptance=int(np.asarray(s.accepted).sum()) / drafted if drafted else None,
                  draft_spec=str(draft))
 
@@ -499,18 +505,13 @@ def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, samp
   n_gen = np.zeros(batch, np.int32)
   cfg = model.config
   layout = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model_dtype(model))
-  prefill_s = decode_s = 0.0
+  prefill_clock, decode_clock = _Stopwatch(), _Stopwatch()
   for step in range(max_new):
     width = -(-int(cur.max()) // 32) * 32
-    start = time.perf_counter()
-    token, key = _uncached_step(model.params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key,
-                                model=handle, sampler=sampler, layout=layout)
-    token = np.asarray(token)
-    elapsed = time.perf_counter() - start
-    if step == 0:
-      prefill_s = elapsed
-    else:
-      decode_s += elapsed
+    with prefill_clock if step == 0 else decode_clock:
+      token, key = _uncached_step(model.params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key,
+                                  model=handle, sampler=sampler, layout=layout)
+      token = np.asarray(token)
     token = np.where(done, pad, token)
     out[:, step] = token
     n_gen += ~done
@@ -523,7 +524,7 @@ def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, samp
       break
   after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
-                        cache=None, prefill_s=prefill_s, decode_s=decode_s,
+                        cache=None, prefill_s=prefill_clock.seconds, decode_s=decode_clock.seconds,
                         compile_s=after["compile_s"] - before["compile_s"],
                         n_compiles=after["n_compiles"] - before["n_compiles"], spec=str(spec),
-                        overflowed=np.zeros(batch, bool))
+                        overflowed=np.zeros(batch, bool), eos_id=None if eos < 0 else eos)

@@ -20,6 +20,8 @@ weights make greedy decoding repeat one token, which would hide cache bugs.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,6 +206,41 @@ def test_no_recompile_for_same_shapes(lively):
   assert kvjax.compile_stats()["n_compiles"] == before
 
 
+def test_rows_and_texts_stop_at_eos(lively, reference):
+  """`rows()` cuts each row at what it generated and drops its final EOS, so decoding a row
+  prints no padding; `tokens` keeps its fixed shape."""
+  eos = int(reference[1, 2])
+  res = gen(lively, PROMPTS, eos_id=eos, stop_at_eos=True)
+  first = int(np.argmax(reference[1] == eos))  # row 1 stops at its first EOS
+  assert res.rows()[1].tolist() == reference[1, :first].tolist()
+  assert res.rows(keep_eos=True)[1].tolist() == reference[1, :first + 1].tolist()
+  assert res.tokens.shape == (3, NEW)
+  text = res.texts(lively.tokenizer)
+  assert text[1] == lively.tokenizer.decode(reference[1, :first])
+
+
+def test_decode_time_excludes_compiling(lively, monkeypatch):
+  """A first call reports the decode loop's speed, not its compile time: seconds the loop spends
+  compiling (here a stand-in that reports 1 s of compiling through jax.monitoring, as XLA does)
+  are counted in compile_s, never in decode_s."""
+  from kvjax import decode
+
+  real = decode._decode
+
+  def compiling_decode(*args, **kwargs):
+    start = time.perf_counter()
+    while time.perf_counter() - start < 1.0:
+      time.sleep(0.05)
+    jax.monitoring.record_event_duration_secs("/jax/core/compile/backend_compile_duration",
+                                              time.perf_counter() - start)
+    return real(*args, **kwargs)
+
+  gen(lively, [[5, 6, 7]], max_new_tokens=5)
+  monkeypatch.setattr(decode, "_decode", compiling_decode)
+  res = gen(lively, [[5, 6, 7]], max_new_tokens=5)
+  assert res.compile_s >= 1.0 and res.decode_s < 0.5, (res.compile_s, res.decode_s)
+
+
 # ---- capacity ------------------------------------------------------------------------------------
 def test_capacity_exactly_enough(lively):
   prompt = (PROMPTS[0] * 7)[:53]
@@ -243,15 +280,21 @@ def test_generate_rejects_bad_arguments(tiny, kwargs, exc, fragment):
 
 @pytest.mark.parametrize("prompts,kwargs,exc,fragment", [
     ([], {}, ValueError, "empty prompt"),
-    ([[1, 2], []], {}, ValueError, "empty prompt in row 1"),
+    ([[1, 2], []], {}, ValueError, "prompt 1 is empty"),
     ([[1, 2], [3, 260]], {}, ValueError, r"\[0, 260\).*max 260"),
     ([[-1, 2]], {}, ValueError, r"\[0, 260\).*min -1"),
     (np.zeros((2, 3, 4), np.int32), {}, ValueError, r"\[batch, length\]"),
     (np.zeros((2, 3), np.float32), {}, TypeError, "must be integers"),
     (np.zeros((2, 3), np.int32), dict(prompt_lengths=[1, 4]), ValueError, "prompt_lengths must lie"),
-    (np.zeros((2, 3), np.int32), dict(prompt_lengths=[1]), ValueError, "prompt_lengths must have shape"),
-    (np.zeros((2, 3), np.int32), dict(prompt_lengths=[1, 0]), ValueError, "empty prompt in row 1"),
-    ([[1, 2], "ab"], {}, TypeError, "prompts must be"),
+    (np.zeros((2, 3), np.int32), dict(prompt_lengths=[1]), ValueError, "prompt_lengths must be integers of shape"),
+    (np.zeros((2, 3), np.int32), dict(prompt_lengths=[1, 0]), ValueError, "prompt_lengths must lie"),
+    ([[1, 2], 3], {}, TypeError, "prompts must be"),
+    # float ids are refused wherever they hide, never truncated to ints
+    ([1.0, 2.0], {}, TypeError, "integer token ids"),
+    ([[1, 2], [3.5, 4]], {}, TypeError, "prompt 1 must hold integer token ids"),
+    ([np.array([1.0, 2.0])], {}, TypeError, "must be integers, got dtype float64"),
+    ([np.zeros((2, 2), np.int32)], {}, ValueError, "1-D sequence"),
+    ([True, False], {}, TypeError, "integer token ids"),
 ])
 def test_generate_rejects_bad_prompts(tiny, prompts, kwargs, exc, fragment):
   with pytest.raises(exc, match=fragment):

@@ -425,6 +425,11 @@ class PagedCache(base.Limited):
     return np.asarray(self.table[row, :used])
 
 
+def pages_for(row_tokens, page_size: int) -> int:
+  """Pages a pool needs for rows that will hold `row_tokens` [B] tokens each (no sharing)."""
+  return max(1, int(np.sum(-(-np.asarray(row_tokens, np.int64) // page_size))))
+
+
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, pages: int | None = None,
               **options) -> PagedCache:
   """`paged:P[+intN][+group:G]`; option `pages=` sizes the pool (default: every row full)."""

@@ -254,6 +254,15 @@ def test_generate_matches_full(tiny, spec):
     assert (np.asarray(full.tokens) == np.asarray(paged.tokens)).mean() > 0.5
   else:
     np.testing.assert_array_equal(full.tokens, paged.tokens)
+  # The pool holds the pages the rows fill (prompt + 11 fed tokens each), not batch x capacity.
+  p = paged.cache.page_size
+  assert paged.cache.n_pages == sum(-(-(n + 11) // p) for n in (23, 7, 40))
+  assert paged.cache.n_pages < 3 * paged.cache.capacity // p
+  assert kvjax.total_bytes(paged.cache) < 0.7 * kvjax.total_bytes(full.cache)
+  sized = kvjax.generate(model, prompts, max_new_tokens=12, cache=spec, stop_at_eos=False,
+                         cache_options={"pages": 40})  # a pool size of the caller's
+  assert sized.cache.n_pages == 40
+  np.testing.assert_array_equal(sized.tokens, paged.tokens)
 
 
 def test_spec_errors():
