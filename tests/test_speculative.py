@@ -124,6 +124,8 @@ def test_second_call_compiles_nothing(model):
     (dict(draft="window:8", draft_tokens=0), ValueError, "draft_tokens"),
     (dict(draft="window:8", cache="dynamic"), ValueError, "dynamic"),
     (dict(draft="nonsense:3"), kvjax.SpecError, "unknown term"),
+    # a wrapper whose inner kind cannot crop is refused before anything runs
+    (dict(draft="share:2+tier:4:fp32,8:int8"), ValueError, "cannot crop"),
 ])
 def test_errors(model, kwargs, error, match):
   with pytest.raises(error, match=match):

@@ -44,7 +44,9 @@ Optional attribute: `lossless_tokens`, for kinds whose layers hold different num
 (per-layer budgets): the longest stream every layer holds whole (default: `capacity`).
 
 Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
-tells whether a kind implements one. `CacheBase` (through `Limited` / `Evicting`) provides the
+tells whether a cache implements one: it calls the cache's own `supports(verb)` where it has one
+(a wrapper asks what it wraps: `share:2+tier:...` cannot crop because its tiered inner cannot),
+else checks whether the class defines the verb. `CacheBase` (through `Limited` / `Evicting`) provides the
 derived members, so a new kind writes the storage and the attention and nothing else.
 """
 
@@ -147,6 +149,13 @@ def supports(cache, verb: str) -> bool:
   """Whether the kind of `cache` implements the optional verb ('crop', 'reorder', 'grow')."""
   if verb not in OPTIONAL_VERBS:
     raise ValueError(f"supports: unknown verb {verb!r}; optional verbs are {OPTIONAL_VERBS}")
+  own = getattr(cache, "supports", None)
+  if callable(own):  # CacheBase's, or a wrapper's that asks the caches it wraps
+    return bool(own(verb))
+  return _overrides(cache, verb)
+
+
+def _overrides(cache, verb: str) -> bool:
   method = getattr(type(cache), verb, None)
   return method is not None and method is not getattr(CacheBase, verb)
 
@@ -192,6 +201,11 @@ class CacheBase:
   def nbytes(self) -> dict[str, int]:
     """Bytes of every array leaf, split by memory kind ('device', 'pinned_host', ...)."""
     return tree_nbytes(self)
+
+  def supports(self, verb: str) -> bool:
+    """Whether this cache implements the optional verb: by default, whether its class defines
+    it. A kind that wraps other caches overrides this to ask them (`kvjax.supports` calls it)."""
+    return _overrides(self, verb)
 
   def _unsupported(self, verb: str):
     return NotImplementedError(f"{type(self).__name__} does not support {verb}")

@@ -130,6 +130,9 @@ class LayeredCache(base.CacheBase):
   def reset(self) -> "LayeredCache":
     return self._map(lambda c: c.reset())
 
+  def supports(self, verb: str) -> bool:
+    return verb != "grow" and all(base.supports(c, verb) for c in self.layers)
+
   def crop(self, length) -> "LayeredCache":
     return self._map(lambda c: c.crop(length))
 

@@ -286,6 +286,9 @@ class SharedCache:
   def reset(self) -> "SharedCache":
     return self.replace(inner=self.inner.reset(), pending=None)
 
+  def supports(self, verb: str) -> bool:
+    return base.supports(self.inner, verb)
+
   def crop(self, length) -> "SharedCache":
     return self.replace(inner=self.inner.crop(length))
 

@@ -23,6 +23,7 @@ What is special to sharing, checked here:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 
@@ -373,3 +374,17 @@ def test_smollm2_shared_generates_sane_tokens(smollm2):
   assert ((out.tokens >= 0) & (out.tokens < model.config.vocab_size)).all()
   full = kvjax.make_cache("full", model.config, 1, 64)
   assert sum(out.cache_bytes.values()) < sum(full.nbytes().values())
+
+
+def test_supports_asks_the_inner_cache():
+  """`kvjax.supports` answers for what a wrapper wraps: share:2 over a tiered cache cannot crop
+  (tiers cannot), over a full cache it can; a LayeredCache only if every layer can."""
+  make = lambda spec: kvjax.make_cache(spec, kvjax.TINY, 1, 16)
+  assert kvjax.supports(make("share:2"), "crop") and kvjax.supports(make("share:2"), "reorder")
+  tiered = make("share:2+tier:4:fp32,8:int8")
+  assert not kvjax.supports(tiered, "crop") and kvjax.supports(tiered, "reorder")
+  one = dataclasses.replace(kvjax.TINY, n_layers=1)
+  layered = lambda spec: kvjax.LayeredCache.of([kvjax.make_cache(spec, one, 1, 16)] * 2)
+  assert kvjax.supports(layered("window:8"), "crop")
+  assert not kvjax.supports(layered("tier:4:fp32,8:int8"), "crop")
+  assert kvjax.supports(layered("tier:4:fp32,8:int8"), "reorder")
