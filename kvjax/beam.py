@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode
+from kvjax import decode, prompts
 from kvjax import spec as spec_lib
+from kvjax.caches import registry
 from kvjax.caches.base import supports
 from kvjax.models.protocol import check_model, model_dtype, static_step
 
@@ -71,17 +72,17 @@ def beam_search(model, prompt, *, beams: int, max_new_tokens: int, cache="paged:
   eos_id: a hypothesis that draws it is finished (-1: none is).
   """
   check_model(model, "beam_search")
-  ids = np.asarray(prompt, np.int32).reshape(-1)
-  if ids.size == 0:
-    raise ValueError("beam_search: the prompt is empty")
+  ids = prompts.token_row(prompt, getattr(model, "tokenizer", None), what="beam_search: the prompt")
   if not isinstance(beams, int) or beams < 1:
     raise ValueError(f"beam_search: beams must be a positive int, got {beams!r}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"beam_search: max_new_tokens must be a positive int, got {max_new_tokens!r}")
   decode._validate_vocab(ids, model.config.vocab_size)
   needed = ids.size + max_new_tokens
-  kv = spec_lib.make_cache(cache, model, beams, capacity or spec_lib.registry.bucket(needed),
-                           model_dtype(model), **cache_options)
+  spec = spec_lib.parse_spec(cache)
+  if capacity is None:  # the kind's own choice, as in `generate` (a window sizes itself)
+    capacity = registry.lookup(spec.kind).default_capacity(spec, needed=needed, prompt=ids.size)
+  kv = spec_lib.make_cache(spec, model, beams, int(capacity), model_dtype(model), **cache_options)
   if not supports(kv, "reorder"):
     raise ValueError(f"beam_search: cache {cache!r} cannot reorder its rows")
   if not kv.fits(needed):
