@@ -174,9 +174,10 @@ class CacheSpec:
 
   @property
   def lossless(self) -> bool:
-    """True when the cache keeps every token at full precision (same logits as no cache)."""
+    """True when the cache keeps every token at full precision (same logits as no cache). False
+    for low-rank and shared kinds, and for registered kinds, which kvjax cannot vouch for."""
     return (self.uses_cache and self.bits is None and not self.bounded
-            and not (self.share > 1))
+            and not (self.share > 1) and self.lowrank is None and not self.custom)
 
   @property
   def kind(self) -> str:

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kvjax
+from kvjax.caches import registry
 from kvjax.spec import CacheSpec, SpecError, parse_spec
 from tests.helpers import examples
 
@@ -134,6 +135,16 @@ def test_derived_facts():
   assert parse_spec("tier:64:fp32,512:int8").budget == 576
   assert parse_spec("share:2+window:64").kind == "shared"
   assert parse_spec("full").budget is None
+
+
+def test_lossless_only_where_the_kind_is_exact():
+  """`CacheSpec.lossless` never promises more than the cache it builds: lowrank:R is lossy."""
+  assert not parse_spec("lowrank:8").lossless
+  for name in kvjax.registered_kinds():
+    for text in registry.lookup(name).examples:
+      spec = parse_spec(text)
+      if spec.lossless:
+        assert kvjax.make_cache(spec, kvjax.TINY, 1, 16).exact, text
 
 
 def test_make_cache_dtype_follows_the_model():
