@@ -14,7 +14,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def _add_model(p):
   p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                 help="import MODULE first (e.g. one that calls kvjax.register_kind); repeatable")
+                 help="import MODULE (a module name, also from the current directory, or a .py "
+                      "file) first, e.g. one that calls kvjax.register_kind; repeatable")
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help="registered name (smollm2-135m, tiny, gpt2-small-shape) or a .gguf path")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -31,6 +32,8 @@ def _add_model(p):
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="kvjax", description="KV-cache decoding in JAX")
+  parser.add_argument("--plugin", action="append", default=[], dest="plugins_first",
+                      metavar="MODULE", help="as a subcommand's --plugin (either place works)")
   sub = parser.add_subparsers(dest="command", required=True)
 
   g = sub.add_parser("generate", help="generate text from a prompt")
@@ -176,20 +179,41 @@ def _cmd_bench(args) -> dict:
 
 
 def _load_plugins(modules) -> None:
+  """Imports each --plugin: a module name, found in the current directory too (as `python -m`
+  would), or the path of a .py file. Any failure is one line naming the plugin."""
   import importlib
+  import importlib.util
+  import os
 
+  if modules and os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.insert(0, os.getcwd())  # the console script's sys.path lacks it
   for name in modules:
     try:
-      importlib.import_module(name)
+      if name.endswith(".py") or os.sep in name or (os.altsep and os.altsep in name):
+        if not os.path.isfile(name):
+          raise ImportError(f"no such file {name!r}")
+        module_name = os.path.splitext(os.path.basename(name))[0]
+        spec = importlib.util.spec_from_file_location(module_name, name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+          spec.loader.exec_module(module)
+        except BaseException:
+          del sys.modules[module_name]
+          raise
+      else:
+        importlib.import_module(name)
     except ImportError as e:
       raise ValueError(f"--plugin {name}: cannot import it ({e})") from None
+    except Exception as e:  # the plugin's own code failed while importing
+      raise ValueError(f"--plugin {name}: importing it raised {type(e).__name__}: {e}") from None
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   handler = {"generate": _cmd_generate, "perplexity": _cmd_perplexity, "bench": _cmd_bench}[args.command]
   try:
-    _load_plugins(args.plugin)
+    _load_plugins(args.plugins_first + args.plugin)
     out = handler(args)
   except (ValueError, FileNotFoundError) as e:  # bad input (specs, capacities, files): a message
     print(f"kvjax {args.command}: error: {e}", file=sys.stderr)

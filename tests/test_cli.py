@@ -154,3 +154,25 @@ def test_bugs_are_not_reported_as_bad_input(monkeypatch, capsys):
   monkeypatch.setattr(ppl_module, "perplexity", broken)
   with pytest.raises(TypeError, match="internal bug"):
     cli.main(["perplexity", __file__, "--model", "tiny", "--max-tokens", "8"])
+
+
+def test_plugin_from_the_current_directory_or_a_file(monkeypatch, capsys, tmp_path):
+  """--plugin finds a module in the current directory (the console script's sys.path lacks it),
+  takes a .py path, may come before the subcommand, and a failing plugin is one line."""
+  (tmp_path / "kvjax_cwd_plugin.py").write_text("LOADED = True\n")
+  (tmp_path / "kvjax_file_plugin.py").write_text("LOADED = True\n")
+  (tmp_path / "kvjax_bad_plugin.py").write_text("raise RuntimeError('boom')\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+  for name in ("kvjax_cwd_plugin", "kvjax_file_plugin", "kvjax_bad_plugin"):
+    monkeypatch.delitem(sys.modules, name, raising=False)
+  # The plugins load before the (here deliberately bad) cache spec is read.
+  rc = cli.main(["--plugin", "kvjax_cwd_plugin", "generate", "hi", "--model", "tiny",
+                 "--plugin", str(tmp_path / "kvjax_file_plugin.py"), "--cache", "nosuchkind"])
+  assert rc == 2 and "nosuchkind" in capsys.readouterr().err
+  assert sys.modules["kvjax_cwd_plugin"].LOADED and sys.modules["kvjax_file_plugin"].LOADED
+  for plugin, fragment in (("kvjax_bad_plugin.py", "raised RuntimeError: boom"),
+                           ("./missing.py", "no such file"), ("no_such_module_xyz", "cannot import")):
+    rc = cli.main(["generate", "hi", "--model", "tiny", "--plugin", plugin])
+    err = capsys.readouterr().err
+    assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
