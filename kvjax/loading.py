@@ -83,7 +83,7 @@ def load(name_or_path: str = "smollm2-135m", *, dtype=None, seed: int = 0) -> Mo
   from kvjax.models import gguf, registry
   from kvjax.models.tokenizer import Tokenizer
 
-  path = registry.resolve_model_path(name_or_path)
+  path = registry.resolve_model_path(name_or_path, other_names=RANDOM_MODELS)
   cfg, params, metadata = gguf.load_cached(path)
   tokenizer = Tokenizer.from_metadata(metadata)
   name = name_or_path if name_or_path in registry.REGISTERED else path.stem

@@ -9,6 +9,8 @@ import zipfile
 
 import pytest
 
+import kvjax
+
 from kvjax.models import registry
 
 FAKE_GGUF = b"GGUF" + bytes(range(256)) * 8
@@ -67,6 +69,12 @@ def test_unknown_name_lists_registered_names(cache):
     registry.resolve_model_path("gpt-17-ultra")
   message = str(info.value)
   assert "smollm2-135m" in message and ".gguf" in message and "gpt-17-ultra" in message
+
+
+def test_load_names_every_model_it_knows():
+  """kvjax.load's error lists the random-weight models (tiny) it would have accepted too."""
+  with pytest.raises(ValueError, match=r"Unknown model 'gpt5'.*gpt2-small-shape.*smollm2-135m, tiny"):
+    kvjax.load("gpt5")
 
 
 @pytest.mark.parametrize("missing", ["nope/model.gguf", "model-that-is-absent.gguf", "./x"])

