@@ -69,13 +69,14 @@ outs = rng.integers(min_out, max_out + 1, n_requests)
 trace = [Request(ids=span(int(n)), max_new_tokens=int(k), id=i) for i, (n, k) in enumerate(zip(lengths, outs))]
 useful = int(outs.sum())
 capacity = -(-(max_prompt + max_out) // 256) * 256
+capacity = -(-capacity // page) * page  # the Engine wants a multiple of the page size
 results = {}
 rows = []
 
 
 def run_engine(requests, **options):
   """(seconds, peak pages in use, mean pages in use over steps, engine) of an engine run."""
-  engine = Engine(model, rows=rows_n, capacity=capacity, cache=spec, **options)
+  engine = Engine(model, rows=rows_n, capacity=capacity, cache=spec, stop_at_eos=False, **options)
   used = []
   start = time.perf_counter()
   for _ in engine.run(list(requests)):
@@ -120,7 +121,8 @@ if "prefix" not in args.skip:
   system = span(128 if quick else 1024)
   asks = [Request(ids=system + span(32), max_new_tokens=8 if quick else 32, id=i) for i in range(16)]
   for share in (True, False):
-    engine = Engine(model, rows=16, capacity=capacity, cache=spec, prefix_cache=share)
+    engine = Engine(model, rows=16, capacity=capacity, cache=spec, prefix_cache=share,
+                    stop_at_eos=False)
     for r in asks:
       engine.insert(r)
     peak = int(engine.cache.pages_in_use())

@@ -13,7 +13,7 @@ Public API:
   register_kind(name, factory, ...)        a cache kind of your own, usable by spec string
   plan(config, max_bytes, context)         -> the most faithful cache spec that fits a budget
   generate_with_prefix / PrefixStore       prefix caching
-  Engine / serve / Request                 continuous batching on a paged:P cache (kvjax.engine)
+  Engine / serve / Request / collect       continuous batching on a paged:P cache (kvjax.engine)
   beam_search(model, prompt, beams=)       beam search; on pages the beams share their prefix
   KVCache, DecoderModel                    the two protocols (kvjax.caches.base, kvjax.models.protocol)
 """
@@ -43,7 +43,7 @@ from kvjax.caches.lowrank import LowRankCache, LowRankMaps
 from kvjax.calibrate import fit_lowrank, fit_share_maps
 from kvjax.prefix import PrefixStore, generate_with_prefix
 from kvjax.caches.paged import PagedCache
-from kvjax.engine import Engine, Event, Request, serve
+from kvjax.engine import Engine, Event, Request, collect, serve
 from kvjax.beam import beam_search
 from kvjax.planning import PlanError, estimate_bytes, plan
 
@@ -59,6 +59,6 @@ __all__ = [
     "CacheSpec", "SpecError", "make_cache", "parse_spec",
     "WindowCache", "slide", "H2OCache", "evict_topk", "LayeredCache", "accept_drafts", "TieredCache", "QuantizedCache", "quantize",
     "OffloadCache", "ShareMaps", "SharedCache", "fit_share_maps", "LowRankCache", "LowRankMaps", "fit_lowrank",
-    "PrefixStore", "PagedCache", "Engine", "Event", "Request", "serve", "beam_search",
+    "PrefixStore", "PagedCache", "Engine", "Event", "Request", "collect", "serve", "beam_search",
     "generate_with_prefix", "PlanError", "estimate_bytes", "plan",
 ]

@@ -12,6 +12,7 @@ between jitted steps whose shapes never change, so a running engine compiles not
                    returns the `Event`s of the tokens drawn (streaming).
   free(row)        gives a row's pages back (finished rows are freed by `step`).
   run(requests)    admits requests in order as rows and pages free up, steps, yields events.
+  collect(events)  {(request id, sample): [tokens]} from a stream of events (also `kvjax.collect`).
 
 Prefix caching (vLLM-style "automatic prefix caching"): every full page of a prompt is keyed by a
 hash chain over the page-sized blocks of token ids before it, seeded by the weights' fingerprint,
@@ -21,7 +22,21 @@ wholly covered still recomputes its last token (writing into the shared page cop
 its first token comes from fresh logits. The known pitfalls are closed by construction: a hit
 never mixes weights or dtypes (they are part of the key), and the paged kind keeps every token
 (window kinds cannot be paged), so no page a window dropped is ever reused. When the pool runs
-short the least recently used index entries are unpinned first.
+short the least recently used index entries are unpinned first (never the pages a request is
+about to adopt).
+
+A request's prompt is text (encoded with `model.tokenizer`) or token ids, read by
+`kvjax.prompts.token_row` as everywhere in kvjax. A sample ends after max_new_tokens tokens or on
+the EOS id (by default the tokenizer's, as in `kvjax.generate`).
+
+Page accounting: `insert` admits a request only if the pages it may still take fit in the free
+pages beside what the running rows may still take, so no row ever finds the pool empty mid-decode.
+The count is exact, not padded: a request takes the prompt pages the page index does not supply
+(plus a copy of a partially filled hit page, which the prefill writes into), then each sample
+takes the pages its output starts (its last token is drawn, never stored); n > 1 samples that
+share a partially filled last prompt page each copy it at their first token, and the original
+goes free in that same step. A request that fits the pool is admitted as soon as a row is free
+and its pages are (unpinning least recently used index pages if that frees enough).
 """
 
 from __future__ import annotations
@@ -30,13 +45,15 @@ import collections
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax import decode
+from kvjax import prompts as prompts_lib
 from kvjax import spec as spec_lib
 from kvjax.caches.paged import PagedCache
 from kvjax.models.protocol import check_model, model_dtype, static_step
@@ -46,12 +63,18 @@ from kvjax.sampling import GREEDY, Sampler
 CHUNKS = (16, 64, 256)  # prefill chunk sizes: one executable each
 
 
+def _is_count(x) -> bool:
+  """An int (Python or NumPy), not a bool."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 @dataclasses.dataclass
 class Request:
-  """ids: the prompt's token ids; n: samples drawn from it (parallel sampling, sharing its pages);
-  id: any label the events carry (default: the order of insertion)."""
+  """ids: the prompt, a string (encoded with the model's tokenizer) or its token ids (a sequence
+  of ints or a 1-D integer array); n: samples drawn from it (parallel sampling, sharing its pages);
+  id: any label the events carry (default: the order of insertion, 0 for the first request)."""
 
-  ids: Sequence[int]
+  ids: str | Sequence[int]
   max_new_tokens: int
   id: Any = None
   n: int = 1
@@ -71,7 +94,7 @@ class Event:
 class _Row:
   request: Request
   sample: int
-  end: int  # tokens the row holds when it finishes
+  end: int  # tokens the row holds when it finishes (prompt + max_new_tokens - 1); -1: finished
   generated: int = 0
 
 
@@ -163,12 +186,17 @@ class PageIndex:
         new.append(int(page))
     return new
 
-  def evict(self, n: int) -> list[int]:
-    """Forgets the n least recently used entries; returns their pages (to unpin)."""
-    out = []
-    while self.pages and len(out) < n:
-      out.append(self.pages.popitem(last=False)[1])
-    return out
+  def evict(self, n: int, keep: Iterable[int] = ()) -> list[int]:
+    """Forgets the n least recently used entries whose page is not in `keep`; returns their pages
+    (to unpin)."""
+    keep = set(keep)
+    victims = [key for key, page in self.pages.items() if page not in keep][:n]
+    return [self.pages.pop(key) for key in victims]
+
+  def evictable(self, keep: Iterable[int] = ()) -> int:
+    """Entries `evict` may forget while sparing the pages in `keep`."""
+    keep = set(keep)
+    return sum(page not in keep for page in self.pages.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,28 +206,46 @@ class Engine:
   """Continuous batching on a paged cache (see the module docstring).
 
   Args:
-    model: a kvjax model (`model.step`, `model.params`, `model.config`).
+    model: a kvjax model (`model.step`, `model.params`, `model.config`; `model.tokenizer` for text
+      prompts and the default EOS).
     rows: rows decoded together (the batch of every step).
-    capacity: tokens one row may hold (prompt + output), a multiple of the page size.
+    capacity: tokens one row may hold (prompt + max_new_tokens); it must be a multiple of the page
+      size P (anything else is refused, naming the nearest multiples).
     cache: a `paged:P` spec (with `+int8` / `+int4` for quantized pages).
     pages: pages in the pool (default: rows x capacity / P, room for every row to be full).
     sampler, seed: how tokens are drawn (one PRNG stream for the engine).
-    eos_id: a sample ends when it draws this id (None: only at max_new_tokens).
+    eos_id: a sample ends when it draws this id (default: the tokenizer's EOS if `stop_at_eos`).
+    stop_at_eos: whether eos_id None means `model.tokenizer.eos_id` (as in `kvjax.generate`);
+      False, or a model without a tokenizer, ends samples only at max_new_tokens.
     prefix_cache: keep full prompt pages in a `PageIndex` for later prompts.
   """
 
   def __init__(self, model, *, rows: int = 8, capacity: int = 2048, cache: str = "paged:16",
                pages: int | None = None, sampler: Sampler = GREEDY, seed: int = 0,
-               eos_id: int | None = None, prefix_cache: bool = True):
+               eos_id: int | None = None, stop_at_eos: bool = True, prefix_cache: bool = True):
     check_model(model, "Engine")
     spec = spec_lib.parse_spec(cache)
     if spec.kind != "paged":
-      raise spec_lib.SpecError(f"Engine: cache {str(spec)!r} is not paged; use paged:P (e.g. paged:16)")
-    self.model, self.sampler, self.eos_id = model, sampler, eos_id
+      raise spec_lib.SpecError(f"Engine: cache {str(spec)!r} is not paged; use paged:P "
+                               "(e.g. paged:16)")
+    p = spec.paged
+    if not _is_count(capacity) or capacity <= 0:
+      raise ValueError(f"Engine: capacity must be a positive int, got {capacity!r}")
+    if capacity % p:
+      below, above = capacity // p * p, (capacity // p + 1) * p
+      nearest = f"{below} or {above}" if below else str(above)
+      raise ValueError(f"Engine: capacity {capacity} is not a multiple of the page size {p} of "
+                       f"{str(spec)!r}; use {nearest}")
+    self.tokenizer = getattr(model, "tokenizer", None)
+    if eos_id is None and stop_at_eos and self.tokenizer is not None:
+      eos_id = getattr(self.tokenizer, "eos_id", None)
+    self.model, self.sampler = model, sampler
+    self.eos_id = None if eos_id is None else int(eos_id)
     self.cache: PagedCache = spec_lib.make_cache(spec, model, rows, capacity, pages=pages)
     self.page_size = self.cache.page_size
-    seed_bytes = repr((params_fingerprint(model.params), str(spec), str(model_dtype(model)))).encode()
-    self.index = PageIndex(hashlib.sha256(seed_bytes).digest(), self.page_size) if prefix_cache else None
+    key = repr((params_fingerprint(model.params), str(spec), str(model_dtype(model)))).encode()
+    self.index = (PageIndex(hashlib.sha256(key).digest(), self.page_size) if prefix_cache
+                  else None)
     self._step_fn = static_step(model)
     self._key = jax.random.PRNGKey(seed)
     self._rows: dict[int, _Row] = {}
@@ -226,9 +272,46 @@ class Engine:
     return -(-tokens // self.page_size)
 
   def _promised(self) -> int:
-    """Pages the running rows may still take before they finish (a shared last page counted)."""
-    lengths = np.asarray(self.cache.lengths)
-    return sum(self._pages(row.end) - int(lengths[r]) // self.page_size for r, row in self._rows.items())
+    """Pages the running rows may still take before they finish, at the worst moment: the pages
+    their remaining tokens start, plus a copy of a partially filled last page they share (forked
+    samples before their first write, see `PagedCache._must_copy`), less one for each such page
+    that all its holders copy in the same step: it goes free then, before any of them takes a
+    later page."""
+    if not self._rows:
+      return 0
+    p = self.page_size
+    lengths, table = np.asarray(self.cache.lengths), np.asarray(self.cache.table)
+    refcount = np.asarray(self.cache.refcount)
+    total = 0
+    shared: dict[int, list[int]] = {}  # shared partial page -> [running holders, their later pages]
+    for r, row in self._rows.items():
+      held = int(lengths[r])
+      if row.end <= held:  # finished (end -1) or writes nothing more
+        continue
+      later = self._pages(row.end) - self._pages(held)
+      total += later
+      page = int(table[r, held // p]) if held % p else self.cache.n_pages
+      if page < self.cache.n_pages and refcount[page] > 1:
+        total += 1  # its private copy
+        group = shared.setdefault(page, [0, 0])
+        group[0] += 1
+        group[1] += later
+    return total - sum(holders == refcount[page] and later > 0
+                       for page, (holders, later) in shared.items())
+
+  def _need(self, prompt: int, end: int, n: int, hit: int, reused: int) -> int:
+    """Pages a request may take, at the worst moment: the prompt's pages past the `hit` adopted
+    ones (plus a copy of the last adopted page when it is partially filled: `reused` tokens
+    adopted, and the prefill writes into it), then for each of its n samples the pages its output
+    starts (a row ends holding `end` tokens). When n > 1 samples share a partially filled last
+    prompt page, each copies it at its first token and the original goes free in that step (less
+    one page if they take any later page)."""
+    p = self.page_size
+    prompt_pages = self._pages(prompt) - hit + int(reused % p != 0)
+    later = self._pages(end) - self._pages(prompt)
+    if n > 1 and prompt % p and end > prompt:
+      return prompt_pages + n * (1 + later) - int(later > 0)
+    return prompt_pages + n * later
 
   def _next_key(self):
     self._key, sub = jax.random.split(self._key)
@@ -236,51 +319,62 @@ class Engine:
 
   # ---- insert ---------------------------------------------------------------------------------
   def _check(self, request: Request) -> np.ndarray:
-    ids = np.asarray(request.ids, np.int32).reshape(-1)
-    if ids.size == 0:
-      raise ValueError(f"Engine.insert: request {request.id!r} has an empty prompt")
-    decode._validate_vocab(ids, self.model.config.vocab_size)
-    if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-      raise ValueError(f"Engine.insert: max_new_tokens must be a positive int, got {request.max_new_tokens!r}")
-    if not isinstance(request.n, int) or not 1 <= request.n <= self.rows:
-      raise ValueError(f"Engine.insert: n must lie in [1, rows={self.rows}], got {request.n!r}")
-    if ids.size + request.max_new_tokens > self.capacity:
-      raise decode.CapacityError(f"Engine.insert: request {request.id!r} needs {ids.size} + "
-                                 f"{request.max_new_tokens} tokens, more than a row's capacity {self.capacity}")
+    """The prompt's token ids (int32 [n]); raises for a request that no row could ever run."""
+    what = f"Engine.insert: request {request.id!r}"
+    ids = prompts_lib.token_row(request.ids, self.tokenizer, what=what)
+    prompts_lib.check_vocab(ids, self.model.config.vocab_size, what)
+    k, n = request.max_new_tokens, request.n
+    if not _is_count(k) or k < 1:
+      raise ValueError(f"{what}: max_new_tokens must be a positive int, got {k!r}")
+    if not _is_count(n) or not 1 <= n <= self.rows:
+      raise ValueError(f"{what}: n must lie in [1, rows={self.rows}], got {n!r}")
+    if ids.size + k > self.capacity:
+      raise decode.CapacityError(f"{what} needs {ids.size} + {k} tokens, more than a row's "
+                                 f"capacity {self.capacity}")
     return ids
 
-  def _make_room(self, need: int) -> bool:
-    """Unpins LRU index pages until `need` pages are free beyond what running rows may take."""
+  def _make_room(self, need: int, keep: Sequence[int] = ()) -> bool:
+    """Unpins LRU index pages (never those in `keep`, which the request adopts) until `need`
+    pages are free beyond what running rows may take."""
     while True:
       spare = int(self.cache.free_pages()) - self._promised()
       if spare >= need:
         return True
-      if self.index is None or not self.index.pages:
+      if self.index is None or not self.index.evictable(keep):
         return False
-      self._pin(self.index.evict(max(need - spare, 1)), -1)
+      self._pin(self.index.evict(max(need - spare, 1), keep), -1)
 
   def insert(self, request: Request) -> list[int] | None:
     """Admits `request` (rows it runs in) or returns None when rows or pages are short now.
 
-    Raises ValueError / CapacityError for a request that could never run (see `_check`).
+    A request without an id gets the order of insertion (0 for the first one) before anything is
+    checked, so errors name it. Raises TypeError / ValueError for a prompt that is not token ids
+    or text (see `kvjax.prompts.token_row`), and ValueError / CapacityError for a request that
+    could never run (see `_check`; more pages than the pool holds).
     """
-    ids = self._check(request)
     if request.id is None:
       request = dataclasses.replace(request, id=self._inserted)
+    ids = self._check(request)
+    n, p = request.n, self.page_size
+    end = ids.size + request.max_new_tokens - 1  # the last token drawn is never fed back
+    most = self._need(ids.size, end, n, hit=0, reused=0)
+    if most > self.cache.n_pages:
+      raise decode.CapacityError(f"Engine.insert: request {request.id!r} needs up to {most} pages, "
+                                 f"more than the pool's {self.cache.n_pages}")
     free = self.free_rows()
-    if len(free) < request.n:
+    if len(free) < n:
       return None
     keys = self.index.chain(ids) if self.index is not None else []
     hit = self.index.match(keys) if self.index is not None else []
-    reused = min(len(hit) * self.page_size, ids.size - 1)  # the last token is always recomputed
+    reused = min(len(hit) * p, ids.size - 1)  # the last token is always recomputed
     hit = hit[:self._pages(reused)]
-    end = ids.size + request.max_new_tokens
-    own = self._pages(ids.size) - len(hit) + 1  # the prompt's new pages (+1: a copied shared page)
-    need = own + request.n * (self._pages(end) - ids.size // self.page_size)
-    if need > self.cache.n_pages:
-      raise decode.CapacityError(f"Engine.insert: request {request.id!r} needs up to {need} pages, "
-                                 f"more than the pool's {self.cache.n_pages}")
-    if not self._make_room(need):
+    tries = [(hit, reused)]
+    if reused % p:  # a partial hit page costs a copy; unless adopted, the index may give it up
+      tries.append((hit[:-1], (len(hit) - 1) * p))
+    for hit, reused in tries:
+      if self._make_room(self._need(ids.size, end, n, len(hit), reused), keep=hit):
+        break
+    else:
       return None
     row = free[0]
     if hit:
@@ -296,11 +390,11 @@ class Engine:
       table = np.asarray(self.cache.table)[row]
       new = self.index.add(keys, table[:len(keys)])
       self._pin(new, 1)
-    rows = free[:request.n]
-    if request.n > 1:
-      self.cache = _fork(self.cache, jnp.full((request.n - 1,), row, jnp.int32),
+    rows = free[:n]
+    if n > 1:
+      self.cache = _fork(self.cache, jnp.full((n - 1,), row, jnp.int32),
                          jnp.asarray(rows[1:], jnp.int32))
-    first = np.asarray(_draw(logits, self._next_key(), sampler=self.sampler, n=request.n))
+    first = np.asarray(_draw(logits, self._next_key(), sampler=self.sampler, n=n))
     self._inserted += 1
     for sample, (r, token) in enumerate(zip(rows, first)):
       self._rows[r] = _Row(request=request, sample=sample, end=end)
@@ -309,7 +403,7 @@ class Engine:
     return rows
 
   def _pin(self, pages: list[int], count: int) -> None:
-    """Adds count to the pins of pages, in fixed-size batches (one executable whatever the number)."""
+    """Adds count to the pins of pages, in fixed-size batches (one executable for any number)."""
     size = self.cache.max_pages
     for i in range(0, len(pages), size):
       batch = np.full(size, self.cache.n_pages, np.int32)  # the "no page" marker is dropped
@@ -380,8 +474,9 @@ class Engine:
       while queue and self.insert(queue[0]) is not None:
         queue.popleft()
       if queue and not self._rows and not self._pending:
-        raise decode.CapacityError(f"Engine.run: request {queue[0].id!r} cannot be admitted even "
-                                   "into an idle engine (pool too small)")
+        name = self._inserted if queue[0].id is None else queue[0].id
+        raise decode.CapacityError(f"Engine.run: request {name!r} cannot be admitted even into "
+                                   "an idle engine (pool too small)")
       yield from self.step()
 
 

@@ -9,12 +9,15 @@ can never run are refused with a message; beams share pages and equal the full c
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import numpy as np
 import pytest
 
 import kvjax
 from kvjax.beam import beam_search
-from kvjax.engine import Engine, Request, collect, serve
+from kvjax.engine import Engine, Event, Request, collect, serve
 from kvjax.sampling import Sampler
 from tests.helpers import lively
 
@@ -27,6 +30,17 @@ def model(tiny):
 def alone(model, ids, n):
   out = kvjax.generate(model, [ids], max_new_tokens=n, cache="full", stop_at_eos=False)
   return [int(t) for t in np.asarray(out.tokens[0][:n])]
+
+
+def run_checked(engine, events=None):
+  """collect(events) (default: engine.run([])), asserting after every event that no row of the
+  engine found the pool empty (a finished row's flag is cleared when it is freed, so the tests
+  compare outputs too)."""
+  out = []
+  for event in engine.run([]) if events is None else events:
+    assert not np.asarray(engine.cache.failed).any(), f"a row was refused a page at {event}"
+    out.append(event)
+  return collect(out)
 
 
 def prompts(seed, lengths):
@@ -58,7 +72,8 @@ def test_shared_prefix_adopts_pages_and_equals_alone(model):
   out = collect(engine.run(reqs))
   for r in reqs:
     assert out[(r.id, 0)] == alone(model, r.ids, 4)
-  assert engine.index.hits == 40 + 40 + 39  # 5 pages each after the first; the last token recomputed
+  # 5 pages each after the first; a wholly covered prompt recomputes its last token
+  assert engine.index.hits == 40 + 40 + 39
   # one row at a time: in use are the 5 indexed pages of the system prompt plus the tails' pages
   assert int(engine.cache.pages_in_use()) == len(engine.index.pages)
 
@@ -66,7 +81,8 @@ def test_shared_prefix_adopts_pages_and_equals_alone(model):
 def test_prefix_sharing_saves_pages(model):
   """Four requests on one 64-token prompt in four rows: the prompt's pages are stored once."""
   system = prompts(3, [64])[0]
-  reqs = [Request(ids=system + t, max_new_tokens=2, id=i) for i, t in enumerate(prompts(4, [4] * 4))]
+  reqs = [Request(ids=system + t, max_new_tokens=2, id=i)
+          for i, t in enumerate(prompts(4, [4] * 4))]
   used = {}
   for share in (True, False):
     engine = Engine(model, rows=4, capacity=96, cache="paged:8", prefix_cache=share)
@@ -123,11 +139,11 @@ def test_eos_stops_a_request(model):
 
 def test_refused_requests(model):
   engine = Engine(model, rows=1, capacity=32, cache="paged:8", pages=3)
-  with pytest.raises(kvjax.CapacityError, match="capacity 32"):
+  with pytest.raises(kvjax.CapacityError, match=r"request 0 needs 30 \+ 5 tokens.*capacity 32"):
     engine.insert(Request(ids=[1] * 30, max_new_tokens=5))
-  with pytest.raises(kvjax.CapacityError, match="pool's 3"):
+  with pytest.raises(kvjax.CapacityError, match="request 0 needs up to 4 pages.*pool's 3"):
     engine.insert(Request(ids=[1] * 20, max_new_tokens=8))
-  with pytest.raises(ValueError, match="empty prompt"):
+  with pytest.raises(ValueError, match="request 0 is empty"):
     engine.insert(Request(ids=[], max_new_tokens=5))
   with pytest.raises(ValueError, match="n must lie"):
     engine.insert(Request(ids=[1], max_new_tokens=5, n=2))
@@ -135,6 +151,114 @@ def test_refused_requests(model):
     Engine(model, cache="full")
   assert engine.insert(Request(ids=[1] * 3, max_new_tokens=2)) == [0]
   assert engine.insert(Request(ids=[1] * 3, max_new_tokens=2)) is None  # no free row now
+
+
+def test_default_pool_runs_requests_that_fit_together(model):
+  """rows=2, capacity=64 on paged:16 builds 8 pages; a 40 + 24 request takes 3 prompt pages and
+  1 for its output (its last token is never stored), so two run side by side from the first step
+  (issue 21: the count took the partial prompt page twice plus a copy page, 6 each)."""
+  reqs = [Request(ids=ids, max_new_tokens=24, id=i) for i, ids in enumerate(prompts(10, [40, 40]))]
+  engine = Engine(model, rows=2, capacity=64, stop_at_eos=False)
+  assert engine.cache.n_pages == 8
+  stream = engine.run(reqs)
+  first = next(stream)
+  assert engine.running() == 2, "run() admitted both requests at once"
+  out = run_checked(engine, itertools.chain([first], stream))
+  for r in reqs:
+    assert out[(r.id, 0)] == alone(model, r.ids, 24), f"request {r.id}"
+
+
+def test_pools_of_exactly_the_pages_requests_take(model):
+  """Pools sized to the exact count run out of nothing. paged:8, 37-token prompt, n=3, 5 new:
+  5 prompt pages, then each sample copies the partial 5th at its first token (the original goes
+  free in that step) and takes a 6th: 10 pages at the worst, so 9 is refused and 10 runs. Then,
+  beside each other, a 2-sample request wholly covered by the index (it copies the hit last page
+  it writes into: 1 + 2 pages) and a fresh 20 + 4 one (3 pages) fill the 6 pages left beside the
+  4 indexed ones; and a request that fits only if the index gives up its last hit page (the copy
+  of it would cost one too many) adopts one page fewer instead of being refused or overflowing."""
+  ids = prompts(7, [37])[0]
+  with pytest.raises(kvjax.CapacityError, match="needs up to 10 pages, more than the pool's 9"):
+    Engine(model, rows=4, capacity=64, cache="paged:8", pages=9).insert(
+        Request(ids=ids, max_new_tokens=5, n=3))
+  engine = Engine(model, rows=4, capacity=64, cache="paged:8", pages=10, stop_at_eos=False)
+  assert engine.insert(Request(ids=ids, max_new_tokens=5, n=3, id="p")) == [0, 1, 2]
+  out = run_checked(engine)
+  assert [out[("p", s)] for s in range(3)] == [alone(model, ids, 5)] * 3
+  covered, fresh = ids[:32], prompts(11, [20])[0]
+  assert engine.insert(Request(ids=covered, max_new_tokens=9, n=2, id="c")) == [0, 1]
+  assert engine.insert(Request(ids=fresh, max_new_tokens=4, id="f")) == [2]
+  out = run_checked(engine)
+  assert [out[("c", s)] for s in range(2)] == [alone(model, covered, 9)] * 2
+  assert out[("f", 0)] == alone(model, fresh, 4)
+  # 6 pages indexed (4 of the prompt, 2 of `fresh`); 2 samples of 25 new tokens on the covered
+  # prompt take 1 + 2 x 3 pages: with all 4 hit pages kept only 6 can be freed, with 3 kept 7
+  hits = engine.index.hits
+  assert engine.insert(Request(ids=covered, max_new_tokens=25, n=2, id="d")) == [0, 1]
+  assert engine.index.hits == hits + 24
+  out = run_checked(engine)
+  assert [out[("d", s)] for s in range(2)] == [alone(model, covered, 25)] * 2
+
+
+def test_capacity_must_be_a_multiple_of_the_page_size(model):
+  with pytest.raises(ValueError, match=r"capacity 60 is not a multiple of the page size 16 of "
+                                       r"'paged:16'; use 48 or 64"):
+    Engine(model, rows=2, capacity=60)
+  with pytest.raises(ValueError, match=r"capacity 5 is not a multiple of the page size 8 .*use 8$"):
+    Engine(model, rows=1, capacity=5, cache="paged:8")
+  with pytest.raises(ValueError, match="capacity must be a positive int, got 64.0"):
+    Engine(model, rows=1, capacity=64.0, cache="paged:8")
+
+
+class EosTokenizer:
+  """A tokenizer stand-in: text as bytes, and a chosen EOS id."""
+
+  def __init__(self, eos_id):
+    self.eos_id = eos_id
+
+  def encode(self, text):
+    return list(text.encode("utf-8"))
+
+
+def test_eos_defaults_to_the_tokenizers(model):
+  ids = prompts(8, [20])[0]
+  first = alone(model, ids, 3)
+  assert first[1] not in (first[0], first[2])
+  told = dataclasses.replace(model, tokenizer=EosTokenizer(first[1]))
+  req = Request(ids=ids, max_new_tokens=10, id=0)
+  options = {"rows": 1, "capacity": 64, "cache": "paged:8"}
+  assert Engine(told, **options).eos_id == first[1]
+  assert collect(serve(told, [req], **options))[(0, 0)] == first[:2]
+  # stop_at_eos=False: only max_new_tokens ends a sample, unless an eos_id is given
+  longer = collect(serve(told, [req], stop_at_eos=False, **options))[(0, 0)]
+  assert len(longer) == 10 and longer[:3] == first
+  assert collect(serve(told, [req], stop_at_eos=False, eos_id=first[2], **options))[(0, 0)] == first
+  assert Engine(dataclasses.replace(model, tokenizer=None), **options).eos_id is None
+
+
+def test_collect_is_exported():
+  events = [Event("a", 0, 5, False), Event("b", 1, 7, True), Event("a", 0, 6, True)]
+  assert kvjax.collect is collect and "collect" in kvjax.__all__
+  assert kvjax.collect(events) == {("a", 0): [5, 6], ("b", 1): [7]}
+
+
+def test_text_prompts_and_refused_ids(model):
+  """A string is encoded with the model's tokenizer; ids must be integers (never truncated); a
+  request's error names its id, the order of insertion unless it has one."""
+  text = "To be, or not"
+  engine = Engine(model, rows=1, capacity=64, cache="paged:8", stop_at_eos=False)
+  out = collect(engine.run([Request(ids=text, max_new_tokens=3)]))
+  assert out[(0, 0)] == alone(model, model.tokenizer.encode(text), 3)
+  with pytest.raises(TypeError, match=r"request 1 must hold integer token ids, got float 1\.0"):
+    engine.insert(Request(ids=[1.0, 2.0], max_new_tokens=2))
+  with pytest.raises(TypeError, match="request 1 token ids must be integers, got dtype float"):
+    engine.insert(Request(ids=np.array([3.7, 2.0]), max_new_tokens=2))
+  with pytest.raises(ValueError, match=r"request 'x' token ids must lie in \[0, 260\)"):
+    engine.insert(Request(ids=[5, 260], max_new_tokens=2, id="x"))
+  with pytest.raises(ValueError, match="request 1: max_new_tokens must be a positive int"):
+    engine.insert(Request(ids=[5], max_new_tokens=0))
+  bare = Engine(dataclasses.replace(model, tokenizer=None), rows=1, capacity=64, cache="paged:8")
+  with pytest.raises(TypeError, match="request 0 is text, which needs a model with a tokenizer"):
+    bare.insert(Request(ids=text, max_new_tokens=3))
 
 
 def test_one_beam_is_greedy(model):
