@@ -91,7 +91,7 @@ FULL_LANE = {
     "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[share:2+int8]": 1.0,
     "tests/test_export.py::test_prefill_and_decode_export_for_gpu_and_tpu[paged:16+int4]": 1.0,
     # second passes: each module keeps a first one in the fast lane
-    "tests/test_engine.py::test_one_beam_is_greedy": 3.5,
+    "tests/test_beam.py::test_one_beam_is_greedy": 3.5,
     "tests/test_engine.py::test_prefix_sharing_saves_pages": 3.2,
     "tests/test_prefix.py::test_store_hit_equals_miss_and_leaves_stored_cache_alone": 5.5,
     "tests/test_prefix.py::test_stored_cache_grows_when_a_request_needs_more": 4.0,

@@ -1,7 +1,7 @@
 """kvjax.beam: beam search over any cache kind that can reorder its rows.
 
-(Its paged-cache checks, one beam = greedy and pages shared between beams, live beside the
-Engine's in tests/test_engine.py.)
+One beam is greedy decoding; on paged:P the beams share their prompt's pages and find what the
+full cache's beams find; the capacity is the kind's own choice; prompts are read as everywhere.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.beam import beam_search
 from tests.helpers import lively
 
 
@@ -36,3 +37,28 @@ def test_capacity_is_the_kinds_own_choice(model):
 def test_prompt_errors(model, bad, error, match):
   with pytest.raises(error, match=match):
     kvjax.beam_search(model, bad, beams=2, max_new_tokens=3, cache="full")
+
+
+def prompt(seed, n):
+  return list(np.random.default_rng(seed).integers(0, 250, n))
+
+
+def greedy(model, ids, n):
+  out = kvjax.generate(model, [ids], max_new_tokens=n, cache="full", stop_at_eos=False)
+  return [int(t) for t in np.asarray(out.tokens[0][:n])]
+
+
+def test_one_beam_is_greedy(model):
+  ids = prompt(9, 37)
+  one = beam_search(model, ids, beams=1, max_new_tokens=10, cache="paged:8")
+  assert one.tokens[0].tolist() == greedy(model, ids, 10)
+
+
+def test_beam_search_shares_pages_and_matches_full(model):
+  ids = prompt(9, 37)
+  paged = beam_search(model, ids, beams=4, max_new_tokens=10, cache="paged:8")
+  full = beam_search(model, ids, beams=4, max_new_tokens=10, cache="full")
+  np.testing.assert_array_equal(paged.tokens, full.tokens)
+  np.testing.assert_allclose(paged.scores, full.scores, rtol=1e-5)
+  assert int(paged.cache.pages_in_use()) < 4 * 6, "beams share their common prefix's pages"
+  assert (np.diff(paged.scores) <= 0).all()

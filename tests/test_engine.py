@@ -1,4 +1,4 @@
-"""Continuous batching (kvjax.engine) and beam search (kvjax.beam) on paged caches.
+"""Continuous batching (kvjax.engine) on paged caches.
 
 Invariants: every request's output equals running it alone, whatever joins and leaves the batch
 around it; a prompt that starts with indexed pages adopts them (no copy, fewer pages in use) and
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.beam import beam_search
 from kvjax.engine import Engine, Event, Request, collect, serve
 from kvjax.sampling import Sampler
 from tests.helpers import lively
@@ -259,19 +258,3 @@ def test_text_prompts_and_refused_ids(model):
   bare = Engine(dataclasses.replace(model, tokenizer=None), rows=1, capacity=64, cache="paged:8")
   with pytest.raises(TypeError, match="request 0 is text, which needs a model with a tokenizer"):
     bare.insert(Request(ids=text, max_new_tokens=3))
-
-
-def test_one_beam_is_greedy(model):
-  ids = prompts(9, [37])[0]
-  one = beam_search(model, ids, beams=1, max_new_tokens=10, cache="paged:8")
-  assert one.tokens[0].tolist() == alone(model, ids, 10)
-
-
-def test_beam_search_shares_pages_and_matches_full(model):
-  ids = prompts(9, [37])[0]
-  paged = beam_search(model, ids, beams=4, max_new_tokens=10, cache="paged:8")
-  full = beam_search(model, ids, beams=4, max_new_tokens=10, cache="full")
-  np.testing.assert_array_equal(paged.tokens, full.tokens)
-  np.testing.assert_allclose(paged.scores, full.scores, rtol=1e-5)
-  assert int(paged.cache.pages_in_use()) < 4 * 6, "beams share their common prefix's pages"
-  assert (np.diff(paged.scores) <= 0).all()
