@@ -40,8 +40,12 @@ Capabilities are declared as attributes of the kind, never as lists of kind name
                kinds, about 1 / (2^bits - 1) for quantized ones, None where the view is not the
                given tokens at all (`share:G` followers). `kvjax.testing` checks it.
 
-Optional attribute: `lossless_tokens`, for kinds whose layers hold different numbers of tokens
-(per-layer budgets): the longest stream every layer holds whole (default: `capacity`).
+Optional attribute: `lossless_tokens` (an int in [1, capacity]): how many tokens a row can hold
+before its view stops being exactly the whole context, i.e. before any layer or kv head drops a
+token it was given. Default: `capacity`, right for kinds that drop nothing until they are full
+(full, window, a ring). A kind that drops earlier must declare it: a sparse policy that skips
+tokens, or per-layer budgets (`pyramid`: the smallest layer's budget). `kvjax.testing`'s
+`model-forward` decodes that many tokens (at most 10) and expects the full forward's logits.
 
 Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
 tells whether a cache implements one: it calls the cache's own `supports(verb)` where it has one

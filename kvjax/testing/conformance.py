@@ -2,18 +2,30 @@
 
   from kvjax.testing import check_cache_kind
 
-  def make(n_layers, batch, kv_heads, head_dim, capacity, dtype):
-    return MyCache.init(...)                       # an empty cache of your kind
+  check_cache_kind("sink:2+window:6")               # any spec string, built by kvjax.make_cache
+
+  def make(spec, config, *, batch, capacity, dtype):  # kvjax.register_kind's factory signature
+    return MyCache.init(...)                        # an empty cache of your kind
 
   def test_my_kind():
-    check_cache_kind(make)                         # raises AssertionError naming what broke
+    check_cache_kind(make)                          # raises AssertionError naming what broke
 
-Each invariant is a hypothesis property over ragged append sequences (padding filled with large
+The kind is a spec string (a registered kind's name or spec works too: "mykind", "mykind:64") or a
+factory with `kvjax.register_kind`'s signature; the kit calls it with a small `LlamaConfig`
+(`n_layers`, `n_kv_heads`, `head_dim`, and `n_heads` = 2 x `n_kv_heads`), the parsed `spec=` it
+was given (None without one) and `options=` as keyword arguments. The six-argument factory
+`factory(n_layers, batch, kv_heads, head_dim, capacity, dtype)` of earlier releases still works,
+with a DeprecationWarning, for one release.
+
+Each invariant is a hypothesis property over ragged append streams (padding filled with large
 garbage so a leak shows), random shapes from a small fixed set, and random queries; a violation is
-shrunk to a minimal example. The kind's declared capabilities decide which invariants apply:
+shrunk to a minimal example. Streams give every row at least `WRAPS` (3) x the cache's capacity
+real tokens, in steps of 1, 2 or 5 tokens (longer streams, not new shapes): an evicting kind evicts
+and wraps around several times whatever capacity it was built with, a limited kind fills up and
+overflows. The kind's declared capabilities decide which invariants apply:
 
-  protocol          the members of `kvjax.KVCache` exist, sizes match the factory's arguments, a
-                    new cache is empty
+  protocol          the members of `kvjax.KVCache` exist, sizes match what was asked, a new cache
+                    is empty, `lossless_tokens` (if declared) is an int in [1, capacity]
   contents          every held token is what was appended at its position (exact kinds), or within
                     the kind's `error_bound` (lossy kinds; relative to the largest |value| of its
                     (layer, row, kv head) stream); kinds whose view is not what was appended
@@ -28,8 +40,11 @@ shrunk to a minimal example. The kind's declared capabilities decide which invar
   jit-equals-eager  jitted `append` / `attend` equal eager ones
   chunk-exact       (kinds declaring `chunk_exact`) T tokens in one `attend` give every query what
                     one-by-one feeding would, and leave the same cache
-  attention         (exact kinds) `attend` returns softmax attention over exactly what the cache
-                    then holds (GQA, rope=None); limited kinds: with RoPE, full causal attention
+  attention         `attend(..., scale=s)` with a softmax scale s other than the default: exact
+                    kinds return softmax attention with scale s over exactly what the cache then
+                    holds (GQA, rope=None), and limited exact kinds, with RoPE, full causal
+                    attention; other kinds return what the default scale gives for queries
+                    multiplied by s * sqrt(H), so `scale=` is never ignored
   reset             `reset()` empties the cache; what follows equals a fresh cache
   crop / reorder    (kinds that support them) as documented in `kvjax.caches.base`
   overflow          limited kinds: outside jit `kvjax.append` raises `CapacityError`; inside jit the
@@ -38,13 +53,19 @@ shrunk to a minimal example. The kind's declared capabilities decide which invar
   budget            an evicting kind never holds more than its capacity
   nbytes            `nbytes()` adds up to the bytes of the cache's arrays
   model-forward     (exact kinds) a small Llama decoded through the kind (MHA, GQA, MQA) gives the
-                    logits of the plain NumPy forward while the stream fits the capacity
+                    logits of the plain NumPy forward over the first `lossless_tokens` tokens (at
+                    most 10). `lossless_tokens` is the number of tokens a row can hold before its
+                    view stops being exactly the whole context; default: `capacity`. A kind that
+                    drops a token earlier (a sparse policy, per-layer budgets) must declare it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import math
+import warnings
 from typing import Callable
 
 import jax
@@ -66,6 +87,11 @@ INVARIANTS = ("protocol", "contents", "positions", "n_valid", "rows-independent"
               "inputs-unchanged", "jit-equals-eager", "chunk-exact", "attention", "reset", "crop",
               "reorder", "overflow", "budget", "nbytes", "model-forward")
 GROUP = 2  # query heads per kv head in the attention checks (GQA)
+WRAPS = 3  # streams give every row at least WRAPS x capacity real tokens
+SCALE = 0.5  # the attention checks' softmax scale is SCALE / sqrt(H), not the default 1 / sqrt(H)
+# Steps of this many tokens go through `attend` in `n_valid` and the lossy `attention` check: the
+# shape `jit-equals-eager` compiles attend for anyway, so they add no compiled program of it.
+ATTEND_TOKENS = 2
 # Invariants whose examples are costly and vary little: a few suffice.
 _EXAMPLE_CAPS = {"protocol": 2, "model-forward": 2, "inputs-unchanged": 3, "jit-equals-eager": 4}
 
@@ -126,8 +152,13 @@ class TokenLog:
     return np.abs(ks).max(axis=(0, 3)), np.abs(vs).max(axis=(0, 3))
 
 
+@jax.jit
+def _jit_view(cache) -> base.CacheView:
+  return api.view(cache)  # one program per kind and shape, not a dispatch per op at every step
+
+
 def _numpy_view(cache) -> dict:
-  view = api.view(cache)
+  view = _jit_view(cache)
   return {"keys": np.asarray(view.keys, np.float32), "values": np.asarray(view.values, np.float32),
           "mask": np.asarray(view.mask), "positions": np.asarray(view.positions)}
 
@@ -223,20 +254,25 @@ def _check_contents(cache, view, log: TokenLog, dtype):
 _jit_append = jax.jit(api.append)
 
 
-@functools.partial(jax.jit, static_argnames=("rope",))
-def _jit_attend_all(cache, q, k, v, n_valid, rope=None):
-  return _attend_all(cache, q, k, v, n_valid, rope)
+@functools.partial(jax.jit, static_argnames=("rope", "scale"))
+def _jit_attend_all(cache, q, k, v, n_valid, rope=None, scale=None):
+  return _attend_all(cache, q, k, v, n_valid, rope, scale)
 
 
-def _attend_all(cache, q, k, v, n_valid, rope=None):
+def _attend_all(cache, q, k, v, n_valid, rope=None, scale=None):
   """What a model's forward does: attend every layer in order, then advance.
 
   q [L, B, T, N, H], k/v [L, B, T, K, H]; returns (out [L, B, T, N, H], cache)."""
   outs = []
   for layer in range(cache.n_layers):
-    out, cache = cache.attend(layer, q[layer], k[layer], v[layer], n_valid, rope=rope)
+    out, cache = cache.attend(layer, q[layer], k[layer], v[layer], n_valid, rope=rope, scale=scale)
     outs.append(out)
   return jnp.stack(outs), cache.advance(n_valid)
+
+
+def _kit_scale(head_dim: int) -> float:
+  """The softmax scale the attention checks pass to `attend`: not the default 1 / sqrt(H)."""
+  return SCALE / math.sqrt(head_dim)
 
 
 def _random_qkv(rng, shape: kst.CacheShape, step: kst.AppendStep):
@@ -249,14 +285,21 @@ def _random_qkv(rng, shape: kst.CacheShape, step: kst.AppendStep):
 
 @dataclasses.dataclass
 class _Kit:
-  factory: Callable
+  build: Callable  # build(config, batch, capacity) -> an empty cache of the kind
   dtype: object
   shapes: object
   examples: int
   name: str
+  capacities: dict = dataclasses.field(default_factory=dict)
 
   def new(self, shape: kst.CacheShape):
-    return self.factory(*shape.args(self.dtype))
+    return self.build(shape.config(GROUP), shape.batch, shape.capacity)
+
+  def min_tokens(self, shape: kst.CacheShape) -> int:
+    """Real tokens every row of a stream gets: WRAPS x the capacity of the cache `shape` builds."""
+    if shape not in self.capacities:
+      self.capacities[shape] = int(self.new(shape).capacity)
+    return WRAPS * self.capacities[shape]
 
   def run(self, invariant: str, strategy, body) -> str | None:
     """Runs `body(*drawn)` as a hypothesis property; returns the violation message or None."""
@@ -282,11 +325,16 @@ class _Kit:
     return None
 
 
-def _stream(kit: _Kit, batch=None, min_steps=1, max_steps=5, tokens=(1, 2, 5)):
+def _stream(kit: _Kit, batch=None, tokens=(1, 2, 5), max_steps=None):
+  """(shape, steps, seed): a long stream (every row gets `kit.min_tokens(shape)` real tokens),
+  or, with `max_steps`, 1 to max_steps steps (for the costly eager invariants)."""
   shapes = kit.shapes if batch is None else kit.shapes.map(
       lambda s: dataclasses.replace(s, batch=batch))
-  return shapes.flatmap(lambda s: st.tuples(
-      st.just(s), kst.append_steps(s.batch, min_steps, max_steps, tokens), st.integers(0, 2**16)))
+  if max_steps is not None:
+    steps = lambda s: kst.append_steps(s.batch, 1, max_steps, tokens)
+  else:
+    steps = lambda s: kst.append_stream(s.batch, kit.min_tokens(s), tokens)
+  return shapes.flatmap(lambda s: st.tuples(st.just(s), steps(s), st.integers(0, 2**16)))
 
 
 # ---- the invariants --------------------------------------------------------------------------------
@@ -304,6 +352,10 @@ def _protocol(kit: _Kit, shape: kst.CacheShape, *_):
            "protocol", f"view().keys has shape {view['keys'].shape}, not [L, B, K, S, H]")
   _require(not view["mask"].any() and not np.asarray(cache.lengths).any()
            and not np.asarray(cache.filled()).any(), "protocol", "a new cache is not empty")
+  lossless = getattr(cache, "lossless_tokens", cache.capacity)
+  _require(isinstance(lossless, (int, np.integer)) and 1 <= lossless <= cache.capacity, "protocol",
+           f"lossless_tokens = {lossless!r}; it must be an int in [1, capacity = {cache.capacity}] "
+           "(the tokens a row holds before its view stops being the whole context)")
 
 
 def _feed(kit: _Kit, shape, steps, seed, on_step):
@@ -345,11 +397,12 @@ def _same_held(a: dict, b: dict, invariant: str, what: str, rows=None):
 
 
 def _n_valid(kit, shape, steps, seed):
-  """The same real tokens with two different paddings: identical caches and real outputs."""
+  """The same real tokens with two different paddings: identical caches and real outputs.
+  Steps of ATTEND_TOKENS tokens go through `attend`, the others through `append`."""
   rng = np.random.default_rng(seed)
   one, two = kit.new(shape), kit.new(shape)
-  use_attend = seed % 2 == 1
   for i, step in enumerate(steps):
+    use_attend = step.tokens == ATTEND_TOKENS
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
     if one.limited and (np.asarray(one.lengths) + n_valid > one.capacity).any():
@@ -468,7 +521,7 @@ def _jit_equals_eager(kit, shape, steps, seed):
 def _chunk_exact(kit, shape, steps, seed):
   """Each row's tokens in the chunks of `steps` vs the same tokens one at a time."""
   rng = np.random.default_rng(seed)
-  rope = attn.RoPE(shape.head_dim, 10000.0)
+  rope, scale = attn.RoPE(shape.head_dim, 10000.0), _kit_scale(shape.head_dim)
   chunked = stepwise = kit.new(shape)
   bound = getattr(chunked, "error_bound", 0.0) or 0.0
   for i, step in enumerate(steps):
@@ -477,12 +530,13 @@ def _chunk_exact(kit, shape, steps, seed):
     if chunked.limited and (np.asarray(chunked.lengths) + n_valid > chunked.capacity).any():
       break
     out_c, chunked = _jit_attend_all(chunked, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                     jnp.asarray(n_valid), rope=rope)
+                                     jnp.asarray(n_valid), rope=rope, scale=scale)
     out_c = np.asarray(out_c)
     for t in range(step.tokens):
       nv = (n_valid > t).astype(np.int32)
       sl = lambda x: jnp.asarray(x[:, :, t:t + 1])
-      out_s, stepwise = _jit_attend_all(stepwise, sl(q), sl(k), sl(v), jnp.asarray(nv), rope=rope)
+      out_s, stepwise = _jit_attend_all(stepwise, sl(q), sl(k), sl(v), jnp.asarray(nv), rope=rope,
+                                        scale=scale)
       out_s = np.asarray(out_s)
       for b in np.flatnonzero(nv):
         _require(np.allclose(out_c[:, b, t], out_s[:, b, 0], atol=1e-4 + 4 * bound), "chunk-exact",
@@ -499,9 +553,30 @@ def _chunk_exact(kit, shape, steps, seed):
              "chunk-exact", f"chunked feeding leaves other {key} than token-by-token feeding")
 
 
+def _scaled(q: np.ndarray, scale: float) -> np.ndarray:
+  """q such that the oracle's default scale 1/sqrt(H) applied to it is `scale` applied to q."""
+  return q * (scale * math.sqrt(q.shape[-1]))
+
+
+def _held_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray):
+  """Oracle attention of one row's query q [N, H] over what it holds: keys, values [S, K, H],
+  mask [K, S]; each kv head's group of GROUP query heads reads its own held slots. -> [N, H]."""
+  return np.concatenate([oracle.attention(
+      q[h * GROUP:(h + 1) * GROUP][None], keys[:, h:h + 1], values[:, h:h + 1], mask[h][None])[0]
+      for h in range(keys.shape[1])])
+
+
+def _scale_hint(got, want_default, atol) -> str:
+  """A note for the attention message when the output is what the default scale would give."""
+  return (" (it equals attention with the default scale 1/sqrt(H): `scale=` is ignored)"
+          if np.allclose(got, want_default, atol=atol) else "")
+
+
 def _attention(kit, shape, steps, seed):
-  """Token by token: each output is oracle attention over what the cache holds after the call."""
+  """Token by token: each output is oracle attention, with the kit's softmax scale, over what the
+  cache holds after the call."""
   rng = np.random.default_rng(seed)
+  scale = _kit_scale(shape.head_dim)
   cache = kit.new(shape)
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
@@ -511,27 +586,51 @@ def _attention(kit, shape, steps, seed):
       if cache.limited and (np.asarray(cache.lengths) + nv > cache.capacity).any():
         return
       sl = lambda x: jnp.asarray(x[:, :, t:t + 1])
-      out, cache = _jit_attend_all(cache, sl(q), sl(k), sl(v), jnp.asarray(nv))
+      out, cache = _jit_attend_all(cache, sl(q), sl(k), sl(v), jnp.asarray(nv), scale=scale)
       out, view = np.asarray(out), _numpy_view(cache)
       for l in range(shape.n_layers):
         for b in np.flatnonzero(nv):
           mask = view["mask"][l, b]  # [K, S]
           keys = view["keys"][l, b].transpose(1, 0, 2)  # [S, K, H]
           values = view["values"][l, b].transpose(1, 0, 2)
-          # each kv head attends over its own held slots: one oracle call per kv head's group
-          want = np.concatenate([oracle.attention(
-              q[l, b, t][h * GROUP:(h + 1) * GROUP][None], keys[:, h:h + 1], values[:, h:h + 1],
-              mask[h][None])[0] for h in range(shape.kv_heads)])
-          _require(np.allclose(out[l, b, 0], want, atol=1e-4), "attention",
-                   f"step {i}, token {t}: layer {l} row {b} attends to something other than what the"
-                   f" cache holds after the call (max diff {np.abs(out[l, b, 0] - want).max():.2e})")
+          got = out[l, b, 0]
+          want = _held_attention(_scaled(q[l, b, t], scale), keys, values, mask)
+          if not np.allclose(got, want, atol=1e-4):
+            raise _Violation(
+                "attention", f"step {i}, token {t}: layer {l} row {b} attends to something other "
+                f"than what the cache holds after the call, with softmax scale {scale:.4g} (max "
+                f"diff {np.abs(got - want).max():.2e})"
+                + _scale_hint(got, _held_attention(q[l, b, t], keys, values, mask), 1e-4))
+
+
+def _attention_scale(kit, shape, steps, seed):
+  """Kinds without an oracle (lossy): attend(q, scale=s) equals attend(q * s * sqrt(H)) with the
+  default scale, on two caches given the same tokens (steps of ATTEND_TOKENS tokens)."""
+  rng = np.random.default_rng(seed)
+  scale = _kit_scale(shape.head_dim)
+  one = two = kit.new(shape)
+  for i, step in enumerate(steps):
+    q, k, v = (jnp.asarray(x) for x in _random_qkv(rng, shape, step))
+    n_valid = np.array(step.n_valid, np.int32)
+    if one.limited and (np.asarray(one.lengths) + n_valid > one.capacity).any():
+      return
+    out1, one = _jit_attend_all(one, q, k, v, jnp.asarray(n_valid), scale=scale)
+    out2, two = _jit_attend_all(two, jnp.asarray(_scaled(np.asarray(q), scale)), k, v,
+                                jnp.asarray(n_valid))
+    real = np.arange(step.tokens)[None, :] < n_valid[:, None]  # [B, T]
+    got, want = np.asarray(out1)[:, real], np.asarray(out2)[:, real]
+    if not np.allclose(got, want, atol=1e-4):
+      raise _Violation(
+          "attention", f"step {i}: attend(q, scale={scale:.4g}) differs from "
+          f"attend(q * {scale * math.sqrt(shape.head_dim):.4g}) with the default scale (max diff "
+          f"{np.abs(got - want).max():.2e}): the kind does not apply the caller's softmax scale")
 
 
 def _attention_rope_full(kit, shape, steps, seed):
   """Limited exact kinds: with RoPE, outputs equal full causal attention over all tokens."""
   rng = np.random.default_rng(seed)
   theta = 10000.0
-  rope = attn.RoPE(shape.head_dim, theta)
+  rope, scale = attn.RoPE(shape.head_dim, theta), _kit_scale(shape.head_dim)
   cache = kit.new(shape)
   seen_q, seen_k, seen_v = [[] for _ in range(shape.batch)], [[] for _ in range(shape.batch)], \
       [[] for _ in range(shape.batch)]
@@ -541,7 +640,7 @@ def _attention_rope_full(kit, shape, steps, seed):
     if (np.asarray(cache.lengths) + n_valid > cache.capacity).any():
       return
     out, cache = _jit_attend_all(cache, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                 jnp.asarray(n_valid), rope=rope)
+                                 jnp.asarray(n_valid), rope=rope, scale=scale)
     out = np.asarray(out)
     for b, n in enumerate(step.n_valid):
       for t in range(n):
@@ -551,13 +650,14 @@ def _attention_rope_full(kit, shape, steps, seed):
         if not n:
           continue
         pos = np.arange(total)
-        qs = oracle.rope(np.stack([x[l] for x in seen_q[b]]), pos, theta)
+        qs = _scaled(oracle.rope(np.stack([x[l] for x in seen_q[b]]), pos, theta), scale)
         ks = oracle.rope(np.stack([x[l] for x in seen_k[b]]), pos, theta)
         vs = np.stack([x[l] for x in seen_v[b]])
         want = oracle.attention(qs, ks, vs, pos[:, None] >= pos[None, :])[total - n:]
         _require(np.allclose(out[l, b, :n], want, atol=1e-4), "attention",
-                 f"step {i}: layer {l} row {b} with RoPE differs from full causal attention over "
-                 f"every token (max diff {np.abs(out[l, b, :n] - want).max():.2e})")
+                 f"step {i}: layer {l} row {b} with RoPE and softmax scale {scale:.4g} differs "
+                 f"from full causal attention over every token (max diff "
+                 f"{np.abs(out[l, b, :n] - want).max():.2e})")
 
 
 def _reset(kit, shape, steps, seed):
@@ -567,7 +667,7 @@ def _reset(kit, shape, steps, seed):
   _require(not view["mask"].any() and not np.asarray(empty.lengths).any()
            and not np.asarray(empty.filled()).any(), "reset", "reset() left tokens in the cache")
   again, _ = _feed(kit, shape, steps, seed + 1, lambda *_: None)
-  fresh_feed = _feed(dataclasses.replace(kit, factory=lambda *a: empty), shape, steps, seed + 1,
+  fresh_feed = _feed(dataclasses.replace(kit, build=lambda *a: empty), shape, steps, seed + 1,
                      lambda *_: None)[0]
   _same_held(_numpy_view(again), _numpy_view(fresh_feed), "reset",
              "after reset() and the same appends as a fresh cache")
@@ -697,10 +797,10 @@ def _model_forward(kit, shape, steps, seed):
   for kv_heads in (4, 2, 1):
     cfg, shapes, step = _tiny_llama(kv_heads)
     params = _tiny_params(shapes, seed)
-    cache = kit.factory(cfg.n_layers, 1, cfg.n_kv_heads, cfg.head_dim, max(shape.capacity, 8),
-                        kit.dtype)
-    # The longest stream every layer holds whole (kinds with per-layer budgets declare it).
-    n = min(getattr(cache, "lossless_tokens", cache.capacity), 10)
+    cache = kit.build(cfg, 1, max(shape.capacity, 8))
+    # The longest stream a row holds whole (sparse kinds and per-layer budgets declare it).
+    lossless = getattr(cache, "lossless_tokens", None)
+    n = min(cache.capacity if lossless is None else lossless, 10)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, n)
     want = oracle.llama_forward(cfg, params, tokens)
     got = []
@@ -709,10 +809,17 @@ def _model_forward(kit, shape, steps, seed):
       got.append(np.asarray(logits[0]))
     got = np.concatenate(got)
     scale = np.abs(want).max()
-    _require(np.allclose(got, want, atol=1e-4 * scale), "model-forward",
-             f"a Llama with {kv_heads} kv heads for 4 query heads, decoded token by token through "
-             f"the kind, differs from the plain forward by {np.abs(got - want).max():.2e} "
-             f"(logits up to {scale:.2f})")
+    bad = np.flatnonzero(~np.isclose(got, want, atol=1e-4 * scale).all(axis=-1))
+    if bad.size:
+      declared = (f"lossless_tokens = {lossless}" if lossless is not None else
+                  f"no lossless_tokens, so the capacity {cache.capacity}")
+      raise _Violation(
+          "model-forward", f"a Llama with {kv_heads} kv heads for 4 query heads, decoded token by "
+          f"token through the kind, differs from the plain forward from token {bad[0]} of {n} on "
+          f"(max diff {np.abs(got - want).max():.2e}, logits up to {scale:.2f}). The kit decodes "
+          f"as many tokens as the kind says a row holds whole ({declared}, at most 10): if its "
+          f"view stops being the whole context earlier (a sparse policy, per-layer budgets), "
+          f"declare `lossless_tokens`, the tokens a row can hold before that happens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,9 +831,7 @@ def applicable(cache) -> list[str]:
            "jit-equals-eager"]
   if cache.chunk_exact:
     names.append("chunk-exact")
-  if cache.exact:
-    names.append("attention")
-  names.append("reset")
+  names += ["attention", "reset"]
   if base.supports(cache, "crop"):
     names.append("crop")
   if base.supports(cache, "reorder"):
@@ -738,16 +843,95 @@ def applicable(cache) -> list[str]:
 
 
 QUICK_EXAMPLES = 3  # examples per invariant with quick=True
+_NEW_FORM = "factory(spec, config, *, batch, capacity, dtype)"
+_OLD_FORM = "factory(n_layers, batch, kv_heads, head_dim, capacity, dtype)"
 
 
-def check_cache_kind(factory: Callable, *, name: str | None = None, dtype=jnp.float32,
-                     head_dim: int = 16, capacity: int = 8, shapes=None, max_examples: int = 6,
-                     only=None, skip=(), quick: bool = False) -> list[str]:
+def is_legacy_factory(factory) -> bool:
+  """True for the deprecated six-argument kind factory `factory(n_layers, batch, kv_heads,
+  head_dim, capacity, dtype)`: six or more positional parameters without defaults (or *args), no
+  keyword-only `batch` and no parameter named `config`, where `kvjax.register_kind`'s form is
+  `factory(spec, config, *, batch, capacity, dtype)`."""
+  try:
+    params = inspect.signature(factory).parameters.values()
+  except (TypeError, ValueError):  # a builtin or C callable: assume the current form
+    return False
+  if any(p.name == "config" or (p.name == "batch" and p.kind == p.KEYWORD_ONLY) for p in params):
+    return False
+  required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+              and p.default is p.empty]
+  return len(required) >= 6 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _options_for(options) -> Callable:
+  """options (None, a dict, or a callable config -> dict) as a callable config -> dict."""
+  if options is None:
+    return lambda config: {}
+  if callable(options):
+    return options
+  if isinstance(options, dict):
+    return lambda config: dict(options)
+  raise TypeError(f"check_cache_kind: options must be a dict or a callable config -> dict, got "
+                  f"{type(options).__name__}")
+
+
+def _builder(kind, spec, options, dtype) -> tuple[Callable, str]:
+  """(build(config, batch, capacity) -> empty cache, the kind's name) for what the caller gave."""
+  from kvjax import spec as spec_lib
+
+  extra = _options_for(options)
+  legacy_spec = getattr(kind, "_kvjax_spec", None)  # a (deprecated) `spec_factory` factory
+  if legacy_spec is not None:
+    kind, extra = legacy_spec
+  if isinstance(kind, (str, spec_lib.CacheSpec)):
+    if spec is not None:
+      raise TypeError("check_cache_kind: spec= is for a factory; the kind is already a spec "
+                      f"({str(kind)!r})")
+    parsed = spec_lib.parse_spec(kind)
+
+    def build(config, batch, capacity):  # a bounded kind gets at least its budget
+      return spec_lib.make_cache(parsed, config, batch, max(capacity, parsed.budget or 0), dtype,
+                                 **extra(config))
+
+    return build, str(parsed)
+  if not callable(kind):
+    raise TypeError(f"check_cache_kind: the kind must be a spec string or a factory "
+                    f"{_NEW_FORM}, got {type(kind).__name__}")
+  name = getattr(kind, "__name__", "kind")
+  if is_legacy_factory(kind):
+    if spec is not None or options is not None:
+      raise TypeError(f"check_cache_kind: spec= and options= need a factory of the form "
+                      f"{_NEW_FORM}")
+    warnings.warn(
+        f"check_cache_kind({name}): the six-argument {_OLD_FORM} is deprecated and goes away in "
+        f"the next release. Write it as kvjax.register_kind's {_NEW_FORM}, reading n_layers, "
+        f"n_kv_heads and head_dim from config, or pass a spec string: "
+        f"check_cache_kind('sink:2+window:6')", DeprecationWarning, stacklevel=3)
+    return (lambda config, batch, capacity: kind(config.n_layers, batch, config.n_kv_heads,
+                                                 config.head_dim, capacity, dtype)), name
+  parsed = None if spec is None else spec_lib.parse_spec(spec)
+  return (lambda config, batch, capacity: kind(parsed, config, batch=batch, capacity=capacity,
+                                               dtype=dtype, **extra(config))), name
+
+
+def check_cache_kind(kind, *, spec=None, options=None, name: str | None = None,
+                     dtype=jnp.float32, head_dim: int = 16, capacity: int = 8, shapes=None,
+                     max_examples: int = 6, only=None, skip=(), quick: bool = False) -> list[str]:
   """Runs the conformance suite on one cache kind; returns the names of the invariants checked.
 
-  factory(n_layers, batch, kv_heads, head_dim, capacity, dtype) -> an empty cache of the kind.
-  head_dim, capacity: what the factory is asked for (a quantized kind needs a head dim its group
-    divides; an evicting kind may size itself from its budget instead). shapes: a strategy of
+  kind: a spec string ("sink:2+window:6", or a registered kind's "mykind:64"), built with
+    `kvjax.make_cache`, or a factory with `kvjax.register_kind`'s signature
+    `factory(spec, config, *, batch, capacity, dtype, **options) -> an empty cache`. `config` is a
+    small `LlamaConfig` (`strategies.CacheShape.config`: n_layers, n_kv_heads, head_dim, n_heads);
+    `spec` the parsed `spec=` argument (None without one). The six-argument
+    `factory(n_layers, batch, kv_heads, head_dim, capacity, dtype)` is deprecated (a
+    DeprecationWarning) and still works for one release.
+  options: make_cache's / the factory's keyword extras: a dict, or a callable config -> dict for
+    extras that depend on the sizes (calibration maps).
+  head_dim, capacity: what the kind is asked for (a quantized kind needs a head dim its group
+    divides; a bounded spec gets at least its budget; an evicting kind may size itself from its
+    budget instead). Streams give each row WRAPS x the built cache's capacity real tokens, so a
+    larger capacity means longer streams, never other shapes. shapes: a strategy of
     `strategies.CacheShape` to draw from instead (default: 2 layers, batch 1 or 3, 1 or 2 kv heads).
   max_examples: hypothesis examples per invariant. only / skip: names from `INVARIANTS`.
   quick: a cheap run for a development loop: one shape (2 layers, batch 3, 2 kv heads) and at
@@ -760,37 +944,39 @@ def check_cache_kind(factory: Callable, *, name: str | None = None, dtype=jnp.fl
   unknown = (set(only or ()) | set(skip)) - set(INVARIANTS)
   if unknown:
     raise ValueError(f"check_cache_kind: unknown invariants {sorted(unknown)}; known: {INVARIANTS}")
+  build, kind_name = _builder(kind, spec, options, jnp.dtype(dtype))
   if shapes is None:
     shapes = kst.cache_shapes(n_layers=(2,), head_dims=(head_dim,), capacities=(capacity,),
                               **({"batch": (3,), "kv_heads": (2,)} if quick else {}))
   if quick:
     max_examples = min(max_examples, QUICK_EXAMPLES)
-  probe = factory(*kst.CacheShape(2, 1, 1, head_dim, capacity).args(dtype))
+  kit = _Kit(build, dtype, shapes, max_examples, name or kind_name)
+  probe = kit.new(kst.CacheShape(2, 1, 1, head_dim, capacity))
   base.check_cache(probe, "check_cache_kind")
-  kit = _Kit(factory, dtype, shapes, max_examples, name or getattr(factory, "__name__", "kind"))
   names = [n for n in applicable(probe) if (only is None or n in only) and n not in skip]
-  plain = _stream(kit)
+  long = _stream(kit)
   bodies = {
       "protocol": (kit.shapes.map(lambda s: (s,)), lambda s: _protocol(kit, s)),
-      "contents": (plain, functools.partial(_contents, kit)),
-      "positions": (plain, functools.partial(_positions, kit)),
-      "n_valid": (plain, functools.partial(_n_valid, kit)),
+      "contents": (long, functools.partial(_contents, kit)),
+      "positions": (long, functools.partial(_positions, kit)),
+      "n_valid": (long, functools.partial(_n_valid, kit)),
       "rows-independent": (_stream(kit, batch=3), functools.partial(_rows_independent, kit)),
-      # eager calls compile op by op: few shapes, few steps
+      # eager calls compile op by op and run slowly: few shapes, few steps
       "inputs-unchanged": (_stream(kit, max_steps=2, tokens=(2,)),
                            functools.partial(_inputs_unchanged, kit)),
       "jit-equals-eager": (_stream(kit, max_steps=3, tokens=(2,)),
                            functools.partial(_jit_equals_eager, kit)),
-      "chunk-exact": (_stream(kit, max_steps=4, tokens=(1, 3)), functools.partial(_chunk_exact, kit)),
-      "attention": (_stream(kit, max_steps=3, tokens=(1, 2, 3)),
-                    (functools.partial(_attention, kit) if not probe.limited else
+      "chunk-exact": (_stream(kit, tokens=(1, 3)), functools.partial(_chunk_exact, kit)),
+      "attention": (_stream(kit, tokens=(1, 2, 3) if probe.exact else (ATTEND_TOKENS,)),
+                    (functools.partial(_attention_scale, kit) if not probe.exact else
+                     functools.partial(_attention, kit) if not probe.limited else
                      lambda *a: (_attention(kit, *a), _attention_rope_full(kit, *a)))),
-      "reset": (plain, functools.partial(_reset, kit)),
-      "crop": (plain, functools.partial(_crop, kit)),
-      "reorder": (plain, functools.partial(_reorder, kit)),
-      "overflow": (_stream(kit, min_steps=3, max_steps=6, tokens=(5,)), functools.partial(_overflow, kit)),
-      "budget": (_stream(kit, min_steps=4, max_steps=6, tokens=(5,)), functools.partial(_budget, kit)),
-      "nbytes": (plain, functools.partial(_nbytes, kit)),
+      "reset": (long, functools.partial(_reset, kit)),
+      "crop": (long, functools.partial(_crop, kit)),
+      "reorder": (long, functools.partial(_reorder, kit)),
+      "overflow": (_stream(kit, tokens=(5,)), functools.partial(_overflow, kit)),
+      "budget": (_stream(kit, tokens=(5,)), functools.partial(_budget, kit)),
+      "nbytes": (long, functools.partial(_nbytes, kit)),
       "model-forward": (st.tuples(kit.shapes, st.just([]), st.integers(0, 3)),
                         functools.partial(_model_forward, kit)),
   }

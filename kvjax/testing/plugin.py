@@ -3,7 +3,7 @@
   pytest_plugins = ["kvjax.testing.plugin"]
 
   def test_my_kind(check_kind):
-    check_kind(my_factory)
+    check_kind(make_my_kind)        # or a spec string: check_kind("mykind:64")
 
 `check_kind` is `check_cache_kind` with this run's settings:
   --kvjax-kit quick|thorough   (or KVJAX_KIT) quick: one shape and few examples, for a development
@@ -51,12 +51,13 @@ def kvjax_kit(request) -> str:
 
 @pytest.fixture
 def check_kind(request, kvjax_kit):
-  """check_kind(factory, **kwargs): `kvjax.testing.check_cache_kind` with this run's settings."""
+  """check_kind(kind, **kwargs): `kvjax.testing.check_cache_kind` with this run's settings; `kind`
+  is a spec string or a factory(spec, config, *, batch, capacity, dtype)."""
   from kvjax.testing import check_cache_kind
 
-  def run(factory, **kwargs):
+  def run(kind, **kwargs):
     kwargs.setdefault("max_examples", examples(request.config))
     kwargs.setdefault("quick", kvjax_kit == "quick")
-    return check_cache_kind(factory, **kwargs)
+    return check_cache_kind(kind, **kwargs)
 
   return run

@@ -5,8 +5,12 @@
   @given(shape=kst.cache_shapes(), steps=kst.append_steps(batch=3))
   def test_mine(shape, steps): ...
 
+  @given(steps=kst.append_stream(batch=3, min_tokens=24))   # every row wraps a ring of 8 slots 3x
+  def test_my_ring(steps): ...
+
 Values are kept to a few fixed choices where they set array shapes (T per append, head dims), so
-a property test compiles a handful of executables, not one per example.
+a property test compiles a handful of executables, not one per example: a longer stream is more
+steps of the same few T, never a new shape.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ PADDING_VALUE = -1e4
 
 @dataclasses.dataclass(frozen=True)
 class CacheShape:
-  """The arguments of a kind factory: factory(n_layers, batch, kv_heads, head_dim, capacity, dtype)."""
+  """The sizes a cache is built with: L layers, B rows, K kv heads, H head dim, S slots per row.
+
+  A kind's factory gets them as `factory(spec, config, *, batch, capacity, dtype)` with
+  `config = shape.config()` (see `kvjax.register_kind`)."""
 
   n_layers: int
   batch: int
@@ -36,7 +43,20 @@ class CacheShape:
   head_dim: int
   capacity: int
 
+  def config(self, group: int = 2):
+    """A `LlamaConfig` with these n_layers, n_kv_heads, head_dim and `group` query heads per kv
+    head: what `kvjax.make_cache` and kind factories read (n_layers, n_kv_heads, head_dim), with
+    every other field a real model config has (n_heads, dim, ...), small."""
+    from kvjax.models.config import LlamaConfig
+
+    n_heads = self.kv_heads * group
+    return LlamaConfig(vocab_size=48, dim=n_heads * self.head_dim, n_layers=self.n_layers,
+                       n_heads=n_heads, n_kv_heads=self.kv_heads, head_dim=self.head_dim,
+                       ffn_dim=48, name="kvjax-testing")
+
   def args(self, dtype):
+    """(n_layers, batch, kv_heads, head_dim, capacity, dtype): the arguments of the deprecated
+    six-argument kind factory."""
     return (self.n_layers, self.batch, self.kv_heads, self.head_dim, self.capacity, dtype)
 
 
@@ -66,6 +86,37 @@ def append_steps(batch: int, min_size: int = 1, max_size: int = 6,
                  token_counts=(1, 2, 3, 5)) -> st.SearchStrategy:
   """A sequence of ragged appends (rows with n_valid 0 in some steps, others full)."""
   return st.lists(append_step(batch, token_counts), min_size=min_size, max_size=max_size)
+
+
+def append_stream(batch: int, min_tokens: int, token_counts=(1, 2, 5)) -> st.SearchStrategy:
+  """Ragged appends until every row was given at least `min_tokens` real tokens (one step at
+  least): a stream as long as a test needs, e.g. 3 x a ring's slots so that it wraps 3 times.
+
+  T of each step comes from `token_counts` (so the stream compiles no new shape); about half the
+  steps are full (every row real, as in decoding), the others ragged (n_valid[b] in [0, T]).
+  Examples shrink toward the largest T and full steps, so a minimal one has few steps. After
+  `min_tokens` drawn steps the rest are full steps of the largest T, so a stream always ends.
+  """
+  if min_tokens < 0:
+    raise ValueError(f"append_stream: min_tokens must be >= 0, got {min_tokens}")
+  counts = sorted(set(token_counts), reverse=True)  # hypothesis shrinks toward the first
+  pick = st.sampled_from(counts)
+  # built once, not per draw: a stream draws dozens of steps
+  steps_of = {t: st.builds(AppendStep, st.just(t), st.one_of(
+      st.just((t,) * batch), st.tuples(*[st.integers(0, t)] * batch))) for t in counts}
+
+  @st.composite
+  def stream(draw):
+    steps, given = [], np.zeros(batch, np.int64)
+    while not steps or given.min() < min_tokens:
+      if len(steps) < max(min_tokens, 1):
+        steps.append(draw(steps_of[draw(pick)]))
+      else:
+        steps.append(AppendStep(counts[0], (counts[0],) * batch))
+      given += steps[-1].n_valid
+    return steps
+
+  return stream()
 
 
 def chunk_schedules(total: int, sizes=(1, 2, 3, 5)) -> st.SearchStrategy:

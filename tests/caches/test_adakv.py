@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import h2o
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.helpers import SETTINGS
 
 L, B, K, G, H = 2, 2, 3, 2, 16
@@ -36,7 +36,7 @@ ROPE = RoPE(H, 10000.0)
     pytest.param("h2o:2+window:4+sink:1+adakv", marks=pytest.mark.slow),
     pytest.param("int4+h2o:2+window:4+group:4+adakv", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 class SharedOracle:

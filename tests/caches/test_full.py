@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.full import FullCache
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from kvjax.testing import strategies as kst
 from tests.helpers import examples
 
@@ -39,7 +39,7 @@ L, B, K, H, CAP = 2, 3, 2, 4, 16
 @pytest.mark.parametrize("spec", ["full", pytest.param("dynamic", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 def new_cache(batch=B, capacity=CAP, block_size=None, layers=L, kv_heads=K, head_dim=H):

@@ -32,7 +32,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import h2o
 from kvjax.models import llama
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits
 
 L, B, K, G, H = 2, 2, 2, 2, 16
@@ -46,7 +46,7 @@ ROPE = RoPE(H, 10000.0)
     pytest.param("int4+residual:4+h2o:2+window:4+group:4", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 class H2OOracle:

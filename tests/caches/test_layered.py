@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.caches import h2o, registry
 from kvjax.caches.layered import LayeredCache
-from kvjax.testing import spec_factory
 from tests.helpers import SETTINGS, lively
 
 
@@ -40,7 +39,7 @@ def test_pyramid_budgets(heavy, n_layers, beta):
     "snapkv:4+window:4+pyramid",
     pytest.param("int4+residual:4+h2o:4+window:4+group:4+pyramid:2", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 @pytest.mark.parametrize("spec", ["h2o:6+window:6+sink:2", "snapkv:6+window:6"])

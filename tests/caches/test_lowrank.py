@@ -29,7 +29,6 @@ from kvjax import calibrate
 from kvjax.attention import RoPE
 from kvjax.caches import packing
 from kvjax.caches.lowrank import LowRankCache, LowRankMaps, estimate_bytes
-from kvjax.testing import spec_factory
 from tests.helpers import SETTINGS, model_logits
 
 
@@ -48,9 +47,11 @@ def random_maps(n_layers, features, rank, seed=0, rotated=False, mean_scale=0.3)
 
 
 def kit_options(rank, rotated=False):
-  def options(n_layers, kv_heads, head_dim):
-    return {"maps": random_maps(n_layers, kv_heads * head_dim, rank, rotated=rotated)}
-  return {"options": options}
+  """The kit's options= for lowrank: maps sized from the config it builds each cache with."""
+  def options(config):
+    return {"maps": random_maps(config.n_layers, config.n_kv_heads * config.head_dim, rank,
+                                rotated=rotated)}
+  return options
 
 
 # ---- the kit's generic invariants ------------------------------------------------------------------
@@ -61,7 +62,7 @@ def kit_options(rank, rotated=False):
     pytest.param("lowrank:8+int4+group:8", kit_options(8), marks=pytest.mark.slow,
                  id="lowrank:8+int4")])
 def test_conformance(check_kind, spec, options):
-  check_kind(spec_factory(spec, **options))
+  check_kind(spec, options=options)
 
 
 # ---- NumPy oracle ---------------------------------------------------------------------------------

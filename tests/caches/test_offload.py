@@ -32,7 +32,7 @@ import kvjax
 from kvjax.caches import offload
 from kvjax.caches.offload import OffloadCache
 from kvjax.models.llama import Llama
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from kvjax.testing import strategies as kst
 from tests.helpers import examples
 
@@ -55,7 +55,7 @@ def random_kv(rng, t, n_valid=None):
     pytest.param({"block_size": 4, "recent": 4}, marks=pytest.mark.slow, id="offload-recent-4")])
 def test_conformance(check_kind, options):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory("offload", **options))
+  check_kind("offload", options=options)
 
 
 def assert_matches_oracle(cache: OffloadCache, orc: oracle.FullCacheOracle):

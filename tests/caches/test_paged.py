@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 import kvjax
 from kvjax.caches.paged import PagedCache
-from kvjax.testing import spec_factory
 from tests.helpers import SETTINGS, lively
 
 L, K, H = 2, 2, 4
@@ -241,7 +240,7 @@ def test_quantized_pages_within_bound(bits):
 
 @pytest.mark.parametrize("spec", ["paged:4", pytest.param("paged:4+int8+group:4", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 @pytest.mark.parametrize("spec", ["paged:8", "paged:4+int8"])

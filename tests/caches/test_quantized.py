@@ -36,7 +36,7 @@ from kvjax.caches import api, packing
 from kvjax.caches.quantized import QuantizedCache, from_full, from_spec, quantize
 from kvjax.models.llama import Llama
 from kvjax.spec import SpecError, make_cache, parse_spec
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.helpers import examples
 
 L, K, H = 2, 2, 32
@@ -147,7 +147,7 @@ _append = jax.jit(api.append)
     pytest.param("int2+group:16", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 # ---- contents ------------------------------------------------------------------------------------

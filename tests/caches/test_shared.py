@@ -40,24 +40,24 @@ from kvjax import calibrate
 from kvjax.attention import RoPE
 from kvjax.caches.shared import SharedCache, ShareMaps
 from kvjax.models.llama import Llama
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.helpers import examples
 
 
 # ---- the kit's generic invariants ------------------------------------------------------------------
-def _identity_maps(n_layers, kv_heads, head_dim):
-  return {"maps": ShareMaps.identity(n_layers, kv_heads * head_dim)}
+def _identity_maps(config):
+  return {"maps": ShareMaps.identity(config.n_layers, config.n_kv_heads * config.head_dim)}
 
 
 @pytest.mark.parametrize("spec,options", [
     pytest.param("share:2", {}, id="share:2"),
     pytest.param("share:2+window:6", {}, marks=pytest.mark.slow, id="share:2+window:6"),
     pytest.param("share:2+int8+group:16", {}, marks=pytest.mark.slow, id="share:2+int8+group:16"),
-    pytest.param("share:2:cal", {"options": _identity_maps}, marks=pytest.mark.slow,
+    pytest.param("share:2:cal", _identity_maps, marks=pytest.mark.slow,
                  id="share:2:cal")])
 def test_conformance(check_kind, spec, options):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory(spec, **options))
+  check_kind(spec, options=options)
 
 
 # ---- NumPy oracle ---------------------------------------------------------------------------------

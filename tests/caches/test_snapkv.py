@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import h2o
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.caches.test_h2o import H2OOracle, check_against_oracle
 from tests.helpers import SETTINGS
 
@@ -39,7 +39,7 @@ ROPE = RoPE(H, 10000.0)
     pytest.param("int4+residual:4+snapkv:2+window:4+group:4", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   """Every generic invariant of `kvjax.testing` that the kind claims."""
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 def snap_oracle(q, k, v, n, *, heavy, window, sink, observe, kernel, pooling="max"):

@@ -29,7 +29,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches import tiered
 from kvjax.models import llama
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.helpers import DATA, PRE_ROTATED, SETTINGS, model_logits
 
 L, B, K, G, H = 2, 2, 2, 2, 16
@@ -41,7 +41,7 @@ ROPE = RoPE(H, 10000.0)
     "tier:4:fp32,4:int8+group:16", pytest.param("tier:4:fp32,4:fp32", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 def chain(x: np.ndarray, fmts, group: int, exact: bool = False):

@@ -37,7 +37,7 @@ import kvjax
 from kvjax.attention import RoPE
 from kvjax.caches.window import WindowCache, slide
 from kvjax.models.llama import Llama
-from kvjax.testing import oracle, spec_factory
+from kvjax.testing import oracle
 from tests.helpers import SETTINGS
 
 THETA = 10000.0
@@ -143,7 +143,7 @@ def feed(cache, orc, steps, rng, *, how="slide", layers=2, kv_heads=2, head_dim=
 @pytest.mark.parametrize("spec", ["window:6", pytest.param("sink:2+window:6", marks=pytest.mark.slow)])
 def test_conformance(check_kind, spec):
   """Every generic invariant of `kvjax.testing` (see the module docstring)."""
-  check_kind(spec_factory(spec))
+  check_kind(spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 right invariant named, and the same kinds without their bug pass.
 
 The bugs are the ones caches really have: an off-by-one in a ring buffer's wrap-around, one row's
-tokens leaking into another, padding written as if it were real (n_valid ignored), the caller's
-array mutated, positions reported wrong once tokens are evicted, jitted and eager code paths that
-disagree, and `nbytes` under-reporting. The broken kinds are the full cache and the test ring kind
-of tests/test_registry_kinds.py with one thing changed each.
+tokens leaking into another, one padding token written as if it were real (`t <= n_valid` for
+`t < n_valid`: harmless until the ring wraps, so the kit must wrap it), the caller's array mutated,
+positions reported wrong once tokens are evicted, jitted and eager code paths that disagree, the
+caller's softmax `scale=` ignored, and `nbytes` under-reporting. The broken kinds are the full
+cache and the test ring kind of tests/test_registry_kinds.py (with as many slots as the kit asks
+for, 8 by default) with one thing changed each.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class BrokenFull(FullCache):
   """A full cache with one bug, named by the static field `bug`."""
 
   bug: str = struct.field(pytree_node=False, default="")
+
+  def attend(self, layer, q, k, v, n_valid=None, *, rope=None, scale=None):
+    if self.bug == "ignores-scale":
+      scale = None  # always 1/sqrt(H)
+    return super().attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
 
   def write(self, layer, k, v, n_valid=None):
     if self.bug == "mutates-input" and isinstance(k, np.ndarray):
@@ -56,9 +63,16 @@ class BrokenRing(RingCache):
   def _push(self, layer, k_t, v_t, pos_t, valid_t):
     if self.bug == "off-by-one":
       pos_t = pos_t + 1  # writes position p into the slot of p + 1
-    if self.bug == "writes-padding":
-      valid_t = jnp.ones_like(valid_t)  # padding tokens overwrite held ones
     return super()._push(layer, k_t, v_t, pos_t, valid_t)
+
+  def write(self, layer, k, v, n_valid=None):
+    if self.bug != "writes-padding":
+      return super().write(layer, k, v, n_valid)
+    n_valid = base.normalize_n_valid(n_valid, self.batch, k.shape[1])
+    cache = self
+    for t in range(k.shape[1]):  # `<=`: the first padding token of a row is written too
+      cache = cache._push(layer, k[:, t], v[:, t], self.lengths + t, t <= n_valid)
+    return cache
 
   def view(self):
     view = super().view()
@@ -69,18 +83,18 @@ class BrokenRing(RingCache):
     return view
 
 
-def full_factory(bug):
-  def make(n_layers, batch, kv_heads, head_dim, capacity, dtype):
-    shape = (n_layers, batch, kv_heads, capacity, head_dim)
-    return BrokenFull(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+def full_factory(bug, cls=None):
+  def make(spec, config, *, batch, capacity, dtype):
+    shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
+    return (cls or BrokenFull)(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                       lengths=jnp.zeros((batch,), jnp.int32), block_size=capacity, bug=bug)
-  make.__name__ = f"full[{bug or 'ok'}]"
+  make.__name__ = f"{'lossy-' if cls else ''}full[{bug or 'ok'}]"
   return make
 
 
 def ring_factory(bug):
-  def make(n_layers, batch, kv_heads, head_dim, capacity, dtype):
-    shape = (n_layers, batch, kv_heads, 6, head_dim)
+  def make(spec, config, *, batch, capacity, dtype):
+    shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
     return BrokenRing(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                       lengths=jnp.zeros((batch,), jnp.int32), bug=bug)
   make.__name__ = f"ring[{bug or 'ok'}]"
@@ -94,6 +108,7 @@ BROKEN = [
     (full_factory("mutates-input"), "inputs-unchanged"),
     (ring_factory("positions"), "positions"),
     (full_factory("jit-differs"), "jit-equals-eager"),
+    (full_factory("ignores-scale"), "attention"),
     (full_factory("nbytes"), "nbytes"),
 ]
 
@@ -104,6 +119,7 @@ def _assert_caught(factory, invariant, **kwargs):
   assert invariant in info.value.invariants, str(info.value)
   message = str(info.value)
   assert f"[{invariant}]" in message and "minimal failing example" in message
+  return message
 
 
 @pytest.mark.parametrize("factory,invariant", BROKEN, ids=lambda x: getattr(x, "__name__", x))
@@ -127,6 +143,29 @@ def test_the_same_kinds_without_bugs_pass(factory):
 
 def test_a_kind_that_is_not_a_cache_is_refused():
   with pytest.raises(TypeError, match="not a kvjax cache"):
-    check_cache_kind(lambda *args: object())
+    check_cache_kind(lambda spec, config, **sizes: object())
   with pytest.raises(ValueError, match="unknown invariants"):
     check_cache_kind(full_factory(""), only=["no-such-invariant"])
+
+
+@struct.dataclass
+class LossyFull(BrokenFull):
+  """The broken full cache declared lossy: the kit has no attention oracle for it."""
+
+  exact = False
+
+
+def test_a_lossy_kind_that_ignores_scale_is_caught():
+  """Without an oracle the kit still checks `scale=`: attend(q, scale=s) must equal attend on
+  q * s * sqrt(H) with the default scale."""
+  message = _assert_caught(full_factory("ignores-scale", LossyFull), "attention",
+                           only=["attention"], quick=True)
+  assert "does not apply the caller's softmax scale" in message
+
+
+@pytest.mark.slow
+def test_the_one_padding_token_bug_is_caught_at_a_larger_capacity():
+  """Streams grow with the capacity (WRAPS x capacity real tokens), so a ring of 16 slots wraps
+  too: the quick setting catches the bug there as well."""
+  _assert_caught(ring_factory("writes-padding"), "contents", quick=True, capacity=16,
+                 only=["contents", "n_valid"])
