@@ -224,7 +224,7 @@ def test_eos_defaults_to_the_tokenizers(model):
   assert first[1] not in (first[0], first[2])
   told = dataclasses.replace(model, tokenizer=EosTokenizer(first[1]))
   req = Request(ids=ids, max_new_tokens=10, id=0)
-  options = {"rows": 1, "capacity": 64, "cache": "paged:8"}
+  options = {"rows": 2, "capacity": 64}  # the default pool test's engine: no new programs
   assert Engine(told, **options).eos_id == first[1]
   assert collect(serve(told, [req], **options))[(0, 0)] == first[:2]
   # stop_at_eos=False: only max_new_tokens ends a sample, unless an eos_id is given
@@ -244,7 +244,7 @@ def test_text_prompts_and_refused_ids(model):
   """A string is encoded with the model's tokenizer; ids must be integers (never truncated); a
   request's error names its id, the order of insertion unless it has one."""
   text = "To be, or not"
-  engine = Engine(model, rows=1, capacity=64, cache="paged:8", stop_at_eos=False)
+  engine = Engine(model, rows=2, capacity=64, stop_at_eos=False)
   out = collect(engine.run([Request(ids=text, max_new_tokens=3)]))
   assert out[(0, 0)] == alone(model, model.tokenizer.encode(text), 3)
   with pytest.raises(TypeError, match=r"request 1 must hold integer token ids, got float 1\.0"):
@@ -255,6 +255,6 @@ def test_text_prompts_and_refused_ids(model):
     engine.insert(Request(ids=[5, 260], max_new_tokens=2, id="x"))
   with pytest.raises(ValueError, match="request 1: max_new_tokens must be a positive int"):
     engine.insert(Request(ids=[5], max_new_tokens=0))
-  bare = Engine(dataclasses.replace(model, tokenizer=None), rows=1, capacity=64, cache="paged:8")
+  bare = Engine(dataclasses.replace(model, tokenizer=None), rows=2, capacity=64)
   with pytest.raises(TypeError, match="request 0 is text, which needs a model with a tokenizer"):
     bare.insert(Request(ids=text, max_new_tokens=3))
