@@ -77,7 +77,7 @@ def beam_search(model, prompt, *, beams: int, max_new_tokens: int, cache="paged:
     raise ValueError(f"beam_search: beams must be a positive int, got {beams!r}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"beam_search: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  decode._validate_vocab(ids, model.config.vocab_size)
+  prompts.check_vocab(ids, model.config.vocab_size)
   needed = ids.size + max_new_tokens
   spec = spec_lib.parse_spec(cache)
   if capacity is None:  # the kind's own choice, as in `generate` (a window sizes itself)

@@ -77,7 +77,7 @@ def compile_stats() -> dict:
   return dict(_COMPILES, by_function=dict(_COMPILED_FUNCTIONS))
 
 
-class _Stopwatch:
+class Stopwatch:
   """Wall seconds of the timed blocks minus the compiling done inside them (`compile_stats`), so
   a first call reports the speed of the compiled code, as a second call would."""
 
@@ -239,9 +239,6 @@ class GenerateResult:
     return {} if self.cache is None else self.cache.nbytes()
 
 
-_validate_vocab = prompts_lib.check_vocab
-
-
 def _is_cache_object(cache) -> bool:
   return not isinstance(cache, (str, spec_lib.CacheSpec)) and hasattr(cache, "attend")
 
@@ -295,7 +292,7 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   if not isinstance(sampler, Sampler):
     raise TypeError(f"sampler must be a kvjax.Sampler, got {type(sampler).__name__}")
   ids, lengths = normalize_prompts(prompts, tokenizer, prompt_lengths, padding)
-  _validate_vocab(ids, cfg.vocab_size)
+  prompts_lib.check_vocab(ids, cfg.vocab_size)
   if eos_id is None and stop_at_eos and tokenizer is not None:
     eos_id = tokenizer.eos_id
   eos = -1 if eos_id is None else int(eos_id)
@@ -374,7 +371,7 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     if batch > n_rows:
       plan = sharding.with_note(plan, f"batch {n_rows} padded to {batch} rows to split it (rows "
                                 f"{n_rows}..{batch - 1} of the returned cache are padding)")
-  with _Stopwatch() as prefill_clock:
+  with Stopwatch() as prefill_clock:
     state = _prefill(params, tokens, lengths_in, kv_cache, key, np.int32(eos),
                      model=handle, sampler=sampler, out_size=output_bucket(max_new_tokens))
     if batch > n_rows:  # padding rows are finished from the start
@@ -388,7 +385,7 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
                                  max_new_tokens, eos, pad, draft, draft_tokens, on_tokens,
                                  stream_chunk, spec, prebuilt, ids, lengths, prefill_s, before)
 
-  decode_clock = _Stopwatch()
+  decode_clock = Stopwatch()
   emitted = 1
   out_of_room = False
   while True:
@@ -455,12 +452,12 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
                           max_new, eos, pad, draft, k, on_tokens, stream_chunk, spec, prebuilt,
                           ids, lengths, prefill_s, before):
   """The decode loop of `generate(..., draft=...)`; see `kvjax.speculative`."""
-  with _Stopwatch() as clock:
+  with Stopwatch() as clock:
     draft_cache = speculative.prefill_draft(params, tokens, lengths_in, draft_cache, model=handle)
     jax.block_until_ready(draft_cache)
   prefill_s += clock.seconds
   s = speculative.start(state, draft_cache)  # writes past max_new are dropped, never needed
-  decode_clock, emitted = _Stopwatch(), 1
+  decode_clock, emitted = Stopwatch(), 1
   while True:
     n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
     running = ~done & (n_gen < max_new)
@@ -505,7 +502,7 @@ def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, samp
   n_gen = np.zeros(batch, np.int32)
   cfg = model.config
   layout = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model_dtype(model))
-  prefill_clock, decode_clock = _Stopwatch(), _Stopwatch()
+  prefill_clock, decode_clock = Stopwatch(), Stopwatch()
   for step in range(max_new):
     width = -(-int(cur.max()) // 32) * 32
     with prefill_clock if step == 0 else decode_clock:

@@ -63,11 +63,6 @@ from kvjax.sampling import GREEDY, Sampler
 CHUNKS = (16, 64, 256)  # prefill chunk sizes: one executable each
 
 
-def _is_count(x) -> bool:
-  """An int (Python or NumPy), not a bool."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 @dataclasses.dataclass
 class Request:
   """ids: the prompt, a string (encoded with the model's tokenizer) or its token ids (a sequence
@@ -229,7 +224,7 @@ class Engine:
       raise spec_lib.SpecError(f"Engine: cache {str(spec)!r} is not paged; use paged:P "
                                "(e.g. paged:16)")
     p = spec.paged
-    if not _is_count(capacity) or capacity <= 0:
+    if not prompts_lib.is_int(capacity) or capacity <= 0:
       raise ValueError(f"Engine: capacity must be a positive int, got {capacity!r}")
     if capacity % p:
       below, above = capacity // p * p, (capacity // p + 1) * p
@@ -324,9 +319,9 @@ class Engine:
     ids = prompts_lib.token_row(request.ids, self.tokenizer, what=what)
     prompts_lib.check_vocab(ids, self.model.config.vocab_size, what)
     k, n = request.max_new_tokens, request.n
-    if not _is_count(k) or k < 1:
+    if not prompts_lib.is_int(k) or k < 1:
       raise ValueError(f"{what}: max_new_tokens must be a positive int, got {k!r}")
-    if not _is_count(n) or not 1 <= n <= self.rows:
+    if not prompts_lib.is_int(n) or not 1 <= n <= self.rows:
       raise ValueError(f"{what}: n must lie in [1, rows={self.rows}], got {n!r}")
     if ids.size + k > self.capacity:
       raise decode.CapacityError(f"{what} needs {ids.size} + {k} tokens, more than a row's "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ import numpy as np
 from kvjax import prompts, sharding
 from kvjax import spec as spec_lib
 from kvjax.caches import base, registry
-from kvjax.decode import compile_stats
+from kvjax.decode import Stopwatch
 from kvjax.models.protocol import check_model, model_dtype, static_step
 
 
@@ -99,8 +98,7 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   for i, d in enumerate(docs):
     if d.size < 2:
       raise ValueError(f"perplexity needs at least 2 tokens per document; document {i} has {d.size}")
-    if d.min() < 0 or d.max() >= model.config.vocab_size:
-      raise ValueError(f"token ids of document {i} must lie in [0, {model.config.vocab_size})")
+    prompts.check_vocab(d, model.config.vocab_size, what=f"document {i}")
   n_docs, longest = len(docs), max(d.size for d in docs)
   batch = n_docs  # a mesh's batch axes may need padding rows (one token 0) after the documents
   if mesh is not None and not hasattr(cache, "attend"):
@@ -144,17 +142,14 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
     rows = jax.sharding.PartitionSpec(None, sharding.SlotSharding._part(plan.rules.batch))
     chunks = sharding.place(np.asarray(chunks), jax.sharding.NamedSharding(mesh, rows))
     n_valid = sharding.place(np.asarray(n_valid), jax.sharding.NamedSharding(mesh, rows))
-  before = compile_stats()
-  start = time.perf_counter()
-  nll, final_cache = _score(params, chunks, n_valid, kv_cache, model=static_step(model))
-  nll = sharding.fetch(nll).transpose(1, 0, 2).reshape(batch, padded_len)
-  # `seconds` excludes compiling (zero when this shape was scored before).
-  seconds = time.perf_counter() - start - (compile_stats()["compile_s"] - before["compile_s"])
+  with Stopwatch() as clock:  # `seconds` excludes compiling
+    nll, final_cache = _score(params, chunks, n_valid, kv_cache, model=static_step(model))
+    nll = sharding.fetch(nll).transpose(1, 0, 2).reshape(batch, padded_len)
   cache_bytes = final_cache.nbytes()
   results = []
   for b, d in enumerate(docs):
     token_nll = nll[b, : d.size - 1]
     mean = float(token_nll.mean())
     results.append(PerplexityResult(ppl=float(np.exp(mean)), nll=mean, tokens=int(d.size),
-                                    cache_bytes=cache_bytes, seconds=seconds, token_nll=token_nll))
+                                    cache_bytes=cache_bytes, seconds=clock.seconds, token_nll=token_nll))
   return results if batched else results[0]

@@ -106,7 +106,7 @@ def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_op
   """A batch-1 cache of the given spec holding the prefix tokens (1-D ids)."""
   prefix_ids = prompts.token_row(prefix_ids, getattr(model, "tokenizer", None),
                                  what="prefill_prefix: the prefix")
-  decode._validate_vocab(prefix_ids, model.config.vocab_size)
+  prompts.check_vocab(prefix_ids, model.config.vocab_size)
   empty = spec_lib.make_cache(cache, model.config, 1, capacity, model_dtype(model), **cache_options)
   if not empty.fits(prefix_ids.size):
     raise decode.CapacityError(f"a prefix of {prefix_ids.size} tokens does not fit capacity {capacity}")
@@ -224,7 +224,7 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   prefix_ids = np.asarray(prefix_ids, np.int32).reshape(-1)
   ids, lengths = decode.normalize_prompts(suffixes, tokenizer)
-  decode._validate_vocab(ids, cfg.vocab_size)
+  prompts.check_vocab(ids, cfg.vocab_size)
   batch = ids.shape[0]
   needed = prefix_ids.size + int(lengths.max()) + max_new_tokens - 1
   if capacity is None:

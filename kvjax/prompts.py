@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+  """An integer (Python or NumPy), not a bool."""
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -27,11 +28,11 @@ def token_row(prompt, tokenizer=None, *, what: str = "prompt") -> np.ndarray:
       raise TypeError(f"{what} is text, which needs a model with a tokenizer; pass token ids instead")
     ids = np.asarray(tokenizer.encode(prompt), np.int64)
   elif isinstance(prompt, (list, tuple)):
-    bad = [x for x in prompt if not _is_int(x)]
+    bad = [x for x in prompt if not is_int(x)]
     if bad:
       raise TypeError(f"{what} must hold integer token ids, got {type(bad[0]).__name__} {bad[0]!r}")
     ids = np.asarray(prompt, np.int64)
-  elif isinstance(prompt, (np.ndarray,)) or hasattr(prompt, "__array__"):
+  elif hasattr(prompt, "__array__"):  # NumPy or JAX arrays
     ids = np.asarray(prompt)
     if ids.ndim != 1:
       raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {ids.shape}")
@@ -60,12 +61,11 @@ def token_rows(prompts, tokenizer=None, *, prompt_lengths=None, padding: str = "
       raise ValueError(f"empty {what} batch: give at least one {what}")
     if all(isinstance(p, (int, float, np.number)) for p in prompts):  # one row (ints only)
       return [token_row(prompts, tokenizer, what=what)], False
-    if not all(isinstance(p, (str, list, tuple, np.ndarray)) or hasattr(p, "__array__")
-               for p in prompts):
+    if not all(isinstance(p, (str, list, tuple)) or hasattr(p, "__array__") for p in prompts):
       raise TypeError(f"{what}s must be a string, a list of ints, a list of strings or of lists "
                       "of ints, or a 2-D integer array")
     return [token_row(p, tokenizer, what=f"{what} {i}") for i, p in enumerate(prompts)], True
-  if not (isinstance(prompts, np.ndarray) or hasattr(prompts, "__array__")):
+  if not hasattr(prompts, "__array__"):
     raise TypeError(f"{what}s must be a string, a list of ints, a list of strings or of lists of "
                     f"ints, or a 2-D integer array; got {type(prompts).__name__}")
   arr = np.asarray(prompts)

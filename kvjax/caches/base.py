@@ -50,8 +50,8 @@ tokens, or per-layer budgets (`pyramid`: the smallest layer's budget). `kvjax.te
 Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
 tells whether a cache implements one: it calls the cache's own `supports(verb)` where it has one
 (a wrapper asks what it wraps: `share:2+tier:...` cannot crop because its tiered inner cannot),
-else checks whether the class defines the verb. `CacheBase` (through `Limited` / `Evicting`) provides the
-derived members, so a new kind writes the storage and the attention and nothing else.
+else checks whether the class defines the verb. `CacheBase` (through `Limited` / `Evicting`)
+provides the derived members, so a new kind writes the storage and the attention and nothing else.
 """
 
 from __future__ import annotations
