@@ -169,3 +169,40 @@ def test_registration_errors():
     kvjax.register_kind("Ring!", make_ring)
   with pytest.raises(SpecError, match="unknown term 'nosuchkind:3'"):
     kvjax.parse_spec("nosuchkind:3")
+
+
+def test_a_kind_declares_its_own_terms(tiny):
+  """A user kind's extra words go through the same grammar as the built-in ones: parsed, printed
+  canonically, validated by the kind's check, given to its factory as spec fields, and gone with
+  the kind."""
+  from kvjax.caches import terms
+
+  def check_stride(spec):
+    if spec.custom and spec.custom[0][0] != "strided":
+      raise SpecError(f"stride:{spec.stride} belongs to the strided kind")
+
+  stride = terms.int_term("stride", "keep every S-th token (a test term)", usage="stride:S",
+                          check=check_stride, order=95)
+  seen = {}
+
+  def make(spec, config, *, batch, capacity, dtype):
+    seen["stride"] = spec.stride
+    return make_ring(kvjax.parse_spec("ring:8"), config, batch=batch, capacity=capacity, dtype=dtype)
+
+  kvjax.register_kind("strided", make, terms=(stride,), capacity=lambda spec, **_: 8)
+  try:
+    spec = kvjax.parse_spec(" stride:2 + strided ")
+    assert (spec.kind, spec.stride, str(spec)) == ("strided", 2, "strided+stride:2")
+    assert kvjax.parse_spec(str(spec)) == spec and "stride:S" in kvjax.spec.grammar()
+    kvjax.make_cache(spec, tiny.config, 1)
+    assert seen == {"stride": 2}
+    with pytest.raises(SpecError, match="stride:0 must be a positive"):
+      kvjax.parse_spec("strided+stride:0")
+    with pytest.raises(SpecError, match="belongs to the strided kind"):
+      kvjax.parse_spec("ring:8+stride:2")
+    with pytest.raises(SpecError, match="repeats or contradicts"):
+      kvjax.parse_spec("ring:8+strided")  # one registered kind per spec
+  finally:
+    kvjax.unregister_kind("strided")
+  with pytest.raises(SpecError, match="unknown term 'stride:2'"):
+    kvjax.parse_spec("ring:8+stride:2")

@@ -32,7 +32,7 @@ def valid_specs(draw):
   use_tiers = mode == "full" and draw(st.booleans()) and draw(st.booleans())
   if use_tiers:
     n = draw(st.integers(1, 3))
-    fields["tiers"] = tuple((draw(small), draw(st.sampled_from(kvjax.spec.TIER_DTYPES))) for _ in range(n))
+    fields["tiers"] = tuple((draw(small), draw(st.sampled_from(kvjax.caches.tiered.TIER_DTYPES))) for _ in range(n))
   else:
     if draw(st.booleans()):
       fields["bits"] = draw(st.sampled_from([8, 4, 3, 2]))
@@ -163,3 +163,27 @@ def test_make_cache_dtype_follows_the_model():
   assert kvjax.make_cache("window:8", Cfg(), 1).k.dtype == jnp.float16
   with pytest.raises(TypeError, match="config must have a positive int n_layers"):
     kvjax.make_cache("full", object(), 1, 16)
+
+
+def test_the_grammar_is_declared_by_the_kinds():
+  """Every term's words parse, every term has a help line, and the messages are generated from
+  the declarations, so they cannot drift from the grammar (int3 is named where intN is needed)."""
+  from kvjax.caches import terms
+
+  lines = kvjax.spec.grammar().splitlines()
+  declared = terms.all_terms()
+  assert len(lines) == len(declared) and all(t.doc for t in declared)
+  with pytest.raises(SpecError, match="int3"):
+    parse_spec("residual:32")
+  with pytest.raises(SpecError, match="known: full | dynamic | none.*paged:P"):
+    parse_spec("nonsense")
+  order = [t.name for t in declared]
+  assert order.index("storage") < order.index("window") < order.index("paged")  # canonical order
+
+
+def test_kind_is_the_highest_ranked_term():
+  assert parse_spec("int8+window:8").kind == "window"
+  assert parse_spec("int8+h2o:2+window:8").kind == "h2o"
+  assert parse_spec("share:2+int8+h2o:2+window:8").kind == "shared"
+  assert parse_spec("int8+paged:4").kind == "paged" and parse_spec("dynamic").kind == "full"
+  assert parse_spec("share:2+window:8").budget == 8 and parse_spec("share:2").budget is None

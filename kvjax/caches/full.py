@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, registry
+from kvjax.caches import base, registry, terms
+from kvjax.caches.terms import SpecError
 
 
 @struct.dataclass
@@ -208,6 +209,28 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return 2 * registry.streams(config, batch) * context * config.head_dim * item + 4 * batch
 
 
-registry.register_kind("full", from_spec, estimate_bytes=estimate_bytes,
+def _read_mode(word, text):
+  terms.no_value(word, text)
+  return {"mode": word}
+
+
+def _check_mode(spec):
+  if spec.mode not in ("full", "dynamic", "none"):
+    raise SpecError(f"unknown cache mode {spec.mode!r}; expected full, dynamic or none")
+  if spec.mode == "none" and len(spec.terms()) > 1:
+    raise SpecError("'none' (no cache) cannot be combined with other cache terms")
+  if spec.mode == "dynamic" and spec.bounded:
+    raise SpecError("'dynamic' grows an unbounded cache; it contradicts window/tier budgets")
+
+
+MODE = terms.Term(
+    name="mode", usage="full | dynamic | none", words=("full", "dynamic", "none"),
+    doc="how the token axis is allocated: static and preallocated (default), grown between "
+        "segments, or no cache at all (recompute the prefix every step)",
+    fields=(("mode", "full"),), parse=_read_mode, show=lambda spec: spec.mode, kind="full",
+    check=_check_mode, order=0)
+
+registry.register_kind("full", from_spec, estimate_bytes=estimate_bytes, terms=(MODE,),
                        capacity=registry.unbounded_capacity, builtin=True,
+                       lossless=lambda spec: True,
                        description="every token, preallocated (dynamic: grown between segments)")

@@ -58,9 +58,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry
+from kvjax.caches import base, packing, registry, terms
 from kvjax.caches.layered import LayeredCache
-from kvjax.caches.registry import SpecError, pyramid_budgets
+from kvjax.caches.registry import PYRAMID_BETA, SpecError, pyramid_budgets
 from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
 
 
@@ -554,11 +554,6 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
            if k in options and scorer == "snapkv"}
   registry.no_options(scorer, options)
   heavy = spec.snapkv if scorer == "snapkv" else spec.h2o
-  if heavy is None or spec.window is None:
-    raise SpecError(f"cache spec {str(spec)!r}: the {scorer} kind needs {scorer}:K and window:W terms")
-  if spec.offload or spec.share > 1 or spec.tiers is not None or spec.mode != "full":
-    raise SpecError(f"cache spec {str(spec)!r}: {scorer} cannot be combined with "
-                    "offload/share/tier/dynamic terms")
   make = lambda n_layers, k: H2OCache.init(
       n_layers=n_layers, batch=batch, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
       heavy=k, window=spec.window, sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
@@ -592,10 +587,61 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return total + 4 * batch * (config.n_layers if spec.pyramid is not None else 1)
 
 
+def _scored(spec) -> tuple[str, int | None]:
+  return ("snapkv", spec.snapkv) if spec.snapkv is not None else ("h2o", spec.h2o)
+
+
+def _check_scorer(spec):
+  if spec.h2o is not None and spec.snapkv is not None:
+    raise SpecError(f"h2o:{spec.h2o} and snapkv:{spec.snapkv} are two scorers for one pool; pick one")
+  name, heavy = _scored(spec)
+  terms.needs(spec, f"{name}:{heavy}", "window", hint="a window:N term for the recent tokens it "
+              "always keeps")
+  if spec.residual is not None and spec.residual > spec.window:
+    raise SpecError(f"residual:{spec.residual} must not exceed window:{spec.window} with {name} "
+                    f"(the full-precision ring holds the newest tokens of the window)")
+
+
+def _check_adakv(spec):
+  terms.needs(spec, "adakv shares a scored pool across kv heads; it", "h2o", "snapkv",
+              hint="h2o:K or snapkv:K")
+  if spec.residual is not None:
+    raise SpecError(f"adakv does not take residual:{spec.residual} yet; drop the residual ring")
+
+
+def _check_pyramid(spec):
+  terms.positive("pyramid", spec.pyramid)
+  terms.needs(spec, f"pyramid:{spec.pyramid} shapes the budgets of a scored pool; it", "h2o",
+              "snapkv", hint="h2o:K or snapkv:K")
+
+
+def _budget(spec) -> int:
+  heavy = _scored(spec)[1]
+  if spec.pyramid is not None:  # the first layer holds the most
+    heavy = max(pyramid_budgets(heavy, 2, spec.pyramid))
+  return spec.window + spec.sink + heavy
+
+
+H2O = terms.int_term("h2o", "keep the K heaviest-attended tokens (needs window for the recent "
+                     "part)", usage="h2o:K", kind="h2o", rank=50, check=_check_scorer, order=30)
+SNAPKV = terms.int_term("snapkv", "keep the K prompt tokens its last queries attend to most "
+                        "(SnapKV; needs window), then decode as h2o does", usage="snapkv:K",
+                        kind="snapkv", rank=45, check=_check_scorer, order=31)
+PYRAMID = terms.Term(
+    name="pyramid", usage="pyramid | pyramid:BETA", fields=(("pyramid", None),),
+    doc=f"h2o/snapkv budgets shrinking with depth (PyramidKV): from 2K - K/BETA at the first layer "
+        f"down to K/BETA (BETA default {PYRAMID_BETA}), L x K in all",
+    parse=lambda word, text: {"pyramid": PYRAMID_BETA if text is None else terms.integer(word, text)},
+    show=lambda spec: "pyramid" if spec.pyramid == PYRAMID_BETA else f"pyramid:{spec.pyramid}",
+    check=_check_pyramid, order=32)
+ADAKV = terms.flag_term("adakv", "one scored budget per layer shared by its kv heads (AdaKV): "
+                        "heads compete for kv_heads x K slots", check=_check_adakv, order=33)
+
 registry.register_kind("h2o", from_spec, estimate_bytes=estimate_bytes,
+                       terms=(H2O, SNAPKV, PYRAMID, ADAKV), budget=_budget,
                        capacity=registry.budget_capacity, builtin=True,
                        description="the recent window plus the most-attended older tokens (H2O)")
-registry.register_kind("snapkv", from_spec, estimate_bytes=estimate_bytes,
+registry.register_kind("snapkv", from_spec, estimate_bytes=estimate_bytes, budget=_budget,
                        capacity=registry.budget_capacity, builtin=True,
                        description="the prompt tokens its last queries attend to most (SnapKV), "
                                    "then h2o while decoding")

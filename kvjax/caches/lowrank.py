@@ -53,7 +53,7 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.attention import RoPE
-from kvjax.caches import base, packing, registry
+from kvjax.caches import base, packing, registry, terms
 from kvjax.caches.registry import SpecError
 
 KEY_MODES = ("pre", "post")
@@ -407,6 +407,11 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return 2 * tokens * per_token + 4 * batch + maps
 
 
-registry.register_kind("lowrank", from_spec, estimate_bytes=estimate_bytes,
+LOWRANK = terms.int_term("lowrank", "store R-dimensional latents of each layer's keys and values, "
+                         "from projections fitted on calibration text (MLA-style; with intN the "
+                         "latents are quantized)", usage="lowrank:R", kind="lowrank", rank=80,
+                         check=terms.alone("lowrank", "storage", "group"), order=70)
+
+registry.register_kind("lowrank", from_spec, estimate_bytes=estimate_bytes, terms=(LOWRANK,),
                        capacity=registry.unbounded_capacity, accepts={"bits", "group"}, builtin=True,
                        description="R-dim PCA latents of each layer's keys and values (calibrated)")

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, registry
+from kvjax.caches import base, registry, terms
+from kvjax.caches.terms import SpecError
 
 EMULATED = "device"  # host_kind of a cache whose "host" buffers live on the device
 
@@ -306,6 +307,16 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return 2 * registry.streams(config, batch) * (context + recent) * config.head_dim * item + 4 * batch
 
 
-registry.register_kind("offload", from_spec, estimate_bytes=estimate_bytes,
+def _check_offload(spec):
+  if spec.bounded:
+    raise SpecError("offload moves old blocks of an unbounded cache to host memory; "
+                    "a window/tier cache is already bounded")
+
+
+OFFLOAD = terms.flag_term("offload", "older blocks live in host memory", kind="offload", rank=10,
+                          check=_check_offload, order=50)
+
+registry.register_kind("offload", from_spec, estimate_bytes=estimate_bytes, terms=(OFFLOAD,),
+                       lossless=lambda spec: True,
                        capacity=registry.unbounded_capacity, builtin=True,
                        description="every token in host memory, the recent block on the device")

@@ -46,7 +46,7 @@ import numpy as np
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry
+from kvjax.caches import base, packing, registry, terms
 from kvjax.caches.registry import SpecError
 
 
@@ -460,6 +460,12 @@ def _capacity(spec, *, needed: int, prompt: int) -> int:
   return -(-cap // spec.paged) * spec.paged
 
 
+PAGED = terms.int_term("paged", "keys/values live in a pool of P-token pages shared by all rows, "
+                       "with a block table per row (vLLM-style); with intN the pages are "
+                       "quantized", usage="paged:P", kind="paged", rank=90,
+                       check=terms.alone("paged", "storage", "group"), order=80)
+
 registry.register_kind("paged", from_spec, estimate_bytes=estimate_bytes, capacity=_capacity,
+                       terms=(PAGED,), lossless=lambda spec: spec.bits is None,
                        builtin=True, examples=("paged:4", "paged:4+int8+group:4"),
                        description="pages of P tokens in a pool shared by all rows, a block table per row")

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry
+from kvjax.caches import base, packing, registry, terms
 from kvjax.caches.full import FullCache
 from kvjax.caches.registry import SpecError
 
@@ -437,6 +437,37 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return registry.streams(config, batch) * (codes + key_scales + value_scales + staging) + 8 * batch
 
 
+INT_WORDS = tuple(f"int{b}" for b in packing.SUPPORTED_BITS)
+
+
+def _read_storage(word, text):
+  terms.no_value(word, text)
+  return {"bits": int(word[3:])}
+
+
+def _check_storage(spec):
+  if spec.bits not in packing.SUPPORTED_BITS:
+    raise SpecError(f"int{spec.bits}: unsupported bit width; supported: {', '.join(INT_WORDS)}")
+
+
+def _check_residual(spec):
+  terms.needs(spec, f"residual:{spec.residual}", "bits",
+              hint=f"a quantized storage term ({', '.join(INT_WORDS)})")
+  if spec.residual % spec.group:
+    raise SpecError(f"residual:{spec.residual} must be a multiple of group:{spec.group}")
+
+
+STORAGE = terms.Term(
+    name="storage", usage=" | ".join(INT_WORDS), words=INT_WORDS, fields=(("bits", None),),
+    doc="bit-packed integer storage with per-group float16 scales (any kind that stores tokens)",
+    parse=_read_storage, show=lambda spec: f"int{spec.bits}", kind="quantized", rank=20,
+    check=_check_storage, order=20)
+RESIDUAL = terms.int_term("residual", "the R most recent tokens stay full precision (needs intN)",
+                          usage="residual:R", check=_check_residual, order=21)
+GROUP = terms.int_term("group", "quantization group size (default 32)", usage="group:G",
+                       default=32, order=22)
+
 registry.register_kind("quantized", from_spec, estimate_bytes=estimate_bytes,
+                       terms=(STORAGE, RESIDUAL, GROUP),
                        capacity=registry.unbounded_capacity, builtin=True,
                        description="every token, bit-packed intN with a full-precision residual")

@@ -23,6 +23,10 @@ What else a kind may declare (all optional):
       `ring:64+int8`); any other built-in term in its spec is an error naming the term.
   parse(value) -> None   validates the term's value at parse time (raise SpecError).
   examples  spec strings of the kind that `kvjax.testing.strategies.specs()` draws from.
+  terms     extra spec words the kind reads (`kvjax.caches.terms.Term`, e.g. `int_term("stride",
+      ...)`): parsed, printed and validated like the built-in ones; the factory reads them as
+      spec fields (`spec.stride`). Built-in kinds declare every word of the grammar this way.
+  budget(spec), lossless(spec)   the kind's derived facts behind `CacheSpec.budget` / `.lossless`.
 
 Built-in kinds register themselves when their module is first imported (`lookup` imports it);
 third-party kinds can also be found through the `kvjax.cache_kinds` entry-point group, whose
@@ -36,15 +40,15 @@ import importlib
 import re
 from typing import Callable
 
+import jax.numpy as jnp
+import numpy as np
 
-class SpecError(ValueError):
-  """A cache spec that names an unknown, malformed or contradictory term."""
+from kvjax.caches import terms as grammar
+from kvjax.caches.terms import SpecError, Term  # noqa: F401  (re-exported)
 
 
-# Terms the spec grammar itself defines; a registered kind may not take one of these names.
-BUILTIN_TERMS = frozenset({"full", "dynamic", "none", "window", "sink", "bits", "residual", "group",
-                           "h2o", "snapkv", "pyramid", "adakv", "offload", "tier", "tiers", "share", "lowrank", "paged", "int8", "int4", "int3", "int2"})
-# Built-in kinds and the module that registers each.
+# Built-in kinds and the module that registers each (and declares its spec terms). Adding a
+# built-in kind: its module, one entry here, its tests.
 _BUILTIN_MODULES = {
     "full": "kvjax.caches.full",
     "quantized": "kvjax.caches.quantized",
@@ -57,6 +61,7 @@ _BUILTIN_MODULES = {
     "lowrank": "kvjax.caches.lowrank",
     "paged": "kvjax.caches.paged",
 }
+_builtins_loaded = False
 ENTRY_POINT_GROUP = "kvjax.cache_kinds"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -74,6 +79,17 @@ class KindInfo:
   description: str = ""
   builtin: bool = False
   examples: tuple = ()
+  budget: Callable | None = None
+  lossless: Callable | None = None
+  terms: tuple = ()
+
+  def budget_of(self, spec) -> int | None:
+    """Tokens per row a spec of this kind keeps at most, or None when it keeps every token."""
+    return None if self.budget is None else self.budget(spec)
+
+  def lossless_for(self, spec) -> bool:
+    """Whether a spec of this kind keeps every token exactly (registered kinds: never)."""
+    return bool(self.lossless(spec)) if self.lossless is not None else False
 
   def default_capacity(self, spec, *, needed: int, prompt: int) -> int:
     """Slots per row to allocate for `needed` tokens when the caller gives no capacity."""
@@ -89,32 +105,67 @@ _plugins_loaded = False
 def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | None = None,
                   capacity: Callable | None = None, accepts=(), parse: Callable | None = None,
                   description: str = "", examples=(), replace: bool = False,
-                  builtin: bool = False) -> KindInfo:
+                  builtin: bool = False, terms: tuple = (), budget: Callable | None = None,
+                  lossless: Callable | None = None) -> KindInfo:
   """Registers a cache kind under the spec term `name` and returns its `KindInfo`.
+
+  terms: extra `kvjax.caches.terms.Term`s the kind reads (built-in kinds declare all of theirs
+    this way; a user kind gets its own word `name[:value]` declared for it, validated by `parse`).
+  budget(spec) -> int | None, lossless(spec) -> bool: the kind's derived facts (`CacheSpec.budget`,
+    `CacheSpec.lossless`).
 
   Raises ValueError for a malformed name, a name the spec grammar reserves, a name already taken
   (unless `replace=True`), or `accepts` naming something that is not a built-in term.
   """
+  if not builtin:
+    load_builtins()
   if not isinstance(name, str) or not _NAME.match(name):
     raise ValueError(f"register_kind: the kind name must be lowercase letters, digits and _ "
                      f"starting with a letter, got {name!r}")
   if not callable(factory):
     raise TypeError(f"register_kind: factory for {name!r} must be callable, got {type(factory).__name__}")
-  if not builtin and (name in BUILTIN_TERMS or name in _BUILTIN_MODULES):
+  if not builtin and (name in _BUILTIN_MODULES or _builtin_word(name)):
     raise ValueError(f"register_kind: {name!r} is a built-in spec term or kind; pick another name")
   if name in _KINDS and not replace:
     raise ValueError(f"register_kind: a kind named {name!r} is already registered "
                      "(pass replace=True to replace it)")
-  unknown = set(accepts) - (BUILTIN_TERMS - {"full", "none", "int8", "int4", "int3", "int2", "tier"})
+  modifiers = {f for t in grammar.all_terms() if not t.owner for f, _ in t.fields} | {"dynamic"}
+  unknown = set(accepts) - (modifiers - {"mode", "custom", "share_calibrated"})
   if unknown:
     raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
-                     "use spec field names: dynamic, window, sink, bits, residual, group, h2o, "
-                     "snapkv, pyramid, adakv, offload, tiers, share")
+                     f"use spec field names: {', '.join(sorted(modifiers - {'mode', 'custom'}))}")
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
                   accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin,
-                  examples=tuple(examples))
+                  examples=tuple(examples), budget=budget, lossless=lossless, terms=tuple(terms))
+  if not builtin:
+    grammar.forget(name)
+    grammar.declare(_own_term(name, parse, description),
+                  *(dataclasses.replace(t, owner=name) for t in terms))
+  else:
+    grammar.declare(*terms)
   _KINDS[name] = info
   return info
+
+
+def _builtin_word(name: str) -> bool:
+  term = grammar.by_word(name)
+  return term is not None and not term.owner
+
+
+def _own_term(name: str, parse: Callable | None, description: str) -> Term:
+  """The word `name[:value]` of a registered kind: sets `custom` to ((name, value),)."""
+  def read(word, text):
+    if parse is not None:
+      parse(text)
+    return {"custom": ((word, text),)}
+
+  def show(spec):
+    (kind, value), = spec.custom
+    return kind if value is None else f"{kind}:{value}"
+
+  return Term(name=name, usage=f"{name}[:VALUE]", doc=description or "a registered kind",
+              fields=(("custom", ()),), parse=read, show=show, kind=name, rank=70, order=90,
+              owner=name, selected=lambda spec: bool(spec.custom) and spec.custom[0][0] == name)
 
 
 def unregister_kind(name: str) -> None:
@@ -122,6 +173,16 @@ def unregister_kind(name: str) -> None:
   if name in _BUILTIN_MODULES:
     raise ValueError(f"unregister_kind: {name!r} is built in")
   _KINDS.pop(name, None)
+  grammar.forget(name)
+
+
+def load_builtins() -> None:
+  """Imports every built-in kind's module once, so the grammar knows all their terms."""
+  global _builtins_loaded
+  if not _builtins_loaded:
+    _builtins_loaded = True
+    for module in dict.fromkeys(_BUILTIN_MODULES.values()):
+      importlib.import_module(module)
 
 
 def load_plugins() -> None:
@@ -213,3 +274,47 @@ def pyramid_budgets(heavy: int, n_layers: int, beta: int = PYRAMID_BETA) -> list
 def budget_capacity(spec, *, needed: int, prompt: int) -> int:
   """Default capacity of bounded kinds: their budget, whatever the length."""
   return int(spec.budget)
+
+
+def check_config(config, what: str = "make_cache") -> None:
+  """A cache config needs positive int n_layers, n_kv_heads, head_dim (any object will do)."""
+  for field in ("n_layers", "n_kv_heads", "head_dim"):
+    value = getattr(config, field, None)
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+      raise TypeError(f"{what}: config must have a positive int {field}, got {value!r} "
+                      f"(from {type(config).__name__})")
+
+
+def build(spec, config, *, batch: int, capacity: int | None, dtype, **options):
+  """The cache a parsed spec names, unplaced: the kind's factory after the checks every kind
+  shares (a positive batch, a capacity or the kind's own, the budget fits, accepted modifiers).
+  `kvjax.make_cache` parses, reads a model's config and dtype, and places on a mesh around it;
+  wrappers (`share:G`) build their inner kind with it."""
+  check_config(config)
+  if not spec.uses_cache:
+    raise SpecError("cache spec 'none' has no cache object: it recomputes the prefix every step")
+  if not isinstance(batch, (int, np.integer)) or batch <= 0:
+    raise ValueError(f"make_cache: batch must be a positive int, got {batch!r}")
+  info = lookup(spec.kind)
+  budget = info.budget_of(spec)
+  if capacity is None:
+    if budget is not None:
+      capacity = budget
+    elif not info.builtin and info.capacity is not None:  # a registered kind that sizes itself
+      capacity = info.default_capacity(spec, needed=0, prompt=0)
+    else:
+      raise ValueError(f"make_cache: cache spec {str(spec)!r} needs a capacity (slots per row)")
+  if not isinstance(capacity, (int, np.integer)) or capacity <= 0:
+    raise ValueError(f"make_cache: capacity must be a positive int, got {capacity!r}")
+  if budget is not None and budget > capacity:
+    raise SpecError(f"cache spec {str(spec)!r} keeps {budget} tokens, more than the capacity "
+                    f"{capacity}; lower the budget or raise the capacity")
+  if not info.builtin:
+    own = {f for t in info.terms for f, _ in t.fields}
+    extra = spec.modifier_terms() - info.accepts - own - {"share"}
+    if extra:
+      raise SpecError(f"cache spec {str(spec)!r}: kind {info.name!r} does not take "
+                      f"{', '.join(sorted(extra))} (it accepts: "
+                      f"{', '.join(sorted(info.accepts)) or 'no other terms'})")
+  return info.factory(spec, config, batch=int(batch), capacity=int(capacity),
+                      dtype=jnp.dtype(dtype), **options)

@@ -46,7 +46,8 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.attention import RoPE
-from kvjax.caches import base, registry
+from kvjax.caches import base, registry, terms
+from kvjax.caches.terms import SpecError
 from kvjax.caches.full import FullCache
 
 
@@ -302,27 +303,26 @@ class SharedCache:
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
               maps: ShareMaps | None = None, **options) -> SharedCache:
   """`share:G[:cal]` on top of any other terms; options other than `maps` go to the inner kind."""
-  from kvjax import spec as spec_lib
-
   if spec.share < 2:
-    raise spec_lib.SpecError(f"share:{spec.share} shares nothing; use share:G with G >= 2")
+    raise SpecError(f"share:{spec.share} shares nothing; use share:G with G >= 2")
   if spec.share_calibrated and maps is None:
-    raise spec_lib.SpecError(
+    raise SpecError(
         f"{str(spec)!r} needs calibration maps: make_cache(spec, config, ..., "
         f"maps=kvjax.calibrate.fit_share_maps(model, ids, {spec.share}))")
   if not spec.share_calibrated and maps is not None:
-    raise spec_lib.SpecError(f"{str(spec)!r} takes no maps; use share:{spec.share}:cal")
+    raise SpecError(f"{str(spec)!r} takes no maps; use share:{spec.share}:cal")
   inner_spec = _inner_spec(spec)
   if spec.share_calibrated and inner_spec.kind != "full":
-    raise spec_lib.SpecError(f"{str(spec)!r}: calibrated sharing needs a full inner cache, "
+    raise SpecError(f"{str(spec)!r}: calibrated sharing needs a full inner cache, "
                              f"not {inner_spec.kind!r} (maps act on un-rotated full-precision keys)")
   inner_config = _InnerConfig(math.ceil(config.n_layers / spec.share), config.n_kv_heads,
                               config.head_dim, getattr(config, "vocab_size", 0))
-  inner = spec_lib.make_cache(inner_spec, inner_config, batch, capacity, dtype, **options)
+  inner = registry.build(inner_spec, inner_config, batch=batch, capacity=capacity, dtype=dtype,
+                         **options)
   theta = getattr(config, "rope_theta", None)
   rope = RoPE(config.head_dim, theta) if theta is not None else None
   if spec.share_calibrated and rope is None:
-    raise spec_lib.SpecError(f"{str(spec)!r}: calibrated sharing rotates keys on read and needs a "
+    raise SpecError(f"{str(spec)!r}: calibrated sharing rotates keys on read and needs a "
                              "config with rope_theta")
   return SharedCache.wrap(inner, group=spec.share, model_layers=config.n_layers, maps=maps, rope=rope)
 
@@ -361,5 +361,29 @@ def default_capacity(spec, *, needed: int, prompt: int) -> int:
   return registry.lookup(inner_spec.kind).default_capacity(inner_spec, needed=needed, prompt=prompt)
 
 
+def _read_share(word, text):
+  value, _, flag = (text or "").partition(":")
+  if flag not in ("", "cal"):
+    raise SpecError(f"term '{word}:{text}': expected share:G or share:G:cal")
+  return {"share": terms.integer(word, value), "share_calibrated": flag == "cal"}
+
+
+def _check_share(spec):
+  terms.positive("share", spec.share)
+  if spec.share_calibrated and spec.share == 1:
+    raise SpecError("share:1:cal shares nothing; use share:G with G >= 2")
+
+
+def _inner_budget(spec):
+  inner = _inner_spec(spec)
+  return registry.lookup(inner.kind).budget_of(inner)
+
+
+SHARE = terms.Term(
+    name="share", usage="share:G | share:G:cal", fields=(("share", 1), ("share_calibrated", False)),
+    doc="layers in groups of G share one cache of the other terms' kind (cal: calibrated linear "
+        "maps)", parse=_read_share, kind="shared", rank=100, check=_check_share, order=60,
+    show=lambda spec: f"share:{spec.share}" + (":cal" if spec.share_calibrated else ""))
+
 registry.register_kind("shared", from_spec, estimate_bytes=estimate_bytes, capacity=default_capacity,
-                       builtin=True, description="layers in groups of G share one cache")
+                       terms=(SHARE,), budget=_inner_budget, builtin=True, description="layers in groups of G share one cache")

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry
+from kvjax.caches import base, packing, registry, terms
 from kvjax.caches.registry import SpecError
 
 FLOAT_FORMATS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -348,9 +348,6 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
   registry.no_options("tiered", options)
   if spec.tiers is None:
     raise SpecError(f"cache spec {str(spec)!r} has no tier:... term; the tiered kind needs one")
-  if spec.offload or spec.share > 1 or spec.mode != "full":
-    raise SpecError(f"cache spec {str(spec)!r}: tiers cannot be combined with "
-                    "offload/share/dynamic yet")
   return TieredCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                           head_dim=config.head_dim, tiers=spec.tiers, group=spec.group, dtype=dtype)
 
@@ -375,6 +372,35 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
                          for budget, fmt in spec.tiers)
 
 
-registry.register_kind("tiered", from_spec, estimate_bytes=estimate_bytes,
+TIER_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "int3", "int2")
+
+
+def _read_tiers(word, text):
+  tiers = []
+  for part in (text or "").split(","):
+    budget, _, fmt = part.partition(":")
+    if not fmt:
+      raise SpecError(f"term '{word}:{text}': each tier is BUDGET:DTYPE, e.g. tier:64:fp32,512:int8")
+    tiers.append((terms.integer(word, budget), fmt))
+  return {"tiers": tuple(tiers)}
+
+
+def _check_tiers(spec):
+  if any(getattr(spec, f) is not None for f in ("window", "bits", "h2o", "snapkv")):
+    raise SpecError("tier:... sets its own budgets and precisions; drop window/intN/h2o/snapkv terms")
+  for budget, fmt in spec.tiers:
+    if fmt not in TIER_DTYPES:
+      raise SpecError(f"tier dtype {fmt!r} is unknown; expected one of {', '.join(TIER_DTYPES)}")
+    terms.positive("tier budget", budget)
+
+
+TIER = terms.Term(
+    name="tier", usage="tier:64:fp32,512:int8,...", fields=(("tiers", None),),
+    doc="budgets per precision tier, newest first (older tokens move down, the oldest drop)",
+    parse=_read_tiers, show=lambda spec: "tier:" + ",".join(f"{b}:{d}" for b, d in spec.tiers),
+    kind="tiered", rank=60, check=_check_tiers, order=10)
+
+registry.register_kind("tiered", from_spec, estimate_bytes=estimate_bytes, terms=(TIER,),
+                       budget=lambda spec: sum(b for b, _ in spec.tiers),
                        capacity=registry.budget_capacity, builtin=True,
                        description="recent tokens at high precision, older ones lower, oldest dropped")

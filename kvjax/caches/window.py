@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, registry
+from kvjax.caches import base, registry, terms
 from kvjax.caches.registry import SpecError
 
 
@@ -348,6 +348,21 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return 2 * registry.streams(config, batch) * slots * config.head_dim * item + 4 * batch * (slots + 1)
 
 
-registry.register_kind("window", from_spec, estimate_bytes=estimate_bytes,
+def _check_sink(spec):
+  if not isinstance(spec.sink, int) or spec.sink < 0:
+    raise SpecError(f"sink:{spec.sink} must be a non-negative integer")
+  terms.needs(spec, f"sink:{spec.sink}", "window",
+              hint="a window:N term (sinks are kept beside a recent window)")
+
+
+WINDOW = terms.int_term("window", "keep the N most recent tokens (ring buffer)", kind="window",
+                        rank=30, order=41)
+SINK = terms.Term(
+    name="sink", usage="sink:S", doc="also keep the first S tokens forever (StreamingLLM; needs "
+    "window)", fields=(("sink", 0),), parse=lambda word, text: {"sink": terms.integer(word, text)},
+    show=lambda spec: f"sink:{spec.sink}", check=_check_sink, order=40)
+
+registry.register_kind("window", from_spec, estimate_bytes=estimate_bytes, terms=(WINDOW, SINK),
+                       budget=lambda spec: spec.window + spec.sink,
                        capacity=registry.budget_capacity, builtin=True,
                        description="the N most recent tokens (with sink:S, also the first S)")
