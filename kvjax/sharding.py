@@ -52,6 +52,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kvjax.caches import base
+
 LOGICAL_AXES = ("layers", "batch", "kv_heads", "slots", "head_dim")
 
 
@@ -234,7 +236,7 @@ def cache_logical_axes(cache):
   Kinds may define `logical_axes()`; otherwise names follow the [L, B, K, S, H] convention by
   rank: 5 -> all five, 4 -> (layers, batch, kv_heads, slots), 2 -> (batch, slots), 1 -> (batch,),
   other ranks -> unnamed (replicated)."""
-  if hasattr(cache, "logical_axes"):
+  if isinstance(cache, base.LogicallyNamed):
     return cache.logical_axes()
   by_rank = {5: LOGICAL_AXES, 4: LOGICAL_AXES[:4], 2: ("batch", "slots"), 1: ("batch",)}
   return jax.tree_util.tree_map(lambda x: Names(by_rank.get(x.ndim, (None,) * x.ndim)), cache)
@@ -285,7 +287,7 @@ def fetch(x) -> np.ndarray:
 
 
 def supports_slot_sharding(cache) -> bool:
-  return hasattr(cache, "with_slot_sharding")
+  return isinstance(cache, base.SlotShardable)
 
 
 def shard_cache(cache, plan_: ShardingPlan):

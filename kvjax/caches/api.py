@@ -35,9 +35,9 @@ def append(cache, k, v, n_valid=None):
       raise base.CapacityError(
           f"append: row {row} would hold {int(after[row])} tokens but the cache capacity is "
           f"{cache.capacity}")
-  short = getattr(cache, "pages_short", None)  # kinds that draw pages from a shared pool
-  if short is not None and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
-    missing = int(short(n_valid))
+  paged = isinstance(cache, base.PagedStorage)  # kinds that draw pages from a shared pool
+  if paged and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
+    missing = int(cache.pages_short(n_valid))
     if missing > 0:
       raise base.CapacityError(f"append: the page pool is {missing} page(s) short for these tokens "
                                f"({int(cache.free_pages())} free of {cache.n_pages})")

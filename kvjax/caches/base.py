@@ -4,11 +4,12 @@ A cache is an immutable pytree (a `flax.struct.dataclass`): arrays are leaves, s
 widths are static fields. Every operation returns a new cache; nothing is updated in place from
 the caller's point of view (under `jit` with donation XLA reuses the buffers, which is the point).
 
-`KVCache` (a `typing.Protocol`) is the contract. What a kind must have:
+`KVCache` (a `typing.Protocol`) is the contract: ten members.
 
   lengths                          int32 [B]: tokens each row has seen (= the position of its next
                                    token); rows are independent, so ragged batches need only n_valid.
-  n_layers, batch, kv_heads, head_dim, capacity    static sizes (capacity: slots per row).
+  sizes -> Sizes                   static n_layers, batch, kv_heads, head_dim, capacity (slots/row).
+  caps -> Capabilities             what the kind can do (a frozen record, below).
   attend(layer, q, k, v, n_valid=None, *, rope=None, scale=None) -> (out, cache)
       The one entry point of an attention layer. q [B, T, N, H], k/v [B, T, K, H] are the new
       tokens' un-rotated projections at positions `lengths[:, None] + arange(T)`; only the first
@@ -20,17 +21,23 @@ the caller's point of view (under `jit` with donation XLA reuses the buffers, wh
   write(layer, k, v, n_valid=None) -> cache   raw storage write, used by `kvjax.append`.
   view() -> CacheView              what attention reads, as dense arrays.
   reset() -> cache                 empty, same shapes.
-  nbytes() -> {memory_kind: bytes} measured from the real arrays.
-  filled() -> int32 [B]            tokens each row holds now (the largest count over layers and
-                                   kv heads, for kinds whose heads keep different tokens).
-  has_room(n), fits(n), overflowed()   capacity facts (see `Limited` / `Evicting`).
+  has_room(n) -> bool []           every row can take n more tokens (the decode loop's guard).
+  overflowed() -> bool [B]         rows given more tokens than a limited cache holds.
 
-Capabilities are declared as attributes of the kind, never as lists of kind names elsewhere:
+`CacheBase` (through `Limited` / `Evicting`) derives everything else from those and from the
+kind's class attributes: the sizes (`n_layers`, `batch`, ... read off the `_layout` leaf), `caps`,
+`nbytes()`, `filled()`, `fits(n)`, `supports(verb)` and "not supported" optional verbs. So a new
+kind writes its storage and attention and nothing else; kvjax's entry points rely on the derived
+members too, so a kind that does not inherit `CacheBase` must provide them itself.
+
+`Capabilities` (declared as class attributes of the kind, gathered by `CacheBase.caps`; never as
+lists of kind names elsewhere):
 
   limited      True: a hard capacity; tokens past it are dropped inside jit and `overflowed()`
                flags the row. False: the kind evicts to make room and never overflows.
   exact        True: what `view()` shows for a held token is exactly what was given (no
                quantization, no sharing); with `limited` too, attention equals full attention.
+               The one source of exactness: `CacheSpec.lossless` must never claim more.
   chunk_exact  True: feeding T tokens in one `attend` gives every query what feeding them one
                by one would (perplexity and prefill may then use chunks).
   growable     True: `grow(capacity)` may be called outside jit when `has_room` turns false
@@ -39,23 +46,22 @@ Capabilities are declared as attributes of the kind, never as lists of kind name
                relative to the largest |value| given to that (layer, row, kv head): 0.0 for exact
                kinds, about 1 / (2^bits - 1) for quantized ones, None where the view is not the
                given tokens at all (`share:G` followers). `kvjax.testing` checks it.
+  lossless_tokens  how many tokens a row can hold before its view stops being exactly the whole
+               context (default `capacity`: right for kinds that drop nothing until full). A sparse
+               policy or per-layer budgets (`pyramid`: the smallest layer's) must declare it.
+               `kvjax.testing`'s `model-forward` decodes that many tokens (at most 10).
+  verbs        the optional verbs implemented: `crop(length)`, `reorder(indices)`, `grow(capacity)`.
+               A wrapper states what its inner caches allow (`share:2+tier:...` cannot crop).
 
-Optional attribute: `lossless_tokens` (an int in [1, capacity]): how many tokens a row can hold
-before its view stops being exactly the whole context, i.e. before any layer or kv head drops a
-token it was given. Default: `capacity`, right for kinds that drop nothing until they are full
-(full, window, a ring). A kind that drops earlier must declare it: a sparse policy that skips
-tokens, or per-layer budgets (`pyramid`: the smallest layer's budget). `kvjax.testing`'s
-`model-forward` decodes that many tokens (at most 10) and expects the full forward's logits.
-
-Optional verbs: `crop(length)`, `reorder(indices)`, `grow(capacity)`; `supports(cache, verb)`
-tells whether a cache implements one: it calls the cache's own `supports(verb)` where it has one
-(a wrapper asks what it wraps: `share:2+tier:...` cannot crop because its tiered inner cannot),
-else checks whether the class defines the verb. `CacheBase` (through `Limited` / `Evicting`)
-provides the derived members, so a new kind writes the storage and the attention and nothing else.
+Optional powers beyond the ten are extension protocols (`runtime_checkable`), asked with
+`isinstance`, never with `hasattr`: `PagedStorage` (a page pool shared by rows: the engine and the
+prefix store use it), `SlotShardable` (flash-decoding over a mesh axis of slots),
+`LogicallyNamed` (its own logical sharding axes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -84,30 +90,45 @@ class CacheView:
   positions: jax.Array
 
 
-@runtime_checkable
-class KVCache(Protocol):
-  """The members every cache kind has (see the module docstring). Structural: a kind need not
-  inherit from anything, though `Limited` / `Evicting` supply everything but the storage."""
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The static sizes of a cache: L layers, B rows, K kv heads, H head dim, S slots per row."""
 
-  lengths: jax.Array
+  n_layers: int
+  batch: int
+  kv_heads: int
+  head_dim: int
+  capacity: int
+
+
+OPTIONAL_VERBS = ("crop", "reorder", "grow")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """What a cache kind can do (see the module docstring)."""
+
   limited: bool
   exact: bool
   chunk_exact: bool
+  growable: bool = False
+  error_bound: float | None = 0.0
+  lossless_tokens: int = 0
+  verbs: frozenset = frozenset()
+
+
+@runtime_checkable
+class KVCache(Protocol):
+  """The ten members every cache kind has (see the module docstring). Structural: a kind need not
+  inherit from anything, though `Limited` / `Evicting` supply the rest of what kvjax uses."""
+
+  lengths: jax.Array
 
   @property
-  def n_layers(self) -> int: ...
+  def sizes(self) -> Sizes: ...
 
   @property
-  def batch(self) -> int: ...
-
-  @property
-  def kv_heads(self) -> int: ...
-
-  @property
-  def head_dim(self) -> int: ...
-
-  @property
-  def capacity(self) -> int: ...
+  def caps(self) -> Capabilities: ...
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None): ...
 
@@ -119,34 +140,65 @@ class KVCache(Protocol):
 
   def reset(self): ...
 
-  def nbytes(self) -> dict[str, int]: ...
-
-  def filled(self) -> jax.Array: ...
-
   def has_room(self, n: int) -> jax.Array: ...
-
-  def fits(self, n_tokens: int) -> bool: ...
 
   def overflowed(self) -> jax.Array: ...
 
 
-REQUIRED_MEMBERS = ("lengths", "n_layers", "batch", "kv_heads", "head_dim", "capacity", "attend",
-                    "advance", "write", "view", "reset", "nbytes", "filled", "has_room", "fits",
-                    "overflowed", "limited", "exact", "chunk_exact")
-OPTIONAL_VERBS = ("crop", "reorder", "grow")
+REQUIRED_MEMBERS = ("lengths", "sizes", "caps", "attend", "advance", "write", "view", "reset",
+                    "has_room", "overflowed")
+# What kvjax's entry points use besides the ten; `CacheBase` derives every one of them.
+DERIVED_MEMBERS = ("n_layers", "batch", "kv_heads", "head_dim", "capacity", "limited", "exact",
+                   "chunk_exact", "nbytes", "filled", "fits")
+
+
+@runtime_checkable
+class PagedStorage(Protocol):
+  """A cache whose tokens live in a pool of pages shared by its rows (`paged:P`): the engine,
+  the prefix store and `kvjax.append` ask it for pages before writing."""
+
+  page_size: int
+
+  @property
+  def n_pages(self) -> int: ...
+
+  def free_pages(self) -> jax.Array: ...
+
+  def pages_short(self, n) -> jax.Array: ...
+
+  def compact(self): ...
+
+  def widen(self, batch: int, room: int): ...
+
+
+@runtime_checkable
+class SlotShardable(Protocol):
+  """A cache that can split its slots over a mesh axis (flash-decoding across devices)."""
+
+  def with_slot_sharding(self, mesh, axis): ...
+
+
+@runtime_checkable
+class LogicallyNamed(Protocol):
+  """A cache that names the logical axes of its own leaves (for `kvjax.sharding`)."""
+
+  def logical_axes(self): ...
 
 
 def missing_members(cache) -> list[str]:
-  """Members of the protocol that `cache` lacks (empty for a conforming kind)."""
-  return [m for m in REQUIRED_MEMBERS if not hasattr(cache, m)]
+  """Members of the protocol, and derived members kvjax relies on, that `cache` lacks (empty
+  for a conforming kind)."""
+  return [m for m in REQUIRED_MEMBERS + DERIVED_MEMBERS if not hasattr(cache, m)]
 
 
 def check_cache(cache, what: str = "cache") -> None:
   """Raises TypeError naming what is missing when `cache` does not follow the protocol."""
   missing = missing_members(cache)
   if missing:
+    hint = ("; inherit kvjax.Limited or kvjax.Evicting for the derived ones"
+            if not set(missing) & set(REQUIRED_MEMBERS) else "")
     raise TypeError(f"{what}: {type(cache).__name__} is not a kvjax cache; it lacks "
-                    f"{', '.join(missing)} (see kvjax.caches.base.KVCache)")
+                    f"{', '.join(missing)} (see kvjax.caches.base.KVCache){hint}")
 
 
 def supports(cache, verb: str) -> bool:
@@ -197,6 +249,25 @@ class CacheBase:
   @property
   def head_dim(self) -> int:
     return self._layout.shape[4]
+
+  @property
+  def sizes(self) -> Sizes:
+    return Sizes(self.n_layers, self.batch, self.kv_heads, self.head_dim, self.capacity)
+
+  @property
+  def lossless_tokens(self) -> int:
+    """Tokens a row holds before its view stops being the whole context (see the docstring)."""
+    return self.capacity
+
+  @property
+  def caps(self) -> Capabilities:
+    """The kind's capabilities, gathered from its class attributes (wrappers override those to
+    say what their inner caches allow)."""
+    return Capabilities(limited=bool(self.limited), exact=bool(self.exact),
+                        chunk_exact=bool(self.chunk_exact), growable=bool(self.growable),
+                        error_bound=self.error_bound,
+                        lossless_tokens=int(self.lossless_tokens),
+                        verbs=frozenset(v for v in OPTIONAL_VERBS if self.supports(v)))
 
   def token_positions(self, tokens: int) -> jax.Array:
     """int32 [B, T]: the positions of T tokens appended now (for models with learned positions)."""

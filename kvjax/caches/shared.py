@@ -85,7 +85,7 @@ class ShareMaps:
 
 
 @struct.dataclass
-class SharedCache:
+class SharedCache(base.CacheBase):
   """ceil(L / G) cache layers serving L model layers.
 
   inner: the cache of the leaders (layer l // G of inner serves model layer l).
@@ -168,7 +168,11 @@ class SharedCache:
 
   @property
   def growable(self) -> bool:
-    return bool(getattr(self.inner, "growable", False))
+    return self.inner.caps.growable
+
+  @property
+  def lossless_tokens(self) -> int:
+    return self.inner.caps.lossless_tokens
 
   def filled(self) -> jax.Array:
     return self.inner.filled()

@@ -215,7 +215,7 @@ def _check_budget(cache, view):
 
 
 def _check_contents(cache, view, log: TokenLog, dtype):
-  bound = getattr(cache, "error_bound", 0.0 if cache.exact else None)
+  bound = cache.caps.error_bound
   if bound is None:
     return
   n_layers, batch, kv_heads = view["mask"].shape[:3]
@@ -338,21 +338,48 @@ def _stream(kit: _Kit, batch=None, tokens=(1, 2, 5), max_steps=None):
 
 
 # ---- the invariants --------------------------------------------------------------------------------
+def _check_verbs(cache, caps) -> None:
+  """A verb the kind does not claim must say so (NotImplementedError), and one it claims must not:
+  a wrapper claims only what the caches it wraps allow."""
+  calls = {"crop": lambda: cache.crop(jnp.zeros((cache.batch,), jnp.int32)),
+           "reorder": lambda: cache.reorder(jnp.arange(cache.batch)),
+           "grow": lambda: cache.grow(2 * cache.capacity)}
+  for verb, call in calls.items():
+    claimed = verb in caps.verbs
+    try:
+      call()
+      works = True
+    except NotImplementedError:
+      works = False
+    except Exception:  # the verb exists but refuses these arguments (a full cache's grow, ...)
+      works = True
+    _require(works == claimed, "protocol",
+             f"caps.verbs {'claims' if claimed else 'omits'} {verb!r} but {verb}() "
+             f"{'raises NotImplementedError' if not works else 'works'}"
+             " (a wrapper must claim only what the caches it wraps allow)")
+
+
 def _protocol(kit: _Kit, shape: kst.CacheShape, *_):
   cache = kit.new(shape)
   missing = base.missing_members(cache)
   _require(not missing, "protocol", f"{type(cache).__name__} lacks {missing}")
-  for flag in ("limited", "exact", "chunk_exact"):
-    _require(isinstance(getattr(cache, flag), bool), "protocol", f"{flag} must be a bool")
+  caps = cache.caps
+  _require(isinstance(caps, base.Capabilities), "protocol",
+           f"caps must be a kvjax.caches.base.Capabilities, got {type(caps).__name__}")
+  for flag in ("limited", "exact", "chunk_exact", "growable"):
+    _require(isinstance(getattr(caps, flag), bool), "protocol", f"caps.{flag} must be a bool")
+  _check_verbs(cache, caps)
   sizes = (cache.n_layers, cache.batch, cache.kv_heads, cache.head_dim)
   want = (shape.n_layers, shape.batch, shape.kv_heads, shape.head_dim)
   _require(sizes == want, "protocol", f"(n_layers, batch, kv_heads, head_dim) = {sizes}, asked {want}")
+  _require(tuple(dataclasses.astuple(cache.sizes)) == sizes + (cache.capacity,), "protocol",
+           f"sizes = {cache.sizes} disagrees with the n_layers, batch, ... members")
   view = _numpy_view(cache)
   _require(view["keys"].shape[:3] == want[:3] and view["keys"].shape[-1] == shape.head_dim,
            "protocol", f"view().keys has shape {view['keys'].shape}, not [L, B, K, S, H]")
   _require(not view["mask"].any() and not np.asarray(cache.lengths).any()
            and not np.asarray(cache.filled()).any(), "protocol", "a new cache is not empty")
-  lossless = getattr(cache, "lossless_tokens", cache.capacity)
+  lossless = caps.lossless_tokens
   _require(isinstance(lossless, (int, np.integer)) and 1 <= lossless <= cache.capacity, "protocol",
            f"lossless_tokens = {lossless!r}; it must be an int in [1, capacity = {cache.capacity}] "
            "(the tokens a row holds before its view stops being the whole context)")
@@ -493,7 +520,7 @@ def _close_trees(a, b, atol) -> bool:
 def _jit_equals_eager(kit, shape, steps, seed):
   rng = np.random.default_rng(seed)
   eager = jitted = kit.new(shape)
-  bound = getattr(jitted, "error_bound", 0.0) or 0.0
+  bound = jitted.caps.error_bound or 0.0
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = jnp.asarray(step.n_valid, jnp.int32)
@@ -523,7 +550,7 @@ def _chunk_exact(kit, shape, steps, seed):
   rng = np.random.default_rng(seed)
   rope, scale = attn.RoPE(shape.head_dim, 10000.0), _kit_scale(shape.head_dim)
   chunked = stepwise = kit.new(shape)
-  bound = getattr(chunked, "error_bound", 0.0) or 0.0
+  bound = chunked.caps.error_bound or 0.0
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
@@ -799,8 +826,9 @@ def _model_forward(kit, shape, steps, seed):
     params = _tiny_params(shapes, seed)
     cache = kit.build(cfg, 1, max(shape.capacity, 8))
     # The longest stream a row holds whole (sparse kinds and per-layer budgets declare it).
-    lossless = getattr(cache, "lossless_tokens", None)
-    n = min(cache.capacity if lossless is None else lossless, 10)
+    lossless = cache.caps.lossless_tokens
+    declared_here = getattr(type(cache), "lossless_tokens", None) is not base.CacheBase.lossless_tokens
+    n = min(lossless, 10)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, n)
     want = oracle.llama_forward(cfg, params, tokens)
     got = []
@@ -811,7 +839,7 @@ def _model_forward(kit, shape, steps, seed):
     scale = np.abs(want).max()
     bad = np.flatnonzero(~np.isclose(got, want, atol=1e-4 * scale).all(axis=-1))
     if bad.size:
-      declared = (f"lossless_tokens = {lossless}" if lossless is not None else
+      declared = (f"lossless_tokens = {lossless}" if declared_here else
                   f"no lossless_tokens, so the capacity {cache.capacity}")
       raise _Violation(
           "model-forward", f"a Llama with {kv_heads} kv heads for 4 query heads, decoded token by "
