@@ -187,3 +187,13 @@ def test_two_processes_decode_like_one(tmp_path, tiny, mesh, rules):
   for r in results:
     assert (r["processes"], r["devices"], r["local_devices"]) == (2, 8, 4)
     np.testing.assert_array_equal(np.array(r["tokens"]), want)
+
+
+def test_flash_decoding_is_an_extension_of_the_full_cache(tiny):
+  """Slot sharding lives in caches/slot_sharded.py; the full cache is `SlotShardable`, kinds
+  that cannot split their slots are not."""
+  from kvjax.caches import base
+
+  assert isinstance(kvjax.make_cache("full", tiny, 1, 16), base.SlotShardable)
+  assert not isinstance(kvjax.make_cache("window:8", tiny, 1), base.SlotShardable)
+  assert ks.supports_slot_sharding(kvjax.make_cache("full", tiny, 1, 16))

@@ -175,7 +175,7 @@ class PagedStorage(Protocol):
 class SlotShardable(Protocol):
   """A cache that can split its slots over a mesh axis (flash-decoding across devices)."""
 
-  def with_slot_sharding(self, mesh, axis): ...
+  def with_slot_sharding(self, slot_sharding): ...
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, registry, terms
+from kvjax.caches import base, registry, slot_sharded, terms
 from kvjax.caches.terms import SpecError
 
 
@@ -75,7 +75,8 @@ class FullCache(base.Limited):
     row overwrites them.
     """
     if self.slot_sharding is not None:
-      return self._write_sharded(layer, k, v)
+      new_k, new_v = slot_sharded.write(self.k, self.v, self.lengths, layer, k, v, self.slot_sharding)
+      return self.replace(k=new_k, v=new_v)
     slots = base.row_slots(self.lengths, k.shape[1])  # [B, T]
     rows = jnp.arange(self.batch)[:, None]  # [B, 1]
     new_k = self.k.at[layer, rows, :, slots, :].set(k.astype(self.k.dtype), mode="drop")
@@ -93,7 +94,9 @@ class FullCache(base.Limited):
     kv_len = jnp.minimum(self.lengths + n_valid, self.capacity)
     if self.slot_sharding is not None:
       qg = attn.prepare_queries(q, self.kv_heads, scale)
-      return cache._attend_sharded(layer, qg, positions, kv_len).astype(q.dtype), cache
+      out = slot_sharded.attend(cache.k, cache.v, layer, qg, positions, kv_len,
+                                cache.slot_sharding, cache.block_size)
+      return out.astype(q.dtype), cache
     bs = self.block_size
     shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
 
@@ -133,55 +136,6 @@ class FullCache(base.Limited):
     local = self.capacity // shards
     return self.replace(slot_sharding=slot_sharding,
                         block_size=base.pick_block_size(local, self.block_size))
-
-  def _write_sharded(self, layer: int, k, v) -> "FullCache":
-    """Each device stores the new tokens whose slots it owns (the others drop them)."""
-    ss = self.slot_sharding
-    buf, tok, rows = ss.buffer_spec(), ss.tokens_spec(), ss.rows_spec()
-
-    def local(kbuf, vbuf, lengths, k_new, v_new):
-      s_loc = kbuf.shape[3]
-      slots = base.row_slots(lengths, k_new.shape[1]) - ss.offset(s_loc)  # [B', T]
-      slots = jnp.where((slots >= 0) & (slots < s_loc), slots, s_loc)  # not ours: dropped
-      r = jnp.arange(kbuf.shape[1])[:, None]
-      return (kbuf.at[layer, r, :, slots, :].set(k_new.astype(kbuf.dtype), mode="drop"),
-              vbuf.at[layer, r, :, slots, :].set(v_new.astype(vbuf.dtype), mode="drop"))
-
-    new_k, new_v = jax.shard_map(local, mesh=ss.mesh, in_specs=(buf, buf, rows, tok, tok),
-                                 out_specs=(buf, buf), check_vma=False)(self.k, self.v, self.lengths, k, v)
-    return self.replace(k=new_k, v=new_v)
-
-  def _attend_sharded(self, layer: int, qg, positions, kv_len):
-    """Flash-decoding across devices: each attends over its own filled blocks, then the softmax
-    statistics are merged over the slot axes. qg [B, T, K, G, H] -> [B, T, N, H] (fp32)."""
-    ss = self.slot_sharding
-    bs = self.block_size
-    part = ss._part
-    q_spec = jax.sharding.PartitionSpec(part(ss.batch), None, part(ss.kv_heads), None, None)
-    pos_spec = jax.sharding.PartitionSpec(part(ss.batch), None)
-
-    def local(kbuf, vbuf, q_l, pos, lens):
-      s_loc = kbuf.shape[3]
-      offset = ss.offset(s_loc)
-      local_len = jnp.clip(lens - offset, 0, s_loc)
-      shape = (1,) + kbuf.shape[1:3] + (bs, kbuf.shape[4])
-
-      def load_block(start):
-        idx = (layer, 0, 0, start, 0)
-        return jax.lax.dynamic_slice(kbuf, idx, shape)[0], jax.lax.dynamic_slice(vbuf, idx, shape)[0]
-
-      peak, total, acc = attn.blockwise_stats(
-          q_l, load_block, attn.causal_visibility(pos - offset, local_len),
-          attn.n_filled_blocks(local_len, bs), bs)
-      top = jax.lax.pmax(peak, ss.slots)
-      weight = jnp.exp(peak - top)
-      total = jax.lax.psum(total * weight, ss.slots)
-      acc = jax.lax.psum(acc * weight[..., None], ss.slots)
-      return attn.finish_stats((top, total, acc), jnp.float32)
-
-    return jax.shard_map(local, mesh=ss.mesh,
-                         in_specs=(ss.buffer_spec(), ss.buffer_spec(), q_spec, pos_spec, ss.rows_spec()),
-                         out_specs=ss.tokens_spec(), check_vma=False)(self.k, self.v, qg, positions, kv_len)
 
   def grow(self, capacity: int) -> "FullCache":
     """Same contents in a larger buffer (call outside jit; shapes change)."""
