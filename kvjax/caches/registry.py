@@ -131,7 +131,7 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
                      "(pass replace=True to replace it)")
   modifiers = {f for t in grammar.all_terms() if not t.owner for f, _ in t.fields} | {"dynamic"}
   unknown = set(accepts) - (modifiers - {"mode", "custom", "share_calibrated"})
-  if unknown:
+  if unknown and not builtin:  # built-in kinds may register before the words they accept
     raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
                      f"use spec field names: {', '.join(sorted(modifiers - {'mode', 'custom'}))}")
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
