@@ -53,8 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvjax.caches import base
-
-LOGICAL_AXES = ("layers", "batch", "kv_heads", "slots", "head_dim")
+from kvjax.caches.base import LOGICAL_AXES, Names, cache_logical_axes  # noqa: F401  (re-exported)
 
 
 def _axes(value) -> tuple:
@@ -226,22 +225,6 @@ def with_note(plan_: ShardingPlan, note: str) -> ShardingPlan:
 # ---------------------------------------------------------------------------------------------
 # Placing caches and weights
 # ---------------------------------------------------------------------------------------------
-class Names(tuple):
-  """The logical axis names of one array's dimensions (a tuple JAX treats as a leaf)."""
-
-
-def cache_logical_axes(cache):
-  """A pytree like the cache's arrays with the `Names` of each array's dimensions.
-
-  Kinds may define `logical_axes()`; otherwise names follow the [L, B, K, S, H] convention by
-  rank: 5 -> all five, 4 -> (layers, batch, kv_heads, slots), 2 -> (batch, slots), 1 -> (batch,),
-  other ranks -> unnamed (replicated)."""
-  if isinstance(cache, base.LogicallyNamed):
-    return cache.logical_axes()
-  by_rank = {5: LOGICAL_AXES, 4: LOGICAL_AXES[:4], 2: ("batch", "slots"), 1: ("batch",)}
-  return jax.tree_util.tree_map(lambda x: Names(by_rank.get(x.ndim, (None,) * x.ndim)), cache)
-
-
 def _fits(x, logical, plan_: ShardingPlan) -> tuple:
   """Drops the split of a dimension whose size the mesh axes do not divide (e.g. a quantized
   cache's group scales along the slots)."""

@@ -185,6 +185,26 @@ class LogicallyNamed(Protocol):
   def logical_axes(self): ...
 
 
+# The logical axes of a cache's arrays, by which `kvjax.sharding` places them on a mesh.
+LOGICAL_AXES = ("layers", "batch", "kv_heads", "slots", "head_dim")
+
+
+class Names(tuple):
+  """The logical axis names of one array's dimensions (a tuple JAX treats as a leaf)."""
+
+
+def cache_logical_axes(cache):
+  """A pytree like the cache's arrays with the `Names` of each array's dimensions.
+
+  Kinds may define `logical_axes()` (`LogicallyNamed`); otherwise names follow the
+  [L, B, K, S, H] convention by rank: 5 -> all five, 4 -> (layers, batch, kv_heads, slots),
+  2 -> (batch, slots), 1 -> (batch,), other ranks -> unnamed (replicated)."""
+  if isinstance(cache, LogicallyNamed):
+    return cache.logical_axes()
+  by_rank = {5: LOGICAL_AXES, 4: LOGICAL_AXES[:4], 2: ("batch", "slots"), 1: ("batch",)}
+  return jax.tree_util.tree_map(lambda x: Names(by_rank.get(x.ndim, (None,) * x.ndim)), cache)
+
+
 def missing_members(cache) -> list[str]:
   """Members of the protocol, and derived members kvjax relies on, that `cache` lacks (empty
   for a conforming kind)."""

@@ -179,10 +179,8 @@ class SharedCache(base.CacheBase):
 
   def logical_axes(self):
     """For `kvjax.sharding`: the inner cache's axes; the calibration maps are replicated."""
-    from kvjax import sharding
-
-    unnamed = lambda x: sharding.Names((None,) * x.ndim)
-    return self.replace(inner=sharding.cache_logical_axes(self.inner),
+    unnamed = lambda x: base.Names((None,) * x.ndim)
+    return self.replace(inner=base.cache_logical_axes(self.inner),
                         maps=jax.tree_util.tree_map(unnamed, self.maps),
                         pending=jax.tree_util.tree_map(unnamed, self.pending))
 
