@@ -103,6 +103,29 @@ def start(state, draft) -> SpecState:
                    drafted=zeros(), accepted=zeros(), key=state.key)
 
 
+def _draft(params, s: SpecState, live, k_first, k_draft, *, model, sampler: Sampler, k: int):
+  """Feeds [lag_token, last] (or [last]) then k - 1 single tokens to the draft cache. Returns
+  drafts int32 [B, k], their probabilities [B, k, V] (None when greedy) and the draft cache."""
+  first = jnp.stack([jnp.where(s.lag, s.lag_token, s.last), jnp.where(s.lag, s.last, 0)], axis=1)
+  n_first = jnp.where(live, 1 + s.lag.astype(jnp.int32), 0)
+  logits, draft = model.step(params, first, s.draft, n_first)
+  logits = jnp.take_along_axis(logits, jnp.maximum(n_first - 1, 0)[:, None, None], axis=1)[:, 0]
+  d1, q1 = sampler(logits, k_first), sampler.probs(logits)
+
+  def draft_step(carry, sub):
+    draft, token = carry
+    logits, draft = model.step(params, token[:, None], draft, live.astype(jnp.int32))
+    token = sampler(logits[:, 0], sub)
+    return (draft, token), (token, None if sampler.greedy else sampler.probs(logits[:, 0]))
+
+  drafts, q = d1[:, None], q1[:, None]  # [B, k], [B, k, V]
+  if k > 1:
+    (draft, _), (rest, q_rest) = jax.lax.scan(draft_step, (draft, d1), jnp.stack(k_draft))
+    drafts = jnp.concatenate([drafts, rest.swapaxes(0, 1)], axis=1)
+    q = None if sampler.greedy else jnp.concatenate([q, q_rest.swapaxes(0, 1)], axis=1)
+  return drafts, q, draft
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "k"), donate_argnames=("state",))
 def speculate(params, state: SpecState, stop_at, max_new, eos_id, *, model,
               sampler: Sampler, k: int):
@@ -121,26 +144,9 @@ def speculate(params, state: SpecState, stop_at, max_new, eos_id, *, model,
   def body(s: SpecState):
     live = active(s)
     key, k_first, k_accept, *k_draft = jax.random.split(s.key, k + 2)
-    k_draft = k_draft[:k - 1]
-    # 1. Draft: [lag_token, last] (or [last]) then k - 1 single tokens.
-    first = jnp.stack([jnp.where(s.lag, s.lag_token, s.last), jnp.where(s.lag, s.last, 0)], axis=1)
-    n_first = jnp.where(live, 1 + s.lag.astype(jnp.int32), 0)
-    logits, draft = model.step(params, first, s.draft, n_first)
-    logits = jnp.take_along_axis(logits, jnp.maximum(n_first - 1, 0)[:, None, None], axis=1)[:, 0]
-    d1, q1 = sampler(logits, k_first), sampler.probs(logits)
-
-    def draft_step(carry, sub):
-      draft, token = carry
-      logits, draft = model.step(params, token[:, None], draft, live.astype(jnp.int32))
-      token = sampler(logits[:, 0], sub)
-      return (draft, token), (token, None if sampler.greedy else sampler.probs(logits[:, 0]))
-
-    drafts, q = d1[:, None], q1[:, None]  # [B, k], [B, k, V]
-    if k > 1:
-      (draft, _), (rest, q_rest) = jax.lax.scan(draft_step, (draft, d1), jnp.stack(k_draft))
-      drafts = jnp.concatenate([drafts, rest.swapaxes(0, 1)], axis=1)
-      q = None if sampler.greedy else jnp.concatenate([q, q_rest.swapaxes(0, 1)], axis=1)
-
+    # 1. Draft k tokens on the draft cache.
+    drafts, q, draft = _draft(params, s, live, k_first, k_draft[:k - 1], model=model,
+                              sampler=sampler, k=k)
     # 2. Verify on the main cache.
     before = s.cache.lengths
     fed = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, k + 1]

@@ -982,8 +982,22 @@ def check_cache_kind(kind, *, spec=None, options=None, name: str | None = None,
   probe = kit.new(kst.CacheShape(2, 1, 1, head_dim, capacity))
   base.check_cache(probe, "check_cache_kind")
   names = [n for n in applicable(probe) if (only is None or n in only) and n not in skip]
+  bodies = _invariant_bodies(kit, probe)
+  violations = []
+  for invariant in names:
+    strategy, body = bodies[invariant]
+    message = kit.run(invariant, strategy, body)
+    if message is not None:
+      violations.append((invariant, message))
+  if violations:
+    raise CacheKindError(kit.name, violations)
+  return names
+
+
+def _invariant_bodies(kit: _Kit, probe) -> dict:
+  """invariant name -> (strategy of examples, the check run on each), for the kind of `probe`."""
   long = _stream(kit)
-  bodies = {
+  return {
       "protocol": (kit.shapes.map(lambda s: (s,)), lambda s: _protocol(kit, s)),
       "contents": (long, functools.partial(_contents, kit)),
       "positions": (long, functools.partial(_positions, kit)),
@@ -1008,12 +1022,3 @@ def check_cache_kind(kind, *, spec=None, options=None, name: str | None = None,
       "model-forward": (st.tuples(kit.shapes, st.just([]), st.integers(0, 3)),
                         functools.partial(_model_forward, kit)),
   }
-  violations = []
-  for invariant in names:
-    strategy, body = bodies[invariant]
-    message = kit.run(invariant, strategy, body)
-    if message is not None:
-      violations.append((invariant, message))
-  if violations:
-    raise CacheKindError(kit.name, violations)
-  return names
