@@ -167,6 +167,59 @@ def _slug(text: str) -> str:
   return "-".join(p for p in out.split("-") if p) or "llama"
 
 
+def _head_dim(metadata: dict, default: int) -> int:
+  """The head dim the metadata states (key length, else the rotary dims), checking that values,
+  rotary dims and RoPE scaling are what the decoder supports."""
+  head_dim = default
+  if "llama.attention.key_length" in metadata:
+    head_dim = int(metadata["llama.attention.key_length"])
+  elif "llama.rope.dimension_count" in metadata:
+    head_dim = int(metadata["llama.rope.dimension_count"])
+  value_len = int(metadata.get("llama.attention.value_length", head_dim))
+  rope_dims = int(metadata.get("llama.rope.dimension_count", head_dim))
+  if value_len != head_dim:
+    raise GGUFError(f"key length {head_dim} != value length {value_len}; not supported")
+  if rope_dims != head_dim:
+    raise GGUFError(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
+  scaling = metadata.get("llama.rope.scaling.type", "none")
+  if scaling not in ("none", None, ""):
+    raise GGUFError(f"RoPE scaling {scaling!r} is not supported (plain RoPE only)")
+  if int(metadata.get("llama.expert_count", 0) or 0) > 0:
+    raise GGUFError("mixture-of-experts Llama GGUFs are not supported")
+  return head_dim
+
+
+def _vocab_size(metadata: dict) -> int:
+  tokens = metadata.get("tokenizer.ggml.tokens")
+  if tokens is not None:
+    return len(tokens)
+  if "llama.vocab_size" in metadata:
+    return int(metadata["llama.vocab_size"])
+  raise GGUFError("GGUF metadata has neither tokenizer.ggml.tokens nor llama.vocab_size")
+
+
+def _model_name(metadata: dict) -> str:
+  basename, size_label = metadata.get("general.basename"), metadata.get("general.size_label")
+  if basename and size_label:
+    return _slug(f"{basename}-{size_label}")
+  return _slug(metadata.get("general.name") or "llama")
+
+
+def _check_shapes(tensor_shapes: dict, *, vocab: int, dim: int, n_heads: int, head_dim: int):
+  """The embedding and the first query projection have the shapes the metadata implies."""
+  emb = tensor_shapes.get("token_embd.weight")
+  if emb is None:
+    raise GGUFError("GGUF has no token_embd.weight tensor")
+  if tuple(emb) != (vocab, dim):
+    raise GGUFError(
+        f"token_embd.weight has shape {tuple(emb)}, but the metadata says vocab {vocab} x dim {dim}")
+  q = tensor_shapes.get("blk.0.attn_q.weight")
+  if q is not None and tuple(q) != (n_heads * head_dim, dim):
+    raise GGUFError(
+        f"blk.0.attn_q.weight has shape {tuple(q)}, expected {(n_heads * head_dim, dim)} "
+        f"from {n_heads} heads x head_dim {head_dim}")
+
+
 def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -> LlamaConfig:
   """Build a LlamaConfig from GGUF metadata; cross-check against tensor shapes when given.
 
@@ -198,53 +251,12 @@ def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -
                       metadata.get("llama.attention.head_count_kv", n_heads))
   ffn_dim = as_int("feed_forward_length", need("feed_forward_length"))
 
-  head_dim = dim // n_heads
-  if "llama.attention.key_length" in metadata:
-    head_dim = int(metadata["llama.attention.key_length"])
-  elif "llama.rope.dimension_count" in metadata:
-    head_dim = int(metadata["llama.rope.dimension_count"])
-  value_len = int(metadata.get("llama.attention.value_length", head_dim))
-  rope_dims = int(metadata.get("llama.rope.dimension_count", head_dim))
-  if value_len != head_dim:
-    raise GGUFError(f"key length {head_dim} != value length {value_len}; not supported")
-  if rope_dims != head_dim:
-    raise GGUFError(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-
-  scaling = metadata.get("llama.rope.scaling.type", "none")
-  if scaling not in ("none", None, ""):
-    raise GGUFError(f"RoPE scaling {scaling!r} is not supported (plain RoPE only)")
-  if int(metadata.get("llama.expert_count", 0) or 0) > 0:
-    raise GGUFError("mixture-of-experts Llama GGUFs are not supported")
-
-  tokens = metadata.get("tokenizer.ggml.tokens")
-  if tokens is not None:
-    vocab = len(tokens)
-  elif "llama.vocab_size" in metadata:
-    vocab = int(metadata["llama.vocab_size"])
-  else:
-    raise GGUFError("GGUF metadata has neither tokenizer.ggml.tokens nor llama.vocab_size")
-
-  basename, size_label = metadata.get("general.basename"), metadata.get("general.size_label")
-  if basename and size_label:
-    name = _slug(f"{basename}-{size_label}")
-  else:
-    name = _slug(metadata.get("general.name") or "llama")
-
+  head_dim = _head_dim(metadata, dim // n_heads)
+  vocab = _vocab_size(metadata)
   tie = True
   if tensor_shapes is not None:
     tie = "output.weight" not in tensor_shapes
-    emb = tensor_shapes.get("token_embd.weight")
-    if emb is None:
-      raise GGUFError("GGUF has no token_embd.weight tensor")
-    if tuple(emb) != (vocab, dim):
-      raise GGUFError(
-          f"token_embd.weight has shape {tuple(emb)}, but the metadata says vocab {vocab} x dim {dim}")
-    q = tensor_shapes.get("blk.0.attn_q.weight")
-    if q is not None and tuple(q) != (n_heads * head_dim, dim):
-      raise GGUFError(
-          f"blk.0.attn_q.weight has shape {tuple(q)}, expected {(n_heads * head_dim, dim)} "
-          f"from {n_heads} heads x head_dim {head_dim}")
-
+    _check_shapes(tensor_shapes, vocab=vocab, dim=dim, n_heads=n_heads, head_dim=head_dim)
   try:
     return LlamaConfig(
         vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
@@ -253,7 +265,7 @@ def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -
         norm_eps=_f32_value(metadata.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=tie,
         max_position=int(metadata.get("llama.context_length", 4096)),
-        name=name)
+        name=_model_name(metadata))
   except ValueError as e:
     raise GGUFError(f"GGUF metadata describes an invalid model: {e}") from e
 

@@ -116,6 +116,42 @@ class _TemplateMixin:
     return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
 
+def _bpe_tables(tokens, merges, alphabet) -> tuple[dict, list]:
+  """The BPE vocabulary (spelling -> id) and merge pairs. Tokens are already spelled in the byte
+  alphabet; a token that is not (raw text some converters store for added tokens) is re-spelled
+  from its UTF-8 bytes for BPE lookups."""
+  alphabet_set = frozenset(alphabet)
+  vocab = {}
+  for i, tok in enumerate(tokens):
+    spelled = tok if set(tok) <= alphabet_set else "".join(alphabet[b] for b in tok.encode())
+    vocab.setdefault(spelled, i)
+  pairs = []
+  for m in merges:
+    parts = m.split(" ")
+    if len(parts) != 2:
+      raise TokenizerError(f"malformed merge {m!r} (expected two symbols separated by a space)")
+    pairs.append((parts[0], parts[1]))
+  return vocab, pairs
+
+
+def _add_whole_tokens(tk, tokens, token_types, vocab, AddedToken) -> None:
+  """Control tokens become special tokens, user-defined ones plain added tokens; both are then
+  matched whole in input text. Only tokens present verbatim in the vocabulary are added, so the
+  vocabulary never grows."""
+  special, added = [], []
+  for tok, ttype in zip(tokens, token_types):
+    if tok not in vocab:
+      continue
+    if ttype == TOKEN_CONTROL:
+      special.append(AddedToken(tok, special=True, normalized=False))
+    elif ttype == TOKEN_USER_DEFINED:
+      added.append(AddedToken(tok, special=False, normalized=False))
+  if special:
+    tk.add_special_tokens(special)
+  if added:
+    tk.add_tokens(added)
+
+
 class Tokenizer(_TemplateMixin):
   """Byte-level BPE tokenizer described by a GGUF file's ``tokenizer.*`` metadata."""
 
@@ -135,21 +171,8 @@ class Tokenizer(_TemplateMixin):
     token_types = metadata.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     self.pre_type = metadata.get("tokenizer.ggml.pre", "default") or "default"
 
-    # Vocabulary: tokens are already spelled in the byte alphabet. A token that is not (raw text
-    # some converters store for added tokens) is re-spelled from its UTF-8 bytes for BPE lookups.
     alphabet = _byte_alphabet()
-    alphabet_set = frozenset(alphabet)
-    vocab = {}
-    for i, tok in enumerate(tokens):
-      spelled = tok if set(tok) <= alphabet_set else "".join(alphabet[b] for b in tok.encode())
-      vocab.setdefault(spelled, i)
-    pairs = []
-    for m in merges:
-      parts = m.split(" ")
-      if len(parts) != 2:
-        raise TokenizerError(f"malformed merge {m!r} (expected two symbols separated by a space)")
-      pairs.append((parts[0], parts[1]))
-
+    vocab, pairs = _bpe_tables(tokens, merges, alphabet)
     bpe = models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None, fuse_unk=False,
                      byte_fallback=False, ignore_merges=False)
     tk = HFTokenizer(bpe)
@@ -157,22 +180,7 @@ class Tokenizer(_TemplateMixin):
     tk.pre_tokenizer = self._pre_tokenizer(self.pre_type, pre_tokenizers, Regex)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = None
-
-    # Control tokens become special tokens, user-defined ones plain added tokens; both are then
-    # matched whole in input text. Only tokens present verbatim in the vocabulary are added, so
-    # the vocabulary never grows.
-    special, added = [], []
-    for tok, ttype in zip(tokens, token_types):
-      if tok not in vocab:
-        continue
-      if ttype == TOKEN_CONTROL:
-        special.append(AddedToken(tok, special=True, normalized=False))
-      elif ttype == TOKEN_USER_DEFINED:
-        added.append(AddedToken(tok, special=False, normalized=False))
-    if special:
-      tk.add_special_tokens(special)
-    if added:
-      tk.add_tokens(added)
+    _add_whole_tokens(tk, tokens, token_types, vocab, AddedToken)
     if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
       raise TokenizerError("rebuilt vocabulary size differs from the GGUF token list")
 
