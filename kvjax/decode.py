@@ -13,6 +13,12 @@ up to a bucket (powers of two to 256, then multiples of 256); `max_new_tokens` i
 value bounded by the output bucket. `compile_stats()` counts XLA compilations in this process
 (through `jax.monitoring`), whoever asked for them.
 
+`generate` is a façade: its keywords become one validated `GenerateOptions`, the cache comes
+from `kvjax.runtime.resolve` (the kind's capacity, the fits checks, a paged pool sized from the
+rows, mesh padding and placement, as for every entry point), `_start` runs the prefill, and one
+of three loops decodes: plain (`_generate_cached`), self-speculative (`_generate_speculative`)
+or uncached (`_generate_uncached`).
+
 `cache="none"` is the uncached baseline: every step feeds the whole prefix, padded to a multiple
 of 32 tokens, through the model into a fresh full cache, so its cost grows with the prefix.
 """

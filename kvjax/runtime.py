@@ -116,6 +116,10 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
   what / row / demand: words for errors (the entry point, what a row holds, what makes the need).
   """
   check_capacity(capacity)
+  if check not in ("all", "fixed", "prompt"):
+    raise ValueError(f"resolve: check must be 'all', 'fixed' or 'prompt', got {check!r}")
+  if (lengths is None) == (batch is None):
+    raise ValueError("resolve: give either the rows' lengths or, without them, the batch")
   lengths = None if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
   n_rows = int(lengths.size if lengths is not None else batch)
   prompt = 0 if lengths is None else int(lengths.max())
@@ -133,8 +137,6 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
       raise CapacityError(f"{what}: a {prompt}-token {row} does not fit a cache of capacity "
                           f"{kv.capacity}")
   growable = bool(getattr(kv, "growable", False))
-  if check not in ("all", "fixed", "prompt"):
-    raise ValueError(f"resolve: check must be 'all', 'fixed' or 'prompt', got {check!r}")
   skip = check == "prompt" or (check == "fixed" and growable)
   if lengths is not None and not skip and not kv.fits(needed):
     raise CapacityError(f"{what}: {demand or f'{prompt} + {extra} tokens'} needs {needed} cache "
