@@ -357,9 +357,10 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   The cache is built and placed by `kvjax.runtime.resolve`; `GenerateResult.cache_plan` says how.
   """
   check_model(model, "generate")
-  if runtime.is_cache(cache):
-    base.check_cache(cache, "generate")
-  spec = None if runtime.is_cache(cache) else spec_lib.parse_spec(cache)
+  given = runtime.is_cache(cache)
+  if given:
+    base.check_cache(cache, "generate")  # before the prompts: a wrong object is the first error
+  spec = None if given else spec_lib.parse_spec(cache)
   opts = GenerateOptions.build(
       model, spec, max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
       stop_at_eos=stop_at_eos, draft=draft, draft_tokens=draft_tokens, mesh=mesh,
