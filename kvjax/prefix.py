@@ -103,7 +103,6 @@ def extend(model, cache, tokens, n_valid=None):
 
 def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_options):
   """A batch-1 cache of the given spec holding the prefix tokens (1-D ids)."""
-  runtime.check_capacity(capacity)
   return _prefill(model, prefix_ids, cache, capacity, capacity, cache_options)
 
 
@@ -252,7 +251,6 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   prefilled = store.get(store_key) if store is not None else None
   hit = prefilled is not None
   if not hit:
-    runtime.check_capacity(capacity)
     prefilled = _prefill(model, prefix_ids, spec, capacity, needed, cache_options,
                          what="generate_with_prefix")
     if hasattr(prefilled, "compact"):  # paged: keep the prefix's pages only

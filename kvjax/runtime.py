@@ -28,6 +28,7 @@ other inputs by the same plan (identity without a mesh), so entry points need no
 from __future__ import annotations
 
 import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
