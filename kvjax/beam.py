@@ -19,11 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode, prompts
-from kvjax import spec as spec_lib
-from kvjax.caches import registry
+from kvjax import prompts, runtime
 from kvjax.caches.base import supports
-from kvjax.models.protocol import check_model, model_dtype, static_step
+from kvjax.models.protocol import check_model, static_step
 
 
 @dataclasses.dataclass
@@ -68,7 +66,9 @@ def beam_search(model, prompt, *, beams: int, max_new_tokens: int, cache="paged:
                 capacity: int | None = None, eos_id: int = -1, **cache_options) -> BeamResult:
   """The `beams` best continuations of one prompt (1-D token ids) by summed log-probability.
 
-  cache: a spec (default `paged:16`, whose beams share pages) or any cache kind with `reorder`.
+  cache: a spec (default `paged:16`, whose beams share pages) or any cache kind with `reorder`;
+    built by `kvjax.runtime.resolve` (capacity: the kind's choice by default; a paged pool holds
+    the pages the beams fill, plus one spare per beam for copy-on-write).
   eos_id: a hypothesis that draws it is finished (-1: none is).
   """
   check_model(model, "beam_search")
@@ -78,17 +78,15 @@ def beam_search(model, prompt, *, beams: int, max_new_tokens: int, cache="paged:
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"beam_search: max_new_tokens must be a positive int, got {max_new_tokens!r}")
   prompts.check_vocab(ids, model.config.vocab_size)
-  needed = ids.size + max_new_tokens
-  spec = spec_lib.parse_spec(cache)
-  if capacity is None:  # the kind's own choice, as in `generate` (a window sizes itself)
-    capacity = registry.lookup(spec.kind).default_capacity(spec, needed=needed, prompt=ids.size)
-  kv = spec_lib.make_cache(spec, model, beams, int(capacity), model_dtype(model), **cache_options)
+  # Every beam ends up holding the prompt and its tokens; a paged pool also keeps one page per
+  # beam spare for the copies a step makes of pages its beams share (copy-on-write).
+  kv, _ = runtime.resolve(model, cache, lengths=np.full(beams, ids.size), extra=max_new_tokens,
+                          capacity=capacity, options=cache_options, spare_pages=beams,
+                          what="beam_search",
+                          demand=f"{ids.size} + {max_new_tokens} tokens")
   if not supports(kv, "reorder"):
     raise ValueError(f"beam_search: cache {cache!r} cannot reorder its rows")
-  if not kv.fits(needed):
-    raise decode.CapacityError(f"beam_search: {ids.size} + {max_new_tokens} tokens do not fit "
-                               f"capacity {kv.capacity}")
-  tokens = np.zeros((beams, decode.prompt_bucket(ids.size)), np.int32)
+  tokens = np.zeros((beams, runtime.bucket(ids.size)), np.int32)
   tokens[0, :ids.size] = ids
   n_valid = np.zeros(beams, np.int32)
   n_valid[0] = ids.size

@@ -50,10 +50,11 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
     if best is None or result.decode_tok_per_s > best.decode_tok_per_s:
       best = result
   after = decode.compile_stats()
-  cache_bytes = best.cache_bytes
+  cache_bytes, plan = best.cache_bytes, best.cache_plan  # plan: how `kvjax.runtime` sized it
   return {
       "model": getattr(model, "name", type(model).__name__), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-      "capacity": getattr(best.cache, "capacity", None), "cache": cache,
+      "capacity": plan.capacity if plan else None, "pages": plan.pages if plan else None,
+      "cache": cache,
       "dtype": str(np.dtype(model_dtype(model))),
       "decode_tok_per_s": best.decode_tok_per_s,
       "decode_s": best.decode_s,

@@ -130,8 +130,9 @@ def _cmd_generate(args) -> dict:
     sys.stdout.write(decoder.flush() + "\n")
   elif not args.json:
     print(text + out_text)
-  cache_bytes = result.cache_bytes
+  cache_bytes, plan = result.cache_bytes, result.cache_plan  # plan: how kvjax.runtime sized it
   return {"model": model.name, "cache": result.spec, "prompt": text, "prompt_ids": prompt_ids,
+          "capacity": plan.capacity if plan else None, "pages": plan.pages if plan else None,
           "ids": ids, "text": out_text, "prefill_s": result.prefill_s,
           "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
           "compile_s": result.compile_s, "n_compiles": result.n_compiles,

@@ -13,6 +13,12 @@ up to a bucket (powers of two to 256, then multiples of 256); `max_new_tokens` i
 value bounded by the output bucket. `compile_stats()` counts XLA compilations in this process
 (through `jax.monitoring`), whoever asked for them.
 
+`generate` is a façade: its keywords become one validated `GenerateOptions`, the cache comes
+from `kvjax.runtime.resolve` (the kind's capacity, the fits checks, a paged pool sized from the
+rows, mesh padding and placement, as for every entry point), `_start` runs the prefill, and one
+of three loops decodes: plain (`_generate_cached`), self-speculative (`_generate_speculative`)
+or uncached (`_generate_uncached`).
+
 `cache="none"` is the uncached baseline: every step feeds the whole prefix, padded to a multiple
 of 32 tokens, through the model into a fresh full cache, so its cost grows with the prefix.
 """
@@ -31,27 +37,18 @@ import numpy as np
 from flax import struct
 
 from kvjax import prompts as prompts_lib
-from kvjax import sharding, speculative
+from kvjax import runtime, sharding, speculative
 from kvjax import spec as spec_lib
-from kvjax.caches import base, paged, registry
-from kvjax.caches.base import CapacityError
+from kvjax.caches import base
+from kvjax.caches.base import CapacityError  # noqa: F401  (decode.CapacityError, kept public)
 from kvjax.caches.full import FullCache
 from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.sampling import GREEDY, Sampler
 
 
 # ---------------------------------------------------------------------------------------------
-# Buckets and compile accounting
+# Compile accounting
 # ---------------------------------------------------------------------------------------------
-prompt_bucket = registry.bucket
-capacity_for = registry.bucket
-
-
-def output_bucket(n: int) -> int:
-  """Size of the generated-token buffer: a power of two >= n (at least 16)."""
-  return max(16, 1 << (max(n, 1) - 1).bit_length())
-
-
 _COMPILES = {"n_compiles": 0, "compile_s": 0.0}
 _COMPILED_FUNCTIONS: dict[str, int] = {}
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -212,6 +209,7 @@ class GenerateResult:
   draft_acceptance: float | None = None
   draft_spec: str | None = None
   eos_id: int | None = None
+  cache_plan: Any = None  # the `kvjax.runtime.CachePlan` the cache was resolved by
 
   def rows(self, keep_eos: bool = False) -> list[np.ndarray]:
     """Each row's generated ids without the padding after it (and without its final EOS unless
@@ -239,8 +237,86 @@ class GenerateResult:
     return {} if self.cache is None else self.cache.nbytes()
 
 
-def _is_cache_object(cache) -> bool:
-  return not isinstance(cache, (str, spec_lib.CacheSpec)) and hasattr(cache, "attend")
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+  """`generate`'s keywords, validated in one place (`build`).
+
+  eos: the id that ends a row (-1: none); pad: the id written after a row's end.
+  draft: the parsed draft spec (None: plain decoding). The rest are `generate`'s keywords.
+  """
+
+  max_new_tokens: int
+  sampler: Sampler
+  eos: int
+  pad: int
+  capacity: int | None = None
+  cache_options: dict | None = None
+  mesh: Any = None
+  rules: Any = None
+  on_tokens: Callable[[np.ndarray], None] | None = None
+  stream_chunk: int = 1
+  draft: spec_lib.CacheSpec | None = None
+  draft_tokens: int = 4
+  draft_options: dict | None = None
+
+  @property
+  def extra(self) -> int:
+    """Cache slots a row takes after its prompt: the last sampled token is never fed back, and a
+    verification pass writes draft_tokens + 1 tokens before cropping."""
+    return self.max_new_tokens - 1 + (self.draft_tokens + 1 if self.draft is not None else 0)
+
+  @classmethod
+  def build(cls, model, spec, *, max_new_tokens, sampler, eos_id, pad_id, stop_at_eos, draft,
+            draft_tokens, mesh, capacity, **rest) -> "GenerateOptions":
+    """The options of one call; raises for a bad keyword (`spec`: the parsed cache spec, None
+    for a cache object)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(sampler, Sampler):
+      raise TypeError(f"sampler must be a kvjax.Sampler, got {type(sampler).__name__}")
+    runtime.check_capacity(capacity)
+    tokenizer = getattr(model, "tokenizer", None)
+    if eos_id is None and stop_at_eos and tokenizer is not None:
+      eos_id = tokenizer.eos_id
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    if draft is not None:
+      draft = _check_draft(spec, spec_lib.parse_spec(draft), draft_tokens, mesh)
+    if spec is not None and not spec.uses_cache and mesh is not None:
+      raise ValueError("cache='none' (the uncached baseline) runs on one device; drop mesh=")
+    return cls(max_new_tokens=int(max_new_tokens), sampler=sampler, pad=int(pad),
+               eos=-1 if eos_id is None else int(eos_id), draft=draft, draft_tokens=draft_tokens,
+               mesh=mesh, capacity=capacity, **rest)
+
+
+def _check_draft(spec, draft, draft_tokens, mesh):
+  if not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 1:
+    raise ValueError(f"draft_tokens must be a positive int, got {draft_tokens!r}")
+  if not draft.uses_cache or (spec is not None and not spec.uses_cache):
+    raise ValueError("draft= needs a cache on both sides: neither cache nor draft may be 'none'")
+  if mesh is not None:
+    raise ValueError("draft= (self-speculative decoding) runs on one device; drop mesh=")
+  return draft
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """One `generate` call after its prefill: what the decode paths share.
+
+  ids / lengths: the caller's prompts [B, P] / [B]; tokens / lengths_in: what the prefill was fed
+  ([B'] rows with the mesh's padding rows, prompts padded to a bucket), placed on the devices.
+  """
+
+  handle: Any
+  params: Any
+  state: DecodeState
+  plan: runtime.CachePlan
+  ids: np.ndarray
+  lengths: np.ndarray
+  tokens: jax.Array
+  lengths_in: jax.Array
+  draft_cache: Any
+  prefill_s: float
+  before: dict
 
 
 def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int | None = None,
@@ -277,187 +353,149 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
       pass over `cache`; greedy output equals plain decoding, sampled output has the same
       distribution. `GenerateResult.draft_acceptance` = accepted / drafted tokens.
       draft_options: keyword arguments for the draft's `make_cache`.
+
+  The cache is built and placed by `kvjax.runtime.resolve`; `GenerateResult.cache_plan` says how.
   """
   check_model(model, "generate")
-  cfg = model.config
-  params = model.params
-  handle = static_step(model)
-  tokenizer = getattr(model, "tokenizer", None)
-  prebuilt = cache if _is_cache_object(cache) else None
-  if prebuilt is not None:
-    base.check_cache(prebuilt, "generate")
-  spec = None if prebuilt is not None else spec_lib.parse_spec(cache)
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  if not isinstance(sampler, Sampler):
-    raise TypeError(f"sampler must be a kvjax.Sampler, got {type(sampler).__name__}")
-  ids, lengths = normalize_prompts(prompts, tokenizer, prompt_lengths, padding)
-  prompts_lib.check_vocab(ids, cfg.vocab_size)
-  if eos_id is None and stop_at_eos and tokenizer is not None:
-    eos_id = tokenizer.eos_id
-  eos = -1 if eos_id is None else int(eos_id)
-  pad = int(pad_id if pad_id is not None else (eos_id if eos_id is not None else 0))
+  given = runtime.is_cache(cache)
+  if given:
+    base.check_cache(cache, "generate")  # before the prompts: a wrong object is the first error
+  spec = None if given else spec_lib.parse_spec(cache)
+  opts = GenerateOptions.build(
+      model, spec, max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
+      stop_at_eos=stop_at_eos, draft=draft, draft_tokens=draft_tokens, mesh=mesh,
+      capacity=capacity, rules=rules, cache_options=cache_options, on_tokens=on_tokens,
+      stream_chunk=stream_chunk, draft_options=draft_options)
+  ids, lengths = normalize_prompts(prompts, getattr(model, "tokenizer", None), prompt_lengths,
+                                   padding)
+  prompts_lib.check_vocab(ids, model.config.vocab_size)
   key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
-  dtype = model_dtype(model)
   before = compile_stats()
-
-  if draft is not None:
-    draft = spec_lib.parse_spec(draft)
-    if not isinstance(draft_tokens, (int, np.integer)) or draft_tokens < 1:
-      raise ValueError(f"draft_tokens must be a positive int, got {draft_tokens!r}")
-    if not draft.uses_cache or (spec is not None and not spec.uses_cache):
-      raise ValueError("draft= needs a cache on both sides: neither cache nor draft may be 'none'")
-    if mesh is not None:
-      raise ValueError("draft= (self-speculative decoding) runs on one device; drop mesh=")
   if spec is not None and not spec.uses_cache:
-    if mesh is not None:
-      raise ValueError("cache='none' (the uncached baseline) runs on one device; drop mesh=")
-    return _generate_uncached(model, handle, ids, lengths, max_new_tokens, key, eos, pad, sampler,
-                              spec, on_tokens, before)
+    return _generate_uncached(model, ids, lengths, key, opts, spec, before)
+  run = _start(model, ids, lengths, cache, key, opts, before)
+  if run.draft_cache is not None:
+    return _generate_speculative(run, opts)
+  return _generate_cached(run, opts)
 
-  n_rows = ids.shape[0]  # the caller's rows; a mesh may add padding rows after them
-  if mesh is not None and prebuilt is None:
-    padded = sharding.padded_batch(mesh, n_rows, rules)
-    ids = np.pad(ids, ((0, padded - n_rows), (0, 0)))
-    lengths = np.pad(lengths, (0, padded - n_rows), constant_values=1)
-  batch, p_max = ids.shape
-  longest = int(lengths.max())
-  needed = longest + max_new_tokens - 1  # the last sampled token is never fed back
-  if draft is not None:
-    needed += draft_tokens + 1  # a verification pass writes k + 1 tokens before cropping
-  if capacity is not None and (not isinstance(capacity, (int, np.integer)) or capacity < 1):
-    raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-  if prebuilt is not None:
-    if prebuilt.batch != batch:
-      raise ValueError(f"the given cache has {prebuilt.batch} rows but there are {batch} prompts")
-    lost = np.flatnonzero(np.asarray(prebuilt.overflowed()))
-    if lost.size:
-      raise CapacityError(f"rows {lost.tolist()} of the given cache already dropped tokens past its "
-                          f"capacity {prebuilt.capacity} (cache.overflowed()); continuing them would "
-                          "condition on a truncated context")
-    kv_cache = prebuilt
-    needed += int(jnp.max(prebuilt.lengths))
-  else:
-    info = registry.lookup(spec.kind)
-    cap = int(capacity or info.default_capacity(spec, needed=needed, prompt=longest))
-    options = dict(cache_options or {})
-    if spec.paged and "pages" not in options:  # a pool for what the rows will hold, not B x cap
-      options["pages"] = paged.pages_for(lengths + (needed - longest), spec.paged)
-    kv_cache = spec_lib.make_cache(spec, cfg, batch, cap, dtype, **options)
-    if not kv_cache.fits(longest):
-      raise CapacityError(f"prompt of {longest} tokens does not fit a cache of capacity {cap}")
-  growable = bool(getattr(kv_cache, "growable", False))
-  draft_cache = None
-  if draft is not None:
-    draft_cache = _draft_cache(draft, kv_cache, cfg, batch, needed, longest, dtype, draft_options)
-  if not growable and not kv_cache.fits(needed):
-    raise CapacityError(
-        f"max_new_tokens={max_new_tokens} with a {longest}-token prompt needs {needed} cache slots, "
-        f"but the cache capacity is {kv_cache.capacity}; raise capacity or lower max_new_tokens")
 
+def _start(model, ids, lengths, cache, key, opts: GenerateOptions, before) -> _Run:
+  """Resolves the cache (and the draft's), places the inputs and runs the jitted prefill."""
+  n_rows, width, longest = ids.shape[0], ids.shape[1], int(lengths.max())
+  kv, plan = runtime.resolve(
+      model, cache, lengths=lengths, extra=opts.extra, capacity=opts.capacity, mesh=opts.mesh,
+      rules=opts.rules, options=opts.cache_options, check="fixed", what="generate",
+      demand=f"max_new_tokens={opts.max_new_tokens} with a {longest}-token prompt")
+  draft_cache = None if opts.draft is None else _draft_cache(model, kv, lengths, plan, opts)
   # Padding tokens past the capacity are dropped by the cache's write, so the bucket may exceed it.
-  tokens = np.zeros((batch, prompt_bucket(p_max)), np.int32)
-  tokens[:, :p_max] = ids
-  tokens, lengths_in, plan = jnp.asarray(tokens), jnp.asarray(lengths), None
-  if mesh is not None:
-    plan = sharding.plan(mesh, cfg, batch=batch, capacity=kv_cache.capacity, rules=rules,
-                         slot_sharding_ok=sharding.supports_slot_sharding(kv_cache))
-    if growable and plan.rules.slots:
-      raise ValueError("a dynamic (growable) cache cannot split its slots over devices")
-    kv_cache = sharding.shard_cache(kv_cache, plan)
-    params = sharding.shard_params(params, plan)
-    tokens, lengths_in = sharding.shard_rows(np.asarray(tokens), plan), sharding.shard_rows(lengths, plan)
-    key = sharding.replicate(np.asarray(key), plan)
-    if batch > n_rows:
-      plan = sharding.with_note(plan, f"batch {n_rows} padded to {batch} rows to split it (rows "
-                                f"{n_rows}..{batch - 1} of the returned cache are padding)")
-  with Stopwatch() as prefill_clock:
-    state = _prefill(params, tokens, lengths_in, kv_cache, key, np.int32(eos),
-                     model=handle, sampler=sampler, out_size=output_bucket(max_new_tokens))
-    if batch > n_rows:  # padding rows are finished from the start
-      state = state.replace(done=state.done | sharding.shard_rows(np.arange(batch) >= n_rows, plan))
+  tokens = np.zeros((plan.padded_batch, runtime.bucket(width)), np.int32)
+  tokens[:, :width] = plan.pad_rows(ids)
+  tokens, lengths_in = plan.rows(tokens), plan.rows(plan.pad_rows(lengths, 1))
+  params, handle = plan.params(model.params), static_step(model)
+  with Stopwatch() as clock:
+    state = _prefill(params, tokens, lengths_in, kv, plan.replicate(key), np.int32(opts.eos),
+                     model=handle, sampler=opts.sampler,
+                     out_size=runtime.bucket(opts.max_new_tokens))
+    if plan.padded_batch > n_rows:  # padding rows are finished from the start
+      state = state.replace(done=state.done | plan.rows(np.arange(plan.padded_batch) >= n_rows))
     jax.block_until_ready(state)
-  prefill_s = prefill_clock.seconds
-  if on_tokens is not None:
-    on_tokens(sharding.fetch(state.out)[:n_rows, :1])
-  if draft_cache is not None:
-    return _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle, sampler,
-                                 max_new_tokens, eos, pad, draft, draft_tokens, on_tokens,
-                                 stream_chunk, spec, prebuilt, ids, lengths, prefill_s, before)
+  if opts.on_tokens is not None:
+    opts.on_tokens(sharding.fetch(state.out)[:n_rows, :1])
+  return _Run(handle=handle, params=params, state=state, plan=plan, ids=ids, lengths=lengths,
+              tokens=tokens, lengths_in=lengths_in, draft_cache=draft_cache,
+              prefill_s=clock.seconds, before=before)
 
-  decode_clock = Stopwatch()
-  emitted = 1
-  out_of_room = False
+
+def _generate_cached(run: _Run, opts: GenerateOptions) -> GenerateResult:
+  """The plain decode loop: jitted `_decode` runs (to the end, or `stream_chunk` tokens at a time
+  when streaming), a growable cache doubled between them when it fills."""
+  state, clock, emitted, out_of_room = run.state, Stopwatch(), 1, False
+  n_rows, max_new = run.plan.batch, opts.max_new_tokens
   while True:
     step = int(state.step)
-    if step >= max_new_tokens or bool(jnp.all(state.done)):
+    if step >= max_new or bool(jnp.all(state.done)):
       break
     if not bool(state.cache.has_room(1)):
-      if not growable:
+      if not run.plan.growable:
         out_of_room = True
         break
       state = state.replace(cache=state.cache.grow(state.cache.capacity * 2))
-    stop_at = max_new_tokens if on_tokens is None else min(max_new_tokens, step + stream_chunk)
-    with decode_clock:
-      state = _decode(params, state, np.int32(stop_at), np.int32(eos), np.int32(pad),
-                      model=handle, sampler=sampler)
+    stop_at = max_new if opts.on_tokens is None else min(max_new, step + opts.stream_chunk)
+    with clock:
+      state = _decode(run.params, state, np.int32(stop_at), np.int32(opts.eos), np.int32(opts.pad),
+                      model=run.handle, sampler=opts.sampler)
       jax.block_until_ready(state)
-    if on_tokens is not None:
+    if opts.on_tokens is not None:
       new_step = int(state.step)
-      on_tokens(sharding.fetch(state.out)[:n_rows, emitted:new_step])
+      opts.on_tokens(sharding.fetch(state.out)[:n_rows, emitted:new_step])
       emitted = new_step
-
   n_gen = sharding.fetch(state.n_generated)[:n_rows]
   overflowed = sharding.fetch(state.cache.overflowed()).astype(bool)[:n_rows]
   if out_of_room:
-    overflowed = overflowed | (~sharding.fetch(state.done)[:n_rows] & (n_gen < max_new_tokens))
-  return _result(sharding.fetch(state.out)[:n_rows], n_gen, max_new_tokens, pad, state.cache,
-                 overflowed, ids[:n_rows], lengths[:n_rows], prefill_s, decode_clock.seconds, before,
-                 str(spec) if prebuilt is None else type(prebuilt).__name__, eos,
-                 sharding=None if plan is None else plan.describe())
+    overflowed = overflowed | (~sharding.fetch(state.done)[:n_rows] & (n_gen < max_new))
+  return _result(run, opts, sharding.fetch(state.out)[:n_rows], n_gen, state.cache, overflowed,
+                 clock.seconds, sharding=run.plan.describe())
 
 
-def _result(out, n_gen, max_new, pad, cache, overflowed, ids, lengths, prefill_s, decode_s,
-            before, spec: str, eos_id: int = -1, **extra) -> GenerateResult:
-  """The `GenerateResult` of a decode loop: out [B, >= max_new] ids, padded past n_gen."""
-  eos_id = None if eos_id < 0 else int(eos_id)
-  out = out[:, :max_new]  # sliced in NumPy: no per-length compile
-  out = np.where(np.arange(max_new)[None, :] < n_gen[:, None], out, pad).astype(np.int32)
+def _compiles_since(before: dict) -> dict:
   after = compile_stats()
-  return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
-                        cache=cache, prefill_s=prefill_s, decode_s=decode_s, eos_id=eos_id,
-                        compile_s=after["compile_s"] - before["compile_s"],
-                        n_compiles=after["n_compiles"] - before["n_compiles"], spec=spec,
-                        overflowed=overflowed, **extra)
+  return dict(compile_s=after["compile_s"] - before["compile_s"],
+              n_compiles=after["n_compiles"] - before["n_compiles"])
 
 
-def _draft_cache(draft, kv_cache, cfg, batch, needed, longest, dtype, options):
-  """The draft's empty cache, after checking that both caches can be cropped."""
-  if getattr(kv_cache, "growable", False):
+def _result(run: _Run, opts: GenerateOptions, out, n_gen, cache, overflowed, decode_s,
+            **extra) -> GenerateResult:
+  """The `GenerateResult` of a decode loop: out [B, >= max_new] ids, padded past n_gen."""
+  max_new = opts.max_new_tokens
+  out = out[:, :max_new]  # sliced in NumPy: no per-length compile
+  out = np.where(np.arange(max_new)[None, :] < n_gen[:, None], out, opts.pad).astype(np.int32)
+  return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=run.ids,
+                        prompt_lengths=run.lengths, cache=cache, prefill_s=run.prefill_s,
+                        decode_s=decode_s, spec=run.plan.label, overflowed=overflowed,
+                        eos_id=None if opts.eos < 0 else opts.eos, cache_plan=run.plan,
+                        **_compiles_since(run.before), **extra)
+
+
+def _draft_cache(model, kv_cache, lengths, plan: runtime.CachePlan, opts: GenerateOptions):
+  """The draft's empty cache (resolved for the main cache's need), after checking that both
+  caches can be cropped."""
+  if plan.growable:
     raise ValueError("draft=: a dynamic (growable) main cache is not supported; use 'full'")
-  info = registry.lookup(draft.kind)
-  cap = int(info.default_capacity(draft, needed=needed, prompt=longest))
-  draft_cache = spec_lib.make_cache(draft, cfg, batch, cap, dtype, **(options or {}))
+  draft_cache, _ = runtime.resolve(model, opts.draft, lengths=lengths,
+                                   extra=plan.needed - plan.prompt, options=opts.draft_options,
+                                   check="prompt", what=f"draft={str(opts.draft)!r}")
   for what, cache in (("cache", kv_cache), ("draft", draft_cache)):
     if not base.supports(cache, "crop"):
       raise ValueError(f"draft=: the {what} kind {type(cache).__name__} cannot crop, which "
                        "speculative decoding needs to drop rejected tokens")
-  if not draft_cache.fits(longest):
-    raise CapacityError(f"draft={str(draft)!r}: the {longest}-token prompt does not fit its "
-                        f"capacity {draft_cache.capacity}")
   return draft_cache
 
 
-def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle, sampler,
-                          max_new, eos, pad, draft, k, on_tokens, stream_chunk, spec, prebuilt,
-                          ids, lengths, prefill_s, before):
+def _generate_speculative(run: _Run, opts: GenerateOptions) -> GenerateResult:
   """The decode loop of `generate(..., draft=...)`; see `kvjax.speculative`."""
   with Stopwatch() as clock:
-    draft_cache = speculative.prefill_draft(params, tokens, lengths_in, draft_cache, model=handle)
+    draft_cache = speculative.prefill_draft(run.params, run.tokens, run.lengths_in,
+                                            run.draft_cache, model=run.handle)
     jax.block_until_ready(draft_cache)
-  prefill_s += clock.seconds
-  s = speculative.start(state, draft_cache)  # writes past max_new are dropped, never needed
-  decode_clock, emitted = Stopwatch(), 1
+  run = dataclasses.replace(run, prefill_s=run.prefill_s + clock.seconds)
+  s = speculative.start(run.state, draft_cache)  # writes past max_new are dropped, never needed
+  s, decode_s, emitted = _speculate(run, opts, s)
+  max_new = opts.max_new_tokens
+  n_gen = np.minimum(np.asarray(s.n_generated), max_new)
+  if opts.on_tokens is not None and int(n_gen.max()) > emitted:
+    opts.on_tokens(np.asarray(s.out)[:, emitted:int(n_gen.max())])
+  overflowed = np.asarray(s.cache.overflowed()).astype(bool)
+  overflowed |= ~np.asarray(s.done) & (n_gen < max_new)
+  drafted = int(np.asarray(s.drafted).sum())
+  return _result(run, opts, np.asarray(s.out), n_gen, s.cache, overflowed, decode_s,
+                 draft_acceptance=int(np.asarray(s.accepted).sum()) / drafted if drafted else None,
+                 draft_spec=str(opts.draft))
+
+
+def _speculate(run: _Run, opts: GenerateOptions, s):
+  """Runs verification rounds until every row is done or a cache is out of room; returns
+  (state, decode seconds, columns streamed so far)."""
+  clock, emitted, k, max_new = Stopwatch(), 1, opts.draft_tokens, opts.max_new_tokens
   while True:
     n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
     running = ~done & (n_gen < max_new)
@@ -466,62 +504,50 @@ def _generate_speculative(params, state, draft_cache, tokens, lengths_in, handle
     if not (bool(s.cache.has_room(k + 1)) and bool(s.draft.has_room(k + 1))):
       break
     # Streaming: run until every running row has `stream_chunk` more tokens.
-    stop_at = max_new if on_tokens is None else min(max_new, int(n_gen[running].min()) + stream_chunk)
-    with decode_clock:
-      s = speculative.speculate(params, s, np.int32(stop_at), np.int32(max_new), np.int32(eos),
-                                model=handle, sampler=sampler, k=k)
+    stop_at = (max_new if opts.on_tokens is None
+               else min(max_new, int(n_gen[running].min()) + opts.stream_chunk))
+    with clock:
+      s = speculative.speculate(run.params, s, np.int32(stop_at), np.int32(max_new),
+                                np.int32(opts.eos), model=run.handle, sampler=opts.sampler, k=k)
       jax.block_until_ready(s)
-    if on_tokens is not None:  # columns every row has filled (or finished)
+    if opts.on_tokens is not None:  # columns every row has filled (or finished)
       n_gen, done = np.asarray(s.n_generated), np.asarray(s.done)
       ready = min(int(np.where(done, max_new, n_gen).min()), max_new)
       if ready > emitted:
-        on_tokens(np.asarray(s.out)[:, emitted:ready])
+        opts.on_tokens(np.asarray(s.out)[:, emitted:ready])
         emitted = ready
-  n_gen = np.minimum(np.asarray(s.n_generated), max_new)
-  if on_tokens is not None and int(n_gen.max()) > emitted:
-    on_tokens(np.asarray(s.out)[:, emitted:int(n_gen.max())])
-  overflowed = np.asarray(s.cache.overflowed()).astype(bool)
-  overflowed |= ~np.asarray(s.done) & (n_gen < max_new)
-  drafted = int(np.asarray(s.drafted).sum())
-  return _result(np.asarray(s.out), n_gen, max_new, pad, s.cache, overflowed, ids, lengths,
-                 prefill_s, decode_clock.seconds, before,
-                 str(spec) if prebuilt is None else type(prebuilt).__name__, eos,
-                 draft_acceptance=int(np.asarray(s.accepted).sum()) / drafted if drafted else None,
-                 draft_spec=str(draft))
+  return s, clock.seconds, emitted
 
 
-def _generate_uncached(model, handle, ids, lengths, max_new, key, eos, pad, sampler, spec,
-                       on_tokens, before):
-  batch = ids.shape[0]
-  total = int(lengths.max()) + max_new
-  buf = np.zeros((batch, total + 32), np.int32)
+def _generate_uncached(model, ids, lengths, key, opts: GenerateOptions, spec,
+                       before) -> GenerateResult:
+  """cache='none': every step feeds the whole prefix (padded to a multiple of 32) through the
+  model into a fresh full cache."""
+  batch, max_new = ids.shape[0], opts.max_new_tokens
+  buf = np.zeros((batch, int(lengths.max()) + max_new + 32), np.int32)
   buf[:, :ids.shape[1]] = ids
-  cur = lengths.copy()
-  out = np.full((batch, max_new), pad, np.int32)
-  done = np.zeros(batch, bool)
-  n_gen = np.zeros(batch, np.int32)
+  cur, out = lengths.copy(), np.full((batch, max_new), opts.pad, np.int32)
+  done, n_gen = np.zeros(batch, bool), np.zeros(batch, np.int32)
   cfg = model.config
   layout = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model_dtype(model))
-  prefill_clock, decode_clock = Stopwatch(), Stopwatch()
+  prefill_clock, decode_clock, handle = Stopwatch(), Stopwatch(), static_step(model)
   for step in range(max_new):
     width = -(-int(cur.max()) // 32) * 32
     with prefill_clock if step == 0 else decode_clock:
       token, key = _uncached_step(model.params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key,
-                                  model=handle, sampler=sampler, layout=layout)
+                                  model=handle, sampler=opts.sampler, layout=layout)
       token = np.asarray(token)
-    token = np.where(done, pad, token)
+    token = np.where(done, opts.pad, token)
     out[:, step] = token
     n_gen += ~done
-    done |= token == eos
+    done |= token == opts.eos
     buf[np.arange(batch), cur] = token
     cur = cur + 1
-    if on_tokens is not None:
-      on_tokens(token[:, None])
+    if opts.on_tokens is not None:
+      opts.on_tokens(token[:, None])
     if done.all():
       break
-  after = compile_stats()
   return GenerateResult(tokens=out, n_generated=n_gen, prompt_ids=ids, prompt_lengths=lengths,
                         cache=None, prefill_s=prefill_clock.seconds, decode_s=decode_clock.seconds,
-                        compile_s=after["compile_s"] - before["compile_s"],
-                        n_compiles=after["n_compiles"] - before["n_compiles"], spec=str(spec),
-                        overflowed=np.zeros(batch, bool), eos_id=None if eos < 0 else eos)
+                        spec=str(spec), overflowed=np.zeros(batch, bool),
+                        eos_id=None if opts.eos < 0 else opts.eos, **_compiles_since(before))

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode
+from kvjax import decode, runtime
 from kvjax import prompts as prompts_lib
 from kvjax import spec as spec_lib
 from kvjax.caches.paged import PagedCache
@@ -236,7 +236,10 @@ class Engine:
       eos_id = getattr(self.tokenizer, "eos_id", None)
     self.model, self.sampler = model, sampler
     self.eos_id = None if eos_id is None else int(eos_id)
-    self.cache: PagedCache = spec_lib.make_cache(spec, model, rows, capacity, pages=pages)
+    # No row lengths yet: pages=None keeps the kind's default pool (every row full).
+    cache, self.cache_plan = runtime.resolve(model, spec, batch=rows, capacity=capacity,
+                                             options={"pages": pages}, what="Engine")
+    self.cache: PagedCache = cache
     self.page_size = self.cache.page_size
     key = repr((params_fingerprint(model.params), str(spec), str(model_dtype(model)))).encode()
     self.index = (PageIndex(hashlib.sha256(key).digest(), self.page_size) if prefix_cache

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import prompts, sharding
+from kvjax import prompts, runtime, sharding
 from kvjax import spec as spec_lib
-from kvjax.caches import base, registry
+from kvjax.caches import base
 from kvjax.decode import Stopwatch
-from kvjax.models.protocol import check_model, model_dtype, static_step
+from kvjax.models.protocol import check_model, static_step
 
 
 @dataclasses.dataclass
@@ -61,10 +61,10 @@ def default_chunk(cache) -> int:
   Quantized kinds stay at 1: a chunk's tokens would see each other before they are quantized,
   which decoding never allows. Accepts a cache, a spec string or a `CacheSpec`.
   """
-  if not hasattr(cache, "chunk_exact"):
+  if isinstance(cache, (str, spec_lib.CacheSpec)):
     spec = spec_lib.parse_spec(cache)
     cache = jax.eval_shape(lambda: spec_lib.make_cache(spec, _ProbeConfig(), 1, _probe_capacity(spec)))
-  return 256 if cache.chunk_exact else 1
+  return 256 if cache.caps.chunk_exact else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +90,10 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
     document (left untouched: a copy is fed).
   chunk: tokens fed per step (default `default_chunk`); capacity: slots per row (default: the
     kind's own choice for the longest document).
-  cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal).
+  cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal; a paged:P
+    pool otherwise holds the pages the documents fill).
   mesh, rules: run over a device mesh (documents split over the batch axes); see `kvjax.sharding`.
+  The cache is built and placed by `kvjax.runtime.resolve`.
   """
   check_model(model, "perplexity")
   docs, batched = prompts.token_rows(ids, getattr(model, "tokenizer", None), what="document")
@@ -99,52 +101,21 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
     if d.size < 2:
       raise ValueError(f"perplexity needs at least 2 tokens per document; document {i} has {d.size}")
     prompts.check_vocab(d, model.config.vocab_size, what=f"document {i}")
-  n_docs, longest = len(docs), max(d.size for d in docs)
-  batch = n_docs  # a mesh's batch axes may need padding rows (one token 0) after the documents
-  if mesh is not None and not hasattr(cache, "attend"):
-    batch = sharding.padded_batch(mesh, n_docs, rules)
-  if hasattr(cache, "attend"):
+  if runtime.is_cache(cache):
     base.check_cache(cache, "perplexity")
-    if cache.batch != batch:
-      raise ValueError(f"the given cache has {cache.batch} rows but there are {batch} documents")
-    if not cache.fits(int(jnp.max(cache.lengths)) + longest):
-      raise base.CapacityError(f"{longest} tokens do not fit the given cache (capacity "
-                               f"{cache.capacity}, holding up to {int(jnp.max(cache.lengths))})")
-    kv_cache = jax.tree_util.tree_map(jnp.copy, cache)  # fed (donated) instead of the caller's
-  else:
-    spec = spec_lib.parse_spec(cache)
-    if not spec.uses_cache:
-      raise spec_lib.SpecError("perplexity needs a cache; 'none' has nothing to feed tokens through")
-    info = registry.lookup(spec.kind)
-    cap = capacity or info.default_capacity(spec, needed=longest, prompt=longest)
-    kv_cache = spec_lib.make_cache(spec, model.config, batch, int(cap), model_dtype(model),
-                                   **(cache_options or {}))
-    if not getattr(kv_cache, "growable", False) and not kv_cache.fits(longest):
-      raise base.CapacityError(f"{longest} tokens do not fit a cache of capacity {kv_cache.capacity}")
+    cache = jax.tree_util.tree_map(jnp.copy, cache)  # fed (donated) instead of the caller's
+  sizes = np.array([d.size for d in docs], np.int32)
+  kv_cache, plan = runtime.resolve(model, cache, lengths=sizes, capacity=capacity, mesh=mesh,
+                                   rules=rules, options=cache_options, what="perplexity",
+                                   row="document", demand=f"{int(sizes.max())} tokens")
   chunk = chunk or default_chunk(kv_cache)
   if not isinstance(chunk, (int, np.integer)) or chunk < 1:
     raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-
-  padded_len = -(-registry.bucket(longest) // chunk) * chunk
-  n_chunks = padded_len // chunk
-  tokens = np.zeros((batch, padded_len), np.int32)
-  lengths = np.array([d.size for d in docs] + [1] * (batch - n_docs), np.int32)
-  for b, d in enumerate(docs):
-    tokens[b, :d.size] = d
-  starts = np.arange(n_chunks, dtype=np.int32)[:, None] * chunk
-  n_valid = np.clip(lengths[None, :] - starts, 0, chunk).astype(np.int32)  # [C, B]
-  chunks = jnp.asarray(tokens.reshape(batch, n_chunks, chunk).transpose(1, 0, 2))
-  params, n_valid = model.params, jnp.asarray(n_valid)
-  if mesh is not None:
-    plan = sharding.plan(mesh, model.config, batch=batch, capacity=kv_cache.capacity, rules=rules,
-                         slot_sharding_ok=sharding.supports_slot_sharding(kv_cache))
-    kv_cache, params = sharding.shard_cache(kv_cache, plan), sharding.shard_params(params, plan)
-    rows = jax.sharding.PartitionSpec(None, sharding.SlotSharding._part(plan.rules.batch))
-    chunks = sharding.place(np.asarray(chunks), jax.sharding.NamedSharding(mesh, rows))
-    n_valid = sharding.place(np.asarray(n_valid), jax.sharding.NamedSharding(mesh, rows))
+  chunks, n_valid = _chunks(docs, plan.padded_batch, chunk)
   with Stopwatch() as clock:  # `seconds` excludes compiling
-    nll, final_cache = _score(params, chunks, n_valid, kv_cache, model=static_step(model))
-    nll = sharding.fetch(nll).transpose(1, 0, 2).reshape(batch, padded_len)
+    nll, final_cache = _score(plan.params(model.params), plan.rows(chunks, axis=1),
+                              plan.rows(n_valid, axis=1), kv_cache, model=static_step(model))
+    nll = sharding.fetch(nll).transpose(1, 0, 2).reshape(plan.padded_batch, -1)
   cache_bytes = final_cache.nbytes()
   results = []
   for b, d in enumerate(docs):
@@ -153,3 +124,18 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
     results.append(PerplexityResult(ppl=float(np.exp(mean)), nll=mean, tokens=int(d.size),
                                     cache_bytes=cache_bytes, seconds=clock.seconds, token_nll=token_nll))
   return results if batched else results[0]
+
+
+def _chunks(docs, batch: int, chunk: int):
+  """(tokens int32 [C, B, chunk], n_valid int32 [C, B]): the documents right-padded to a bucket
+  that is a multiple of `chunk`; rows past the documents (mesh padding) hold one token 0."""
+  longest = max(d.size for d in docs)
+  padded_len = -(-runtime.bucket(longest) // chunk) * chunk
+  n_chunks = padded_len // chunk
+  tokens = np.zeros((batch, padded_len), np.int32)
+  lengths = np.array([d.size for d in docs] + [1] * (batch - len(docs)), np.int32)
+  for b, d in enumerate(docs):
+    tokens[b, :d.size] = d
+  starts = np.arange(n_chunks, dtype=np.int32)[:, None] * chunk
+  n_valid = np.clip(lengths[None, :] - starts, 0, chunk).astype(np.int32)  # [C, B]
+  return tokens.reshape(batch, n_chunks, chunk).transpose(1, 0, 2), n_valid

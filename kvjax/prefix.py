@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode, prompts
+from kvjax import decode, prompts, runtime
+from kvjax.caches import base
 from kvjax import spec as spec_lib
-from kvjax.caches import registry
 from kvjax.caches.base import supports
 from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.sampling import GREEDY, Sampler
@@ -96,7 +96,7 @@ def extend(model, cache, tokens, n_valid=None):
     tokens = tokens[None]
   batch, t = tokens.shape
   n_valid = np.full(batch, t, np.int32) if n_valid is None else np.asarray(n_valid, np.int32)
-  padded = np.zeros((batch, decode.prompt_bucket(t)), np.int32)
+  padded = np.zeros((batch, runtime.bucket(t)), np.int32)
   padded[:, :t] = tokens
   return _extend(model.params, jnp.asarray(padded), jnp.asarray(n_valid), cache,
                  model=static_step(model))
@@ -104,13 +104,32 @@ def extend(model, cache, tokens, n_valid=None):
 
 def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_options):
   """A batch-1 cache of the given spec holding the prefix tokens (1-D ids)."""
+  return _prefill(model, prefix_ids, cache, capacity, capacity, cache_options)
+
+
+def _prefill(model, prefix_ids, cache, capacity, needed: int, cache_options,
+             what: str = "prefill_prefix"):
+  """The prefix through the model into a batch-1 cache resolved for a row of `needed` tokens
+  (the kind's default capacity for that when `capacity` is None; a paged pool of its pages)."""
   prefix_ids = prompts.token_row(prefix_ids, getattr(model, "tokenizer", None),
                                  what="prefill_prefix: the prefix")
   prompts.check_vocab(prefix_ids, model.config.vocab_size)
-  empty = spec_lib.make_cache(cache, model.config, 1, capacity, model_dtype(model), **cache_options)
-  if not empty.fits(prefix_ids.size):
-    raise decode.CapacityError(f"a prefix of {prefix_ids.size} tokens does not fit capacity {capacity}")
+  empty, _ = runtime.resolve(model, cache, lengths=[prefix_ids.size],
+                             extra=max(needed - prefix_ids.size, 0), capacity=capacity,
+                             options=cache_options, check="prompt", what=what, row="prefix")
   return extend(model, empty, prefix_ids[None])
+
+
+def _room_for(prefilled, needed: int, hit: bool, demand: str):
+  """The prefilled cache with room for rows of `needed` tokens: a stored (or growable) one too
+  small is grown outside jit when its kind can grow (the stored copy is then replaced)."""
+  if (not prefilled.fits(needed) and (hit or prefilled.caps.growable)
+      and supports(prefilled, "grow")):
+    prefilled = prefilled.grow(runtime.bucket(needed))
+  if not prefilled.fits(needed):
+    raise decode.CapacityError(f"{demand} need {needed} slots; the cache holds "
+                               f"{prefilled.capacity}")
+  return prefilled
 
 
 def broadcast(cache, batch: int, room: int = 0):
@@ -120,7 +139,7 @@ def broadcast(cache, batch: int, room: int = 0):
   with `room` more tokens' worth of pages per row."""
   if cache.batch != 1:
     raise ValueError(f"broadcast: expected a batch-1 cache, got batch {cache.batch}")
-  if hasattr(cache, "widen"):
+  if isinstance(cache, base.PagedStorage):
     return cache.widen(batch, room)
   return cache.reorder(jnp.zeros((batch,), jnp.int32))
 
@@ -227,26 +246,20 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   prompts.check_vocab(ids, cfg.vocab_size)
   batch = ids.shape[0]
   needed = prefix_ids.size + int(lengths.max()) + max_new_tokens - 1
-  if capacity is None:
-    capacity = registry.lookup(spec.kind).default_capacity(spec, needed=needed,
-                                                            prompt=prefix_ids.size)
 
   start = time.perf_counter()
   store_key = PrefixStore.key(model, spec, prefix_ids) if store is not None else None
   prefilled = store.get(store_key) if store is not None else None
   hit = prefilled is not None
   if not hit:
-    prefilled = prefill_prefix(model, prefix_ids, cache=spec, capacity=capacity, **cache_options)
-    if hasattr(prefilled, "compact"):  # paged: keep the prefix's pages only
+    prefilled = _prefill(model, prefix_ids, spec, capacity, needed, cache_options,
+                         what="generate_with_prefix")
+    if isinstance(prefilled, base.PagedStorage):  # keep the prefix's pages only
       prefilled = prefilled.compact()
     jax.block_until_ready(prefilled)
   prefix_s = time.perf_counter() - start
-  if not prefilled.fits(needed) and (hit or getattr(prefilled, "growable", False)) and supports(prefilled, "grow"):
-    prefilled = prefilled.grow(decode.capacity_for(needed))  # outside jit; the stored copy is replaced
-  if not prefilled.fits(needed):
-    raise decode.CapacityError(
-        f"prefix of {prefix_ids.size} tokens, suffixes up to {int(lengths.max())} and "
-        f"max_new_tokens={max_new_tokens} need {needed} slots; the cache holds {prefilled.capacity}")
+  prefilled = _room_for(prefilled, needed, hit, f"prefix of {prefix_ids.size} tokens, suffixes up "
+                        f"to {int(lengths.max())} and max_new_tokens={max_new_tokens}")
   if store is not None:
     store.put(store_key, prefilled)
 

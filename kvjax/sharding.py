@@ -314,9 +314,12 @@ def shard_params(params, plan_: ShardingPlan):
   return place(params, param_shardings(params, plan_))
 
 
-def shard_rows(x, plan_: ShardingPlan):
-  """A [B, ...] host array split over the batch axes (token ids, lengths)."""
-  spec = PartitionSpec(SlotSharding._part(plan_.rules.batch), *([None] * (np.ndim(x) - 1)))
+def shard_rows(x, plan_: ShardingPlan, axis: int = 0):
+  """A host array split over the batch axes along `axis`, its batch dimension ([B, ...] token
+  ids and lengths; [C, B, T] chunks with axis=1)."""
+  parts = [None] * np.ndim(x)
+  parts[axis] = SlotSharding._part(plan_.rules.batch)
+  spec = PartitionSpec(*parts)
   return place(x, NamedSharding(plan_.mesh, spec))
 
 
