@@ -22,7 +22,7 @@ def _add_model(p):
                  help="weights/compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
   p.add_argument("--cache", default="full",
                  help="cache spec, e.g. full, dynamic, none, int8, sink:4+window:1020, or a "
-                      "registered kind")
+                      "registered kind (`kvjax specs` lists every term)")
   p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
   p.add_argument("--mesh", default=None, metavar="AXES",
                  help="run over a device mesh, e.g. data=2,model=4 (-1: the remaining devices)")
@@ -64,7 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--capacity", type=int, default=None)
   b.add_argument("--repeats", type=int, default=2)
   _add_draft(b)
+
+  s = sub.add_parser("specs", help="the cache-spec grammar: every term, and the registered kinds")
+  s.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                 help="import MODULE first (its kinds and terms are listed too)")
+  s.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
   return parser
+
+
+def _cmd_specs(args) -> dict:
+  from kvjax import spec as spec_lib
+  from kvjax.caches import registry
+
+  print("A cache spec is terms joined by '+', e.g. int4+residual:64+window:512. The terms:")
+  print(spec_lib.grammar())
+  kinds = registry.registered_kinds()
+  print("Kinds: " + ", ".join(kinds))
+  return {"terms": spec_lib.grammar().splitlines(), "kinds": kinds}
 
 
 def _add_draft(p):
@@ -212,7 +228,8 @@ def _load_plugins(modules) -> None:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  handler = {"generate": _cmd_generate, "perplexity": _cmd_perplexity, "bench": _cmd_bench}[args.command]
+  handler = {"generate": _cmd_generate, "perplexity": _cmd_perplexity, "bench": _cmd_bench,
+             "specs": _cmd_specs}[args.command]
   try:
     _load_plugins(args.plugins_first + args.plugin)
     out = handler(args)

@@ -176,3 +176,14 @@ def test_plugin_from_the_current_directory_or_a_file(monkeypatch, capsys, tmp_pa
     rc = cli.main(["generate", "hi", "--model", "tiny", "--plugin", plugin])
     err = capsys.readouterr().err
     assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_specs_lists_the_grammar_and_the_kinds(capsys):
+  """`kvjax specs` prints one line per declared term (the same help the grammar's errors use)
+  and every kind, with a plugin's kinds too."""
+  assert cli.main(["specs", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  text = "\n".join(out["terms"])
+  for usage in ("window:N", "sink:S", "paged:P", "share:G", "tier:"):
+    assert usage in text
+  assert {"full", "window", "paged", "h2o"} <= set(out["kinds"])
