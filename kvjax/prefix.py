@@ -9,9 +9,10 @@ How (fixed shapes throughout, so each step is one jitted executable per bucket):
      the requested spec (`extend`, a jitted `Llama.apply` on an existing cache).
   2. `broadcast`: the batch-1 cache becomes B identical rows (`cache.reorder(zeros(B))`, a gather
      along the batch axis of every cache array; works for every kind that implements `reorder`).
-     On pages (`paged:P`) nothing is copied: the store keeps only the prefix's pages
-     (`PagedCache.compact`) and the B rows point at them (`PagedCache.widen`); a row copies a
-     shared page only when it writes into it.
+     On pages (a cache holding a `page_table.PageTable`, i.e. `paged:P`) nothing is copied: the
+     store keeps only the prefix's pages (`PagedCache.compact`, over `page_table.compact`) and
+     the B rows point at them (`PagedCache.widen`, over `page_table.widen`); a row copies a
+     shared page only when it writes into it (`page_table.reserve`'s copy-on-write).
   3. each row's suffix is prefilled on top, ragged (right-padded, `n_valid` = suffix lengths),
      by decode's own prefill, and decode's `while_loop` generates from there.
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from kvjax import decode, prompts
 from kvjax import spec as spec_lib
-from kvjax.caches import registry
+from kvjax.caches import page_table, registry
 from kvjax.caches.base import supports
 from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.sampling import GREEDY, Sampler
@@ -113,6 +114,11 @@ def prefill_prefix(model, prefix_ids, *, cache="full", capacity: int, **cache_op
   return extend(model, empty, prefix_ids[None])
 
 
+def _paged(cache) -> bool:
+  """Whether the cache draws its storage from a page pool (holds a `page_table.PageTable`)."""
+  return isinstance(getattr(cache, "pages", None), page_table.PageTable)
+
+
 def broadcast(cache, batch: int, room: int = 0):
   """B copies of the single row of a batch-1 cache (fixed shapes: a gather along the batch axis).
 
@@ -120,7 +126,7 @@ def broadcast(cache, batch: int, room: int = 0):
   with `room` more tokens' worth of pages per row."""
   if cache.batch != 1:
     raise ValueError(f"broadcast: expected a batch-1 cache, got batch {cache.batch}")
-  if hasattr(cache, "widen"):
+  if _paged(cache):
     return cache.widen(batch, room)
   return cache.reorder(jnp.zeros((batch,), jnp.int32))
 
@@ -237,7 +243,7 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   hit = prefilled is not None
   if not hit:
     prefilled = prefill_prefix(model, prefix_ids, cache=spec, capacity=capacity, **cache_options)
-    if hasattr(prefilled, "compact"):  # paged: keep the prefix's pages only
+    if _paged(prefilled):  # keep the prefix's pages only
       prefilled = prefilled.compact()
     jax.block_until_ready(prefilled)
   prefix_s = time.perf_counter() - start

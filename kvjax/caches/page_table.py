@@ -223,9 +223,10 @@ def merge_row(pages: PageTable, row, view: PageTable) -> PageTable:
 
 # ---- outside jit -------------------------------------------------------------------------------
 def row_pages(pages: PageTable, row: int, length: int) -> np.ndarray:
-  """The pages row `row` holds for its first `length` tokens, in order."""
+  """The pages row `row` holds for its first `length` tokens, in order (read on the host: no
+  device slice, so no compile per length)."""
   used = -(-int(length) // pages.page_size)
-  return np.asarray(pages.table[row, :used])
+  return np.asarray(pages.table)[row, :used]
 
 
 def compact(pages: PageTable) -> tuple[PageTable, np.ndarray]:
