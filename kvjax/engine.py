@@ -36,7 +36,9 @@ The count is exact, not padded: a request takes the prompt pages the page index 
 takes the pages its output starts (its last token is drawn, never stored); n > 1 samples that
 share a partially filled last prompt page each copy it at their first token, and the original
 goes free in that same step. A request that fits the pool is admitted as soon as a row is free
-and its pages are (unpinning least recently used index pages if that frees enough).
+and its pages are (unpinning least recently used index pages if that frees enough). The counts
+read the cache's `page_table.PageTable` (`cache.pages`); `audit()` lists any broken page invariant
+(tests/test_engine_soak.py checks it after every operation of a random soak).
 """
 
 from __future__ import annotations
@@ -481,7 +483,10 @@ class Engine:
         problems.append(f"idle row {r} still holds {int(lengths[r])} tokens")
     indexed = np.zeros(pages.n_pages, np.int64)  # index entries per page
     for q in self.index.pages.values() if self.index is not None else ():
-      indexed[q] += 1
+      if 0 <= q < pages.n_pages:
+        indexed[q] += 1
+      else:
+        problems.append(f"a page index entry points at page {q}, not a page of the pool")
     pins = np.asarray(pages.pins)
     for q in np.flatnonzero(pins != indexed):
       problems.append(f"page {q}: {int(pins[q])} pins but {int(indexed[q])} page index entries")
