@@ -36,7 +36,9 @@ The count is exact, not padded: a request takes the prompt pages the page index 
 takes the pages its output starts (its last token is drawn, never stored); n > 1 samples that
 share a partially filled last prompt page each copy it at their first token, and the original
 goes free in that same step. A request that fits the pool is admitted as soon as a row is free
-and its pages are (unpinning least recently used index pages if that frees enough).
+and its pages are (unpinning least recently used index pages if that frees enough). The counts
+read the cache's `page_table.PageTable` (`cache.pages`); `audit()` lists any broken page invariant
+(tests/test_engine_soak.py checks it after every operation of a random soak).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import numpy as np
 from kvjax import decode, runtime
 from kvjax import prompts as prompts_lib
 from kvjax import spec as spec_lib
+from kvjax.caches import page_table
 from kvjax.caches.paged import PagedCache
 from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.prefix import params_fingerprint
@@ -272,14 +275,14 @@ class Engine:
   def _promised(self) -> int:
     """Pages the running rows may still take before they finish, at the worst moment: the pages
     their remaining tokens start, plus a copy of a partially filled last page they share (forked
-    samples before their first write, see `PagedCache._must_copy`), less one for each such page
+    samples before their first write, see `page_table.must_copy`), less one for each such page
     that all its holders copy in the same step: it goes free then, before any of them takes a
     later page."""
     if not self._rows:
       return 0
-    p = self.page_size
-    lengths, table = np.asarray(self.cache.lengths), np.asarray(self.cache.table)
-    refcount = np.asarray(self.cache.refcount)
+    p, pages = self.page_size, self.cache.pages
+    lengths, table, refcount = (np.asarray(a) for a in (self.cache.lengths, pages.table,
+                                                        pages.refcount))
     total = 0
     shared: dict[int, list[int]] = {}  # shared partial page -> [running holders, their later pages]
     for r, row in self._rows.items():
@@ -288,8 +291,8 @@ class Engine:
         continue
       later = self._pages(row.end) - self._pages(held)
       total += later
-      page = int(table[r, held // p]) if held % p else self.cache.n_pages
-      if page < self.cache.n_pages and refcount[page] > 1:
+      page = int(table[r, held // p]) if held % p else pages.n_pages
+      if page < pages.n_pages and refcount[page] > 1:
         total += 1  # its private copy
         group = shared.setdefault(page, [0, 0])
         group[0] += 1
@@ -335,7 +338,7 @@ class Engine:
     """Unpins LRU index pages (never those in `keep`, which the request adopts) until `need`
     pages are free beyond what running rows may take."""
     while True:
-      spare = int(self.cache.free_pages()) - self._promised()
+      spare = int(page_table.free_count(self.cache.pages)) - self._promised()
       if spare >= need:
         return True
       if self.index is None or not self.index.evictable(keep):
@@ -356,9 +359,10 @@ class Engine:
     n, p = request.n, self.page_size
     end = ids.size + request.max_new_tokens - 1  # the last token drawn is never fed back
     most = self._need(ids.size, end, n, hit=0, reused=0)
-    if most > self.cache.n_pages:
+    n_pages = self.cache.pages.n_pages
+    if most > n_pages:
       raise decode.CapacityError(f"Engine.insert: request {request.id!r} needs up to {most} pages, "
-                                 f"more than the pool's {self.cache.n_pages}")
+                                 f"more than the pool's {n_pages}")
     free = self.free_rows()
     if len(free) < n:
       return None
@@ -376,7 +380,7 @@ class Engine:
       return None
     row = free[0]
     if hit:
-      pages = np.full(self.cache.max_pages, self.cache.n_pages, np.int32)
+      pages = np.full(self.cache.pages.max_pages, n_pages, np.int32)
       pages[:len(hit)] = hit
       self.cache = _adopt(self.cache, row, jnp.asarray(pages), reused)
       if self.index is not None:
@@ -385,8 +389,8 @@ class Engine:
       self.index.lookups += 1
     logits = self._prefill(row, ids[reused:])
     if self.index is not None and keys:
-      table = np.asarray(self.cache.table)[row]
-      new = self.index.add(keys, table[:len(keys)])
+      held = page_table.row_pages(self.cache.pages, row, ids.size)
+      new = self.index.add(keys, held[:len(keys)])
       self._pin(new, 1)
     rows = free[:n]
     if n > 1:
@@ -402,9 +406,9 @@ class Engine:
 
   def _pin(self, pages: list[int], count: int) -> None:
     """Adds count to the pins of pages, in fixed-size batches (one executable for any number)."""
-    size = self.cache.max_pages
+    size, n_pages = self.cache.pages.max_pages, self.cache.pages.n_pages
     for i in range(0, len(pages), size):
-      batch = np.full(size, self.cache.n_pages, np.int32)  # the "no page" marker is dropped
+      batch = np.full(size, n_pages, np.int32)  # the "no page" marker is dropped
       batch[:len(pages[i:i + size])] = pages[i:i + size]
       self.cache = _pin(self.cache, jnp.asarray(batch), jnp.int32(count))
 
@@ -464,6 +468,35 @@ class Engine:
       raise ValueError(f"Engine.free: row {row} is not running")
     self._rows[row].end = -1
     self._retire()
+
+  def audit(self) -> list[str]:
+    """The page accounting's broken invariants, as sentences (empty: all hold); outside jit.
+    Beyond `page_table.audit` (nothing leaked or double-owned, each row holds exactly the pages
+    of its tokens): no row was refused a page, idle rows hold nothing, each page's pins equal
+    the page index entries that point at it, and the free pages cover what the running rows may
+    still take."""
+    pages = self.cache.pages
+    problems = page_table.audit(pages, self.cache.lengths)
+    failed = np.flatnonzero(np.asarray(self.cache.failed))
+    if failed.size:
+      problems.append(f"rows {failed.tolist()} were refused a page")
+    lengths = np.asarray(self.cache.lengths)
+    for r in self.free_rows():
+      if lengths[r]:
+        problems.append(f"idle row {r} still holds {int(lengths[r])} tokens")
+    indexed = np.zeros(pages.n_pages, np.int64)  # index entries per page
+    for q in self.index.pages.values() if self.index is not None else ():
+      if 0 <= q < pages.n_pages:
+        indexed[q] += 1
+      else:
+        problems.append(f"a page index entry points at page {q}, not a page of the pool")
+    pins = np.asarray(pages.pins)
+    for q in np.flatnonzero(pins != indexed):
+      problems.append(f"page {q}: {int(pins[q])} pins but {int(indexed[q])} page index entries")
+    free, promised = int(page_table.free_count(pages)), self._promised()
+    if free < promised:
+      problems.append(f"{free} free pages but running rows may still take {promised}")
+    return problems
 
   def run(self, requests: Iterable[Request]) -> Iterator[Event]:
     """Admits requests in order as room frees up, steps until all are done, yields events."""

@@ -9,9 +9,11 @@ How (fixed shapes throughout, so each step is one jitted executable per bucket):
      the requested spec (`extend`, a jitted `Llama.apply` on an existing cache).
   2. `broadcast`: the batch-1 cache becomes B identical rows (`cache.reorder(zeros(B))`, a gather
      along the batch axis of every cache array; works for every kind that implements `reorder`).
-     On pages (`paged:P`) nothing is copied: the store keeps only the prefix's pages
-     (`PagedCache.compact`) and the B rows point at them (`PagedCache.widen`); a row copies a
-     shared page only when it writes into it.
+     On pages (a `PagedStorage` cache, i.e. `paged:P`, over a `page_table.PageTable`) nothing
+     is copied: the store keeps only the prefix's pages (`PagedCache.compact`, over
+     `page_table.compact`) and
+     the B rows point at them (`PagedCache.widen`, over `page_table.widen`); a row copies a
+     shared page only when it writes into it (`page_table.reserve`'s copy-on-write).
   3. each row's suffix is prefilled on top, ragged (right-padded, `n_valid` = suffix lengths),
      by decode's own prefill, and decode's `while_loop` generates from there.
 

@@ -5,17 +5,19 @@ Layout (N pages in the pool, M = capacity / P pages per row at most):
   pool    keys, values [L, K, N, P, H] (or, with `intN`, their bit-packed codes [L, K, N, P, Hp]
           and float16 scales / zero points [L, K, N, P, H / g], one per token and group of g
           channels)
-  table   int32 [B, M]: table[b, j] is the page that holds row b's positions [jP, (j+1)P), or N
-          ("no page") where none is assigned
+  pages   a `page_table.PageTable`, the allocator: the block table int32 [B, M] (table[b, j] is
+          the page that holds row b's positions [jP, (j+1)P), or N, "no page"), the refcount
+          int32 [N] (table entries plus pins per page; free iff 0) and the pins int32 [N]
+          (references held from outside the rows: the page index of `kvjax.Engine`)
   lengths int32 [B]: tokens each row has seen
-  refcount int32 [N]: how many table entries and pins point at each page; a page is free iff 0
-  pins    int32 [N]: references held from outside the rows (the prefix index of `kvjax.serve`)
   failed  bool [B]: rows that asked for a page when the pool had none (their tokens were dropped)
 
 Keys are stored rotated by RoPE, as in the full cache. A row's token at position p lives in slot
-p % P of page table[b, p // P]. Pages are taken and given back inside jit: the free list is the
-set of pages whose reference count is 0, read in page order with a fixed-size `jnp.nonzero`, and
-the counts are recomputed from the table (plus pins) after every change, so they cannot drift.
+p % P of page table[b, p // P]. Pages are taken and given back inside jit by the pure functions of
+`kvjax.caches.page_table` (the free list is the set of pages whose count is 0, read in page order;
+the counts are recomputed from the table and pins after every change, so they cannot drift); this
+class keeps the pool in step with them (the copy-on-write copies) and `audit()` lists any broken
+allocator invariant.
 
 Rules (checked by tests/caches/test_paged.py against a NumPy oracle):
   * the first layer's write of a call reserves pages: every page a row needs for its new tokens,
@@ -46,7 +48,7 @@ import numpy as np
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry, terms
+from kvjax.caches import base, packing, page_table, registry, terms
 from kvjax.caches.registry import SpecError
 
 
@@ -56,13 +58,12 @@ class PagedCache(base.Limited):
 
   pool: tuple of arrays [L, K, N, P, ...]: (keys, values) at full precision, or (key codes, key
     scales, [key zeros], value codes, value scales, [value zeros]) with `bits`.
+  pages: the allocator (`kvjax.caches.page_table`): block table [B, M], refcounts and pins [N].
   """
 
   pool: tuple
-  table: jax.Array
+  pages: page_table.PageTable
   lengths: jax.Array
-  refcount: jax.Array
-  pins: jax.Array
   failed: jax.Array
   page_size: int = struct.field(pytree_node=False)
   head_dim_: int = struct.field(pytree_node=False)
@@ -108,9 +109,8 @@ class PagedCache(base.Limited):
       if per_row % d == 0 and d * page_size <= max(256, page_size):
         ppb = d
         break
-    return cls(pool=pool, table=jnp.full((batch, per_row), pages, jnp.int32),
-               lengths=jnp.zeros((batch,), jnp.int32), refcount=jnp.zeros((pages,), jnp.int32),
-               pins=jnp.zeros((pages,), jnp.int32), failed=jnp.zeros((batch,), bool),
+    return cls(pool=pool, pages=page_table.empty(batch, per_row, int(pages), page_size),
+               lengths=jnp.zeros((batch,), jnp.int32), failed=jnp.zeros((batch,), bool),
                page_size=page_size, head_dim_=head_dim, bits=bits, group=group, pages_per_block=ppb)
 
   # ---- static facts ---------------------------------------------------------------------------
@@ -155,14 +155,29 @@ class PagedCache(base.Limited):
   def _vgroup(self) -> int:
     return min(self.group, self.head_dim)
 
-  # ---- pages ----------------------------------------------------------------------------------
+  # ---- pages (the allocator lives in `page_table`; these delegate to it) ----------------------
+  @property
+  def table(self) -> jax.Array:
+    """int32 [B, M]: the block table (N: no page)."""
+    return self.pages.table
+
+  @property
+  def refcount(self) -> jax.Array:
+    """int32 [N]: table entries plus pins per page."""
+    return self.pages.refcount
+
+  @property
+  def pins(self) -> jax.Array:
+    """int32 [N]: references held from outside the rows."""
+    return self.pages.pins
+
   def free_pages(self) -> jax.Array:
     """int32 []: pages nobody references."""
-    return jnp.sum(self.refcount == 0).astype(jnp.int32)
+    return page_table.free_count(self.pages)
 
   def pages_in_use(self) -> jax.Array:
     """int32 []: pages some row or pin references."""
-    return self.n_pages - self.free_pages()
+    return page_table.used_count(self.pages)
 
   def page_bytes(self) -> int:
     """Bytes one page holds over all layers and kv heads (keys and values, scales included)."""
@@ -174,64 +189,21 @@ class PagedCache(base.Limited):
                for a in (self.table, self.lengths, self.refcount, self.pins, self.failed))
     return int(self.pages_in_use()) * self.page_bytes() + book
 
-  def _recount(self, table, pins=None) -> jax.Array:
-    pins = self.pins if pins is None else pins
-    held = jnp.zeros((self.n_pages + 1,), jnp.int32).at[table.reshape(-1)].add(1)
-    return held[:-1] + pins
-
-  def _with_table(self, table, **changes) -> "PagedCache":
-    pins = changes.get("pins", self.pins)
-    return self.replace(table=table, refcount=self._recount(table, pins), **changes)
-
   def pages_needed(self, n) -> jax.Array:
     """int32 [B]: new pages each row needs to take n (int or [B]) more tokens (a copy of a shared
     last page included)."""
-    n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), self.lengths.shape)
-    p = self.page_size
-    end = jnp.minimum(self.lengths + n, self.capacity)
-    j = jnp.arange(self.max_pages, dtype=jnp.int32)[None, :]
-    missing = (j < (end[:, None] + p - 1) // p) & (self.table == self.n_pages)
-    return jnp.sum(missing, axis=1).astype(jnp.int32) + self._must_copy(n)
+    return page_table.pages_needed(self.pages, self.lengths, n)
 
   def pages_short(self, n) -> jax.Array:
     """int32 []: pages the pool lacks for n (int or [B]) more tokens per row (0: they fit)."""
-    return jnp.maximum(jnp.sum(self.pages_needed(n)) - self.free_pages(), 0)
-
-  def _must_copy(self, n_valid) -> jax.Array:
-    """int32 [B]: 1 where the row's next token goes into a partially filled page that another row
-    (or a pin) also references."""
-    p = self.page_size
-    j = jnp.minimum(self.lengths // p, self.max_pages - 1)
-    page = jnp.take_along_axis(self.table, j[:, None], axis=1)[:, 0]
-    shared = self.refcount[jnp.minimum(page, self.n_pages - 1)] > 1
-    return ((self.lengths % p != 0) & (n_valid > 0) & (page < self.n_pages) & shared
-            & (self.lengths < self.capacity)).astype(jnp.int32)
+    return page_table.pages_short(self.pages, self.lengths, n)
 
   def _reserve(self, n_valid) -> "PagedCache":
-    """Takes the pages the rows need for n_valid [B] more tokens (see the module docstring)."""
-    p, n_pages = self.page_size, self.n_pages
-    end = jnp.minimum(self.lengths + n_valid, self.capacity)
-    j = jnp.arange(self.max_pages, dtype=jnp.int32)[None, :]
-    missing = (j < (end[:, None] + p - 1) // p) & (self.table == n_pages)  # [B, M]
-    copy = self._must_copy(n_valid)
-    demand = jnp.sum(missing, axis=1).astype(jnp.int32) + copy  # [B]
-    free = self.refcount == 0
-    free_ids = jnp.nonzero(free, size=n_pages, fill_value=n_pages)[0].astype(jnp.int32)
-    start = jnp.cumsum(demand) - demand
-    ok = (demand == 0) | (start + demand <= jnp.sum(free))
-    rank = jnp.cumsum(missing, axis=1) - 1
-    taken = free_ids[jnp.clip(start[:, None] + rank, 0, n_pages - 1)]
-    table = jnp.where(missing & ok[:, None], taken, self.table)
-    # copy-on-write of a shared last page: the row's private copy is the last page it took
-    col = jnp.minimum(self.lengths // p, self.max_pages - 1)
-    src = jnp.take_along_axis(self.table, col[:, None], axis=1)[:, 0]
-    dst = free_ids[jnp.clip(start + demand - 1, 0, n_pages - 1)]
-    do_copy = (copy > 0) & ok
-    table = table.at[jnp.arange(self.batch), col].set(jnp.where(do_copy, dst, table[jnp.arange(self.batch), col]))
-    dst = jnp.where(do_copy, dst, n_pages)  # rows without a copy write nowhere (dropped)
-    src = jnp.minimum(src, n_pages - 1)
+    """Takes the pages the rows need for n_valid [B] more tokens and makes the copy-on-write
+    copies in the pool (see `page_table.reserve`); refused rows are flagged `failed`."""
+    pages, ok, src, dst = page_table.reserve(self.pages, self.lengths, n_valid)
     pool = tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in self.pool)
-    return self._with_table(table, pool=pool, failed=self.failed | ~ok)
+    return self.replace(pages=pages, pool=pool, failed=self.failed | ~ok)
 
   # ---- storage --------------------------------------------------------------------------------
   def _encode(self, x) -> tuple:
@@ -322,88 +294,73 @@ class PagedCache(base.Limited):
   def filled(self) -> jax.Array:
     return jnp.where(self.failed, 0, jnp.minimum(self.lengths, self.capacity))
 
-  # ---- rows -----------------------------------------------------------------------------------
+  # ---- rows ---------------------------------------------------------------------------------
   def reset(self) -> "PagedCache":
     """Empty: no page referenced, no pin, no failure (the pool keeps stale values)."""
-    table = jnp.full_like(self.table, self.n_pages)
-    return self.replace(table=table, lengths=jnp.zeros_like(self.lengths),
-                        refcount=jnp.zeros_like(self.refcount), pins=jnp.zeros_like(self.pins),
+    return self.replace(pages=page_table.reset(self.pages), lengths=jnp.zeros_like(self.lengths),
                         failed=jnp.zeros_like(self.failed))
 
   def crop(self, length) -> "PagedCache":
     """Forgets every token at position >= length (per row if [B]); pages past it are given back."""
     lengths = jnp.minimum(self.lengths, jnp.asarray(length, jnp.int32))
-    keep = jnp.arange(self.max_pages)[None, :] < ((lengths + self.page_size - 1) // self.page_size)[:, None]
-    return self._with_table(jnp.where(keep, self.table, self.n_pages), lengths=lengths)
+    return self.replace(pages=page_table.crop(self.pages, lengths), lengths=lengths)
 
   def reorder(self, indices) -> "PagedCache":
     """Row b of the result is row indices[b]: rows point at the same pages, nothing is copied."""
     indices = jnp.asarray(indices, jnp.int32)
-    return self._with_table(jnp.take(self.table, indices, axis=0),
-                            lengths=jnp.take(self.lengths, indices), failed=jnp.take(self.failed, indices))
+    return self.replace(pages=page_table.reorder(self.pages, indices),
+                        lengths=jnp.take(self.lengths, indices), failed=jnp.take(self.failed, indices))
 
   def fork(self, src, dst) -> "PagedCache":
     """Rows dst[i] become copies of rows src[i] (int [n] each) sharing their pages; the other rows
     are unchanged. What dst rows held is given back."""
     src, dst = jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32)
-    return self._with_table(self.table.at[dst].set(self.table[src]),
-                            lengths=self.lengths.at[dst].set(self.lengths[src]),
-                            failed=self.failed.at[dst].set(self.failed[src]))
+    return self.replace(pages=page_table.fork(self.pages, src, dst),
+                        lengths=self.lengths.at[dst].set(self.lengths[src]),
+                        failed=self.failed.at[dst].set(self.failed[src]))
 
   def release(self, rows) -> "PagedCache":
     """Empties the rows where rows (bool [B]) is true and gives their pages back."""
     rows = jnp.asarray(rows, bool)
-    return self._with_table(jnp.where(rows[:, None], self.n_pages, self.table),
-                            lengths=jnp.where(rows, 0, self.lengths), failed=self.failed & ~rows)
+    return self.replace(pages=page_table.release(self.pages, rows),
+                        lengths=jnp.where(rows, 0, self.lengths), failed=self.failed & ~rows)
 
   def adopt(self, row, pages, length) -> "PagedCache":
     """Row `row` (int) becomes a row of `length` tokens held by `pages` (int32 [M], the "no page"
     marker N past the ones used): a prefix-cache hit. What the row held is given back."""
-    pages = jnp.asarray(pages, jnp.int32)
-    return self._with_table(self.table.at[row].set(pages),
-                            lengths=self.lengths.at[row].set(jnp.asarray(length, jnp.int32)),
-                            failed=self.failed.at[row].set(False))
+    return self.replace(pages=page_table.adopt(self.pages, row, pages),
+                        lengths=self.lengths.at[row].set(jnp.asarray(length, jnp.int32)),
+                        failed=self.failed.at[row].set(False))
 
   def pin(self, pages, count=1) -> "PagedCache":
     """Adds `count` outside references to pages (int32 [n]; N entries ignored): they stay
     allocated when no row holds them (the prefix index does this)."""
-    pins = self.pins.at[jnp.asarray(pages, jnp.int32)].add(count, mode="drop")
-    return self.replace(pins=pins, refcount=self._recount(self.table, pins))
+    return self.replace(pages=page_table.pin(self.pages, pages, count))
 
   def unpin(self, pages) -> "PagedCache":
-    return self.pin(pages, -1)
+    return self.replace(pages=page_table.unpin(self.pages, pages))
 
   def row_view(self, row) -> "PagedCache":
     """A batch-1 cache of row `row` (int, may be traced) over the same pool: prefill one request
     without computing the other rows. The other rows' references travel as pins, so the view
     never takes their pages; `merge_row` puts the result back."""
-    table = jax.lax.dynamic_slice_in_dim(self.table, row, 1, axis=0)
-    own = self._recount(table, jnp.zeros_like(self.pins))
-    return self.replace(table=table, lengths=jax.lax.dynamic_slice_in_dim(self.lengths, row, 1),
-                        failed=jax.lax.dynamic_slice_in_dim(self.failed, row, 1),
-                        pins=self.refcount - own)
+    return self.replace(pages=page_table.row_view(self.pages, row),
+                        lengths=jax.lax.dynamic_slice_in_dim(self.lengths, row, 1),
+                        failed=jax.lax.dynamic_slice_in_dim(self.failed, row, 1))
 
   def merge_row(self, row, view: "PagedCache") -> "PagedCache":
     """This cache with row `row` (and the pool) taken from `view`, a `row_view` of it."""
-    table = jax.lax.dynamic_update_slice_in_dim(self.table, view.table, row, axis=0)
-    return self._with_table(table, pool=view.pool,
-                            lengths=jax.lax.dynamic_update_slice_in_dim(self.lengths, view.lengths, row, 0),
-                            failed=jax.lax.dynamic_update_slice_in_dim(self.failed, view.failed, row, 0))
+    return self.replace(pages=page_table.merge_row(self.pages, row, view.pages), pool=view.pool,
+                        lengths=jax.lax.dynamic_update_slice_in_dim(self.lengths, view.lengths, row, 0),
+                        failed=jax.lax.dynamic_update_slice_in_dim(self.failed, view.failed, row, 0))
 
   # ---- prefix store (outside jit: shapes change) ----------------------------------------------
   def compact(self) -> "PagedCache":
     """The same rows in a pool of only the pages they reference (renumbered in order of first
     use): what `PrefixStore` keeps of a prefilled prefix."""
-    table = np.asarray(self.table)
-    used = list(dict.fromkeys(int(p) for p in table.reshape(-1) if p < self.n_pages))
-    if not used:
-      used = [0]
-    remap = np.full(self.n_pages + 1, len(used), np.int32)
-    remap[used] = np.arange(len(used), dtype=np.int32)
-    idx = jnp.asarray(used, jnp.int32)
-    return self.replace(pool=tuple(a[:, :, idx] for a in self.pool),
-                        table=jnp.asarray(remap[table]), pins=self.pins[idx],
-                        refcount=self.refcount[idx])
+    pages, kept = page_table.compact(self.pages)
+    idx = jnp.asarray(kept)
+    return self.replace(pool=tuple(a[:, :, idx] for a in self.pool), pages=pages)
 
   def widen(self, batch: int, room: int) -> "PagedCache":
     """`batch` rows that all point at this batch-1 cache's pages (no page is copied), in a pool
@@ -411,18 +368,19 @@ class PagedCache(base.Limited):
     if self.batch != 1:
       raise ValueError(f"widen: expected a batch-1 cache, got batch {self.batch}")
     extra = batch * (-(-room // self.page_size) + 1)
-    n = self.n_pages + extra
-    table = jnp.where(self.table == self.n_pages, n, self.table)
     pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 3))
-    wide = self.replace(pool=tuple(pad(a) for a in self.pool), table=jnp.tile(table, (batch, 1)),
-                        lengths=jnp.tile(self.lengths, batch), failed=jnp.tile(self.failed, batch),
-                        pins=jnp.pad(self.pins, (0, extra)), refcount=jnp.zeros((n,), jnp.int32))
-    return wide._with_table(wide.table)
+    return self.replace(pool=tuple(pad(a) for a in self.pool),
+                        pages=page_table.widen(self.pages, batch, extra),
+                        lengths=jnp.tile(self.lengths, batch), failed=jnp.tile(self.failed, batch))
 
   def row_pages(self, row: int) -> np.ndarray:
     """The pages row `row` holds, in order (outside jit)."""
-    used = -(-int(self.lengths[row]) // self.page_size)
-    return np.asarray(self.table[row, :used])
+    return page_table.row_pages(self.pages, row, int(self.lengths[row]))
+
+  def audit(self) -> list[str]:
+    """The allocator's broken invariants (`page_table.audit`; rows refused a page are not held
+    to their lengths), as sentences; empty when all hold. Outside jit."""
+    return page_table.audit(self.pages, self.lengths, rows=~np.asarray(self.failed))
 
 
 def pages_for(row_tokens, page_size: int) -> int:
