@@ -281,11 +281,15 @@ class TokenStore:
     """fn applied leaf by leaf to this store and `others` (same format and leading axes)."""
     return jax.tree_util.tree_map(fn, self, *others)
 
-  def map_parts(self, data_fn, side_fn) -> "TokenStore":
-    """data_fn on the codes, side_fn on the scales and zero points (KIVI keys index those by
-    group of tokens, not by token)."""
-    side = lambda a: None if a is None else side_fn(a)
-    return self.replace(data=data_fn(self.data), scale=side(self.scale), zero=side(self.zero))
+  def map_parts(self, data_fn, side_fn, *others: "TokenStore") -> "TokenStore":
+    """data_fn on the codes, side_fn on the scales and zero points, each with the matching
+    arrays of `others` as further arguments (KIVI keys index their scales by group of tokens,
+    not by token)."""
+    def side(name):
+      a = getattr(self, name)
+      return None if a is None else side_fn(a, *(getattr(o, name) for o in others))
+    return self.replace(data=data_fn(self.data, *(o.data for o in others)), scale=side("scale"),
+                        zero=side("zero"))
 
   def leaves(self) -> tuple:
     """The arrays, data first, then scale and zero where present."""

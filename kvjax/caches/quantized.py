@@ -222,14 +222,9 @@ class QuantizedCache(base.Limited):
     tok = jnp.where(j < n_groups[:, None] * g, self.qcount[:, None] + j, self.capacity)  # [B, M*G]
     jg = jnp.arange(m, dtype=jnp.int32)[None, :]
     grp = jnp.where(jg < n_groups[:, None], self.qcount[:, None] // g + jg, self.capacity // g)
-    def put(store, new):
-      at, side = self._spans(store, tok, grp)
-      scatter = lambda idx: lambda buf, x: buf.at[layer, rows, :, idx].set(x.transpose(0, 2, 1, 3),
-                                                                          mode="drop")
-      return store.replace(data=scatter(at)(store.data, new.data),
-                           **{n: None if getattr(store, n) is None
-                              else scatter(side)(getattr(store, n), getattr(new, n))
-                              for n in ("scale", "zero")})
+    scatter = lambda idx: lambda buf, x: buf.at[layer, rows, :, idx].set(
+        x.transpose(0, 2, 1, 3), mode="drop")
+    put = lambda store, new: store.map_parts(*map(scatter, self._spans(store, tok, grp)), new)
     # The residual slides down by the flushed tokens.
     shift = n_groups[:, None] * g + jnp.arange(f, dtype=jnp.int32)[None, :]  # [B, F]
     shift = jnp.minimum(shift, width - 1)[:, None, :, None]
