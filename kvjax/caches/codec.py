@@ -71,7 +71,7 @@ class Codec:
   or `for_spec`.
 
   format: a name of FORMATS (aliases resolved), or a NumPy float dtype name for other floats.
-  group: values per scale of integer formats (ignored otherwise).
+  group: values per scale of integer formats (0 for the others).
   symmetric: integer codes are scale-only (no zero point).
   along: "channels" or "tokens": which axis an integer group runs along.
   scale_dtype: "float16" or "float32", fp8's per-token scale.
@@ -84,6 +84,12 @@ class Codec:
   scale_dtype: str = "float16"
 
   def __post_init__(self):
+    if self.kind != "int":  # one spelling per format, so equal formats hash (and compile) alike
+      object.__setattr__(self, "group", 0)
+      object.__setattr__(self, "symmetric", False)
+      object.__setattr__(self, "along", "channels")
+    if self.kind != "fp8":
+      object.__setattr__(self, "scale_dtype", "float16")
     if self.kind == "int" and (not isinstance(self.group, int) or self.group <= 0):
       raise ValueError(f"Codec {self.format}: group must be a positive int, got {self.group!r}")
     if self.along not in ("channels", "tokens"):
