@@ -68,6 +68,7 @@ def test_roundtrip(spec):
     "int2+residual:64", "int4+residual:128+group:64", "h2o:32+window:32", "offload", "int8+offload",
     "tier:64:fp32,512:int8,4096:int2", "share:2", "share:3:cal", "int4+share:2", "dynamic+int8",
     "h2o:16+sink:4+window:64", "int8+snapkv:16+sink:4+window:64",
+    "fp8", "fp8_e5m2+residual:32", "fp8+paged:16", "fp8+h2o:8+window:16", "tier:64:fp32,512:fp8",
 ])
 def test_known_strings_roundtrip(text):
   spec = parse_spec(text)
@@ -111,6 +112,9 @@ def test_equivalent_spellings():
     ("", "empty cache spec"),
     ("full++int8", "empty term"),
     ("group:0", "group:0"),
+    ("fp8+group:16", "group:16 sizes intN groups; fp8"),
+    ("int8+fp8", "'fp8'"),
+    ("fp8:3", "'fp8:3'"),
 ])
 def test_errors_name_the_term(text, fragment):
   with pytest.raises(SpecError, match=fragment.replace("+", r"\+")):
@@ -187,3 +191,12 @@ def test_kind_is_the_highest_ranked_term():
   assert parse_spec("share:2+int8+h2o:2+window:8").kind == "shared"
   assert parse_spec("int8+paged:4").kind == "paged" and parse_spec("dynamic").kind == "full"
   assert parse_spec("share:2+window:8").budget == 8 and parse_spec("share:2").budget is None
+
+
+def test_fp8_is_one_storage_word():
+  """`+fp8` (e4m3) and `+fp8_e5m2` select a codec format, like intN: 8 bits a value, one scale
+  per token, and every kind that stores tokens takes it."""
+  spec = parse_spec("fp8")
+  assert (spec.kind, spec.bits, spec.storage, spec.lossless) == ("quantized", 8, "fp8_e4m3", False)
+  assert parse_spec("fp8_e4m3") == spec and str(parse_spec("fp8_e4m3")) == "fp8"
+  assert parse_spec("int8").storage is None

@@ -28,6 +28,7 @@ from flax import struct
 from kvjax import attention as attn
 from kvjax.caches import base, registry, slot_sharded, terms
 from kvjax.caches.terms import SpecError
+from kvjax.caches import codec as codec_lib
 
 
 @struct.dataclass
@@ -159,8 +160,8 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """Bytes of `from_spec(spec, config, batch=batch, capacity=context, dtype=dtype)`."""
-  item = jnp.dtype(dtype).itemsize
-  return 2 * registry.streams(config, batch) * context * config.head_dim * item + 4 * batch
+  per_token = codec_lib.of_dtype(dtype).token_bytes(config.head_dim)  # a cast: H x itemsize
+  return 2 * registry.streams(config, batch) * context * per_token + 4 * batch
 
 
 def _read_mode(word, text):

@@ -28,9 +28,10 @@ keeps its true distance to later queries, even after the tokens between them wer
 stream longer than the model's trained context reaches distances it never saw; the window kind's
 re-indexing is the remedy there.)
 
-Quantized storage (`intN`). Held tokens are stored bit-packed with one float16 scale (and zero
-point) per `group` channels of each token (kvjax.caches.packing: int8 symmetric, narrower widths
-asymmetric), dequantized inside attention; per-token groups suit slots that are evicted one by one.
+Quantized storage (`intN`, or fp8 through a `kvjax.caches.codec.Codec`). Held tokens are stored
+per token: bit-packed with one float16 scale (and zero point) per `group` channels (int8 symmetric,
+narrower widths asymmetric), or fp8 codes with one scale per token; decoded inside attention.
+Per-token storage suits slots that are evicted one by one.
 With `residual:R` (R <= W) the R newest tokens live in a full-precision ring beside the quantized
 pool and are quantized when they leave it; the pool then keeps the sinks, the W - R next most
 recent tokens and the K heaviest. Without `residual`, a token is quantized on arrival (its own
@@ -58,10 +59,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry, terms
+from kvjax.caches import base, registry, terms
+from kvjax.caches import codec as codec_lib
+from kvjax.caches.codec import TokenStore, stores_map
 from kvjax.caches.layered import LayeredCache
 from kvjax.caches.registry import PYRAMID_BETA, SpecError, pyramid_budgets
-from kvjax.caches.tiered import TokenStore, stores_map, token_bytes
 
 
 # SnapKV's defaults: the last 32 prompt queries score the prompt, max-pooled over 7 positions.
@@ -115,7 +117,7 @@ def evict_topk(positions, scores, payload, lengths, *, heavy: int, window: int, 
 def append_encoded(store: TokenStore, x) -> TokenStore:
   """`store` [B, K, S, ...] with x [B, K, C, H] encoded at its precision appended as C more
   slots (the candidates `evict_topk` chooses from)."""
-  enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
+  enc = store.codec.encode(x)
   return stores_map(lambda s, e: jnp.concatenate([s, e], axis=2), store, enc)
 
 
@@ -165,12 +167,12 @@ class H2OCache(base.Evicting):
 
   @property
   def exact(self) -> bool:
-    """Held tokens are stored exactly unless the pool is quantized."""
-    return self.k.bits is None
+    """Held tokens are stored exactly unless the pool is quantized (intN or fp8)."""
+    return self.k.codec.is_float
 
   @property
   def error_bound(self) -> float:
-    return packing.error_bound(self.k.bits)
+    return 0.0 if self.exact else self.k.codec.error_bound
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -178,7 +180,12 @@ class H2OCache(base.Evicting):
            window: int, sink: int = 0, bits: int | None = None, residual: int = 0,
            group: int = 32, dtype=jnp.float32, scorer: str = "h2o",
            observe: int = SNAP_OBSERVE, kernel: int = SNAP_KERNEL,
-           pooling: str = SNAP_POOLING, shared_heads: bool = False) -> "H2OCache":
+           pooling: str = SNAP_POOLING, shared_heads: bool = False,
+           codec: codec_lib.Codec | None = None) -> "H2OCache":
+    """The pool is stored through `codec` (default: intN from `bits` and `group`, or the cache
+    dtype when bits is None); the residual ring is always at the cache dtype."""
+    if codec is None:
+      codec = codec_lib.of_dtype(dtype) if bits is None else codec_lib.of_bits(bits, group)
     if shared_heads and residual:
       raise SpecError("adakv (a pool shared by the kv heads) does not take a residual ring yet; "
                       "drop residual:R")
@@ -197,19 +204,19 @@ class H2OCache(base.Evicting):
     if residual > window:
       raise SpecError(f"residual:{residual} must not exceed window:{window} (the full-precision "
                       "tokens are the newest of the window)")
-    if residual and bits is None:
-      raise SpecError(f"residual:{residual} needs quantized storage (intN)")
-    if bits is not None and head_dim % group:
-      raise SpecError(f"int{bits} storage: head_dim {head_dim} is not a multiple of group:{group}")
+    if residual and codec.is_float:
+      raise SpecError(f"residual:{residual} needs quantized storage (intN or fp8)")
+    if codec.kind == "int" and head_dim % codec.group:
+      raise SpecError(f"{codec.format} storage: head_dim {head_dim} is not a multiple of "
+                      f"group:{codec.group}")
     pool = sink + window - residual + heavy
     lead = (n_layers, batch, kv_heads)
     if shared_heads:
       pool, lead = kv_heads * pool, (n_layers, batch, 1)
     # Separate buffers everywhere: a donated cache must not hold one buffer twice.
-    store = lambda: TokenStore.empty(lead + (pool, head_dim), bits=bits, group=group, dtype=dtype)
     ring = lambda: jnp.zeros(lead + (residual, head_dim), dtype)
     slots = pool + residual
-    return cls(k=store(), v=store(), ring_k=ring(), ring_v=ring(),
+    return cls(k=codec.empty(lead + (pool, head_dim)), v=codec.empty(lead + (pool, head_dim)), ring_k=ring(), ring_v=ring(),
                positions=jnp.full(lead + (slots,), -1, jnp.int32),
                scores=jnp.zeros(lead + (slots,), jnp.float32),
                lengths=jnp.zeros((batch,), jnp.int32),
@@ -556,8 +563,8 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
   heavy = spec.snapkv if scorer == "snapkv" else spec.h2o
   make = lambda n_layers, k: H2OCache.init(
       n_layers=n_layers, batch=batch, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
-      heavy=k, window=spec.window, sink=spec.sink, bits=spec.bits, residual=spec.residual or 0,
-      group=spec.group, dtype=dtype, scorer=scorer, shared_heads=spec.adakv, **extra)
+      heavy=k, window=spec.window, sink=spec.sink, residual=spec.residual or 0, dtype=dtype,
+      scorer=scorer, shared_heads=spec.adakv, codec=codec_lib.for_spec(spec, dtype), **extra)
   if spec.pyramid is not None:  # one cache per layer, each with its own budget
     return LayeredCache.of(make(1, k) for k in layer_budgets(spec, config.n_layers))
   return make(config.n_layers, heavy)
@@ -575,12 +582,13 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """Per layer: the pool (at its precision), the residual ring, positions and scores per slot;
   and the lengths (once per layer with pyramid budgets, whose layers are separate caches)."""
   residual = spec.residual or 0
-  fmt = "fp32" if spec.bits is None else f"int{spec.bits}"
+  codec = codec_lib.for_spec(spec, dtype)
+  if codec.kind == "int" and config.head_dim % codec.group:
+    raise SpecError(f"{str(spec)!r}: group:{codec.group} does not divide head_dim {config.head_dim}")
   total = 0
   for heavy in layer_budgets(spec, config.n_layers):
     pool = spec.sink + spec.window - residual + heavy
-    pool_bytes = (token_bytes(pool, config.head_dim, fmt, spec.group, dtype) if spec.bits is not None
-                  else 2 * pool * config.head_dim * jnp.dtype(dtype).itemsize)
+    pool_bytes = 2 * pool * codec.token_bytes(config.head_dim)
     ring_bytes = 2 * residual * config.head_dim * jnp.dtype(dtype).itemsize
     per_slot = 12 if spec.adakv else 8  # position and score (and the slot's kv head)
     total += batch * config.n_kv_heads * (pool_bytes + ring_bytes + per_slot * (pool + residual))

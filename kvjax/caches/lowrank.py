@@ -6,9 +6,10 @@ keeps, for every token, only its two R-dimensional coordinates in those bases,
 
   zk = (k - k_mean) @ k_basis        zv = (v - v_mean) @ v_basis          ([L, B, S, R] each)
 
-instead of 2 * K * H numbers: R / (K * H) of a full cache (SmolLM2-135M: K * H = 192). With an
-`intN` term the latents themselves are stored quantized, per token over groups of
-`min(group, R)` latent dims (packed codes plus float16 scales, `kvjax.caches.packing`).
+instead of 2 * K * H numbers: R / (K * H) of a full cache (SmolLM2-135M: K * H = 192). The
+latents are stored through a `kvjax.caches.codec.Codec`: at the cache dtype, or with an `intN` term
+quantized per token over groups of `min(group, R)` latent dims (packed codes plus float16 scales),
+or as fp8 codes with one scale per token.
 
 Reading (what `attend` computes). A query never sees a rebuilt value: the softmax weights are
 applied to the value latents and the up-projection comes last, once per query,
@@ -53,7 +54,9 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.attention import RoPE
-from kvjax.caches import base, packing, registry, terms
+from kvjax.caches import base, registry, terms
+from kvjax.caches import codec as codec_lib
+from kvjax.caches.codec import TokenStore
 from kvjax.caches.registry import SpecError
 
 KEY_MODES = ("pre", "post")
@@ -104,24 +107,11 @@ class LowRankMaps:
     return one(zk, self.k_basis, self.k_mean), one(zv, self.v_basis, self.v_mean)
 
 
-def _latent_store(shape, bits, group, dtype):
-  """(array, scale, zero) of an empty latent buffer [L, B, S, R]: float latents, or packed codes
-  with float16 scales (and zero points below 8 bits)."""
-  if bits is None:
-    return jnp.zeros(shape, dtype), None, None
-  lead, r = shape[:-1], shape[-1]
-  codes = jnp.zeros(lead + (packing.packed_length(r, bits),), jnp.uint8)
-  scale = jnp.zeros(lead + (r // group,), jnp.float16)
-  zero = None if bits == 8 else jnp.zeros(lead + (r // group,), jnp.float16)
-  return codes, scale, zero
-
-
 @struct.dataclass
 class LowRankCache(base.Limited):
   """Latents of keys and values, [L, B, S, R] each (see the module docstring).
 
-  zk, zv: float latents, or uint8 codes packed along R when `bits` is set; zk_scale/zk_zero and
-  zv_scale/zv_zero: their float16 per-group scales and zero points (None when unused).
+  zk, zv: `TokenStore`s of logical shape [L, B, S, R] in the format `codec` (static) names.
   maps: this cache's own `LowRankMaps`. lengths: int32 [B] tokens seen per row.
   """
 
@@ -129,19 +119,14 @@ class LowRankCache(base.Limited):
   error_bound = None  # the view is a projection of what was given, not bounded by a step size
   chunk_exact = True
 
-  zk: jax.Array
-  zv: jax.Array
-  zk_scale: jax.Array | None
-  zk_zero: jax.Array | None
-  zv_scale: jax.Array | None
-  zv_zero: jax.Array | None
+  zk: TokenStore
+  zv: TokenStore
   maps: LowRankMaps
   lengths: jax.Array
   kv_heads_: int = struct.field(pytree_node=False, default=1)
   head_dim_: int = struct.field(pytree_node=False, default=1)
   rank: int = struct.field(pytree_node=False, default=1)
-  bits: int | None = struct.field(pytree_node=False, default=None)
-  group: int = struct.field(pytree_node=False, default=32)
+  codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.Codec())
   block_size: int = struct.field(pytree_node=False, default=256)
   rope: RoPE | None = struct.field(pytree_node=False, default=None)
 
@@ -149,42 +134,49 @@ class LowRankCache(base.Limited):
   @classmethod
   def init(cls, *, maps: LowRankMaps, batch: int, kv_heads: int, head_dim: int, capacity: int,
            bits: int | None = None, group: int = 32, dtype=jnp.float32, rope: RoPE | None = None,
-           block_size: int | None = None) -> "LowRankCache":
+           block_size: int | None = None, codec: codec_lib.Codec | None = None) -> "LowRankCache":
+    """Latents are stored through `codec` (default: intN from `bits` and `group`, else `dtype`)."""
     if not isinstance(capacity, int) or capacity <= 0:
       raise ValueError(f"LowRankCache: capacity must be positive, got {capacity}")
     rank = maps.rank
-    if bits is not None:
-      if bits not in packing.SUPPORTED_BITS:
+    if codec is None:
+      if bits is not None and bits not in codec_lib.SUPPORTED_BITS:
         raise ValueError(f"LowRankCache: unsupported bit width {bits}; supported: "
-                         f"{packing.SUPPORTED_BITS}")
-      group = min(group, rank)
-      if rank % group:
-        raise ValueError(f"LowRankCache: group:{group} must divide the rank {rank} (latents are "
-                         "quantized per token over groups of latent dims)")
+                         f"{codec_lib.SUPPORTED_BITS}")
+      codec = codec_lib.of_dtype(dtype) if bits is None else codec_lib.of_bits(bits, group)
+    if codec.kind == "int" and rank % min(codec.group, rank):
+      raise ValueError(f"LowRankCache: group:{min(codec.group, rank)} must divide the rank {rank} "
+                       "(latents are quantized per token over groups of latent dims)")
+    codec = codec.fitted(rank)
     bs = block_size or base.pick_block_size(capacity)
     if capacity % bs:
       raise ValueError(f"LowRankCache: block_size {bs} must divide capacity {capacity}")
     shape = (maps.n_layers, batch, capacity, rank)
-    zk, zk_scale, zk_zero = _latent_store(shape, bits, group, dtype)
-    zv, zv_scale, zv_zero = _latent_store(shape, bits, group, dtype)
     own = jax.tree_util.tree_map(jnp.array, maps)  # generate donates the cache; the caller keeps its maps
-    return cls(zk=zk, zv=zv, zk_scale=zk_scale, zk_zero=zk_zero, zv_scale=zv_scale,
-               zv_zero=zv_zero, maps=own, lengths=jnp.zeros((batch,), jnp.int32),
-               kv_heads_=kv_heads, head_dim_=head_dim, rank=rank, bits=bits, group=group,
-               block_size=bs, rope=rope)
+    return cls(zk=codec.empty(shape), zv=codec.empty(shape), maps=own,
+               lengths=jnp.zeros((batch,), jnp.int32), kv_heads_=kv_heads, head_dim_=head_dim,
+               rank=rank, codec=codec, block_size=bs, rope=rope)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
   def n_layers(self) -> int:
-    return self.zk.shape[0]
+    return self.zk.data.shape[0]
 
   @property
   def batch(self) -> int:
-    return self.zk.shape[1]
+    return self.zk.data.shape[1]
 
   @property
   def capacity(self) -> int:
-    return self.zk.shape[2]
+    return self.zk.data.shape[2]
+
+  @property
+  def bits(self) -> int | None:
+    return self.codec.bits
+
+  @property
+  def group(self) -> int:
+    return self.codec.group
 
   @property
   def kv_heads(self) -> int:
@@ -201,34 +193,15 @@ class LowRankCache(base.Limited):
 
   # ---- latent storage -------------------------------------------------------------------------
   def _store(self, which: str, layer: int, z, slots):
-    """The arrays of latent buffer `which` ('zk'/'zv') with z [B, T, R] written at slots [B, T]."""
+    """{which: latent store `which` ('zk'/'zv') with z [B, T, R] written at slots [B, T]}."""
     rows = jnp.arange(self.batch)[:, None]
-    names = (which, which + "_scale", which + "_zero")
-    if self.bits is None:
-      parts = (z.astype(self.zk.dtype), None, None)
-    else:
-      q = packing.quantize(z, self.bits, self.group, axis=-1)
-      parts = (q.packed, q.scale, q.zero)
-    out = {}
-    for name, part in zip(names, parts):
-      buf = getattr(self, name)
-      if buf is not None:
-        out[name] = buf.at[layer, rows, slots].set(part.astype(buf.dtype), mode="drop")
-    return out
+    put = lambda buf, part: buf.at[layer, rows, slots].set(part.astype(buf.dtype), mode="drop")
+    return {which: getattr(self, which).map(put, self.codec.encode(z))}
 
   def _load(self, which: str, layer: int, start, size: int):
-    """Float32 latents [B, size, R] of buffer `which` at slots [start, start + size)."""
-    def cut(x):
-      return jax.lax.dynamic_slice_in_dim(x[layer], start, size, axis=1)
-
-    data = cut(getattr(self, which))
-    if self.bits is None:
-      return data.astype(jnp.float32)
-    scale, zero = getattr(self, which + "_scale"), getattr(self, which + "_zero")
-    q = packing.Quantized(packed=data, scale=cut(scale), zero=None if zero is None else cut(zero),
-                          bits=self.bits, group=self.group, axis=2,
-                          shape=(self.batch, size, self.rank))
-    return packing.dequantize(q)
+    """Float32 latents [B, size, R] of store `which` at slots [start, start + size)."""
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x[layer], start, size, axis=1)
+    return getattr(self, which).map(cut).decode(jnp.float32)
 
   # ---- protocol -------------------------------------------------------------------------------
   def write(self, layer: int, k, v, n_valid=None) -> "LowRankCache":
@@ -298,7 +271,7 @@ class LowRankCache(base.Limited):
         kl = attn.apply_rope(self.rope, kl, slots)
       keys.append(kl.swapaxes(1, 2))
       values.append(vl.swapaxes(1, 2))
-    dtype = self.zk.dtype if self.bits is None else jnp.float32
+    dtype = self.zk.data.dtype if self.codec.is_float else jnp.float32
     return base.prefix_view(self, jnp.stack(keys).astype(dtype), jnp.stack(values).astype(dtype))
 
   def reset(self) -> "LowRankCache":
@@ -317,16 +290,13 @@ class LowRankCache(base.Limited):
 
   def logical_axes(self):
     """For `kvjax.sharding`: latents [layers, batch, slots, -]; the maps are replicated."""
-    from kvjax import sharding
-
     def names(x):
-      return sharding.Names(("layers", "batch", "slots", None)[:x.ndim])
+      return base.Names(("layers", "batch", "slots", None)[:x.ndim])
 
-    unnamed = lambda x: sharding.Names((None,) * x.ndim)
-    latents = {n: jax.tree_util.tree_map(names, getattr(self, n))
-               for n in ("zk", "zv", "zk_scale", "zk_zero", "zv_scale", "zv_zero")}
+    unnamed = lambda x: base.Names((None,) * x.ndim)
+    latents = {n: getattr(self, n).map(names) for n in ("zk", "zv")}
     return self.replace(**latents, maps=jax.tree_util.tree_map(unnamed, self.maps),
-                        lengths=sharding.Names(("batch",)))
+                        lengths=base.Names(("batch",)))
 
   # ---- beam search / speculative decoding -------------------------------------------------------
   def crop(self, length) -> "LowRankCache":
@@ -336,10 +306,9 @@ class LowRankCache(base.Limited):
   def reorder(self, indices) -> "LowRankCache":
     """Row b of the result is row indices[b] of this cache (beam reordering)."""
     indices = jnp.asarray(indices, jnp.int32)
-    take = lambda x: None if x is None else jnp.take(x, indices, axis=1)
-    return self.replace(zk=take(self.zk), zv=take(self.zv), zk_scale=take(self.zk_scale),
-                        zk_zero=take(self.zk_zero), zv_scale=take(self.zv_scale),
-                        zv_zero=take(self.zv_zero), lengths=jnp.take(self.lengths, indices, axis=0))
+    take = lambda x: jnp.take(x, indices, axis=1)
+    return self.replace(zk=self.zk.map(take), zv=self.zv.map(take),
+                        lengths=jnp.take(self.lengths, indices, axis=0))
 
 
 def _needs_maps(spec) -> SpecError:
@@ -386,8 +355,8 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, map
   theta = getattr(config, "rope_theta", None)
   rope = RoPE(config.head_dim, theta) if theta is not None else None
   return LowRankCache.init(maps=maps, batch=batch, kv_heads=config.n_kv_heads,
-                           head_dim=config.head_dim, capacity=capacity, bits=spec.bits,
-                           group=spec.group, dtype=dtype, rope=rope)
+                           head_dim=config.head_dim, capacity=capacity, dtype=dtype, rope=rope,
+                           codec=codec_lib.for_spec(spec, dtype))
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
@@ -396,13 +365,10 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   r, layers = spec.lowrank, config.n_layers
   features = config.n_kv_heads * config.head_dim
   tokens = layers * batch * context
-  if spec.bits is None:
-    per_token = r * jnp.dtype(dtype).itemsize
-  else:
-    group = min(spec.group, r)
-    if r % group:
-      raise SpecError(f"{str(spec)!r}: group:{group} does not divide the rank {r}")
-    per_token = packing.packed_length(r, spec.bits) + (r // group) * 2 * (1 if spec.bits == 8 else 2)
+  codec = codec_lib.for_spec(spec, dtype)
+  if codec.kind == "int" and r % min(codec.group, r):
+    raise SpecError(f"{str(spec)!r}: group:{min(codec.group, r)} does not divide the rank {r}")
+  per_token = codec.fitted(r).token_bytes(r)
   maps = 2 * layers * features * (r + 1) * 4
   return 2 * tokens * per_token + 4 * batch + maps
 

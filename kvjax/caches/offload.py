@@ -42,6 +42,7 @@ from flax import struct
 from kvjax import attention as attn
 from kvjax.caches import base, registry, terms
 from kvjax.caches.terms import SpecError
+from kvjax.caches import codec as codec_lib
 
 EMULATED = "device"  # host_kind of a cache whose "host" buffers live on the device
 
@@ -303,8 +304,8 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, blo
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """Host buffers for `context` slots, the device ring (one block by default), lengths."""
   recent = base.pick_block_size(context)
-  item = jnp.dtype(dtype).itemsize
-  return 2 * registry.streams(config, batch) * (context + recent) * config.head_dim * item + 4 * batch
+  per_token = codec_lib.of_dtype(dtype).token_bytes(config.head_dim)  # a cast: H x itemsize
+  return 2 * registry.streams(config, batch) * (context + recent) * per_token + 4 * batch
 
 
 def _check_offload(spec):

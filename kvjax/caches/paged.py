@@ -2,9 +2,11 @@
 
 Layout (N pages in the pool, M = capacity / P pages per row at most):
 
-  pool    keys, values [L, K, N, P, H] (or, with `intN`, their bit-packed codes [L, K, N, P, Hp]
-          and float16 scales / zero points [L, K, N, P, H / g], one per token and group of g
-          channels)
+  pool    the leaves of the keys' then the values' `kvjax.caches.codec.TokenStore`s, each
+          [L, K, N, P, ...]: keys, values [L, K, N, P, H] at the cache dtype; with `intN`
+          bit-packed codes [L, K, N, P, Hp] and float16 scales / zero points [L, K, N, P, H / g]
+          (one per token and group of g channels); with fp8 float8 codes [L, K, N, P, H] and one
+          scale [L, K, N, P, 1] per token
   pages   a `page_table.PageTable`, the allocator: the block table int32 [B, M] (table[b, j] is
           the page that holds row b's positions [jP, (j+1)P), or N, "no page"), the refcount
           int32 [N] (table entries plus pins per page; free iff 0) and the pins int32 [N]
@@ -48,7 +50,8 @@ import numpy as np
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, page_table, registry, terms
+from kvjax.caches import base, page_table, registry, terms
+from kvjax.caches import codec as codec_lib
 from kvjax.caches.registry import SpecError
 
 
@@ -56,8 +59,10 @@ from kvjax.caches.registry import SpecError
 class PagedCache(base.Limited):
   """Pages shared by all rows; see the module docstring for the layout and the rules.
 
-  pool: tuple of arrays [L, K, N, P, ...]: (keys, values) at full precision, or (key codes, key
-    scales, [key zeros], value codes, value scales, [value zeros]) with `bits`.
+  pool: tuple of arrays [L, K, N, P, ...]: the leaves of the key store then of the value store
+    (`TokenStore.leaves`): (keys, values) at full precision, (key codes, key scales, [key zeros],
+    value codes, value scales, [value zeros]) with intN, (key codes, key scales, value codes,
+    value scales) with fp8. codec (static): their format.
   pages: the allocator (`kvjax.caches.page_table`): block table [B, M], refcounts and pins [N].
   """
 
@@ -67,17 +72,17 @@ class PagedCache(base.Limited):
   failed: jax.Array
   page_size: int = struct.field(pytree_node=False)
   head_dim_: int = struct.field(pytree_node=False)
-  bits: int | None = struct.field(pytree_node=False, default=None)
-  group: int = struct.field(pytree_node=False, default=32)
+  codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.Codec())
   pages_per_block: int = struct.field(pytree_node=False, default=1)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            page_size: int = 16, pages: int | None = None, dtype=jnp.float32, bits: int | None = None,
-           group: int = 32) -> "PagedCache":
+           group: int = 32, codec: codec_lib.Codec | None = None) -> "PagedCache":
     """An empty cache: `capacity` tokens per row at most (a multiple of page_size), a pool of
-    `pages` pages (default: batch x capacity / page_size, room for every row to be full)."""
+    `pages` pages (default: batch x capacity / page_size, room for every row to be full).
+    Pages store tokens through `codec` (default: intN from `bits` and `group`, else `dtype`)."""
     for name, value in (("page_size", page_size), ("capacity", capacity)):
       if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"PagedCache: {name} must be a positive int, got {value!r}")
@@ -87,23 +92,13 @@ class PagedCache(base.Limited):
     pages = batch * per_row if pages is None else pages
     if not isinstance(pages, (int, np.integer)) or pages <= 0:
       raise ValueError(f"PagedCache: pages must be a positive int, got {pages!r}")
-    if bits is not None:
-      if bits not in packing.SUPPORTED_BITS:
-        raise SpecError(f"paged: int{bits} is not supported; supported: "
-                        + ", ".join(f"int{b}" for b in packing.SUPPORTED_BITS))
-      if head_dim % min(group, head_dim):
-        raise SpecError(f"paged: group:{group} must divide the head dim {head_dim}")
-    shape = (n_layers, kv_heads, int(pages), page_size)
-    if bits is None:
-      pool = (jnp.zeros(shape + (head_dim,), dtype), jnp.zeros(shape + (head_dim,), dtype))
-    else:
-      g = min(group, head_dim)
-      codes = shape + (packing.packed_length(head_dim, bits),)
-      scales = shape + (head_dim // g,)
-      side = [jnp.zeros(codes, jnp.uint8), jnp.zeros(scales, jnp.float16)]
-      if bits != 8:  # asymmetric below 8 bits: zero points too
-        side.append(jnp.zeros(scales, jnp.float16))
-      pool = tuple(side) + tuple(jnp.zeros_like(a) for a in side)
+    if codec is None:
+      codec = codec_lib.of_dtype(dtype) if bits is None else codec_lib.of_bits(bits, group)
+    if codec.kind == "int" and head_dim % min(codec.group, head_dim):
+      raise SpecError(f"paged: group:{codec.group} must divide the head dim {head_dim}")
+    codec = codec.fitted(head_dim)
+    shape = (n_layers, kv_heads, int(pages), page_size, head_dim)
+    pool = codec.empty(shape).leaves() + codec.empty(shape).leaves()
     ppb = 1
     for d in range(per_row, 0, -1):  # pages read per attention block: <= 256 tokens, divides M
       if per_row % d == 0 and d * page_size <= max(256, page_size):
@@ -111,16 +106,24 @@ class PagedCache(base.Limited):
         break
     return cls(pool=pool, pages=page_table.empty(batch, per_row, int(pages), page_size),
                lengths=jnp.zeros((batch,), jnp.int32), failed=jnp.zeros((batch,), bool),
-               page_size=page_size, head_dim_=head_dim, bits=bits, group=group, pages_per_block=ppb)
+               page_size=page_size, head_dim_=head_dim, codec=codec, pages_per_block=ppb)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
   def exact(self) -> bool:
-    return self.bits is None
+    return self.codec.is_float
 
   @property
   def error_bound(self) -> float:
-    return packing.error_bound(self.bits)
+    return 0.0 if self.exact else self.codec.error_bound
+
+  @property
+  def bits(self) -> int | None:
+    return self.codec.bits
+
+  @property
+  def group(self) -> int:
+    return self.codec.group
 
   @property
   def n_layers(self) -> int:
@@ -150,10 +153,6 @@ class PagedCache(base.Limited):
   @property
   def head_dim(self) -> int:
     return self.head_dim_
-
-  @property
-  def _vgroup(self) -> int:
-    return min(self.group, self.head_dim)
 
   # ---- pages (the allocator lives in `page_table`; these delegate to it) ----------------------
   @property
@@ -208,19 +207,11 @@ class PagedCache(base.Limited):
   # ---- storage --------------------------------------------------------------------------------
   def _encode(self, x) -> tuple:
     """Leaves of one of keys/values for x [B, T, K, H]."""
-    if self.bits is None:
-      return (x.astype(self.pool[0].dtype),)
-    q = packing.quantize(x, self.bits, self._vgroup, axis=-1)
-    return (q.packed, q.scale) + (() if q.zero is None else (q.zero,))
+    return self.codec.encode(x).leaves()
 
-  def _decode(self, leaves, shape) -> jax.Array:
-    """float [*shape] from the leaves of one of keys/values (shape ends in H)."""
-    if self.bits is None:
-      return leaves[0]
-    zero = leaves[2] if len(leaves) > 2 else None
-    q = packing.Quantized(packed=leaves[0], scale=leaves[1], zero=zero, bits=self.bits,
-                          group=self._vgroup, axis=len(shape) - 1, shape=tuple(shape))
-    return packing.dequantize(q, jnp.float32)
+  def _decode(self, leaves) -> jax.Array:
+    """Floats [..., H] from the leaves of one of keys/values (float pools as stored, else fp32)."""
+    return self.codec.wrap(leaves, self.head_dim).decode(None)
 
   def _halves(self, leaves):
     half = len(leaves) // 2
@@ -255,9 +246,8 @@ class PagedCache(base.Limited):
     # XLA copy the whole layer's pool on every block
     leaves = tuple(jnp.swapaxes(a[layer, :, ids], 1, 2) for a in self.pool)  # [B, K, ppb, P, ...]
     flat = tuple(x.reshape(x.shape[:2] + (ppb * p,) + x.shape[4:]) for x in leaves)
-    shape = flat[0].shape[:3] + (self.head_dim,)
     kl, vl = self._halves(flat)
-    return self._decode(kl, shape), self._decode(vl, shape)
+    return self._decode(kl), self._decode(vl)
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Rotates, stores and attends over the row's filled pages. Returns (out [B,T,N,H], cache)."""
@@ -287,9 +277,8 @@ class PagedCache(base.Limited):
     leaves = tuple(jnp.swapaxes(a[:, :, jnp.minimum(self.table, self.n_pages - 1)], 1, 2)
                    for a in self.pool)  # [L, B, K, M, P, ...]
     flat = tuple(x.reshape(x.shape[:3] + (self.capacity,) + x.shape[5:]) for x in leaves)
-    shape = flat[0].shape[:4] + (self.head_dim,)
     kl, vl = self._halves(flat)
-    return base.prefix_view(self, self._decode(kl, shape), self._decode(vl, shape))
+    return base.prefix_view(self, self._decode(kl), self._decode(vl))
 
   def filled(self) -> jax.Array:
     return jnp.where(self.failed, 0, jnp.minimum(self.lengths, self.capacity))
@@ -396,18 +385,14 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, pag
   capacity = -(-capacity // p) * p
   return PagedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                          head_dim=config.head_dim, capacity=capacity, page_size=p, pages=pages,
-                         dtype=dtype, bits=spec.bits, group=spec.group)
+                         dtype=dtype, codec=codec_lib.for_spec(spec, dtype))
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """The default pool (every row full) plus the table and counters."""
   p, h = spec.paged, config.head_dim
   per_row = -(-context // p)
-  if spec.bits is None:
-    per_token = 2 * h * jnp.dtype(dtype).itemsize
-  else:
-    g = min(spec.group, h)
-    per_token = 2 * (packing.packed_length(h, spec.bits) + (1 if spec.bits == 8 else 2) * 2 * (h // g))
+  per_token = 2 * codec_lib.for_spec(spec, dtype).fitted(h).token_bytes(h)
   pages = batch * per_row
   return (registry.streams(config, batch) * per_row * p * per_token
           + 4 * batch * per_row + 4 * batch + 8 * pages + batch)

@@ -2,13 +2,16 @@
 
 Layout, per layer l, row b, kv head k (S = capacity rounded up to a multiple of the group G):
 
-  quantized region, positions [0, qcount[b]): token p in slot p of
+  quantized region, positions [0, qcount[b]): token p in slot p of the `kvjax.caches.codec`
+  TokenStores k and v (logical [L, B, K, S, H]); with intN (read as kq/ks/kz, vq/vs/vz):
     kq    uint8   [L, B, K, S, Hp]      key codes, packed along H (Hp = packed bytes of H codes)
     ks/kz float16 [L, B, K, S/G, H]     keys: per channel, one scale/zero per group of G tokens
     vq    uint8   [L, B, K, S, Hp]      value codes
     vs/vz float16 [L, B, K, S, H/Gv]    values: per token, one scale/zero per group of Gv = min(G, H)
                                         channels
     (int8 is symmetric: scales only, kz/vz are None; int4/int3/int2 are asymmetric.)
+  with fp8 (fp8_e4m3 / fp8_e5m2): float8 codes [L, B, K, S, H] and one scale [L, B, K, S, 1] per
+  token, for keys and values alike (groups of G tokens still set when tokens are flushed).
   residual region, positions [qcount[b], lengths[b]): full precision, in
     rk/rv [L, B, K, F, H]               slot i holds position qcount[b] + i; F = R + G slots
 
@@ -52,6 +55,8 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.caches import base, packing, registry, terms
+from kvjax.caches import codec as codec_lib
+from kvjax.caches.codec import TokenStore
 from kvjax.caches.full import FullCache
 from kvjax.caches.registry import SpecError
 
@@ -78,20 +83,16 @@ class QuantizedCache(base.Limited):
 
   @property
   def error_bound(self) -> float:
-    return packing.error_bound(self.bits)
+    return self.codec.error_bound
   chunk_exact = False  # a chunk's own tokens are seen at full precision (see the module docstring)
 
-  kq: jax.Array
-  ks: jax.Array
-  kz: jax.Array | None
-  vq: jax.Array
-  vs: jax.Array
-  vz: jax.Array | None
+  k: TokenStore
+  v: TokenStore
   rk: jax.Array
   rv: jax.Array
   lengths: jax.Array
   qcount: jax.Array
-  bits: int = struct.field(pytree_node=False, default=8)
+  codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.of_bits(8))
   group: int = struct.field(pytree_node=False, default=32)
   residual: int = struct.field(pytree_node=False, default=0)
   block_size: int = struct.field(pytree_node=False, default=256)
@@ -101,11 +102,17 @@ class QuantizedCache(base.Limited):
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            bits: int = 8, group: int = 32, residual: int | None = None, dtype=jnp.float32,
-           block_size: int | None = None, growable: bool = False) -> "QuantizedCache":
-    """Empty cache holding up to `capacity` tokens per row (rounded up to a multiple of `group`)."""
-    if bits not in packing.SUPPORTED_BITS:
-      raise ValueError(f"QuantizedCache: unsupported bit width {bits}; supported: "
-                       f"{packing.SUPPORTED_BITS}")
+           block_size: int | None = None, growable: bool = False,
+           codec: codec_lib.Codec | None = None) -> "QuantizedCache":
+    """Empty cache holding up to `capacity` tokens per row (rounded up to a multiple of `group`).
+    Tokens are stored through `codec` (intN or fp8; default: intN from `bits`)."""
+    if codec is None:
+      if bits not in codec_lib.SUPPORTED_BITS:
+        raise ValueError(f"QuantizedCache: unsupported bit width {bits}; supported: "
+                         f"{codec_lib.SUPPORTED_BITS}")
+      codec = codec_lib.of_bits(bits, group)
+    if codec.is_float:
+      raise ValueError(f"QuantizedCache: {codec.format} is not a quantized format; use intN or fp8")
     if capacity <= 0 or group <= 0:
       raise ValueError(f"QuantizedCache: capacity ({capacity}) and group ({group}) must be positive")
     r = residual or 0
@@ -121,27 +128,35 @@ class QuantizedCache(base.Limited):
       raise ValueError(f"QuantizedCache: block_size {bs} must be a multiple of group {group} "
                        f"dividing the capacity {s}")
     lbk = (n_layers, batch, kv_heads)
-    hp = packing.packed_length(head_dim, bits)
-    sym = bits == 8
-    f16 = jnp.float16
+    shape = lbk + (s, head_dim)
     zeros = jnp.zeros
     return cls(
-        kq=zeros(lbk + (s, hp), jnp.uint8), ks=zeros(lbk + (s // group, head_dim), f16),
-        kz=None if sym else zeros(lbk + (s // group, head_dim), f16),
-        vq=zeros(lbk + (s, hp), jnp.uint8), vs=zeros(lbk + (s, head_dim // vgroup), f16),
-        vz=None if sym else zeros(lbk + (s, head_dim // vgroup), f16),
+        k=codec.along_tokens(group).empty(shape), v=codec.fitted(head_dim).empty(shape),
         rk=zeros(lbk + (r + group, head_dim), dtype), rv=zeros(lbk + (r + group, head_dim), dtype),
         lengths=zeros((batch,), jnp.int32), qcount=zeros((batch,), jnp.int32),
-        bits=bits, group=group, residual=r, block_size=bs, growable=growable)
+        codec=codec, group=group, residual=r, block_size=bs, growable=growable)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
   def _layout(self):
-    return self.kq
+    return self.k.data
 
   @property
   def capacity(self) -> int:
-    return self.kq.shape[3]
+    return self.k.data.shape[3]
+
+  @property
+  def bits(self) -> int | None:
+    """The integer width (None with fp8)."""
+    return self.codec.bits
+
+  # The six arrays of an intN cache under their KIVI names (None where absent).
+  kq = property(lambda self: self.k.data)
+  ks = property(lambda self: self.k.scale)
+  kz = property(lambda self: self.k.zero)
+  vq = property(lambda self: self.v.data)
+  vs = property(lambda self: self.v.scale)
+  vz = property(lambda self: self.v.zero)
 
   @property
   def head_dim(self) -> int:
@@ -158,42 +173,21 @@ class QuantizedCache(base.Limited):
 
   @property
   def symmetric(self) -> bool:
-    return self.kz is None
+    return self.codec.kind != "int" or self.codec.symmetric
 
   def quantized_bytes(self) -> int:
-    """Bytes of the packed codes and their scales/zero points (the residual buffer excluded)."""
-    return sum(int(a.size) * a.dtype.itemsize for a in (self.kq, self.ks, self.kz, self.vq, self.vs,
-                                                        self.vz) if a is not None)
+    """Bytes of the codes and their scales/zero points (the residual buffer excluded)."""
+    return self.k.nbytes() + self.v.nbytes()
 
-  # ---- quantization of whole groups ---------------------------------------------------------
-  def _quantize_groups(self, k, v):
-    """k, v [B, K, M*G, H] (M whole groups of tokens) -> packed codes and scales.
+  # ---- encoding of whole groups --------------------------------------------------------------
+  def _encode(self, k, v) -> tuple[TokenStore, TokenStore]:
+    """k, v [B, K, M*G, H] (M whole groups of tokens) -> their stores (keys per channel over
+    groups of G tokens with intN, values per token)."""
+    return self.k.codec.encode(k), self.v.codec.encode(v)
 
-    Returns (kq [B,K,M*G,Hp], ks [B,K,M,H], kz | None, vq [B,K,M*G,Hp], vs [B,K,M*G,H/Gv], vz | None).
-    """
-    b, kh, n, h = k.shape
-    g, gv, sym = self.group, self.value_group, self.symmetric
-    kg = k.astype(jnp.float32).reshape(b, kh, n // g, g, h)
-    ks, kz = packing.group_stats(kg, self.bits, sym, reduce_axis=3)  # [B, K, M, 1, H]
-    kcodes = packing.encode(kg, ks, kz, self.bits).reshape(b, kh, n, h)
-    vg = v.astype(jnp.float32).reshape(b, kh, n, h // gv, gv)
-    vs, vz = packing.group_stats(vg, self.bits, sym, reduce_axis=4)  # [B, K, n, H/Gv, 1]
-    vcodes = packing.encode(vg, vs, vz, self.bits).reshape(b, kh, n, h)
-    drop = lambda a, axis: None if a is None else jnp.squeeze(a, axis)
-    return (packing.pack(kcodes, self.bits), drop(ks, 3), drop(kz, 3),
-            packing.pack(vcodes, self.bits), drop(vs, 4), drop(vz, 4))
-
-  def _dequantize(self, kq, ks, kz, vq, vs, vz):
-    """Inverse of `_quantize_groups` on any leading axes: codes [..., n, Hp] -> k, v [..., n, H]."""
-    h, g, gv = self.head_dim, self.group, self.value_group
-    kc = packing.unpack(kq, self.bits, h)
-    lead, n = kc.shape[:-2], kc.shape[-2]
-    kc = kc.reshape(*lead, n // g, g, h)
-    ex = lambda a, axis: None if a is None else jnp.expand_dims(a, axis)
-    k = packing.decode(kc, ex(ks, -2), ex(kz, -2), self.bits).reshape(*lead, n, h)
-    vc = packing.unpack(vq, self.bits, h).reshape(*lead, n, h // gv, gv)
-    v = packing.decode(vc, ex(vs, -1), ex(vz, -1), self.bits).reshape(*lead, n, h)
-    return k, v
+  def _spans(self, store: TokenStore, tok, grp):
+    """(data index, side index): KIVI key scales are indexed by group of tokens, the rest by token."""
+    return tok, (grp if store.codec.scale_span > 1 else tok)
 
   # ---- storage ------------------------------------------------------------------------------
   def _stage(self, layer: int, k, v):
@@ -223,19 +217,19 @@ class QuantizedCache(base.Limited):
     m = (width - 1 - self.residual) // g  # most groups any row can flush in this call (static)
     n_groups = self._flushed_groups(n_valid)  # [B]
     rows = jnp.arange(b)[:, None]
-    kq, ks, kz, vq, vs, vz = self._quantize_groups(ext_k[:, :, :m * g], ext_v[:, :, :m * g])
+    new_k, new_v = self._encode(ext_k[:, :, :m * g], ext_v[:, :, :m * g])
     j = jnp.arange(m * g, dtype=jnp.int32)[None, :]
     tok = jnp.where(j < n_groups[:, None] * g, self.qcount[:, None] + j, self.capacity)  # [B, M*G]
     jg = jnp.arange(m, dtype=jnp.int32)[None, :]
     grp = jnp.where(jg < n_groups[:, None], self.qcount[:, None] // g + jg, self.capacity // g)
-    put = lambda buf, new, idx: None if buf is None else buf.at[layer, rows, :, idx].set(
-        new.transpose(0, 2, 1, 3), mode="drop")
+    scatter = lambda idx: lambda buf, x: buf.at[layer, rows, :, idx].set(
+        x.transpose(0, 2, 1, 3), mode="drop")
+    put = lambda store, new: store.map_parts(*map(scatter, self._spans(store, tok, grp)), new)
     # The residual slides down by the flushed tokens.
     shift = n_groups[:, None] * g + jnp.arange(f, dtype=jnp.int32)[None, :]  # [B, F]
     shift = jnp.minimum(shift, width - 1)[:, None, :, None]
     return self.replace(
-        kq=put(self.kq, kq, tok), ks=put(self.ks, ks, grp), kz=put(self.kz, kz, grp),
-        vq=put(self.vq, vq, tok), vs=put(self.vs, vs, tok), vz=put(self.vz, vz, tok),
+        k=put(self.k, new_k), v=put(self.v, new_v),
         rk=self.rk.at[layer].set(jnp.take_along_axis(ext_k, shift, axis=2)),
         rv=self.rv.at[layer].set(jnp.take_along_axis(ext_v, shift, axis=2)))
 
@@ -255,10 +249,8 @@ class QuantizedCache(base.Limited):
     """Dequantized keys, values [B, K, block_size, H] (fp32) of slots [start, start + block_size)."""
     bs, g = self.block_size, self.group
     tok = lambda a: jax.lax.dynamic_slice_in_dim(a[layer], start, bs, axis=2)
-    grp = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a[layer], start // g,
-                                                                         bs // g, axis=2)
-    return self._dequantize(tok(self.kq), grp(self.ks), grp(self.kz), tok(self.vq), tok(self.vs),
-                            None if self.vz is None else tok(self.vz))
+    grp = lambda a: jax.lax.dynamic_slice_in_dim(a[layer], start // g, bs // g, axis=2)
+    return tuple(s.map_parts(*self._spans(s, tok, grp)).decode(jnp.float32) for s in (self.k, self.v))
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Rotates, stages, flushes, attends (quantized blocks as before the call + exact residual).
@@ -290,7 +282,7 @@ class QuantizedCache(base.Limited):
 
   def view(self) -> base.CacheView:
     """Dequantized keys/values [L, B, K, S, H] in position order (slot p = position p)."""
-    keys, values = self._dequantize(self.kq, self.ks, self.kz, self.vq, self.vs, self.vz)
+    keys, values = self.k.decode(jnp.float32), self.v.decode(jnp.float32)
     s = self.capacity
     slots = jnp.arange(s, dtype=jnp.int32)[None, :]  # [1, S]
     live = slots < jnp.minimum(self.lengths, s)[:, None]  # [B, S]
@@ -326,10 +318,9 @@ class QuantizedCache(base.Limited):
     start = jnp.minimum(new_q, self.capacity - g)  # the cut group (clamped when it is past the end)
     tok = (start[:, None] + jnp.arange(g, dtype=jnp.int32)[None, :])[None, :, None, :, None]
     grp = (start // g)[None, :, None, None, None]
-    take = lambda a, idx: None if a is None else jnp.take_along_axis(a, idx, axis=3)
-    kq, vq = take(self.kq, tok), take(self.vq, tok)
-    k, v = self._dequantize(kq, take(self.ks, grp), take(self.kz, grp), vq, take(self.vs, tok),
-                            take(self.vz, tok))  # [L, B, K, G, H]
+    take = lambda idx: lambda a: jnp.take_along_axis(a, idx, axis=3)
+    k, v = (s.map_parts(*(take(i) for i in self._spans(s, tok, grp))).decode(jnp.float32)
+            for s in (self.k, self.v))  # [L, B, K, G, H]
     pad = ((0, 0),) * 3 + ((0, self.staging - g), (0, 0))
     sel = into_q[None, :, None, None, None]
     rk = jnp.where(sel, jnp.pad(k, pad).astype(self.rk.dtype), self.rk)
@@ -339,9 +330,8 @@ class QuantizedCache(base.Limited):
   def reorder(self, indices) -> "QuantizedCache":
     """Row b of the result is row indices[b] of this cache (beam reordering)."""
     indices = jnp.asarray(indices, jnp.int32)
-    rows = lambda a: None if a is None else jnp.take(a, indices, axis=1)
-    return self.replace(kq=rows(self.kq), ks=rows(self.ks), kz=rows(self.kz), vq=rows(self.vq),
-                        vs=rows(self.vs), vz=rows(self.vz), rk=rows(self.rk), rv=rows(self.rv),
+    rows = lambda a: jnp.take(a, indices, axis=1)
+    return self.replace(k=self.k.map(rows), v=self.v.map(rows), rk=rows(self.rk), rv=rows(self.rv),
                         lengths=jnp.take(self.lengths, indices), qcount=jnp.take(self.qcount, indices))
 
   def grow(self, capacity: int) -> "QuantizedCache":
@@ -349,16 +339,15 @@ class QuantizedCache(base.Limited):
     s = -(-capacity // self.group) * self.group
     if s < self.capacity:
       raise ValueError(f"grow: new capacity {capacity} is smaller than the current {self.capacity}")
-    def pad(a, extra):
-      if a is None:
-        return None
-      widths = [(0, 0)] * a.ndim
-      widths[3] = (0, extra)
-      return jnp.pad(a, widths)
+    def pad(extra):
+      def go(a):
+        widths = [(0, 0)] * a.ndim
+        widths[3] = (0, extra)
+        return jnp.pad(a, widths)
+      return go
     ds, dg = s - self.capacity, (s - self.capacity) // self.group
-    return self.replace(kq=pad(self.kq, ds), ks=pad(self.ks, dg), kz=pad(self.kz, dg),
-                        vq=pad(self.vq, ds), vs=pad(self.vs, ds), vz=pad(self.vz, ds),
-                        block_size=_block_size(s, self.group))
+    k, v = (st.map_parts(*(pad(e) for e in self._spans(st, ds, dg))) for st in (self.k, self.v))
+    return self.replace(k=k, v=v, block_size=_block_size(s, self.group))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,58 +399,74 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
   registry.no_options("quantized", options)
   if spec.offload:
     raise SpecError(f"{spec}: offloading a quantized cache is not yet supported; drop 'offload'")
-  if spec.bits is None:
-    raise SpecError(f"{spec}: the quantized cache needs an intN term")
+  codec = codec_lib.for_spec(spec, dtype)
+  if codec.is_float:
+    raise SpecError(f"{spec}: the quantized cache needs an intN or fp8 term")
   vgroup = min(spec.group, config.head_dim)
   if config.head_dim % vgroup:
     raise SpecError(f"group:{spec.group} must divide the head dim {config.head_dim} (values are "
                     "quantized per token over groups of channels)")
   return QuantizedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
-                             head_dim=config.head_dim, capacity=capacity, bits=spec.bits,
+                             head_dim=config.head_dim, capacity=capacity, codec=codec,
                              group=spec.group, residual=spec.residual, dtype=dtype,
                              growable=spec.mode == "dynamic")
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
-  """Codes for S = context rounded up to G tokens, their float16 scales (and zero points below 8
-  bits), the R + G full-precision staging slots, lengths and qcount."""
+  """Keys and values of S = context rounded up to G tokens at the codec's bytes per token, the
+  R + G full-precision staging slots, lengths and qcount."""
   h, g = config.head_dim, spec.group
   if h % min(g, h):
     raise SpecError(f"{str(spec)!r}: group:{g} does not divide head_dim {h}")
+  codec = codec_lib.for_spec(spec, dtype)
   s = -(-context // g) * g
-  scales = 1 if spec.bits == 8 else 2  # int8 is symmetric: no zero points
-  codes = 2 * s * packing.packed_length(h, spec.bits)
-  key_scales = scales * (s // g) * h * 2  # per channel, per group of G tokens (float16)
-  value_scales = scales * s * (h // min(g, h)) * 2  # per token, per group of channels
+  stored = codec.along_tokens(g).bytes_for(s, h) + codec.fitted(h).bytes_for(s, h)
   staging = 2 * ((spec.residual or 0) + g) * h * jnp.dtype(dtype).itemsize
-  return registry.streams(config, batch) * (codes + key_scales + value_scales + staging) + 8 * batch
+  return registry.streams(config, batch) * (stored + staging) + 8 * batch
 
 
 INT_WORDS = tuple(f"int{b}" for b in packing.SUPPORTED_BITS)
+FP8_WORDS = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
 def _read_storage(word, text):
   terms.no_value(word, text)
+  if word in FP8_WORDS:  # 8 bits a value, in a float format with one scale per token
+    return {"bits": 8, "storage": FP8_WORDS[word]}
   return {"bits": int(word[3:])}
 
 
 def _check_storage(spec):
   if spec.bits not in packing.SUPPORTED_BITS:
     raise SpecError(f"int{spec.bits}: unsupported bit width; supported: {', '.join(INT_WORDS)}")
+  if spec.storage is not None:
+    if spec.storage not in FP8_WORDS.values() or spec.bits != 8:
+      raise SpecError(f"storage {spec.storage!r} is unknown; expected one of {sorted(FP8_WORDS)}")
+    if spec.group != 32:
+      raise SpecError(f"group:{spec.group} sizes intN groups; {_show_storage(spec)} keeps one "
+                      "scale per token (drop group:G)")
+
+
+def _show_storage(spec) -> str:
+  if spec.storage is None:
+    return f"int{spec.bits}"
+  return "fp8" if spec.storage == "fp8_e4m3" else spec.storage
 
 
 def _check_residual(spec):
   terms.needs(spec, f"residual:{spec.residual}", "bits",
-              hint=f"a quantized storage term ({', '.join(INT_WORDS)})")
+              hint=f"a quantized storage term ({', '.join(INT_WORDS + tuple(FP8_WORDS))})")
   if spec.residual % spec.group:
     raise SpecError(f"residual:{spec.residual} must be a multiple of group:{spec.group}")
 
 
 STORAGE = terms.Term(
-    name="storage", usage=" | ".join(INT_WORDS), words=INT_WORDS, fields=(("bits", None),),
-    doc="bit-packed integer storage with per-group float16 scales (any kind that stores tokens)",
-    parse=_read_storage, show=lambda spec: f"int{spec.bits}", kind="quantized", rank=20,
-    check=_check_storage, order=20)
+    name="storage", usage=" | ".join(INT_WORDS) + " | fp8 | fp8_e5m2",
+    words=INT_WORDS + tuple(FP8_WORDS), fields=(("bits", None), ("storage", None)),
+    doc="compressed storage of every kind that stores tokens: bit-packed intN with per-group "
+        "float16 scales, or fp8 (e4m3; e5m2: more range, less precision) with one scale per token",
+    parse=_read_storage, show=_show_storage, kind="quantized", rank=20, check=_check_storage,
+    order=20)
 RESIDUAL = terms.int_term("residual", "the R most recent tokens stay full precision (needs intN)",
                           usage="residual:R", check=_check_residual, order=21)
 GROUP = terms.int_term("group", "quantization group size (default 32)", usage="group:G",

@@ -11,10 +11,11 @@ a = n - 1 - p and sits in tier i iff start_i <= a < end_i, at slot p mod b_i. So
 stored: slot s of tier i holds the position p in [n - end_i, n - start_i) with p = s (mod b_i)
 (empty when p < 0).
 
-Precision. Float tiers (fp32, bf16, fp16) store a cast of the value. Integer tiers (int8, int4,
-int3, int2) store bit-packed per-token codes with one float16 scale (and zero point) per `group`
-consecutive channels of the head dim (kvjax.caches.packing: int8 symmetric, narrower widths
-asymmetric), dequantized inside attention. A token moving down the chain is decoded from its
+Precision. Each tier stores its tokens through a `kvjax.caches.codec.Codec`: float tiers (fp32,
+bf16, fp16) a cast of the value; integer tiers (int8, int4, int3, int2) bit-packed per-token codes
+with one float16 scale (and zero point) per `group` consecutive channels of the head dim (int8
+symmetric, narrower widths asymmetric); fp8 tiers (fp8 = fp8_e4m3, fp8_e5m2) float8 codes with one
+scale per token. Codes are decoded inside attention. A token moving down the chain is decoded from its
 current tier and encoded into the next, so a token in tier i holds
 Q_i(Q_{i-1}(...Q_0(x))) (x = its rotated key or its value): exactly what token-by-token decoding
 would leave there.
@@ -47,75 +48,23 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
-from kvjax.caches import base, packing, registry, terms
+from kvjax.caches import base, registry, terms
+from kvjax.caches import codec as codec_lib
+from kvjax.caches.codec import TokenStore, stores_map  # noqa: F401  (re-exported)
 from kvjax.caches.registry import SpecError
 
-FLOAT_FORMATS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-INT_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+# The per-token storage lives in kvjax.caches.codec; these names stay importable from here.
+FLOAT_FORMATS = codec_lib.FLOAT_FORMATS
+INT_FORMATS = codec_lib.INT_FORMATS
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-token storage at one precision (shared with the quantized H2O cache)
-# ---------------------------------------------------------------------------------------------
-@struct.dataclass
-class TokenStore:
-  """Keys (or values) of a set of token slots at one precision; logical shape [..., S, H].
-
-  data:  float [..., S, H] (bits None), or uint8 packed codes [..., S, packed_length(H, bits)].
-  scale: float16 [..., S, H // group] for integer formats, else None.
-  zero:  float16 like scale for asymmetric formats (all but int8), else None.
-  Every leaf has the slot axis at the same place, so gathers and scatters over the leading axes
-  are `jax.tree_util.tree_map`s.
-  """
-
-  data: jax.Array
-  scale: jax.Array | None
-  zero: jax.Array | None
-  bits: int | None = struct.field(pytree_node=False, default=None)
-  group: int = struct.field(pytree_node=False, default=32)
-  head_dim: int = struct.field(pytree_node=False, default=0)
-
-  @classmethod
-  def encode(cls, x: jax.Array, *, bits: int | None, group: int, dtype=jnp.float32) -> "TokenStore":
-    """Stores x [..., H]: cast to `dtype` (bits None) or quantized per token along channels."""
-    h = x.shape[-1]
-    if bits is None:
-      return cls(data=x.astype(dtype), scale=None, zero=None, bits=None, group=group, head_dim=h)
-    q = packing.quantize(x, bits, group=group, axis=-1)
-    return cls(data=q.packed, scale=q.scale, zero=q.zero, bits=bits, group=group, head_dim=h)
-
-  @classmethod
-  def empty(cls, shape: tuple, *, bits: int | None, group: int, dtype=jnp.float32) -> "TokenStore":
-    """Zero-filled store of logical shape [..., S, H]."""
-    return cls.encode(jnp.zeros(shape, jnp.float32), bits=bits, group=group, dtype=dtype)
-
-  def decode(self, dtype=jnp.float32) -> jax.Array:
-    """The stored values as floats [..., S, H]."""
-    if self.bits is None:
-      return self.data.astype(dtype)
-    shape = self.data.shape[:-1] + (self.head_dim,)
-    q = packing.Quantized(packed=self.data, scale=self.scale, zero=self.zero, bits=self.bits,
-                          group=self.group, axis=len(shape) - 1, shape=shape)
-    return packing.dequantize(q, dtype)
-
-  def map(self, fn) -> "TokenStore":
-    """Applies fn to every array leaf (all share the leading axes)."""
-    return jax.tree_util.tree_map(fn, self)
-
-
-def stores_map(fn, *stores: TokenStore) -> TokenStore:
-  """tree_map over several stores of the same format."""
-  return jax.tree_util.tree_map(fn, *stores)
-
-
-def parse_format(name: str, dtype) -> tuple[int | None, jnp.dtype]:
-  """(bits, float dtype) of a tier format name; `dtype` is used for nothing but float formats."""
-  if name in FLOAT_FORMATS:
-    return None, FLOAT_FORMATS[name]
-  if name in INT_FORMATS:
-    return INT_FORMATS[name], dtype
-  raise SpecError(f"tier format {name!r} is unknown; expected one of "
-                  f"{', '.join(list(FLOAT_FORMATS) + list(INT_FORMATS))}")
+def parse_format(name: str, dtype=jnp.float32, group: int = 32) -> codec_lib.Codec:
+  """The codec of a tier format name (fp32 bf16 fp16 int8 int4 int3 int2 fp8 fp8_e4m3 fp8_e5m2)."""
+  try:
+    return codec_lib.parse(name, dtype, group)
+  except SpecError:
+    raise SpecError(f"tier format {name!r} is unknown; expected one of "
+                    f"{', '.join(codec_lib.FORMATS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,35 +106,33 @@ class TieredCache(base.Evicting):
   @property
   def exact(self) -> bool:
     """Only a chain of fp32 tiers stores tokens exactly."""
-    return all(t.k.bits is None and t.k.data.dtype == jnp.float32 for t in self.tiers)
+    return all(t.k.codec.format == "fp32" for t in self.tiers)
 
   @property
   def error_bound(self) -> float:
     """A token in tier i went through every encoding before it: the bounds add up."""
-    float_steps = {jnp.dtype(jnp.float32): 0.0, jnp.dtype(jnp.bfloat16): 2.0**-8,
-                   jnp.dtype(jnp.float16): 2.0**-11}
-    return sum(packing.error_bound(t.k.bits) if t.k.bits is not None
-               else float_steps.get(jnp.dtype(t.k.data.dtype), 2.0**-8) for t in self.tiers)
+    return sum(t.k.codec.error_bound for t in self.tiers)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, tiers, group: int = 32,
            dtype=jnp.float32) -> "TieredCache":
-    """tiers: (budget, format) pairs, newest first; formats: fp32 bf16 fp16 int8 int4 int3 int2."""
+    """tiers: (budget, format) pairs, newest first; formats: codec.FORMATS (fp32 bf16 fp16 int8
+    int4 int3 int2 fp8 fp8_e4m3 fp8_e5m2), or `Codec`s."""
     if not tiers:
       raise SpecError("a tiered cache needs at least one tier")
     built = []
     for budget, name in tiers:
       if not isinstance(budget, int) or budget <= 0:
         raise SpecError(f"tier budget must be a positive int, got {budget!r}")
-      bits, fdtype = parse_format(name, dtype)
-      if bits is not None and head_dim % group:
+      codec = name if isinstance(name, codec_lib.Codec) else parse_format(name, dtype, group)
+      if codec.kind == "int" and head_dim % codec.group:
         raise SpecError(f"tier {budget}:{name}: head_dim {head_dim} is not a multiple of the "
-                        f"quantization group {group}; pick group:G dividing {head_dim}")
+                        f"quantization group {codec.group}; pick group:G dividing {head_dim}")
       shape = (n_layers, batch, kv_heads, budget, head_dim)
       # Separate buffers for k and v: a donated cache must not hold one buffer twice.
-      store = lambda: TokenStore.empty(shape, bits=bits, group=group, dtype=fdtype)
-      built.append(Tier(k=store(), v=store(), budget=budget, name=name))
+      built.append(Tier(k=codec.empty(shape), v=codec.empty(shape), budget=budget,
+                        name=name if isinstance(name, str) else codec.format))
     return cls(tiers=tuple(built), lengths=jnp.zeros((batch,), jnp.int32))
 
   # ---- static facts ---------------------------------------------------------------------------
@@ -239,7 +186,7 @@ class TieredCache(base.Evicting):
         here = store.map(lambda a: a[rows, :, slot])  # [B, K, ...] the displaced token
         if i < last:  # what falls out of the last tier is simply overwritten
           leaving.append(here.decode(jnp.float32))
-        enc = TokenStore.encode(x, bits=store.bits, group=store.group, dtype=store.data.dtype)
+        enc = store.codec.encode(x)
         enc = stores_map(lambda e, h: jnp.where(keep, e, h), enc, here)  # padding: unchanged
         new_pair.append(stores_map(lambda a, e: a.at[rows, :, slot].set(e), store, enc))
       out.append(tuple(new_pair))
@@ -352,27 +299,19 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
                           head_dim=config.head_dim, tiers=spec.tiers, group=spec.group, dtype=dtype)
 
 
-def token_bytes(n: int, head_dim: int, fmt: str, group: int, dtype) -> int:
-  """Bytes of n tokens' keys and values of one (layer, row, kv head) stream stored as `fmt`:
-  floats, or packed per-token codes with a float16 scale (and zero point below 8 bits) per
-  `group` channels (the format H2O's quantized pool uses too)."""
-  bits, fdtype = parse_format(fmt, dtype)
-  if bits is None:
-    return 2 * n * head_dim * jnp.dtype(fdtype).itemsize
-  if head_dim % group:
-    raise SpecError(f"tier {fmt}: group:{group} does not divide head_dim {head_dim}")
-  scales = 1 if bits == 8 else 2
-  return 2 * n * (packing.packed_length(head_dim, bits) + scales * (head_dim // group) * 2)
-
-
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """Each tier's codes (or floats) and scales, plus lengths; the context does not matter."""
   streams = registry.streams(config, batch)
-  return 4 * batch + sum(streams * token_bytes(budget, config.head_dim, fmt, spec.group, dtype)
-                         for budget, fmt in spec.tiers)
+  total = 4 * batch
+  for budget, fmt in spec.tiers:
+    codec = parse_format(fmt, dtype, spec.group)
+    if codec.kind == "int" and config.head_dim % codec.group:
+      raise SpecError(f"tier {fmt}: group:{codec.group} does not divide head_dim {config.head_dim}")
+    total += streams * 2 * budget * codec.token_bytes(config.head_dim)
+  return total
 
 
-TIER_DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "int3", "int2")
+TIER_DTYPES = codec_lib.FORMATS
 
 
 def _read_tiers(word, text):

@@ -54,6 +54,7 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.caches import base, registry, terms
+from kvjax.caches import codec as codec_lib
 from kvjax.caches.registry import SpecError
 
 
@@ -344,8 +345,8 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   """k, v [L, B, K, S+N, H], pos [B, S+N] and lengths [B]; the context does not matter."""
   slots = spec.sink + spec.window
-  item = jnp.dtype(dtype).itemsize
-  return 2 * registry.streams(config, batch) * slots * config.head_dim * item + 4 * batch * (slots + 1)
+  per_token = codec_lib.of_dtype(dtype).token_bytes(config.head_dim)  # a cast: H x itemsize
+  return 2 * registry.streams(config, batch) * slots * per_token + 4 * batch * (slots + 1)
 
 
 def _check_sink(spec):

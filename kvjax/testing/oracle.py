@@ -145,8 +145,35 @@ def packing_quantize(x: np.ndarray, bits: int, group: int):
   return deq, np_quantize(x, bits, group)[1]
 
 
+def np_fp8(x: np.ndarray, fmt: str = "fp8_e4m3", scale_dtype=np.float16):
+  """NumPy mirror of kvjax.caches.codec's fp8: (codes [..., H] fp8, scale [..., 1], decoded f32).
+
+  Per token: s = max|x| * float32(1 / F) rounded up to scale_dtype, codes = x / s to the nearest
+  fp8 value, decoded = codes * s."""
+  import ml_dtypes
+
+  dt = {"fp8": ml_dtypes.float8_e4m3fn, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+        "fp8_e5m2": ml_dtypes.float8_e5m2}[fmt]
+  top = float(ml_dtypes.finfo(dt).max)
+  x = np.asarray(x, np.float32)
+  s = np.max(np.abs(x), axis=-1, keepdims=True) * np.float32(1.0 / top)
+  if np.dtype(scale_dtype) == np.float16:
+    big = np.float32(np.finfo(np.float16).max)
+    s = np.minimum(s, big)
+    r = s.astype(np.float16)
+    s = np.where(r.astype(np.float32) < s, np.nextafter(r, np.float16(big)), r)
+  sf = s.astype(np.float32)
+  y = np.where(sf > 0, x / np.where(sf > 0, sf, 1), 0).astype(np.float32)
+  codes = np.clip(y, -top, top).astype(dt)
+  return codes, s.astype(scale_dtype), codes.astype(np.float32) * sf
+
+
 def np_encode(x: np.ndarray, fmt: str, group: int, exact: bool = False):
   """(value as stored in a tier of format fmt, step) for float32 x [..., H]."""
+  if fmt.startswith("fp8"):  # step: the codec's bound, 2^-(m+1) + 2^-12 of the token's max|x|
+    rel = (2.0**-4 if fmt in ("fp8", "fp8_e4m3") else 2.0**-3) + 2.0**-12
+    amax = np.max(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
+    return np_fp8(x, fmt)[2], np.broadcast_to(rel * amax, x.shape).astype(np.float32)
   if fmt == "fp32":
     return x.astype(np.float32), np.zeros(x.shape, np.float32)
   if fmt in ("bf16", "fp16"):
