@@ -153,9 +153,11 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
 
   config: anything with `n_layers`, `n_kv_heads`, `head_dim` (a model config), or a model (then
     its config, and its dtype unless `dtype` is given).
-  capacity: slots per row for unbounded kinds (full, dynamic, quantized, offload); bounded kinds
-    size themselves from their budget (the default when capacity is None; so does a registered
-    kind that declares a `capacity` hook), and a budget larger than `capacity` is an error.
+  capacity: the tokens a row must be able to hold. Unbounded kinds (full, dynamic, quantized,
+    offload, lowrank) allocate exactly that many slots; `paged:P` rounds it up to whole pages;
+    bounded kinds (window, h2o, snapkv, tier) hold their budget whatever the stream, so they size
+    themselves from it (also the default when capacity is None, as for a registered kind with a
+    `capacity` hook), and a budget larger than `capacity` is an error.
   dtype: storage dtype of full-precision keys/values; default: the config's (or model's) `dtype`
     if it has one, else fp32 on CPU and bf16 on accelerators.
   mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
