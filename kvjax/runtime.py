@@ -194,7 +194,21 @@ def _build(model, spec, lengths, padded: int, extra: int, capacity, dtype, optio
 
 def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, *, mesh=None,
                rules=None, **options):
-  """`kvjax.make_cache` (see its docstring): `spec` parsed, `config` a config or a model."""
+  """Builds an empty cache of the kind `spec` names, for `batch` rows.
+
+  config: anything with `n_layers`, `n_kv_heads`, `head_dim` (a model config), or a model (then
+    its config, and its dtype unless `dtype` is given).
+  capacity: the tokens a row must be able to hold. Unbounded kinds (full, dynamic, quantized,
+    offload, lowrank) allocate exactly that many slots; `paged:P` rounds it up to whole pages;
+    bounded kinds (window, h2o, snapkv, tier) hold their budget whatever the stream, so they size
+    themselves from it (also the default when capacity is None, as for a registered kind with a
+    `capacity` hook), and a budget larger than `capacity` is an error.
+  dtype: storage dtype of full-precision keys/values; default: the config's (or model's) `dtype`
+    if it has one, else fp32 on CPU and bf16 on accelerators.
+  mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
+    `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
+  options: kind-specific extras (e.g. calibration maps for share:G:cal).
+  """
   spec = spec_lib.parse_spec(spec)
   if hasattr(config, "config") and hasattr(config, "params"):  # a model
     dtype = dtype if dtype is not None else model_dtype(config)

@@ -9,7 +9,7 @@ with a line of help each.
 rejects unknown, malformed, repeated and contradictory terms with a `SpecError` naming the term;
 `str(spec)` gives the canonical string back (`parse_spec(str(s)) == s`). A spec's attributes are
 the fields its terms declare (`spec.window`, `spec.bits`, ...; the default where a term is absent).
-`make_cache` builds the cache pytree of the kind the spec names (see `kvjax.caches.registry`).
+`make_cache` (`kvjax.runtime.make_cache`) builds the cache pytree of the kind the spec names.
 """
 
 from __future__ import annotations
@@ -147,24 +147,11 @@ def grammar() -> str:
   return "\n".join(f"  {t.usage:<28} {t.doc}" for t in terms.all_terms())
 
 
-def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, *, mesh=None,
-               rules=None, **options):
-  """Builds an empty cache of the kind `spec` names, for `batch` rows.
+def __getattr__(name: str):
+  """`kvjax.spec.make_cache` is `kvjax.runtime.make_cache` (it builds and places; this module
+  only parses), imported on first use."""
+  if name == "make_cache":
+    from kvjax import runtime
 
-  config: anything with `n_layers`, `n_kv_heads`, `head_dim` (a model config), or a model (then
-    its config, and its dtype unless `dtype` is given).
-  capacity: the tokens a row must be able to hold. Unbounded kinds (full, dynamic, quantized,
-    offload, lowrank) allocate exactly that many slots; `paged:P` rounds it up to whole pages;
-    bounded kinds (window, h2o, snapkv, tier) hold their budget whatever the stream, so they size
-    themselves from it (also the default when capacity is None, as for a registered kind with a
-    `capacity` hook), and a budget larger than `capacity` is an error.
-  dtype: storage dtype of full-precision keys/values; default: the config's (or model's) `dtype`
-    if it has one, else fp32 on CPU and bf16 on accelerators.
-  mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
-    `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
-  options: kind-specific extras (e.g. calibration maps for share:G:cal).
-  """
-  from kvjax import runtime
-
-  return runtime.make_cache(parse_spec(spec), config, batch, capacity, dtype, mesh=mesh,
-                             rules=rules, **options)
+    return runtime.make_cache
+  raise AttributeError(f"module 'kvjax.spec' has no attribute {name!r}")
