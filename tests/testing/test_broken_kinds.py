@@ -74,6 +74,11 @@ class BrokenRing(RingCache):
       cache = cache._push(layer, k[:, t], v[:, t], self.lengths + t, t <= n_valid)
     return cache
 
+  def supports(self, verb):
+    if self.bug == "claims-crop" and verb == "crop":
+      return True  # a wrapper that answers for its inner cache without asking it
+    return super().supports(verb)
+
   def view(self):
     view = super().view()
     if self.bug == "positions":
@@ -110,6 +115,7 @@ BROKEN = [
     (full_factory("jit-differs"), "jit-equals-eager"),
     (full_factory("ignores-scale"), "attention"),
     (full_factory("nbytes"), "nbytes"),
+    (ring_factory("claims-crop"), "protocol"),
 ]
 
 
@@ -169,3 +175,10 @@ def test_the_one_padding_token_bug_is_caught_at_a_larger_capacity():
   too: the quick setting catches the bug there as well."""
   _assert_caught(ring_factory("writes-padding"), "contents", quick=True, capacity=16,
                  only=["contents", "n_valid"])
+
+
+def test_a_wrapper_claiming_a_verb_is_caught():
+  """`caps.verbs` is checked against what the verbs do: a kind (a wrapper, typically) that claims
+  `crop` while its crop raises NotImplementedError fails `protocol`, quick setting."""
+  with pytest.raises(CacheKindError, match="claims 'crop'"):
+    check_cache_kind(ring_factory("claims-crop"), quick=True, only=["protocol"])
