@@ -148,7 +148,8 @@ class Engine:
         return False
       self.cache = steps.pin(self.cache, self.index.evict(max(need - spare, 1), keep), -1)
 
-  def _admit(self, ids: np.ndarray, end: int, n: int, hit: list[int]) -> tuple[list[int], int] | None:
+  def _admit(self, ids: np.ndarray, end: int, n: int,
+             hit: list[int]) -> tuple[list[int], int] | None:
     """The index pages to adopt and the tokens they hold, once room is made for the request
     (None: the pool cannot hold it now)."""
     for pages, reused in admission.adoptions(hit, ids.size, self.page_size):

@@ -14,15 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.caches import paged_rows
+
 CHUNKS = (16, 64, 256)  # prefill chunk sizes: one executable each
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
 def _prefill_chunk(params, tokens, n_valid, cache, row, *, model):
   """Feeds tokens [1, C] (n_valid [1] real) to row `row`; returns (last logits [V], cache)."""
-  view = cache.row_view(row)
+  view = paged_rows.row_view(cache, row)
   logits, view = model.step_last(params, tokens, view, n_valid)
-  return logits[0], cache.merge_row(row, view)
+  return logits[0], paged_rows.merge_row(cache, row, view)
 
 
 def prefill(params, ids: np.ndarray, cache, row: int, *, model):
@@ -58,24 +60,24 @@ def step(params, last, active, cache, key, *, model, sampler):
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def release(cache, rows):
   """Empties the rows where rows (bool [B]) is true and gives their pages back."""
-  return cache.release(rows)
+  return paged_rows.release(cache, rows)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def fork(cache, src, dst):
   """Rows dst[i] share the pages of rows src[i] (int32 [n] each)."""
-  return cache.fork(src, dst)
+  return paged_rows.fork(cache, src, dst)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def adopt(cache, row, pages, length):
   """Row `row` becomes `length` tokens held by pages (int32 [M], N past the used ones)."""
-  return cache.adopt(row, pages, length)
+  return paged_rows.adopt(cache, row, pages, length)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _pin(cache, pages, count):
-  return cache.pin(pages, count)
+  return paged_rows.pin(cache, pages, count)
 
 
 def pin(cache, pages: list[int], count: int):
