@@ -52,7 +52,38 @@ from flax import struct
 from kvjax import attention as attn
 from kvjax.caches import base, page_table, registry, terms
 from kvjax.caches import codec as codec_lib
+from kvjax.caches import paged_rows
 from kvjax.caches.registry import SpecError
+
+
+def _pool_size(batch: int, capacity: int, page_size: int, pages: int | None) -> tuple[int, int]:
+  """(M pages per row, N pages in the pool; default batch x M); raises ValueError for sizes that
+  are not positive ints or a capacity that is not a multiple of the page size."""
+  for name, value in (("page_size", page_size), ("capacity", capacity)):
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+      raise ValueError(f"PagedCache: {name} must be a positive int, got {value!r}")
+  if capacity % page_size:
+    raise ValueError(f"PagedCache: capacity {capacity} is not a multiple of the page size {page_size}")
+  per_row = capacity // page_size
+  pages = batch * per_row if pages is None else pages
+  if not isinstance(pages, (int, np.integer)) or pages <= 0:
+    raise ValueError(f"PagedCache: pages must be a positive int, got {pages!r}")
+  return per_row, int(pages)
+
+
+def _pages_per_block(per_row: int, page_size: int) -> int:
+  """Pages attention reads per block: the most that divide M and hold <= 256 tokens (one page
+  when a page alone is larger)."""
+  for d in range(per_row, 0, -1):
+    if per_row % d == 0 and d * page_size <= max(256, page_size):
+      return d
+  return 1
+
+
+def _halves(leaves: tuple) -> tuple[tuple, tuple]:
+  """(the key store's leaves, the value store's leaves) of a pool-like tuple."""
+  half = len(leaves) // 2
+  return leaves[:half], leaves[half:]
 
 
 @struct.dataclass
@@ -83,30 +114,18 @@ class PagedCache(base.Limited):
     """An empty cache: `capacity` tokens per row at most (a multiple of page_size), a pool of
     `pages` pages (default: batch x capacity / page_size, room for every row to be full).
     Pages store tokens through `codec` (default: intN from `bits` and `group`, else `dtype`)."""
-    for name, value in (("page_size", page_size), ("capacity", capacity)):
-      if not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"PagedCache: {name} must be a positive int, got {value!r}")
-    if capacity % page_size:
-      raise ValueError(f"PagedCache: capacity {capacity} is not a multiple of the page size {page_size}")
-    per_row = capacity // page_size
-    pages = batch * per_row if pages is None else pages
-    if not isinstance(pages, (int, np.integer)) or pages <= 0:
-      raise ValueError(f"PagedCache: pages must be a positive int, got {pages!r}")
+    per_row, pages = _pool_size(batch, capacity, page_size, pages)
     if codec is None:
       codec = codec_lib.of_dtype(dtype) if bits is None else codec_lib.of_bits(bits, group)
     if codec.kind == "int" and head_dim % min(codec.group, head_dim):
       raise SpecError(f"paged: group:{codec.group} must divide the head dim {head_dim}")
     codec = codec.fitted(head_dim)
-    shape = (n_layers, kv_heads, int(pages), page_size, head_dim)
+    shape = (n_layers, kv_heads, pages, page_size, head_dim)
     pool = codec.empty(shape).leaves() + codec.empty(shape).leaves()
-    ppb = 1
-    for d in range(per_row, 0, -1):  # pages read per attention block: <= 256 tokens, divides M
-      if per_row % d == 0 and d * page_size <= max(256, page_size):
-        ppb = d
-        break
-    return cls(pool=pool, pages=page_table.empty(batch, per_row, int(pages), page_size),
+    return cls(pool=pool, pages=page_table.empty(batch, per_row, pages, page_size),
                lengths=jnp.zeros((batch,), jnp.int32), failed=jnp.zeros((batch,), bool),
-               page_size=page_size, head_dim_=head_dim, codec=codec, pages_per_block=ppb)
+               page_size=page_size, head_dim_=head_dim, codec=codec,
+               pages_per_block=_pages_per_block(per_row, page_size))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -205,17 +224,9 @@ class PagedCache(base.Limited):
     return self.replace(pages=pages, pool=pool, failed=self.failed | ~ok)
 
   # ---- storage --------------------------------------------------------------------------------
-  def _encode(self, x) -> tuple:
-    """Leaves of one of keys/values for x [B, T, K, H]."""
-    return self.codec.encode(x).leaves()
-
   def _decode(self, leaves) -> jax.Array:
     """Floats [..., H] from the leaves of one of keys/values (float pools as stored, else fp32)."""
     return self.codec.wrap(leaves, self.head_dim).decode(None)
-
-  def _halves(self, leaves):
-    half = len(leaves) // 2
-    return leaves[:half], leaves[half:]
 
   def write(self, layer: int, k, v, n_valid=None) -> "PagedCache":
     """Stores k, v [B, T, K, H] of one layer at each row's next positions (lengths unchanged).
@@ -230,7 +241,7 @@ class PagedCache(base.Limited):
             & ~cache.failed[:, None])
     page = jnp.where(real, page, self.n_pages)  # padding, overflow and failed rows: dropped
     slot = pos % p
-    new = self._encode(k) + self._encode(v)
+    new = self.codec.encode(k).leaves() + self.codec.encode(v).leaves()
     pool = tuple(a.at[layer, :, page, slot].set(x, mode="drop") for a, x in zip(cache.pool, new))
     return cache.replace(pool=pool)
 
@@ -246,7 +257,7 @@ class PagedCache(base.Limited):
     # XLA copy the whole layer's pool on every block
     leaves = tuple(jnp.swapaxes(a[layer, :, ids], 1, 2) for a in self.pool)  # [B, K, ppb, P, ...]
     flat = tuple(x.reshape(x.shape[:2] + (ppb * p,) + x.shape[4:]) for x in leaves)
-    kl, vl = self._halves(flat)
+    kl, vl = _halves(flat)
     return self._decode(kl), self._decode(vl)
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
@@ -277,13 +288,13 @@ class PagedCache(base.Limited):
     leaves = tuple(jnp.swapaxes(a[:, :, jnp.minimum(self.table, self.n_pages - 1)], 1, 2)
                    for a in self.pool)  # [L, B, K, M, P, ...]
     flat = tuple(x.reshape(x.shape[:3] + (self.capacity,) + x.shape[5:]) for x in leaves)
-    kl, vl = self._halves(flat)
+    kl, vl = _halves(flat)
     return base.prefix_view(self, self._decode(kl), self._decode(vl))
 
   def filled(self) -> jax.Array:
     return jnp.where(self.failed, 0, jnp.minimum(self.lengths, self.capacity))
 
-  # ---- rows ---------------------------------------------------------------------------------
+  # ---- rows (the surgery the engine and the prefix store do: `kvjax.caches.paged_rows`) ---
   def reset(self) -> "PagedCache":
     """Empty: no page referenced, no pin, no failure (the pool keeps stale values)."""
     return self.replace(pages=page_table.reset(self.pages), lengths=jnp.zeros_like(self.lengths),
@@ -301,70 +312,20 @@ class PagedCache(base.Limited):
                         lengths=jnp.take(self.lengths, indices), failed=jnp.take(self.failed, indices))
 
   def fork(self, src, dst) -> "PagedCache":
-    """Rows dst[i] become copies of rows src[i] (int [n] each) sharing their pages; the other rows
-    are unchanged. What dst rows held is given back."""
-    src, dst = jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32)
-    return self.replace(pages=page_table.fork(self.pages, src, dst),
-                        lengths=self.lengths.at[dst].set(self.lengths[src]),
-                        failed=self.failed.at[dst].set(self.failed[src]))
+    """Rows dst[i] share the pages of rows src[i] (int [n] each); see `paged_rows.fork`."""
+    return paged_rows.fork(self, src, dst)
 
   def release(self, rows) -> "PagedCache":
     """Empties the rows where rows (bool [B]) is true and gives their pages back."""
-    rows = jnp.asarray(rows, bool)
-    return self.replace(pages=page_table.release(self.pages, rows),
-                        lengths=jnp.where(rows, 0, self.lengths), failed=self.failed & ~rows)
+    return paged_rows.release(self, rows)
 
-  def adopt(self, row, pages, length) -> "PagedCache":
-    """Row `row` (int) becomes a row of `length` tokens held by `pages` (int32 [M], the "no page"
-    marker N past the ones used): a prefix-cache hit. What the row held is given back."""
-    return self.replace(pages=page_table.adopt(self.pages, row, pages),
-                        lengths=self.lengths.at[row].set(jnp.asarray(length, jnp.int32)),
-                        failed=self.failed.at[row].set(False))
-
-  def pin(self, pages, count=1) -> "PagedCache":
-    """Adds `count` outside references to pages (int32 [n]; N entries ignored): they stay
-    allocated when no row holds them (the prefix index does this)."""
-    return self.replace(pages=page_table.pin(self.pages, pages, count))
-
-  def unpin(self, pages) -> "PagedCache":
-    return self.replace(pages=page_table.unpin(self.pages, pages))
-
-  def row_view(self, row) -> "PagedCache":
-    """A batch-1 cache of row `row` (int, may be traced) over the same pool: prefill one request
-    without computing the other rows. The other rows' references travel as pins, so the view
-    never takes their pages; `merge_row` puts the result back."""
-    return self.replace(pages=page_table.row_view(self.pages, row),
-                        lengths=jax.lax.dynamic_slice_in_dim(self.lengths, row, 1),
-                        failed=jax.lax.dynamic_slice_in_dim(self.failed, row, 1))
-
-  def merge_row(self, row, view: "PagedCache") -> "PagedCache":
-    """This cache with row `row` (and the pool) taken from `view`, a `row_view` of it."""
-    return self.replace(pages=page_table.merge_row(self.pages, row, view.pages), pool=view.pool,
-                        lengths=jax.lax.dynamic_update_slice_in_dim(self.lengths, view.lengths, row, 0),
-                        failed=jax.lax.dynamic_update_slice_in_dim(self.failed, view.failed, row, 0))
-
-  # ---- prefix store (outside jit: shapes change) ----------------------------------------------
   def compact(self) -> "PagedCache":
-    """The same rows in a pool of only the pages they reference (renumbered in order of first
-    use): what `PrefixStore` keeps of a prefilled prefix."""
-    pages, kept = page_table.compact(self.pages)
-    idx = jnp.asarray(kept)
-    return self.replace(pool=tuple(a[:, :, idx] for a in self.pool), pages=pages)
+    """The same rows in a pool of only the pages they reference (outside jit)."""
+    return paged_rows.compact(self)
 
   def widen(self, batch: int, room: int) -> "PagedCache":
-    """`batch` rows that all point at this batch-1 cache's pages (no page is copied), in a pool
-    with `room` more tokens' worth of pages per row (plus one for a copied shared last page)."""
-    if self.batch != 1:
-      raise ValueError(f"widen: expected a batch-1 cache, got batch {self.batch}")
-    extra = batch * (-(-room // self.page_size) + 1)
-    pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 3))
-    return self.replace(pool=tuple(pad(a) for a in self.pool),
-                        pages=page_table.widen(self.pages, batch, extra),
-                        lengths=jnp.tile(self.lengths, batch), failed=jnp.tile(self.failed, batch))
-
-  def row_pages(self, row: int) -> np.ndarray:
-    """The pages row `row` holds, in order (outside jit)."""
-    return page_table.row_pages(self.pages, row, int(self.lengths[row]))
+    """`batch` rows sharing this batch-1 cache's pages, with room for `room` more tokens each."""
+    return paged_rows.widen(self, batch, room)
 
   def audit(self) -> list[str]:
     """The allocator's broken invariants (`page_table.audit`; rows refused a page are not held

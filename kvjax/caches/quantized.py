@@ -179,66 +179,18 @@ class QuantizedCache(base.Limited):
     """Bytes of the codes and their scales/zero points (the residual buffer excluded)."""
     return self.k.nbytes() + self.v.nbytes()
 
-  # ---- encoding of whole groups --------------------------------------------------------------
-  def _encode(self, k, v) -> tuple[TokenStore, TokenStore]:
-    """k, v [B, K, M*G, H] (M whole groups of tokens) -> their stores (keys per channel over
-    groups of G tokens with intN, values per token)."""
-    return self.k.codec.encode(k), self.v.codec.encode(v)
-
-  def _spans(self, store: TokenStore, tok, grp):
-    """(data index, side index): KIVI key scales are indexed by group of tokens, the rest by token."""
-    return tok, (grp if store.codec.scale_span > 1 else tok)
-
-  # ---- storage ------------------------------------------------------------------------------
-  def _stage(self, layer: int, k, v):
-    """Puts new tokens k, v [B, T, K, H] after each row's residual tokens.
-
-    Returns ext_k, ext_v [B, K, F + T, H]: slot i holds position qcount[b] + i for
-    i < lengths[b] - qcount[b] + n_valid[b] (later slots are stale or padding).
-    """
-    t = k.shape[1]
-    used = self.lengths - self.qcount  # [B]
-    slots = used[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    rows = jnp.arange(self.batch)[:, None]
-    pad = ((0, 0), (0, 0), (0, t), (0, 0))
-    ext_k = jnp.pad(self.rk[layer], pad).at[rows, :, slots].set(k.astype(self.rk.dtype))
-    ext_v = jnp.pad(self.rv[layer], pad).at[rows, :, slots].set(v.astype(self.rv.dtype))
-    return ext_k, ext_v
-
+  # ---- storage (staging and flushing: `_stage`, `_flush` below the class) -------------------
   def _flushed_groups(self, n_valid) -> jax.Array:
     """int32 [B]: groups each row quantizes after taking n_valid more tokens."""
     held = self.lengths - self.qcount + n_valid
     return jnp.maximum(held - self.residual, 0) // self.group
 
-  def _flush(self, layer: int, ext_k, ext_v, n_valid) -> "QuantizedCache":
-    """Quantizes each row's oldest whole groups beyond the residual; keeps the rest in rk/rv."""
-    b, f, g = self.batch, self.staging, self.group
-    width = ext_k.shape[2]  # F + T
-    m = (width - 1 - self.residual) // g  # most groups any row can flush in this call (static)
-    n_groups = self._flushed_groups(n_valid)  # [B]
-    rows = jnp.arange(b)[:, None]
-    new_k, new_v = self._encode(ext_k[:, :, :m * g], ext_v[:, :, :m * g])
-    j = jnp.arange(m * g, dtype=jnp.int32)[None, :]
-    tok = jnp.where(j < n_groups[:, None] * g, self.qcount[:, None] + j, self.capacity)  # [B, M*G]
-    jg = jnp.arange(m, dtype=jnp.int32)[None, :]
-    grp = jnp.where(jg < n_groups[:, None], self.qcount[:, None] // g + jg, self.capacity // g)
-    scatter = lambda idx: lambda buf, x: buf.at[layer, rows, :, idx].set(
-        x.transpose(0, 2, 1, 3), mode="drop")
-    put = lambda store, new: store.map_parts(*map(scatter, self._spans(store, tok, grp)), new)
-    # The residual slides down by the flushed tokens.
-    shift = n_groups[:, None] * g + jnp.arange(f, dtype=jnp.int32)[None, :]  # [B, F]
-    shift = jnp.minimum(shift, width - 1)[:, None, :, None]
-    return self.replace(
-        k=put(self.k, new_k), v=put(self.v, new_v),
-        rk=self.rk.at[layer].set(jnp.take_along_axis(ext_k, shift, axis=2)),
-        rv=self.rv.at[layer].set(jnp.take_along_axis(ext_v, shift, axis=2)))
-
   # ---- protocol -------------------------------------------------------------------------------
   def write(self, layer: int, k, v, n_valid=None) -> "QuantizedCache":
     """Stores k, v [B, T, K, H] (as given) of one layer after each row's tokens; lengths unchanged."""
     n_valid = base.normalize_n_valid(n_valid, self.batch, k.shape[1], what="write")
-    ext_k, ext_v = self._stage(layer, k, v)
-    return self._flush(layer, ext_k, ext_v, n_valid)
+    ext_k, ext_v = _stage(self, layer, k, v)
+    return _flush(self, layer, ext_k, ext_v, n_valid)
 
   def advance(self, n_valid) -> "QuantizedCache":
     n_valid = jnp.asarray(n_valid, jnp.int32)
@@ -250,7 +202,7 @@ class QuantizedCache(base.Limited):
     bs, g = self.block_size, self.group
     tok = lambda a: jax.lax.dynamic_slice_in_dim(a[layer], start, bs, axis=2)
     grp = lambda a: jax.lax.dynamic_slice_in_dim(a[layer], start // g, bs // g, axis=2)
-    return tuple(s.map_parts(*self._spans(s, tok, grp)).decode(jnp.float32) for s in (self.k, self.v))
+    return tuple(s.map_parts(*_spans(s, tok, grp)).decode(jnp.float32) for s in (self.k, self.v))
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """Rotates, stages, flushes, attends (quantized blocks as before the call + exact residual).
@@ -259,11 +211,11 @@ class QuantizedCache(base.Limited):
     """
     n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
     q = attn.apply_rope(rope, q, positions)
-    ext_k, ext_v = self._stage(layer, attn.apply_rope(rope, k, positions), v)
+    ext_k, ext_v = _stage(self, layer, attn.apply_rope(rope, k, positions), v)
     qg = attn.prepare_queries(q, self.kv_heads, scale)  # [B, T, K, G, H]
     # Flush first, read after (as the full cache does), so XLA updates the buffers in place; the
     # groups flushed now sit at slots >= the old qcount, which the read below masks out.
-    cache = self._flush(layer, ext_k, ext_v, n_valid)
+    cache = _flush(self, layer, ext_k, ext_v, n_valid)
 
     # Part 1: the quantized region as it was before this call (every slot < qcount is visible).
     qlen = self.qcount
@@ -319,7 +271,7 @@ class QuantizedCache(base.Limited):
     tok = (start[:, None] + jnp.arange(g, dtype=jnp.int32)[None, :])[None, :, None, :, None]
     grp = (start // g)[None, :, None, None, None]
     take = lambda idx: lambda a: jnp.take_along_axis(a, idx, axis=3)
-    k, v = (s.map_parts(*(take(i) for i in self._spans(s, tok, grp))).decode(jnp.float32)
+    k, v = (s.map_parts(*(take(i) for i in _spans(s, tok, grp))).decode(jnp.float32)
             for s in (self.k, self.v))  # [L, B, K, G, H]
     pad = ((0, 0),) * 3 + ((0, self.staging - g), (0, 0))
     sel = into_q[None, :, None, None, None]
@@ -346,8 +298,59 @@ class QuantizedCache(base.Limited):
         return jnp.pad(a, widths)
       return go
     ds, dg = s - self.capacity, (s - self.capacity) // self.group
-    k, v = (st.map_parts(*(pad(e) for e in self._spans(st, ds, dg))) for st in (self.k, self.v))
+    k, v = (st.map_parts(*(pad(e) for e in _spans(st, ds, dg))) for st in (self.k, self.v))
     return self.replace(k=k, v=v, block_size=_block_size(s, self.group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging and flushing (the flush rule of the module docstring)
+# ---------------------------------------------------------------------------------------------
+def _spans(store: TokenStore, tok, grp):
+  """(data index, side index): KIVI key scales are indexed by group of tokens, the rest by token."""
+  return tok, (grp if store.codec.scale_span > 1 else tok)
+
+
+def _stage(cache: QuantizedCache, layer: int, k, v):
+  """Puts new tokens k, v [B, T, K, H] after each row's residual tokens.
+
+  Returns ext_k, ext_v [B, K, F + T, H]: slot i holds position qcount[b] + i for
+  i < lengths[b] - qcount[b] + n_valid[b] (later slots are stale or padding).
+  """
+  t = k.shape[1]
+  used = cache.lengths - cache.qcount  # [B]
+  slots = used[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+  rows = jnp.arange(cache.batch)[:, None]
+  pad = ((0, 0), (0, 0), (0, t), (0, 0))
+  ext_k = jnp.pad(cache.rk[layer], pad).at[rows, :, slots].set(k.astype(cache.rk.dtype))
+  ext_v = jnp.pad(cache.rv[layer], pad).at[rows, :, slots].set(v.astype(cache.rv.dtype))
+  return ext_k, ext_v
+
+
+def _flush(cache: QuantizedCache, layer: int, ext_k, ext_v, n_valid) -> QuantizedCache:
+  """Quantizes each row's oldest whole groups beyond the residual out of ext_k, ext_v
+  [B, K, F + T, H] (from `_stage`); keeps the rest in rk/rv. Keys are encoded per channel over
+  groups of G tokens with intN, values per token."""
+  b, f, g = cache.batch, cache.staging, cache.group
+  width = ext_k.shape[2]  # F + T
+  m = (width - 1 - cache.residual) // g  # most groups any row can flush in this call (static)
+  n_groups = cache._flushed_groups(n_valid)  # [B]
+  rows = jnp.arange(b)[:, None]
+  new_k = cache.k.codec.encode(ext_k[:, :, :m * g])  # M whole groups of every row
+  new_v = cache.v.codec.encode(ext_v[:, :, :m * g])
+  j = jnp.arange(m * g, dtype=jnp.int32)[None, :]
+  tok = jnp.where(j < n_groups[:, None] * g, cache.qcount[:, None] + j, cache.capacity)  # [B, M*G]
+  jg = jnp.arange(m, dtype=jnp.int32)[None, :]
+  grp = jnp.where(jg < n_groups[:, None], cache.qcount[:, None] // g + jg, cache.capacity // g)
+  scatter = lambda idx: lambda buf, x: buf.at[layer, rows, :, idx].set(
+      x.transpose(0, 2, 1, 3), mode="drop")
+  put = lambda store, new: store.map_parts(*map(scatter, _spans(store, tok, grp)), new)
+  # The residual slides down by the flushed tokens.
+  shift = n_groups[:, None] * g + jnp.arange(f, dtype=jnp.int32)[None, :]  # [B, F]
+  shift = jnp.minimum(shift, width - 1)[:, None, :, None]
+  return cache.replace(
+      k=put(cache.k, new_k), v=put(cache.v, new_v),
+      rk=cache.rk.at[layer].set(jnp.take_along_axis(ext_k, shift, axis=2)),
+      rv=cache.rv.at[layer].set(jnp.take_along_axis(ext_v, shift, axis=2)))
 
 
 # ---------------------------------------------------------------------------------------------

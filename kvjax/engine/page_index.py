@@ -1,0 +1,80 @@
+"""Prefix caching on pages: `PageIndex`, full prompt pages by the hash chain of their tokens.
+
+vLLM-style "automatic prefix caching": every full page of a prompt is keyed by a hash chain over
+the page-sized blocks of token ids before it (key_i = sha256(key_{i-1} || block_i)), seeded by
+`seed(...)`: the weights' fingerprint, the cache spec and the dtype. So a hit never mixes weights
+or dtypes. The index holds page numbers only; the engine pins each page it records (one pin per
+entry: `Engine.audit` checks this) and unpins what `evict` returns. Entries are kept in LRU order:
+`match` and `add` mark the keys they touch as recently used.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from kvjax.models.protocol import model_dtype
+from kvjax.prefix import params_fingerprint
+
+
+def seed(model, spec) -> bytes:
+  """The first link of every chain: a digest of the weights, the cache spec and the dtype."""
+  key = repr((params_fingerprint(model.params), str(spec), str(model_dtype(model)))).encode()
+  return hashlib.sha256(key).digest()
+
+
+class PageIndex:
+  """Full prompt pages by the hash chain of the token blocks that lead to them, in LRU order."""
+
+  def __init__(self, seed: bytes, page_size: int):
+    self.seed = seed
+    self.page_size = page_size
+    self.pages: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+    self.hits = 0  # tokens served from the index
+    self.lookups = 0
+
+  def chain(self, ids: np.ndarray) -> list[bytes]:
+    """One key per full page of ids: key_i = sha256(key_{i-1} || block_i)."""
+    keys, prev = [], self.seed
+    for i in range(len(ids) // self.page_size):
+      block = np.asarray(ids[i * self.page_size:(i + 1) * self.page_size], np.int32)
+      prev = hashlib.sha256(prev + block.tobytes()).digest()
+      keys.append(prev)
+    return keys
+
+  def match(self, keys: list[bytes]) -> list[int]:
+    """Pages of the longest run of leading keys present (marked as recently used)."""
+    pages = []
+    for key in keys:
+      page = self.pages.get(key)
+      if page is None:
+        break
+      self.pages.move_to_end(key)
+      pages.append(page)
+    return pages
+
+  def add(self, keys: list[bytes], pages: Sequence[int]) -> list[int]:
+    """Records key -> page for keys not yet present; returns the pages newly recorded (to pin)."""
+    new = []
+    for key, page in zip(keys, pages):
+      if key in self.pages:
+        self.pages.move_to_end(key)
+      else:
+        self.pages[key] = int(page)
+        new.append(int(page))
+    return new
+
+  def evict(self, n: int, keep: Iterable[int] = ()) -> list[int]:
+    """Forgets the n least recently used entries whose page is not in `keep`; returns their pages
+    (to unpin)."""
+    keep = set(keep)
+    victims = [key for key, page in self.pages.items() if page not in keep][:n]
+    return [self.pages.pop(key) for key in victims]
+
+  def evictable(self, keep: Iterable[int] = ()) -> int:
+    """Entries `evict` may forget while sparing the pages in `keep`."""
+    keep = set(keep)
+    return sum(page not in keep for page in self.pages.values())
