@@ -55,6 +55,7 @@ _BUILTIN_MODULES = {
     "window": "kvjax.caches.window",
     "h2o": "kvjax.caches.scored",
     "snapkv": "kvjax.caches.scored",
+    "knorm": "kvjax.caches.scored.knorm",
     "tiered": "kvjax.caches.tiered",
     "offload": "kvjax.caches.offload",
     "shared": "kvjax.caches.shared",
