@@ -40,7 +40,7 @@ from kvjax.engine import Engine, Event, Request, collect, serve
 # Caches
 from kvjax.spec import CacheSpec, SpecError, make_cache, parse_spec
 from kvjax.caches.full import FullCache
-from kvjax.caches.h2o import H2OCache, evict_topk
+from kvjax.caches.scored import H2OCache, evict_topk
 from kvjax.caches.layered import LayeredCache
 from kvjax.caches.lowrank import LowRankCache, LowRankMaps
 from kvjax.caches.offload import OffloadCache

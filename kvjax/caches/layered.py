@@ -3,7 +3,7 @@
 `LayeredCache(layers=(c_0, ..., c_{L-1}))` holds L caches of the same kind, each with
 n_layers = 1; layer l's `attend` / `write` go to `c_l`. It is how a budget that changes with depth
 is laid out without padding every layer to the largest (PyramidKV: `snapkv:K+window:W+pyramid`,
-`h2o:K+window:W+pyramid`, see kvjax.caches.h2o), and each layer's arrays are its own buffers, so a
+`h2o:K+window:W+pyramid`, see kvjax.caches.scored), and each layer's arrays are its own buffers, so a
 decode step never slices a stacked [L, ...] array.
 
 Sizes: `capacity` is the largest layer's (what one (layer, row, kv head) may hold), and

@@ -1,0 +1,220 @@
+"""How tokens enter one layer of a `ScoredCache`: admission, eviction, attention, compression.
+
+Pure functions over one layer's state (`Layer`, arrays [B, K, ...]); the cache passed alongside is
+read for its static facts only (pool, residual, heavy, window, sink, shared heads, scorer) and its
+lengths. The policy itself (what is kept) is `evict_topk`; where the scores come from is the
+cache's `Scorer`.
+
+Layout (see cache.py): slots [0, P) are the pool (at the pool's precision), [P, P + R) the
+full-precision ring of the R newest tokens, whose slot is `position mod R`. With a pool shared by
+the kv heads (`adakv`) the head axis has size 1, there is no ring, and `heads` names each slot's
+kv head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import attention as attn
+from kvjax.caches.codec import TokenStore, stores_map
+from kvjax.caches.scored.policy import append_encoded, evict_topk
+
+
+class Layer(NamedTuple):
+  """One layer's state: k, v TokenStore [B, K, P, H]; ring_k, ring_v [B, K, R, H];
+  positions int32 / scores float32 [B, K, P + R]; heads int32 [B, 1, P] or None."""
+
+  k: TokenStore
+  v: TokenStore
+  ring_k: jax.Array
+  ring_v: jax.Array
+  positions: jax.Array
+  scores: jax.Array
+  heads: jax.Array | None
+
+
+def take_layer(cache, layer: int) -> Layer:
+  """Layer `layer` of the cache's [L, ...] arrays."""
+  pick = lambda a: a[layer]
+  return Layer(cache.k.map(pick), cache.v.map(pick), cache.ring_k[layer], cache.ring_v[layer],
+               cache.positions[layer], cache.scores[layer],
+               None if cache.heads is None else cache.heads[layer])
+
+
+def put_layer(cache, layer: int, st: Layer):
+  """The cache with layer `layer` replaced by `st`."""
+  put = lambda a, p: a.at[layer].set(p)
+  return cache.replace(k=stores_map(put, cache.k, st.k), v=stores_map(put, cache.v, st.v),
+                       ring_k=put(cache.ring_k, st.ring_k), ring_v=put(cache.ring_v, st.ring_v),
+                       positions=put(cache.positions, st.positions),
+                       scores=put(cache.scores, st.scores),
+                       heads=None if st.heads is None else put(cache.heads, st.heads))
+
+
+def held(cache, st: Layer, dtype):
+  """What one layer's queries read: keys, values [B, K, S, H] (a shared pool broadcast to every
+  head) and the mask [B, K, 1, S] of live slots (of the query's own head)."""
+  keys = jnp.concatenate([st.k.decode(dtype), st.ring_k.astype(dtype)], axis=2)
+  values = jnp.concatenate([st.v.decode(dtype), st.ring_v.astype(dtype)], axis=2)
+  live = st.positions >= 0
+  if st.heads is None:
+    return keys, values, live[:, :, None, :]
+  shape = (keys.shape[0], cache.n_kv) + keys.shape[2:]
+  mine = live & (st.heads == jnp.arange(cache.n_kv)[None, :, None])  # [B, K, S]
+  return jnp.broadcast_to(keys, shape), jnp.broadcast_to(values, shape), mine[:, :, None, :]
+
+
+def fold(cache, mass):
+  """Attention mass [B, K, S] over the held slots -> per slot of the layer's storage (a shared
+  pool has one row for every head: each slot only got mass from its own head)."""
+  return jnp.sum(mass, axis=1, keepdims=True) if cache.shared_heads else mass
+
+
+# ---- one token at a time ----------------------------------------------------------------------
+def admit(cache, st: Layer, k_t, v_t, pos_t, valid_t, now) -> Layer:
+  """Adds one token per row to one layer's state and evicts down to the budget.
+
+  k_t, v_t: [B, K, H] (key rotated); pos_t: int32 [B]; valid_t: bool [B];
+  now: int32 [B] tokens the row has seen once this token is in. The token's score starts at
+  `cache.scoring.admit(k_t)`.
+  """
+  if cache.shared_heads:
+    return _admit_shared(cache, st, k_t, v_t, pos_t, valid_t, now)
+  ks, vs, rk, rv, pos, score, hd = st
+  b, kh = pos.shape[:2]
+  p, r = cache.pool, cache.residual
+  rows = jnp.arange(b)
+  keep = valid_t[:, None]  # [B, 1]
+  new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None], (b, kh))
+  new_score = cache.scoring.admit(k_t)  # [B, K]
+  if r:
+    # The new token takes its ring slot; the one it displaces becomes the pool's candidate.
+    rslot = attn.ring_slot(pos_t, r)
+    cand_k, cand_v = rk[rows, :, rslot], rv[rows, :, rslot]  # [B, K, H]
+    cand_pos = jnp.where(keep, pos[rows, :, p + rslot], -1)
+    cand_score = score[rows, :, p + rslot]
+    rk = rk.at[rows, :, rslot].set(jnp.where(keep[..., None], k_t.astype(rk.dtype), cand_k))
+    rv = rv.at[rows, :, rslot].set(jnp.where(keep[..., None], v_t.astype(rv.dtype), cand_v))
+    pos = pos.at[rows, :, p + rslot].set(jnp.where(keep, new_pos, pos[rows, :, p + rslot]))
+    score = score.at[rows, :, p + rslot].set(jnp.where(keep, new_score, cand_score))
+  else:
+    cand_k, cand_v, cand_pos, cand_score = k_t, v_t, new_pos, new_score
+
+  cand = (append_encoded(ks, cand_k[:, :, None]), append_encoded(vs, cand_v[:, :, None]))
+  c_pos = jnp.concatenate([pos[..., :p], cand_pos[..., None]], axis=-1)
+  c_score = jnp.concatenate([score[..., :p], cand_score[..., None]], axis=-1)
+  # The pool's "recent" part is the window minus the ring's newest R tokens.
+  c_pos, c_score, (ks, vs) = evict_topk(c_pos, c_score, cand, now - r, heavy=cache.heavy,
+                                        window=cache.window - r, sink=cache.sink)
+  pos = jnp.concatenate([c_pos, pos[..., p:]], axis=-1)
+  score = jnp.concatenate([c_score, score[..., p:]], axis=-1)
+  return Layer(ks, vs, rk, rv, pos, score, hd)
+
+
+def _admit_shared(cache, st: Layer, k_t, v_t, pos_t, valid_t, now) -> Layer:
+  """`admit` for a pool shared by the kv heads (`adakv`): the new token brings one candidate per
+  head; every head keeps its sinks and window, and all heads compete for the kv_heads x heavy
+  scored slots."""
+  b, kh = st.positions.shape[0], cache.n_kv
+  new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None, None], (b, 1, kh))
+  c_pos = jnp.concatenate([st.positions, new_pos], axis=-1)
+  c_score = jnp.concatenate([st.scores, cache.scoring.admit(k_t)[:, None]], axis=-1)
+  c_heads = jnp.concatenate(
+      [st.heads, jnp.broadcast_to(jnp.arange(kh, dtype=jnp.int32), (b, 1, kh))], axis=-1)
+  payload = (append_encoded(st.k, k_t[:, None]), append_encoded(st.v, v_t[:, None]), c_heads)
+  pos, score, (ks, vs, hd) = evict_topk(c_pos, c_score, payload, now, heavy=cache.heavy,
+                                        window=cache.window, sink=cache.sink, slots=cache.pool)
+  return Layer(ks, vs, st.ring_k, st.ring_v, pos, score, hd)
+
+
+def step(cache, st: Layer, q_t, k_t, v_t, pos_t, valid_t, now):
+  """One token per row: admit it (evicting), let its query q_t [B, K, G, H] attend over what is
+  held, and grow the held scores by the scorer's `gain`. Returns (state, out [B, N, H])."""
+  st = admit(cache, st, k_t, v_t, pos_t, valid_t, now)
+  keys, values, mask = held(cache, st, q_t.dtype)  # [B, K, S, H], [B, K, 1, S]
+  out, probs = attn.dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
+  gain = cache.scoring.gain(probs, valid_t)
+  if gain is not None:
+    st = st._replace(scores=st.scores + fold(cache, gain))
+  return st, out[:, 0]
+
+
+# ---- a whole prompt at once (scorers with compresses_prompt) ---------------------------------
+def prompt_outputs(q, ck, cv, held_k, held_v, held_mask, n_valid):
+  """Exact attention of a chunk: q [B, T, K, G, H] over the held slots (dense) and the chunk's
+  ck, cv [B, K, T, H] (blockwise causal), merged online. Returns out [B, T, N, H]."""
+  b, t = q.shape[:2]
+  index = jnp.arange(t, dtype=jnp.int32)
+  block = math.gcd(t, 256)
+  chunk_stats = attn.blockwise_stats(
+      q, lambda start: (jax.lax.dynamic_slice_in_dim(ck, start, block, axis=2),
+                        jax.lax.dynamic_slice_in_dim(cv, start, block, axis=2)),
+      attn.causal_visibility(jnp.broadcast_to(index, (b, t)), n_valid),
+      attn.n_filled_blocks(n_valid, block), block)
+  stats = attn.combine_stats(attn.attention_stats(q, held_k, held_v, held_mask), chunk_stats)
+  return attn.finish_stats(stats, q.dtype)
+
+
+def compress(cache, st: Layer, ck, cv, held_gain, chunk_score, n_valid, positions) -> Layer:
+  """Admits a whole chunk ck, cv [B, K, T, H] at once: held scores grow by held_gain [B, K, S],
+  the chunk's tokens start at chunk_score [B, K, T]; the cache keeps the sinks, the window's
+  most recent tokens and the `heavy` best scored. positions int32 [B, T]; n_valid [B]."""
+  b, kh, t = ck.shape[:3]
+  index = jnp.arange(t, dtype=jnp.int32)
+  final = cache.lengths + n_valid  # [B]
+  chunk_pos = jnp.broadcast_to(
+      jnp.where(index[None, :] < n_valid[:, None], positions, -1)[:, None], (b, kh, t))
+  if cache.shared_heads:
+    return _compress_shared(cache, st, ck, cv, held_gain, chunk_score, chunk_pos, final)
+  return _compress_ring(cache, st, ck, cv, held_gain, chunk_score, chunk_pos, final)
+
+
+def _compress_shared(cache, st, ck, cv, held_gain, chunk_score, chunk_pos, final) -> Layer:
+  """`compress` for a shared pool: one pool row for all heads, the chunk's K x T tokens join it."""
+  b, kh, t = ck.shape[:3]
+  p = cache.pool
+  fold_heads = lambda x: x.reshape((b, 1, kh * t) + x.shape[3:])
+  c_pos = jnp.concatenate([st.positions, fold_heads(chunk_pos)], axis=-1)
+  c_score = jnp.concatenate([st.scores + fold(cache, held_gain[..., :p]),
+                             fold_heads(chunk_score)], axis=-1)
+  c_heads = jnp.concatenate(
+      [st.heads, jnp.broadcast_to(jnp.repeat(jnp.arange(kh, dtype=jnp.int32), t), (b, 1, kh * t))],
+      axis=-1)
+  live = (chunk_pos >= 0)[..., None]
+  keep = lambda x: fold_heads(jnp.where(live, x, 0))  # padding may hold anything
+  payload = (append_encoded(st.k, keep(ck)), append_encoded(st.v, keep(cv)), c_heads)
+  pos, score, (ks, vs, hd) = evict_topk(c_pos, c_score, payload, final, heavy=cache.heavy,
+                                        window=cache.window, sink=cache.sink, slots=p)
+  return Layer(ks, vs, st.ring_k, st.ring_v, pos, score, hd)
+
+
+def _compress_ring(cache, st, ck, cv, held_gain, chunk_score, chunk_pos, final) -> Layer:
+  """`compress` per kv head: the ring keeps the R newest of ring + chunk, the pool the rest."""
+  ks, vs, rk, rv, pos, score, hd = st
+  p, r = cache.pool, cache.residual
+  fresh_pos = jnp.concatenate([pos[..., p:], chunk_pos], axis=-1)
+  live = (fresh_pos >= 0)[..., None]  # padding may hold anything: keep it out of the sums below
+  fresh_k = jnp.where(live, jnp.concatenate([rk.astype(ck.dtype), ck], axis=2), 0)  # [B,K,R+T,H]
+  fresh_v = jnp.where(live, jnp.concatenate([rv.astype(cv.dtype), cv], axis=2), 0)
+  fresh_score = jnp.concatenate([score[..., p:] + held_gain[..., p:p + r], chunk_score], axis=-1)
+  in_ring = (fresh_pos >= 0) & (fresh_pos >= final[:, None, None] - r)
+  onehot = in_ring[..., None] & (attn.ring_slot(fresh_pos, max(r, 1))[..., None]
+                                 == jnp.arange(r, dtype=jnp.int32))  # [B, K, R + T, R]
+  hot = onehot.astype(jnp.float32)
+  rk = jnp.einsum("bkcr,bkch->bkrh", hot, fresh_k.astype(jnp.float32)).astype(rk.dtype)
+  rv = jnp.einsum("bkcr,bkch->bkrh", hot, fresh_v.astype(jnp.float32)).astype(rv.dtype)
+  ring_pos = jnp.where(jnp.any(onehot, axis=2),
+                       jnp.sum(jnp.where(onehot, fresh_pos[..., None], 0), axis=2), -1)
+  ring_score = jnp.sum(jnp.where(onehot, fresh_score[..., None], 0.0), axis=2)
+
+  c_pos = jnp.concatenate([pos[..., :p], jnp.where(in_ring, -1, fresh_pos)], axis=-1)
+  c_score = jnp.concatenate([score[..., :p] + held_gain[..., :p], fresh_score], axis=-1)
+  c_pos, c_score, (ks, vs) = evict_topk(
+      c_pos, c_score, (append_encoded(ks, fresh_k), append_encoded(vs, fresh_v)), final - r,
+      heavy=cache.heavy, window=cache.window - r, sink=cache.sink)
+  return Layer(ks, vs, rk, rv, jnp.concatenate([c_pos, ring_pos], axis=-1),
+               jnp.concatenate([c_score, ring_score], axis=-1), hd)
