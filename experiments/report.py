@@ -267,6 +267,33 @@ def render_lowrank(d):
           table(["cache", "keys", "bytes/token", "vs full", "maps", "perplexity"], rows)]
 
 
+def render_fp8(d):
+  st = d["settings"]
+  rows = [[f"`{r['spec']}`", fmt_bytes(r["cache_bytes"]), num(r.get("bytes_per_slot"), 1),
+           num(r["ppl"], 3), f"{r['ppl_delta_vs_full']:+.3f}" if r.get("ppl_delta_vs_full") is not None
+           else "-"] for r in d["rows"]]
+  lines = [f"Model {st['model']} ({st['dtype']}); perplexity on {st['ppl_tokens']} tokens of "
+           f"{pathlib.Path(st['text']).name} (`kvjax.perplexity`'s own chunk: lossy kinds token by "
+           "token). Cache bytes: the arrays after the run, batch 1. B/slot: "
+           f"`kvjax.estimate_bytes` at {st['estimate_tokens']} tokens (or the budget, bounded kinds) / "
+           f"(slots x {st['layers']} layers x {st['kv_heads']} kv heads): one token's key and value in "
+           "one (layer, row, kv head) stream, scales included.\n",
+           table(["spec", "cache bytes", "B/slot", "perplexity", "Δ vs full"], rows)]
+  if d.get("estimates"):
+    rows = [[f"`{e['spec']}`", fmt_bytes(e["bytes"]), num(e["bytes_per_slot"], 1)] for e in d["estimates"]]
+    lines += [f"\nEstimated (`kvjax.estimate_bytes`) at {st['estimate_tokens']} tokens, batch 1:\n",
+              table(["spec", "bytes", "B/slot"], rows)]
+  by = {r["spec"]: r for r in d["rows"]}
+  if {"full", "int8", "fp8", "fp8_e5m2"} <= set(by):
+    f, i8, e4, e5 = (by[k] for k in ("full", "int8", "fp8", "fp8_e5m2"))
+    lines.append(f"\nMeasured here: `fp8` (e4m3) stores {e4['bytes_per_slot']:.0f} B/slot against "
+                 f"`int8`'s {i8['bytes_per_slot']:.0f} and `full`'s {f['bytes_per_slot']:.0f}, at "
+                 f"perplexity {e4['ppl']:.3f} ({e4['ppl_delta_vs_full']:+.3f} vs full; `int8` "
+                 f"{i8['ppl_delta_vs_full']:+.3f}); `fp8_e5m2`, one mantissa bit fewer, "
+                 f"{e5['ppl_delta_vs_full']:+.3f}.")
+  return lines
+
+
 def render_serving(d):
   st = d["settings"]
   lines = []
@@ -332,6 +359,7 @@ section("Self-speculative decoding", "speculative", "self-speculative decoding",
 section("Low-rank latent caches", "lowrank", "perplexity vs bytes per token", render_lowrank)
 section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
         render_serving)
+section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")
