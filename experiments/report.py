@@ -273,11 +273,14 @@ def render_fp8(d):
            num(r["ppl"], 3), f"{r['ppl_delta_vs_full']:+.3f}" if r.get("ppl_delta_vs_full") is not None
            else "-"] for r in d["rows"]]
   lines = [f"Model {st['model']} ({st['dtype']}); perplexity on {st['ppl_tokens']} tokens of "
-           f"{pathlib.Path(st['text']).name} (`kvjax.perplexity`'s own chunk: lossy kinds token by "
-           "token). Cache bytes: the arrays after the run, batch 1. B/slot: "
+           f"{pathlib.Path(st['text']).name} (`kvjax.perplexity`'s own chunk: token by token for the "
+           "quantized kind, chunks where the kind declares chunked feeding exact). Cache bytes: the arrays after the run, batch 1. B/slot: "
            f"`kvjax.estimate_bytes` at {st['estimate_tokens']} tokens (or the budget, bounded kinds) / "
            f"(slots x {st['layers']} layers x {st['kv_heads']} kv heads): one token's key and value in "
-           "one (layer, row, kv head) stream, scales included.\n",
+           "one (layer, row, kv head) stream, scales included; for the quantized kind (`int8`, "
+           "`fp8`, ...) it also spreads the fixed full-precision staging buffer (G + R slots) over "
+           "those slots. No speed comparison here: the JSON's seconds are wall times of a token-by-"
+           "token scan on whatever shared machine ran it.\n",
            table(["spec", "cache bytes", "B/slot", "perplexity", "Δ vs full"], rows)]
   if d.get("estimates"):
     rows = [[f"`{e['spec']}`", fmt_bytes(e["bytes"]), num(e["bytes_per_slot"], 1)] for e in d["estimates"]]
@@ -291,6 +294,13 @@ def render_fp8(d):
                  f"perplexity {e4['ppl']:.3f} ({e4['ppl_delta_vs_full']:+.3f} vs full; `int8` "
                  f"{i8['ppl_delta_vs_full']:+.3f}); `fp8_e5m2`, one mantissa bit fewer, "
                  f"{e5['ppl_delta_vs_full']:+.3f}.")
+  pairs = [(a, b) for a, b in (("int8+paged:16", "fp8+paged:16"),
+                               ("h2o:128+window:128", "fp8+h2o:128+window:128"),
+                               ("tier:64:fp32,192:int8", "tier:64:fp32,192:fp8")) if a in by and b in by]
+  if pairs:
+    lines.append("\nThe same storage inside other kinds (perplexity, cache bytes): " + "; ".join(
+        f"`{a}` {by[a]['ppl']:.3f}, {fmt_bytes(by[a]['cache_bytes'])} vs `{b}` {by[b]['ppl']:.3f}, "
+        f"{fmt_bytes(by[b]['cache_bytes'])}" for a, b in pairs) + ".")
   return lines
 
 
