@@ -10,10 +10,11 @@ inside repetitive filler text of about `--passkey-tokens` tokens, and asked for 
 `kvjax.generate` continues "The pass key is"; the score is exact match of the first 5-digit number
 it writes. All trials of one cache spec run as one ragged batch.
 
-Bounded kinds (window, sink, h2o, tier) are swept over `--budgets` tokens; unbounded ones
-(full, int8/int4/int2, residual, share) have one point each. x = cache bytes measured from the
-cache arrays after the run (perplexity: batch 1; passkey: per row); kinds not built yet are
-skipped with a note, kinds that raise are recorded under "failed".
+Bounded kinds (window, sink, h2o, tier; h2o and tier also with fp8 storage) are swept over
+`--budgets` tokens; unbounded ones (full, int8/fp8/fp8_e5m2/int4/int2, residual, share) have one
+point each. x = cache bytes measured from the cache arrays after the run (perplexity: batch 1;
+passkey: per row); kinds not built yet are skipped with a note, kinds that raise are recorded
+under "failed".
 
 Outputs (in --out): quality.json, quality.csv, quality.png (if matplotlib is installed).
 
@@ -39,16 +40,18 @@ KEYS_PER_DEPTH = 2
 NEW_TOKENS = 8
 SEED = 0
 CALIBRATION_TOKENS = 2048  # share:G:cal: least-squares maps fitted on the text after the ppl tokens
-UNBOUNDED_SPECS = ["full", "int8", "int4", "int2", "int4+residual:64", "share:2", "share:2:cal"]
+UNBOUNDED_SPECS = ["full", "int8", "fp8", "fp8_e5m2", "int4", "int2", "int4+residual:64",
+                   "fp8+residual:64", "share:2", "share:2:cal"]
 BOUNDED_TEMPLATES = ["window:{b}", "sink:4+window:{b4}", "h2o:{half}+window:{half}",
-                     "tier:{quarter}:fp32,{rest}:int4"]
+                     "fp8+h2o:{half}+window:{half}", "tier:{quarter}:fp32,{rest}:int4",
+                     "tier:{quarter}:fp32,{rest}:fp8"]
 
 QUICK_MODEL = "tiny"
 QUICK_PPL_TOKENS = 96
 QUICK_PASSKEY_TOKENS = 96
 QUICK_BUDGETS = [32]
 QUICK_DEPTHS = [0.5]
-QUICK_UNBOUNDED = ["full"]
+QUICK_UNBOUNDED = ["full", "fp8"]
 QUICK_TEMPLATES = ["sink:4+window:{b4}"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -112,20 +115,25 @@ prompts = [passkey_prompt(key, d, passkey_tokens) for key, d in trials]
 prompt_lens = [len(tok.encode(p)) for p in prompts]
 
 
+def storage_name(s) -> str | None:
+  """A spec's storage term as written in specs ("fp8" for fp8_e4m3), or None (intN / floats)."""
+  return {"fp8_e4m3": "fp8"}.get(s.storage, s.storage)
+
+
 def family(spec: str) -> str:
   s = kvjax.parse_spec(spec)
   if s.share > 1:
     return "share"
-  if s.tiers:
-    return "tier"
+  if s.tiers:  # one line per storage of the compressed tiers (int4 tiers vs fp8 tiers)
+    return "tier" + ("+fp8" if any(f.startswith("fp8") for _, f in s.tiers) else "")
   if s.h2o:
-    return "h2o"
+    return (f"{storage_name(s)}+" if s.storage else "") + "h2o"
   if s.sink:
     return "sink+window"
   if s.window:
     return "window"
-  if s.bits:
-    return f"int{s.bits}" + ("+residual" if s.residual else "")
+  if s.bits:  # intN, or the storage term's format (fp8, fp8_e5m2)
+    return (storage_name(s) or f"int{s.bits}") + ("+residual" if s.residual else "")
   return "full"
 
 

@@ -267,6 +267,43 @@ def render_lowrank(d):
           table(["cache", "keys", "bytes/token", "vs full", "maps", "perplexity"], rows)]
 
 
+def render_fp8(d):
+  st = d["settings"]
+  rows = [[f"`{r['spec']}`", fmt_bytes(r["cache_bytes"]), num(r.get("bytes_per_slot"), 1),
+           num(r["ppl"], 3), f"{r['ppl_delta_vs_full']:+.3f}" if r.get("ppl_delta_vs_full") is not None
+           else "-"] for r in d["rows"]]
+  lines = [f"Model {st['model']} ({st['dtype']}); perplexity on {st['ppl_tokens']} tokens of "
+           f"{pathlib.Path(st['text']).name} (`kvjax.perplexity`'s own chunk: token by token for the "
+           "quantized kind, chunks where the kind declares chunked feeding exact). Cache bytes: the arrays after the run, batch 1. B/slot: "
+           f"`kvjax.estimate_bytes` at {st['estimate_tokens']} tokens (or the budget, bounded kinds) / "
+           f"(slots x {st['layers']} layers x {st['kv_heads']} kv heads): one token's key and value in "
+           "one (layer, row, kv head) stream, scales included; for the quantized kind (`int8`, "
+           "`fp8`, ...) it also spreads the fixed full-precision staging buffer (G + R slots) over "
+           "those slots. No speed comparison here: the JSON's seconds are wall times of a token-by-"
+           "token scan on whatever shared machine ran it.\n",
+           table(["spec", "cache bytes", "B/slot", "perplexity", "Δ vs full"], rows)]
+  if d.get("estimates"):
+    rows = [[f"`{e['spec']}`", fmt_bytes(e["bytes"]), num(e["bytes_per_slot"], 1)] for e in d["estimates"]]
+    lines += [f"\nEstimated (`kvjax.estimate_bytes`) at {st['estimate_tokens']} tokens, batch 1:\n",
+              table(["spec", "bytes", "B/slot"], rows)]
+  by = {r["spec"]: r for r in d["rows"]}
+  if {"full", "int8", "fp8", "fp8_e5m2"} <= set(by):
+    f, i8, e4, e5 = (by[k] for k in ("full", "int8", "fp8", "fp8_e5m2"))
+    lines.append(f"\nMeasured here: `fp8` (e4m3) stores {e4['bytes_per_slot']:.0f} B/slot against "
+                 f"`int8`'s {i8['bytes_per_slot']:.0f} and `full`'s {f['bytes_per_slot']:.0f}, at "
+                 f"perplexity {e4['ppl']:.3f} ({e4['ppl_delta_vs_full']:+.3f} vs full; `int8` "
+                 f"{i8['ppl_delta_vs_full']:+.3f}); `fp8_e5m2`, one mantissa bit fewer, "
+                 f"{e5['ppl_delta_vs_full']:+.3f}.")
+  pairs = [(a, b) for a, b in (("int8+paged:16", "fp8+paged:16"),
+                               ("h2o:128+window:128", "fp8+h2o:128+window:128"),
+                               ("tier:64:fp32,192:int8", "tier:64:fp32,192:fp8")) if a in by and b in by]
+  if pairs:
+    lines.append("\nThe same storage inside other kinds (perplexity, cache bytes): " + "; ".join(
+        f"`{a}` {by[a]['ppl']:.3f}, {fmt_bytes(by[a]['cache_bytes'])} vs `{b}` {by[b]['ppl']:.3f}, "
+        f"{fmt_bytes(by[b]['cache_bytes'])}" for a, b in pairs) + ".")
+  return lines
+
+
 def render_serving(d):
   st = d["settings"]
   lines = []
@@ -332,6 +369,7 @@ section("Self-speculative decoding", "speculative", "self-speculative decoding",
 section("Low-rank latent caches", "lowrank", "perplexity vs bytes per token", render_lowrank)
 section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
         render_serving)
+section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 # cache of the run. sharding (8 devices), batch1_limits (native code and thread pools) and peers
 # (peer processes) keep a process of their own.
 IN_PROCESS = {"speedup", "memory", "quality", "streaming", "speculative", "lowrank", "needles",
-              "serving"}
+              "serving", "fp8"}
 
 
 def run_script(name, out, *extra, env=None):
@@ -111,8 +111,8 @@ def test_memory_quick_and_report(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
   # speedup, quality, streaming, peers, batch1_limits, sharding, needles, speculative, lowrank,
-  # serving
-  assert md.count("*Not run yet.*") == 10
+  # serving, fp8
+  assert md.count("*Not run yet.*") == 11
 
 
 def test_quality_quick(tmp_path):
@@ -124,6 +124,22 @@ def test_quality_quick(tmp_path):
   for r in d["rows"]:
     assert r["ppl"] > 1 and 0 <= r["passkey_accuracy"] <= 1
   maybe_png(tmp_path, "quality")
+
+
+def test_fp8_quick(tmp_path):
+  run_script("fp8", tmp_path, "--quick", "--strict")
+  d = json.loads((tmp_path / "fp8.json").read_text())
+  check_common(d, "fp8")
+  by_spec = {r["spec"]: r for r in d["rows"]}
+  assert {"full", "int8", "fp8", "fp8_e5m2"} <= set(by_spec)
+  for r in d["rows"]:
+    assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["cache_bytes"] > 0
+  # fp8 keeps one byte per channel and one scale per token: about a quarter of fp32, and no
+  # more than int8 (a scale per 32 channels).
+  assert by_spec["fp8"]["bytes_per_slot"] <= by_spec["int8"]["bytes_per_slot"]
+  assert by_spec["fp8"]["bytes_per_slot"] < by_spec["full"]["bytes_per_slot"] / 3
+  assert {e["spec"] for e in d["estimates"]} == {"full", "int8", "fp8", "int4"}
+  assert (tmp_path / "fp8.csv").is_file()
 
 
 def test_streaming_quick(tmp_path):
