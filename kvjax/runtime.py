@@ -176,10 +176,8 @@ def _given(cache, n_rows: int, what: str, row: str):
 
 def _build(model, spec, lengths, padded: int, extra: int, capacity, dtype, options,
            spare_pages: int):
-  """An empty cache of `spec` for `padded` rows: the kind's capacity, a pool sized from rows."""
-  config = getattr(model, "config", model)
-  if dtype is None:
-    dtype = model_dtype(model) if hasattr(model, "params") else None
+  """An empty cache of `spec` for `padded` rows: the kind's capacity, a pool sized from rows.
+  `make_cache` reads a model's config and dtype."""
   options = dict(options or {})
   if capacity is None:
     if lengths is None:
@@ -189,7 +187,7 @@ def _build(model, spec, lengths, padded: int, extra: int, capacity, dtype, optio
   if spec.paged and lengths is not None and options.get("pages") is None:
     held = np.concatenate([lengths, np.ones(padded - lengths.size, np.int64)]) + extra
     options["pages"] = paged.pages_for(held, spec.paged) + spare_pages
-  return make_cache(spec, config, padded, int(capacity), dtype, **options)
+  return make_cache(spec, model, padded, int(capacity), dtype, **options)
 
 
 def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, *, mesh=None,
@@ -213,7 +211,6 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   if hasattr(config, "config") and hasattr(config, "params"):  # a model
     dtype = dtype if dtype is not None else model_dtype(config)
     config = config.config
-  registry.check_config(config)
   if dtype is None:
     dtype = getattr(config, "dtype", None) or default_dtype()
   cache = registry.build(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)

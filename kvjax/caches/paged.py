@@ -159,15 +159,15 @@ class PagedCache(base.Limited):
 
   @property
   def batch(self) -> int:
-    return self.table.shape[0]
+    return self.pages.batch
 
   @property
   def max_pages(self) -> int:
-    return self.table.shape[1]
+    return self.pages.max_pages
 
   @property
   def capacity(self) -> int:
-    return self.max_pages * self.page_size
+    return self.pages.capacity
 
   @property
   def head_dim(self) -> int:

@@ -428,8 +428,10 @@ def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:
   return registry.streams(config, batch) * (stored + staging) + 8 * batch
 
 
-INT_WORDS = tuple(f"int{b}" for b in packing.SUPPORTED_BITS)
-FP8_WORDS = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+INT_WORDS = tuple(codec_lib.INT_FORMATS)
+# fp8 words -> the codec's format: its aliases ("fp8" is e4m3) and the formats themselves
+FP8_WORDS = {**{a: f for a, f in codec_lib.ALIASES.items() if f in codec_lib.FP8_FORMATS},
+             **{f: f for f in codec_lib.FP8_FORMATS}}
 
 
 def _read_storage(word, text):
