@@ -224,17 +224,21 @@ def dense_attention(q, k, v, mask, *, return_probs: bool = False):
   return (out, probs) if return_probs else out
 
 
-def causal_attention(q, k, v, positions, n_valid=None, *, scale: float | None = None):
+def causal_attention(q, k, v, positions, n_valid=None, *, scale: float | None = None,
+                     window: int | None = None):
   """Uncached causal attention over the T tokens of this call.
 
   Args:
     q: [B, T, N, H] rotated queries (unscaled); k, v: [B, T, K, H] rotated keys and values.
-    positions: [B, T] token positions; key j is visible to query i iff pos_j <= pos_i.
+    positions: [B, T] token positions; key j is visible to query i iff pos_j <= pos_i (and, with
+      a sliding `window` W, pos_i - W < pos_j: the W most recent positions, itself included).
     n_valid: optional [B]: only the first n_valid[b] tokens of row b are real.
   """
   t = q.shape[1]
   qg = prepare_queries(q, k.shape[2], scale)
   mask = positions[:, :, None] >= positions[:, None, :]  # [B, T, S=T]
+  if window is not None:
+    mask &= positions[:, None, :] > positions[:, :, None] - window
   if n_valid is not None:
     mask &= (jnp.arange(t)[None, None, :] < n_valid[:, None, None])
   return dense_attention(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, None])

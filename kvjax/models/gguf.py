@@ -1,12 +1,12 @@
-"""Read Llama-architecture GGUF files into kvjax's float32 parameter tree.
+"""Read Llama- and Gemma-3-architecture GGUF files into kvjax's float32 parameter tree.
 
 Pipeline (see docs/models.md):
 
   1. `gguf.GGUFReader` memory-maps the file and parses the key/value metadata and tensor table.
-  2. The metadata gives a `LlamaConfig`; the tensor shapes cross-check it.
+  2. The metadata gives a `LlamaConfig` or `Gemma3Config`; the tensor shapes cross-check it.
   3. Every tensor is dequantized to float32 with `gguf.quants.dequantize`. numpy sees a GGUF
      matrix as [rows=out, cols=in].
-  4. The rows of the Q and K projections are un-permuted (see `unpermute_rope_rows`).
+  4. Llama only: the rows of the Q and K projections are un-permuted (see `unpermute_rope_rows`).
   5. The per-layer projections are transposed to [in, out] (y = x @ W): at batch 8 on CPU this
      layout made the decode step's matmuls 1.3x faster than [out, in] (see docs/models.md).
      Embedding and LM head stay [V, D]: rows are what the token lookup gathers.
@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from kvjax.models.config import LlamaConfig
+from kvjax.models.config import Gemma3Config, LlamaConfig
 from kvjax.models import catalog
 
 # Bump when the layout of cached files (or the transformation applied before caching) changes.
@@ -167,25 +167,25 @@ def _slug(text: str) -> str:
   return "-".join(p for p in out.split("-") if p) or "llama"
 
 
-def _head_dim(metadata: dict, default: int) -> int:
+def _head_dim(metadata: dict, default: int, arch: str = "llama") -> int:
   """The head dim the metadata states (key length, else the rotary dims), checking that values,
   rotary dims and RoPE scaling are what the decoder supports."""
   head_dim = default
-  if "llama.attention.key_length" in metadata:
-    head_dim = int(metadata["llama.attention.key_length"])
-  elif "llama.rope.dimension_count" in metadata:
-    head_dim = int(metadata["llama.rope.dimension_count"])
-  value_len = int(metadata.get("llama.attention.value_length", head_dim))
-  rope_dims = int(metadata.get("llama.rope.dimension_count", head_dim))
+  if f"{arch}.attention.key_length" in metadata:
+    head_dim = int(metadata[f"{arch}.attention.key_length"])
+  elif f"{arch}.rope.dimension_count" in metadata:
+    head_dim = int(metadata[f"{arch}.rope.dimension_count"])
+  value_len = int(metadata.get(f"{arch}.attention.value_length", head_dim))
+  rope_dims = int(metadata.get(f"{arch}.rope.dimension_count", head_dim))
   if value_len != head_dim:
     raise GGUFError(f"key length {head_dim} != value length {value_len}; not supported")
   if rope_dims != head_dim:
     raise GGUFError(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-  scaling = metadata.get("llama.rope.scaling.type", "none")
+  scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
   if scaling not in ("none", None, ""):
     raise GGUFError(f"RoPE scaling {scaling!r} is not supported (plain RoPE only)")
-  if int(metadata.get("llama.expert_count", 0) or 0) > 0:
-    raise GGUFError("mixture-of-experts Llama GGUFs are not supported")
+  if int(metadata.get(f"{arch}.expert_count", 0) or 0) > 0:
+    raise GGUFError("mixture-of-experts GGUFs are not supported")
   return head_dim
 
 
@@ -193,8 +193,9 @@ def _vocab_size(metadata: dict) -> int:
   tokens = metadata.get("tokenizer.ggml.tokens")
   if tokens is not None:
     return len(tokens)
-  if "llama.vocab_size" in metadata:
-    return int(metadata["llama.vocab_size"])
+  arch = metadata.get("general.architecture", "llama")
+  if f"{arch}.vocab_size" in metadata:
+    return int(metadata[f"{arch}.vocab_size"])
   raise GGUFError("GGUF metadata has neither tokenizer.ggml.tokens nor llama.vocab_size")
 
 
@@ -226,13 +227,13 @@ def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -
   `tensor_shapes` maps GGUF tensor names to numpy-order shapes ([out, in] for matrices).
   """
   arch = metadata.get("general.architecture")
-  if arch != "llama":
+  if arch not in ARCHITECTURES:
     raise GGUFError(
-        f"unsupported GGUF architecture {arch!r}: kvjax reads only 'llama' "
-        f"(Llama-style decoders such as SmolLM2, TinyLlama, Llama 2/3 without rope scaling)")
+        f"unsupported GGUF architecture {arch!r}: kvjax reads 'llama' (Llama-style decoders such "
+        f"as SmolLM2, TinyLlama, Llama 2/3 without rope scaling) and 'gemma3' (Gemma 3 text)")
 
   def need(key):
-    full = f"llama.{key}"
+    full = f"{arch}.{key}"
     if full not in metadata:
       raise GGUFError(f"GGUF metadata lacks {full!r}")
     return metadata[full]
@@ -240,7 +241,7 @@ def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -
   def as_int(key, value):
     if isinstance(value, list):  # Per-layer arrays (e.g. head counts) must be uniform here.
       if not value or any(v != value[0] for v in value):
-        raise GGUFError(f"llama.{key} varies per layer ({value}); not supported")
+        raise GGUFError(f"{arch}.{key} varies per layer ({value}); not supported")
       value = value[0]
     return int(value)
 
@@ -248,19 +249,31 @@ def config_from_metadata(metadata: dict, tensor_shapes: Optional[dict] = None) -
   n_layers = as_int("block_count", need("block_count"))
   n_heads = as_int("attention.head_count", need("attention.head_count"))
   n_kv_heads = as_int("attention.head_count_kv",
-                      metadata.get("llama.attention.head_count_kv", n_heads))
+                      metadata.get(f"{arch}.attention.head_count_kv", n_heads))
   ffn_dim = as_int("feed_forward_length", need("feed_forward_length"))
 
-  head_dim = _head_dim(metadata, dim // n_heads)
+  head_dim = _head_dim(metadata, dim // n_heads, arch)
   vocab = _vocab_size(metadata)
   tie = True
   if tensor_shapes is not None:
     tie = "output.weight" not in tensor_shapes
     _check_shapes(tensor_shapes, vocab=vocab, dim=dim, n_heads=n_heads, head_dim=head_dim)
+  shape = dict(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+               n_kv_heads=n_kv_heads, head_dim=head_dim, ffn_dim=ffn_dim)
   try:
+    if arch == "gemma3":
+      # Not in the file (Gemma 3's architecture): which layers slide (five sliding, then one
+      # global), the local RoPE base, and the query scale (query_pre_attn_scalar = head_dim for
+      # the sizes GGUF files hold).
+      return Gemma3Config(
+          **shape, sliding_window=int(need("attention.sliding_window")),
+          rope_theta=_f32_value(metadata.get("gemma3.rope.freq_base", 1_000_000.0)),
+          rope_local_theta=10_000.0, query_scale=float(head_dim),
+          norm_eps=_f32_value(metadata.get("gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
+          tie_embeddings=tie, max_position=int(metadata.get("gemma3.context_length", 32768)),
+          name=_model_name(metadata))
     return LlamaConfig(
-        vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, ffn_dim=ffn_dim,
+        **shape,
         rope_theta=_f32_value(metadata.get("llama.rope.freq_base", 10000.0)),
         norm_eps=_f32_value(metadata.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=tie,
@@ -282,6 +295,15 @@ _LAYER_TENSORS = {
     "ffn_up.weight": ("mlp", "w_up"),
     "ffn_down.weight": ("mlp", "w_down"),
 }
+# Gemma 3's extra per-layer tensors: QK-norm and the norms after attention and after the FFN.
+_GEMMA3_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "attn_q_norm.weight": ("attn", "q_norm", "scale"),
+    "attn_k_norm.weight": ("attn", "k_norm", "scale"),
+    "post_attention_norm.weight": ("post_attn_norm", "scale"),
+    "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
+}
+ARCHITECTURES = {"llama": _LAYER_TENSORS, "gemma3": _GEMMA3_LAYER_TENSORS}
 _GLOBAL_TENSORS = {
     "token_embd.weight": ("embed", "embedding"),
     "output_norm.weight": ("final_norm", "scale"),
@@ -297,6 +319,9 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
       "attn_norm/scale": (D,), "attn/wq": (D, N * H), "attn/wk": (D, K * H),
       "attn/wv": (D, K * H), "attn/wo": (N * H, D), "mlp_norm/scale": (D,),
       "mlp/w_gate": (D, F), "mlp/w_up": (D, F), "mlp/w_down": (F, D)}
+  if isinstance(config, Gemma3Config):
+    layer.update({"attn/q_norm/scale": (H,), "attn/k_norm/scale": (H,),
+                  "post_attn_norm/scale": (D,), "post_mlp_norm/scale": (D,)})
   shapes = {"embed/embedding": (V, D), "final_norm/scale": (D,)}
   for i in range(config.n_layers):
     shapes.update({f"layers_{i}/{k}": v for k, v in layer.items()})
@@ -305,14 +330,15 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
   return shapes
 
 
-def _tree_path(gguf_name: str, n_layers: int) -> Optional[str]:
+def _tree_path(gguf_name: str, config) -> Optional[str]:
   if gguf_name in _GLOBAL_TENSORS:
     return "/".join(_GLOBAL_TENSORS[gguf_name])
+  per_layer = _GEMMA3_LAYER_TENSORS if isinstance(config, Gemma3Config) else _LAYER_TENSORS
   parts = gguf_name.split(".", 2)
-  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in per_layer:
     layer = int(parts[1])
-    if layer < n_layers:
-      return f"layers_{layer}/" + "/".join(_LAYER_TENSORS[parts[2]])
+    if layer < config.n_layers:
+      return f"layers_{layer}/" + "/".join(per_layer[parts[2]])
   return None
 
 
@@ -334,15 +360,17 @@ def _params_from_reader(path, reader, config: LlamaConfig) -> dict[str, np.ndarr
   """Dequantize every tensor into a flat {'layers_0/attn/wq': array} dict."""
   flat: dict[str, np.ndarray] = {}
   for tensor in reader.tensors:
-    key = _tree_path(tensor.name, config.n_layers)
+    key = _tree_path(tensor.name, config)
     if key is None:
       raise GGUFError(
-          f"unexpected tensor {tensor.name!r} in {os.fspath(path)!r}: kvjax's Llama reader does not "
+          f"unexpected tensor {tensor.name!r} in {os.fspath(path)!r}: kvjax's GGUF reader does not "
           f"know what to do with it (rope scaling factors, biases and MoE are not supported)")
     w = _dequantize(tensor)
-    if key.endswith("attn/wq"):
+    # llama.cpp permutes Llama's Q/K rows for its interleaved RoPE; Gemma's are stored as trained.
+    permuted = isinstance(config, LlamaConfig)
+    if permuted and key.endswith("attn/wq"):
       w = unpermute_rope_rows(w, config.n_heads)
-    elif key.endswith("attn/wk"):
+    elif permuted and key.endswith("attn/wk"):
       w = unpermute_rope_rows(w, config.n_kv_heads)
     if key.startswith("layers_") and w.ndim == 2:
       w = w.T  # [out, in] -> [in, out]
