@@ -76,6 +76,41 @@ def llama_forward(config, params, tokens: np.ndarray) -> np.ndarray:
   return x @ head.T
 
 
+def gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def gemma3_forward(config, params, tokens: np.ndarray) -> np.ndarray:
+  """Full causal forward of one row of a Gemma 3 decoder: tokens [T] -> logits [T, V] (float64).
+  Sliding layers see the `sliding_window` most recent positions (themselves included)."""
+  p = _to_numpy(params)
+  c = config
+  x = p["embed"]["embedding"][tokens].astype(np.float64) * np.sqrt(c.dim)
+  t = len(tokens)
+  pos = np.arange(t)
+  causal = pos[:, None] >= pos[None, :]
+  for i, kind in enumerate(c.layer_types):
+    lp = p[f"layers_{i}"]
+    sliding = kind == "sliding"
+    mask = causal & (pos[None, :] > pos[:, None] - c.sliding_window) if sliding else causal
+    theta = c.rope_local_theta if sliding else c.rope_theta
+    hn = rmsnorm(x, lp["attn_norm"]["scale"], c.norm_eps)
+    q = (hn @ lp["attn"]["wq"]).reshape(t, c.n_heads, c.head_dim)
+    k = (hn @ lp["attn"]["wk"]).reshape(t, c.n_kv_heads, c.head_dim)
+    v = (hn @ lp["attn"]["wv"]).reshape(t, c.n_kv_heads, c.head_dim)
+    q = rmsnorm(q, lp["attn"]["q_norm"]["scale"], c.norm_eps)
+    k = rmsnorm(k, lp["attn"]["k_norm"]["scale"], c.norm_eps)
+    q, k = rope(q, pos, theta), rope(k, pos, theta)
+    q = q * (c.query_scale ** -0.5) * np.sqrt(c.head_dim)  # `attention` scales by head_dim**-0.5
+    att = attention(q, k, v, mask).reshape(t, -1)
+    x = x + rmsnorm(att @ lp["attn"]["wo"], lp["post_attn_norm"]["scale"], c.norm_eps)
+    hn = rmsnorm(x, lp["mlp_norm"]["scale"], c.norm_eps)
+    h = (gelu_tanh(hn @ lp["mlp"]["w_gate"]) * (hn @ lp["mlp"]["w_up"])) @ lp["mlp"]["w_down"]
+    x = x + rmsnorm(h, lp["post_mlp_norm"]["scale"], c.norm_eps)
+  x = rmsnorm(x, p["final_norm"]["scale"], c.norm_eps)
+  return x @ p["embed"]["embedding"].T
+
+
 def _to_numpy(tree):
   if isinstance(tree, dict):
     return {k: _to_numpy(v) for k, v in tree.items()}
