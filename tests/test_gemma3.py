@@ -49,3 +49,67 @@ def test_the_window_matters(tiny):
   all_global = tiny.config.replace(layer_types=("global",) * tiny.config.n_layers)
   dense = np.asarray(loading.forward(all_global, tiny.params, tokens))[0, -1]
   assert np.abs(sliding - dense).max() > 1e-3
+
+
+GEMMA3_NAMES = {
+    "attn_norm/scale": "attn_norm.weight", "attn/wq": "attn_q.weight", "attn/wk": "attn_k.weight",
+    "attn/wv": "attn_v.weight", "attn/wo": "attn_output.weight",
+    "attn/q_norm/scale": "attn_q_norm.weight", "attn/k_norm/scale": "attn_k_norm.weight",
+    "post_attn_norm/scale": "post_attention_norm.weight", "mlp_norm/scale": "ffn_norm.weight",
+    "mlp/w_gate": "ffn_gate.weight", "mlp/w_up": "ffn_up.weight", "mlp/w_down": "ffn_down.weight",
+    "post_mlp_norm/scale": "post_ffw_norm.weight",
+}
+
+
+def test_gguf_reader_maps_gemma3_tensors(tmp_path, monkeypatch):
+  """A tiny gemma3 GGUF (F32, tensors as llama.cpp's converter names them, matrices [out, in])
+  reads back as the tiny model's config and param tree: no Q/K row permutation (that is Llama's)."""
+  gguf = pytest.importorskip("gguf")
+  from kvjax.models import gguf as kg
+
+  monkeypatch.setenv("KVJAX_CACHE", str(tmp_path / "kvcache"))
+  c = config_lib.TINY_GEMMA3.replace(vocab_size=64)
+  rng = np.random.default_rng(0)
+  flat = kg.flatten(jax_tree_to_numpy(loading.architecture(c).init_params(c, 0, jnp.float32)))
+  flat = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in flat.items()}
+  path = tmp_path / "tiny-gemma3.gguf"
+  w = gguf.GGUFWriter(str(path), "gemma3")
+  w.add_block_count(c.n_layers)
+  w.add_context_length(c.max_position)
+  w.add_embedding_length(c.dim)
+  w.add_feed_forward_length(c.ffn_dim)
+  w.add_head_count(c.n_heads)
+  w.add_head_count_kv(c.n_kv_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_rope_freq_base(c.rope_theta)
+  w.add_layer_norm_rms_eps(c.norm_eps)
+  w.add_sliding_window(c.sliding_window)
+  w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+  for key, value in flat.items():
+    if key == "embed/embedding":
+      name = "token_embd.weight"
+    elif key == "final_norm/scale":
+      name = "output_norm.weight"
+    else:
+      layer, rest = key.split("/", 1)
+      name = f"blk.{layer.split('_')[1]}.{GEMMA3_NAMES[rest]}"
+    stored = value.T.copy() if key.startswith("layers_") and value.ndim == 2 else value
+    w.add_tensor(name, stored)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+  config, params, _ = kg.read_gguf(path, cache=False)
+  assert isinstance(config, config_lib.Gemma3Config)
+  assert config.layer_types == c.layer_types and config.sliding_window == c.sliding_window
+  assert (config.n_kv_heads, config.head_dim, config.query_scale) == (1, 32, 32.0)
+  got = kg.flatten(params)
+  assert set(got) == set(flat)
+  for key in flat:
+    np.testing.assert_array_equal(got[key], flat[key], err_msg=key)
+
+
+def jax_tree_to_numpy(tree):
+  return {k: jax_tree_to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
