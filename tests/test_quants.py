@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
-from gguf import quants as gq  # noqa: E402
+from gguf import quants as gq
 
-from kvjax.models import catalog  # noqa: E402
-from kvjax.models import quants as kq  # noqa: E402
+from kvjax.models import catalog
+from kvjax.models import quants as kq
 
 Q = gguf.GGMLQuantizationType
 

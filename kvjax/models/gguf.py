@@ -38,9 +38,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from kvjax.models import catalog, quants
 from kvjax.models.config import LlamaConfig
-from kvjax.models import catalog
-from kvjax.models import quants
 
 # Bump when the layout of cached files (or the transformation applied before caching) changes.
 _CACHE_FORMAT = 2  # 2: layer projections stored [in, out]

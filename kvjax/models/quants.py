@@ -38,7 +38,7 @@ bit-field at shift s of byte l is value l of the s-th group of 32 values (see ea
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -259,7 +259,7 @@ _KERNELS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 # Entry point.
 # ---------------------------------------------------------------------------------------------
 
-def dequantize(data: np.ndarray, qtype, shape: Optional[Sequence[int]] = None) -> np.ndarray:
+def dequantize(data: np.ndarray, qtype, shape: Sequence[int] | None = None) -> np.ndarray:
   """Float32 values of one GGUF tensor; a drop-in for `gguf.quants.dequantize`.
 
   Args:
