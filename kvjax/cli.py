@@ -17,7 +17,8 @@ def _add_model(p):
                  help="import MODULE (a module name, also from the current directory, or a .py "
                       "file) first, e.g. one that calls kvjax.register_kind; repeatable")
   p.add_argument("--model", default=DEFAULT_MODEL,
-                 help="registered name (smollm2-135m, tiny, gpt2-small-shape) or a .gguf path")
+                 help="registered name (smollm2-135m, gemma3-270m, tiny, tiny-gemma3, "
+                      "gpt2-small-shape) or a .gguf path")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="weights/compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
   p.add_argument("--cache", default="full",

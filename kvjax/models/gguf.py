@@ -4,8 +4,8 @@ Pipeline (see docs/models.md):
 
   1. `gguf.GGUFReader` memory-maps the file and parses the key/value metadata and tensor table.
   2. The metadata gives a `LlamaConfig` or `Gemma3Config`; the tensor shapes cross-check it.
-  3. Every tensor is dequantized to float32 with `gguf.quants.dequantize`. numpy sees a GGUF
-     matrix as [rows=out, cols=in].
+  3. Every tensor is dequantized to float32 with kvjax's own `kvjax.models.quants.dequantize`
+     (bit-identical to `gguf.quants.dequantize`). numpy sees a GGUF matrix as [rows=out, cols=in].
   4. Llama only: the rows of the Q and K projections are un-permuted (see `unpermute_rope_rows`).
   5. The per-layer projections are transposed to [in, out] (y = x @ W): at batch 8 on CPU this
      layout made the decode step's matmuls 1.3x faster than [out, in] (see docs/models.md).
@@ -38,8 +38,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from kvjax.models import catalog, quants
 from kvjax.models.config import Gemma3Config, LlamaConfig
-from kvjax.models import catalog
 
 # Bump when the layout of cached files (or the transformation applied before caching) changes.
 _CACHE_FORMAT = 2  # 2: layer projections stored [in, out]
@@ -343,17 +343,14 @@ def _tree_path(gguf_name: str, config) -> Optional[str]:
 
 
 def _dequantize(tensor) -> np.ndarray:
-  from gguf import quants
-
   qtype = tensor.tensor_type
   try:
     out = quants.dequantize(tensor.data, qtype)
-  except NotImplementedError as e:
+  except quants.UnsupportedQuantType as e:
     raise GGUFError(
-        f"tensor {tensor.name!r} has type {qtype.name}, which this gguf package "
-        f"({_gguf_version()}) cannot dequantize; supported include F32, F16, BF16, Q4_0, Q4_1, "
-        f"Q5_0, Q5_1, Q8_0 and the K-quants") from e
-  return np.asarray(out, dtype=np.float32)
+        f"tensor {tensor.name!r} has type {qtype.name}, which kvjax cannot dequantize; "
+        f"supported: {', '.join(quants.SUPPORTED)}") from e
+  return out
 
 
 def _params_from_reader(path, reader, config: LlamaConfig) -> dict[str, np.ndarray]:
