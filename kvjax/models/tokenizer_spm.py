@@ -84,12 +84,12 @@ class _Vocab:
     self.special_ids = frozenset(
         i for i, ty in enumerate(self.types) if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN))
 
-    # Whole tokens for the partition step, longest first (ties by id; llama.cpp's sort is not
-    # stable, which only matters for two equal-length tokens overlapping each other in a text).
+    # Whole tokens for the partition step, longest in UTF-8 bytes first. Ties go by id;
+    # llama.cpp's sort is not stable, which only matters for two equal-length whole tokens that
+    # can overlap each other in a text (none in Gemma 3's vocabulary).
     def whole(kinds):
-      ids = [i for i in range(n) if self.types[i] in kinds and self.tokens[i]
-             and self.text_to_id[self.tokens[i]] == i]
-      ids.sort(key=lambda i: (-len(self.tokens[i]), i))
+      ids = [i for i in range(n) if self.types[i] in kinds]
+      ids.sort(key=lambda i: (-len(self.tokens[i].encode("utf-8", "surrogatepass")), i))
       return tuple((self.tokens[i], i) for i in ids)
 
     self.user_defined = whole((TOKEN_USER_DEFINED,))
