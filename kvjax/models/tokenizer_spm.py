@@ -45,6 +45,26 @@ from kvjax.models.tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOK
                                     TokenizerError, _TemplateMixin)
 
 _SPACE = "\u2581"
+
+# Spellings llama.cpp takes for end-of-turn/-generation and fill-in-the-middle tokens when it
+# loads a vocabulary (llama_vocab::impl::load, "auto-detect special tokens by text"); whatever
+# their type in the file, it makes them CONTROL. So Gemma 3's "</s>", USER_DEFINED in the file
+# (the HTML strike-through tag), is a control token there: not matched in text unless specials
+# are parsed, dropped by decode with skip_special_tokens.
+_CONTROL_BY_TEXT = frozenset([
+    # end of turn / message / generation
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    # fill in the middle
+    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "<|code_prefix|>", "<|prefix|>",
+    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "<|code_suffix|>", "<|suffix|>",
+    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<MID>", "<|code_middle|>", "<|middle|>",
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]",
+    "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
+])
+# ... except that "</s>" is made a NORMAL token again in vocabularies that have one of these.
+_PLAIN_CLOSING_S_WITH = ("<|tool_response>", "<|plamo:eos|>")
 # Fragments remembered per tokenizer (text -> ids); prose repeats lines and words often.
 _FRAGMENT_CACHE_SIZE = 1 << 16
 
@@ -55,9 +75,18 @@ class _Vocab:
   def __init__(self, tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]):
     n = len(tokens)
     self.tokens = tuple(tokens)
-    self.types = tuple(int(t) for t in types)
     # llama.cpp keeps the last id of a duplicated text (token_to_id[word] = i).
     self.text_to_id = {t: i for i, t in enumerate(self.tokens)}
+    # Token types as llama.cpp ends up using them (see _CONTROL_BY_TEXT).
+    types = [int(t) for t in types]
+    for text in _CONTROL_BY_TEXT:
+      i = self.text_to_id.get(text)
+      if i is not None and types[i] not in (TOKEN_CONTROL, TOKEN_UNKNOWN):
+        types[i] = TOKEN_CONTROL
+    s_id = self.text_to_id.get("</s>")
+    if s_id is not None and any(t in self.text_to_id for t in _PLAIN_CLOSING_S_WITH):
+      types[s_id] = TOKEN_NORMAL
+    self.types = tuple(types)
     self.scores = tuple(float(s) for s in scores)
     # Score of every token text, for the merge loop (one dict look-up per candidate pair).
     self.text_score = {t: self.scores[i] for t, i in self.text_to_id.items()}
