@@ -32,7 +32,6 @@ every tokenizer made from the same token list, scores and types.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import hashlib
 import heapq
