@@ -162,8 +162,8 @@ class Tokenizer(_TemplateMixin):
     kind = metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":
       raise TokenizerError(
-          f"tokenizer.ggml.model is {kind!r}; kvjax only rebuilds byte-level BPE ('gpt2') "
-          f"tokenizers (sentencepiece 'llama' vocabularies are not supported)")
+          f"tokenizer.ggml.model is {kind!r}; this class rebuilds byte-level BPE ('gpt2') "
+          f"tokenizers (sentencepiece 'llama' vocabularies: Tokenizer.from_metadata)")
     tokens = metadata.get("tokenizer.ggml.tokens")
     merges = metadata.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
@@ -226,13 +226,18 @@ class Tokenizer(_TemplateMixin):
         f"{sorted(_DIGITS_THEN_GPT2 | _GPT2_ONLY | _LLAMA3_STYLE)}")
 
   @classmethod
-  def from_metadata(cls, metadata: dict) -> "Tokenizer":
+  def from_metadata(cls, metadata: dict):
+    """The tokenizer `metadata` describes: this class for byte-level BPE ("gpt2"), an
+    `SpmTokenizer` (kvjax.models.tokenizer_spm) for SentencePiece vocabularies ("llama")."""
+    if metadata.get("tokenizer.ggml.model") == "llama":
+      from kvjax.models.tokenizer_spm import SpmTokenizer
+      return SpmTokenizer(metadata)
     return cls(metadata)
 
   @classmethod
-  def from_gguf(cls, path) -> "Tokenizer":
+  def from_gguf(cls, path):
     from kvjax.models.gguf import read_metadata
-    return cls(read_metadata(path))
+    return cls.from_metadata(read_metadata(path))
 
   # -- encoding / decoding ---------------------------------------------------------------------
 
