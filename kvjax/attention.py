@@ -262,13 +262,18 @@ def blockwise_stats(q, load_block: Callable, visible: Callable, n_blocks, block_
   return lax.fori_loop(1, n_blocks, lambda j, s: combine_stats(s, block_stats(j)), block_stats(0))
 
 
-def causal_visibility(q_positions: jax.Array, kv_lengths: jax.Array) -> Callable:
+def causal_visibility(q_positions: jax.Array, kv_lengths: jax.Array,
+                      window: int | None = None) -> Callable:
   """visible(slots) for a buffer where slot s holds position s: s < kv_lengths[b] and
-  s <= q_positions[b, t]. Returns a [B, 1, T, bs] mask."""
+  s <= q_positions[b, t], and with a sliding `window` W also s > q_positions[b, t] - W (the
+  query sees its W most recent positions, itself included). Returns a [B, 1, T, bs] mask."""
 
   def visible(slots):
-    return ((slots[None, None, :] <= q_positions[:, :, None])
-            & (slots[None, None, :] < kv_lengths[:, None, None]))[:, None]
+    mask = ((slots[None, None, :] <= q_positions[:, :, None])
+            & (slots[None, None, :] < kv_lengths[:, None, None]))
+    if window is not None:
+      mask &= slots[None, None, :] > q_positions[:, :, None] - window
+    return mask[:, None]
 
   return visible
 
@@ -278,13 +283,16 @@ def n_filled_blocks(kv_lengths: jax.Array, block_size: int) -> jax.Array:
   return (jnp.max(kv_lengths) + block_size - 1) // block_size
 
 
-def attend_prefix_blocks(q, load_block: Callable, q_positions, kv_lengths, block_size: int):
+def attend_prefix_blocks(q, load_block: Callable, q_positions, kv_lengths, block_size: int,
+                         window: int | None = None):
   """Attention of q [B, T, K, G, H] (rotated, scaled) over a buffer whose slot s holds position s,
   read block by block with `load_block(start) -> (k, v [B, K, block_size, H])`: key s is visible to
-  query (b, t) iff s < kv_lengths[b] and s <= q_positions[b, t]; only the filled blocks are read.
+  query (b, t) iff s < kv_lengths[b] and s <= q_positions[b, t] (and s > q_positions[b, t] - window
+  with a sliding `window`; blocks wholly below it are still read, and masked); only the filled
+  blocks are read.
   Returns [B, T, N, H] in q's dtype. The full, offloaded and shared kinds are this with their own
   `load_block`."""
-  stats = blockwise_stats(q, load_block, causal_visibility(q_positions, kv_lengths),
+  stats = blockwise_stats(q, load_block, causal_visibility(q_positions, kv_lengths, window),
                           n_filled_blocks(kv_lengths, block_size), block_size)
   return finish_stats(stats, q.dtype)
 
