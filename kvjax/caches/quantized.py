@@ -229,9 +229,10 @@ class QuantizedCache(base.Limited):
         mask = mask & (slots[None, None, :] > positions[:, :, None] - w)[:, None]  # [B, 1, T, bs]
       return mask
 
+    n_blocks = attn.n_filled_blocks(qlen, self.block_size)
     part_q = attn.blockwise_stats(
-        qg, lambda start: cache.load_block(layer, start), visible_q,
-        attn.n_filled_blocks(qlen, self.block_size), self.block_size)
+        qg, lambda start: cache.load_block(layer, start), visible_q, n_blocks, self.block_size,
+        attn.window_first_block(positions, w, n_blocks, self.block_size))
 
     # Part 2: residual + new tokens at full precision; slot i holds position qcount + i.
     held = self.lengths - self.qcount + n_valid  # [B]

@@ -19,7 +19,10 @@ import pytest
 
 import kvjax
 from kvjax import layouts
+from kvjax.caches.full import FullCache
 from kvjax.caches.hybrid import HybridCache
+from kvjax.caches.paged import PagedCache
+from kvjax.caches.quantized import QuantizedCache
 from kvjax.caches.terms import SpecError
 from kvjax.models.config import GEMMA3_270M, SMOLLM2_135M, TINY_GEMMA3
 from kvjax.planning import estimate_bytes
@@ -160,7 +163,7 @@ def _step(cache, q, k, v, n_valid):
 
 
 def _run(spec):
-  cache = kvjax.make_cache(spec, CONFIG, BATCH, CAPACITY)
+  cache = kvjax.make_cache(spec, CONFIG, BATCH, CAPACITY) if isinstance(spec, str) else spec
   outs = []
   for q, k, v, n_valid in _inputs():
     out, cache = _step(cache, q, k, v, n_valid)
@@ -216,6 +219,22 @@ def test_matches_the_sliding_window_oracle(oracle, spec, groups, atol):
   assert tuple(type(c).__name__ for c in cache.groups) == groups
   np.testing.assert_allclose(_valid(outs), oracle, atol=atol)
   np.testing.assert_array_equal(np.asarray(cache.lengths), [27, 25])
+
+
+@pytest.mark.parametrize("kind", ["full", "int8", "paged"])
+def test_blocks_below_the_window_are_skipped_exactly(oracle, kind):
+  """8-slot blocks, so the sliding layer's first block to read moves past 0: same answers."""
+  sizes = dict(n_layers=1, batch=BATCH, kv_heads=1, head_dim=CONFIG.head_dim, capacity=CAPACITY)
+
+  def one(sliding):
+    if kind == "full":
+      return FullCache.init(**sizes, block_size=8, sliding=sliding)
+    if kind == "int8":
+      return QuantizedCache.init(**sizes, bits=8, group=4, block_size=8, sliding=sliding)
+    return PagedCache.init(**sizes, page_size=4, sliding=sliding).replace(pages_per_block=2)
+
+  outs, _ = _run(HybridCache.of([one(None), one(CONFIG.sliding_window)], [(1,), (0,)]))
+  np.testing.assert_allclose(_valid(outs), oracle, atol=1e-5 if kind != "int8" else 0.05)
 
 
 def test_default_equals_full_at_all_and_views_follow_layers():
