@@ -11,6 +11,7 @@ at 4096 tokens are what its window promises; the conformance kit holds for a Hyb
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +121,24 @@ def test_bytes_of_the_default_layout_at_4096_tokens():
   assert small <= (3 * 4096 + 15 * 512) / (18 * 4096) * whole * 1.0005
   plain = estimate_bytes("full", SMOLLM2_135M.replace(n_layers=18, n_kv_heads=1, head_dim=256), 4096)
   assert whole == plain + 4  # two groups: one more lengths [B]
-  cache = kvjax.make_cache("full", TINY_GEMMA3, 2, 64)  # the formula is what is allocated
-  assert sum(cache.nbytes().values()) == estimate_bytes("full", TINY_GEMMA3, 64, 2)
+
+
+@pytest.mark.parametrize("spec", ["full", "full@all", "int4+residual:32", "paged:4", "int8@0-2"])
+def test_estimate_bytes_is_what_make_cache_allocates(spec):
+  cache = kvjax.make_cache(spec, TINY_GEMMA3, 2, 64)
+  assert sum(cache.nbytes().values()) == estimate_bytes(spec, TINY_GEMMA3, 64, 2)
+
+
+def test_chunks_and_growth():
+  from kvjax.perplexity import default_chunk
+
+  assert default_chunk("full@all") == default_chunk("window:8@0; full") == 256
+  assert default_chunk("int8@0; full") == 1
+  cache = kvjax.make_cache("dynamic", TINY_GEMMA3, 1, 32)  # window on sliding, dynamic on global
+  assert cache.caps.growable and kvjax.caches.base.supports(cache, "grow")
+  grown = cache.grow(64)
+  assert [c.capacity for c in grown.groups] == [16, 64]
+  assert not kvjax.make_cache("full", TINY_GEMMA3, 1, 32).caps.growable
 
 
 # ---- attention against a NumPy oracle -------------------------------------------------------
@@ -153,20 +170,20 @@ def _inputs(seed: int = 0):
   return out
 
 
-@jax.jit
-def _step(cache, q, k, v, n_valid):
+@functools.partial(jax.jit, static_argnames="rope")
+def _step(cache, q, k, v, n_valid, rope=None):
   outs = []
   for layer in range(cache.n_layers):
-    out, cache = cache.attend(layer, q[layer], k[layer], v[layer], n_valid)
+    out, cache = cache.attend(layer, q[layer], k[layer], v[layer], n_valid, rope=rope)
     outs.append(out)
   return jnp.stack(outs), cache.advance(n_valid)
 
 
-def _run(spec):
+def _run(spec, rope=None):
   cache = kvjax.make_cache(spec, CONFIG, BATCH, CAPACITY) if isinstance(spec, str) else spec
   outs = []
   for q, k, v, n_valid in _inputs():
-    out, cache = _step(cache, q, k, v, n_valid)
+    out, cache = _step(cache, q, k, v, n_valid, rope=rope)
     outs.append(np.asarray(out))
   return outs, cache
 
@@ -251,6 +268,13 @@ def test_default_equals_full_at_all_and_views_follow_layers():
   # crop and reorder map over the groups
   assert np.asarray(cb.crop(10).lengths).tolist() == [10, 10]
   assert np.asarray(cb.reorder(jnp.array([1, 0])).lengths).tolist() == [25, 27]
+
+
+def test_default_equals_full_at_all_with_rope():
+  """The ring stores keys rotated at their own positions, as the masked full cache does."""
+  rope = kvjax.attention.RoPE(CONFIG.head_dim, 10_000.0)
+  (a, _), (b, _) = _run("full", rope), _run("full@all", rope)
+  np.testing.assert_allclose(_valid(a), _valid(b), atol=1e-5, rtol=1e-5)
 
 
 def test_int8_on_the_global_layer_only(oracle):
