@@ -22,8 +22,9 @@ def _add_model(p):
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="weights/compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
   p.add_argument("--cache", default="full",
-                 help="cache spec, e.g. full, dynamic, none, int8, sink:4+window:1020, or a "
-                      "registered kind (`kvjax specs` lists every term)")
+                 help="cache spec, e.g. full, dynamic, none, int8, sink:4+window:1020, a "
+                      "registered kind, or a layout such as 'int4@global; window:256@sliding' "
+                      "(`kvjax specs` lists every term)")
   p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
   p.add_argument("--mesh", default=None, metavar="AXES",
                  help="run over a device mesh, e.g. data=2,model=4 (-1: the remaining devices)")
@@ -74,14 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_specs(args) -> dict:
+  from kvjax import layouts
   from kvjax import spec as spec_lib
   from kvjax.caches import registry
 
   print("A cache spec is terms joined by '+', e.g. int4+residual:64+window:512. The terms:")
   print(spec_lib.grammar())
+  print(layouts.grammar_line())
   kinds = registry.registered_kinds()
   print("Kinds: " + ", ".join(kinds))
-  return {"terms": spec_lib.grammar().splitlines(), "kinds": kinds}
+  return {"terms": spec_lib.grammar().splitlines(), "layouts": layouts.grammar_line(),
+          "kinds": kinds}
 
 
 def _add_draft(p):

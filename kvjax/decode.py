@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from kvjax import prompts as prompts_lib
-from kvjax import runtime, sharding, speculative
+from kvjax import layouts, runtime, sharding, speculative
 from kvjax import spec as spec_lib
 from kvjax.caches import base
 from kvjax.caches.base import CapacityError  # noqa: F401  (decode.CapacityError, kept public)
@@ -360,7 +360,7 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   given = runtime.is_cache(cache)
   if given:
     base.check_cache(cache, "generate")  # before the prompts: a wrong object is the first error
-  spec = None if given else spec_lib.parse_spec(cache)
+  spec = None if given else layouts.parse_request(cache)
   opts = GenerateOptions.build(
       model, spec, max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
       stop_at_eos=stop_at_eos, draft=draft, draft_tokens=draft_tokens, mesh=mesh,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import prompts, runtime, sharding
+from kvjax import layouts
 from kvjax import spec as spec_lib
 from kvjax.caches import base
 from kvjax.decode import Stopwatch
@@ -59,11 +60,16 @@ def default_chunk(cache) -> int:
   """256 for kinds that declare `chunk_exact` (chunked feeding is exact for them), else 1.
 
   Quantized kinds stay at 1: a chunk's tokens would see each other before they are quantized,
-  which decoding never allows. Accepts a cache, a spec string or a `CacheSpec`.
+  which decoding never allows. Accepts a cache, a spec string or a `CacheSpec`, or a layout
+  (`kvjax.layouts`: 256 only if every spec it places is chunk-exact).
   """
-  if isinstance(cache, (str, spec_lib.CacheSpec)):
-    spec = spec_lib.parse_spec(cache)
-    cache = jax.eval_shape(lambda: spec_lib.make_cache(spec, _ProbeConfig(), 1, _probe_capacity(spec)))
+  if isinstance(cache, (str, dict, spec_lib.CacheSpec, layouts.Layout)):
+    request = layouts.parse_request(cache)
+    specs = ([request] if isinstance(request, spec_lib.CacheSpec)
+             else [request.plain] + [s for _, s in request.placements])
+    probes = [jax.eval_shape(lambda s=s: spec_lib.make_cache(s, _ProbeConfig(), 1, _probe_capacity(s)))
+              for s in specs]
+    return 256 if all(p.caps.chunk_exact for p in probes) else 1
   return 256 if cache.caps.chunk_exact else 1
 
 

@@ -34,8 +34,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kvjax import layouts
 from kvjax import spec as spec_lib
-from kvjax.caches import registry
+from kvjax.caches import hybrid, registry
 
 
 class PlanError(ValueError):
@@ -46,9 +47,18 @@ def estimate_bytes(spec, config, context: int, batch: int = 1, dtype=jnp.float32
   """Bytes of `make_cache(spec, config, batch, capacity=context, dtype)`.
 
   From the kind's own formula (`estimate_bytes` in its registration) where it declares one, else
-  measured from the cache's abstract shapes (`measured_bytes`, nothing allocated).
+  measured from the cache's abstract shapes (`measured_bytes`, nothing allocated). A layout
+  (`kvjax.layouts`), or any spec on a model with sliding layers, is the sum over its groups.
   """
-  spec = spec_lib.parse_spec(spec)
+  spec = layouts.parse_request(spec)
+  plan_ = layouts.plan_for(spec, config)
+  if plan_ is not None:
+    return sum(_estimate_one(s, hybrid.group_config(config, len(ls)), context, batch, dtype)
+               for ls, s, _ in plan_)
+  return _estimate_one(spec, config, context, batch, dtype)
+
+
+def _estimate_one(spec, config, context: int, batch: int, dtype) -> int:
   if not spec.uses_cache:
     return 0
   info = registry.lookup(spec.kind)

@@ -36,9 +36,9 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import sharding
+from kvjax import layouts, sharding
 from kvjax import spec as spec_lib
-from kvjax.caches import base, paged, registry
+from kvjax.caches import base, hybrid, paged, registry
 from kvjax.caches.base import CapacityError
 from kvjax.models.protocol import default_dtype, model_dtype
 
@@ -47,7 +47,8 @@ from kvjax.models.protocol import default_dtype, model_dtype
 class CachePlan:
   """What `resolve` decided.
 
-  spec: the parsed spec (None for a given cache).  capacity: slots per row.
+  spec: the parsed spec, or `kvjax.layouts.Layout` for a layout (None for a given cache).
+  capacity: slots per row (the largest group's for a layout).
   batch: the caller's rows; padded_batch: the cache's rows (batch plus mesh padding rows).
   prompt / needed: tokens the longest row is given first / must hold in all (with a given cache,
   what it already holds included).  pages: a paged pool's size, else None.
@@ -65,7 +66,7 @@ class CachePlan:
   sharding: sharding.ShardingPlan | None
   given: bool
   growable: bool
-  label: str  # str(spec), or the given cache's type name
+  label: str  # str(spec) (a layout's canonical string), or the given cache's type name
 
   def describe(self) -> str | None:
     """The sharding plan in words, None without a mesh."""
@@ -132,7 +133,7 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
     kv, spec, padded = _given(cache, n_rows, what, row), None, n_rows
     needed = prompt + extra + int(jnp.max(kv.lengths))
   else:
-    spec = spec_lib.parse_spec(cache)
+    spec = layouts.parse_request(cache)
     if not spec.uses_cache:
       raise spec_lib.SpecError(f"{what} needs a cache; 'none' keeps nothing to feed tokens through")
     padded = n_rows if mesh is None else sharding.padded_batch(mesh, n_rows, rules)
@@ -161,6 +162,12 @@ def default_capacity(spec, *, needed: int, prompt: int) -> int:
   return int(registry.lookup(spec.kind).default_capacity(spec, needed=needed, prompt=prompt))
 
 
+def _layer_specs(spec, model) -> list:
+  """The specs the cache of `spec` is built from: its groups' on a layered model, else itself."""
+  plan = layouts.plan_for(spec, getattr(model, "config", model))
+  return [spec] if plan is None else [s for _, s, _ in plan]
+
+
 def _given(cache, n_rows: int, what: str, row: str):
   """A caller's cache, checked: the protocol, one row per row, no row that dropped tokens."""
   base.check_cache(cache, what)
@@ -179,14 +186,17 @@ def _build(model, spec, lengths, padded: int, extra: int, capacity, dtype, optio
   """An empty cache of `spec` for `padded` rows: the kind's capacity, a pool sized from rows.
   `make_cache` reads a model's config and dtype."""
   options = dict(options or {})
+  specs = _layer_specs(spec, model)  # a layout's groups: global ones need prompt + extra
   if capacity is None:
     if lengths is None:
       raise ValueError(f"a capacity is needed to build {str(spec)!r} without row lengths")
     prompt = int(lengths.max())
-    capacity = default_capacity(spec, needed=prompt + extra, prompt=prompt)
-  if spec.paged and lengths is not None and options.get("pages") is None:
+    sized = [s for s in specs if not s.bounded] or specs  # bounded groups size themselves
+    capacity = max(default_capacity(s, needed=prompt + extra, prompt=prompt) for s in sized)
+  page_sizes = {s.paged for s in specs} - {None}
+  if len(page_sizes) == 1 and lengths is not None and options.get("pages") is None:
     held = np.concatenate([lengths, np.ones(padded - lengths.size, np.int64)]) + extra
-    options["pages"] = paged.pages_for(held, spec.paged) + spare_pages
+    options["pages"] = paged.pages_for(held, page_sizes.pop()) + spare_pages
   return make_cache(spec, model, padded, int(capacity), dtype, **options)
 
 
@@ -206,14 +216,25 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
     `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
   options: kind-specific extras (e.g. calibration maps for share:G:cal).
+
+  spec may also be a layout (`kvjax.layouts`: `"int4@global; window:256@sliding"`, or a dict):
+  on a model with sliding layers, or with `@` placements, each group of layers gets its own cache
+  in a `HybridCache` (bounded groups sized by their budget, the others by `capacity`); a spec
+  without `@` on a model without layer types builds the plain cache, exactly as before.
   """
-  spec = spec_lib.parse_spec(spec)
+  spec = layouts.parse_request(spec)
   if hasattr(config, "config") and hasattr(config, "params"):  # a model
     dtype = dtype if dtype is not None else model_dtype(config)
     config = config.config
   if dtype is None:
     dtype = getattr(config, "dtype", None) or default_dtype()
-  cache = registry.build(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)
+  registry.check_config(config)
+  plan = layouts.plan_for(spec, config)
+  if plan is None:
+    cache = registry.build(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)
+  else:
+    cache = hybrid.build(plan, config, batch=batch, capacity=capacity, dtype=dtype,
+                         build_one=registry.build, **options)
   if mesh is not None:
     plan_ = sharding.plan(mesh, config, batch=int(batch), capacity=cache.capacity, rules=rules,
                           slot_sharding_ok=sharding.supports_slot_sharding(cache))

@@ -440,6 +440,14 @@ def tree_nbytes(tree) -> dict[str, int]:
   return out
 
 
+def check_sliding(sliding, what: str):
+  """`sliding` (a sliding-window layer's W) checked: None or a positive int."""
+  if sliding is not None and (not isinstance(sliding, int) or isinstance(sliding, bool)
+                              or sliding <= 0):
+    raise ValueError(f"{what}: sliding must be a positive int (the window W) or None, got {sliding!r}")
+  return sliding
+
+
 def pick_block_size(capacity: int, preferred: int = 256) -> int:
   """Largest block size <= preferred that divides capacity (whole capacity if none >= 16 does)."""
   if capacity <= preferred:

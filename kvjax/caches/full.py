@@ -37,6 +37,8 @@ class FullCache(base.Limited):
 
   growable (static): the `dynamic` policy: `generate` doubles the capacity between jitted segments
   when a row runs out of slots, instead of refusing up front.
+  sliding (static): a sliding-window layer's W (Gemma 3's local layers): attention also hides
+  keys at positions <= q_pos - W; every token is still held. None: plain causal attention.
   slot_sharding (static): set by `kvjax.sharding.shard_cache` when the slots are split over
   devices: writes and attention then run per device under `jax.shard_map` and combine their
   softmax statistics across the slot axes (flash-decoding); None otherwise.
@@ -48,11 +50,13 @@ class FullCache(base.Limited):
   block_size: int = struct.field(pytree_node=False, default=256)
   growable: bool = struct.field(pytree_node=False, default=False)
   slot_sharding: Any = struct.field(pytree_node=False, default=None)
+  sliding: int | None = struct.field(pytree_node=False, default=None)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-           dtype=jnp.float32, block_size: int | None = None, growable: bool = False) -> "FullCache":
+           dtype=jnp.float32, block_size: int | None = None, growable: bool = False,
+           sliding: int | None = None) -> "FullCache":
     if not isinstance(capacity, int) or capacity <= 0:
       raise ValueError(f"FullCache: capacity must be positive, got {capacity}")
     shape = (n_layers, batch, kv_heads, capacity, head_dim)
@@ -60,7 +64,8 @@ class FullCache(base.Limited):
     if capacity % bs:
       raise ValueError(f"FullCache: block_size {bs} must divide capacity {capacity}")
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32), block_size=bs, growable=growable)
+               lengths=jnp.zeros((batch,), jnp.int32), block_size=bs, growable=growable,
+               sliding=base.check_sliding(sliding, "FullCache"))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -106,7 +111,7 @@ class FullCache(base.Limited):
       return jax.lax.dynamic_slice(cache.k, idx, shape)[0], jax.lax.dynamic_slice(cache.v, idx, shape)[0]
 
     qg = attn.prepare_queries(q, self.kv_heads, scale)
-    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs), cache
+    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs, self.sliding), cache
 
   def view(self) -> base.CacheView:
     return base.prefix_view(self, self.k, self.v)
@@ -129,6 +134,8 @@ class FullCache(base.Limited):
   # ---- slots split over devices (kvjax.sharding) -----------------------------------------------
   def with_slot_sharding(self, slot_sharding) -> "FullCache":
     """The same cache, told that its slots are split over `slot_sharding.slots` mesh axes."""
+    if self.sliding is not None:
+      raise ValueError("a sliding-window layer's cache cannot split its slots over devices yet")
     shards = slot_sharding.shards()
     if self.capacity % shards:
       raise ValueError(f"FullCache: capacity {self.capacity} does not split over {shards} devices")
@@ -150,12 +157,14 @@ class FullCache(base.Limited):
                         block_size=base.pick_block_size(capacity))
 
 
-def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options) -> FullCache:
-  """`full` and `dynamic` specs (dynamic: the same pytree, grown by `generate`)."""
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
+              sliding: int | None = None, **options) -> FullCache:
+  """`full` and `dynamic` specs (dynamic: the same pytree, grown by `generate`). sliding: the
+  window W of a sliding-window layer (see `FullCache`)."""
   registry.no_options("full", options)
   return FullCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                         head_dim=config.head_dim, capacity=capacity, dtype=dtype,
-                        growable=spec.mode == "dynamic")
+                        growable=spec.mode == "dynamic", sliding=sliding)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:

@@ -105,12 +105,14 @@ class PagedCache(base.Limited):
   head_dim_: int = struct.field(pytree_node=False)
   codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.Codec())
   pages_per_block: int = struct.field(pytree_node=False, default=1)
+  sliding: int | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            page_size: int = 16, pages: int | None = None, dtype=jnp.float32, bits: int | None = None,
-           group: int = 32, codec: codec_lib.Codec | None = None) -> "PagedCache":
+           group: int = 32, codec: codec_lib.Codec | None = None,
+           sliding: int | None = None) -> "PagedCache":
     """An empty cache: `capacity` tokens per row at most (a multiple of page_size), a pool of
     `pages` pages (default: batch x capacity / page_size, room for every row to be full).
     Pages store tokens through `codec` (default: intN from `bits` and `group`, else `dtype`)."""
@@ -125,7 +127,8 @@ class PagedCache(base.Limited):
     return cls(pool=pool, pages=page_table.empty(batch, per_row, pages, page_size),
                lengths=jnp.zeros((batch,), jnp.int32), failed=jnp.zeros((batch,), bool),
                page_size=page_size, head_dim_=head_dim, codec=codec,
-               pages_per_block=_pages_per_block(per_row, page_size))
+               pages_per_block=_pages_per_block(per_row, page_size),
+               sliding=base.check_sliding(sliding, "PagedCache"))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -269,7 +272,7 @@ class PagedCache(base.Limited):
     qg = attn.prepare_queries(q, self.kv_heads, scale)
     bs = self.pages_per_block * self.page_size
     out = attn.attend_prefix_blocks(qg, lambda start: cache._load_block(layer, start), positions,
-                                    kv_len, bs)
+                                    kv_len, bs, self.sliding)
     return out, cache
 
   # ---- capacity -------------------------------------------------------------------------------
@@ -339,14 +342,15 @@ def pages_for(row_tokens, page_size: int) -> int:
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, pages: int | None = None,
-              **options) -> PagedCache:
-  """`paged:P[+intN][+group:G]`; option `pages=` sizes the pool (default: every row full)."""
+              sliding: int | None = None, **options) -> PagedCache:
+  """`paged:P[+intN][+group:G]`; option `pages=` sizes the pool (default: every row full),
+  `sliding=` a sliding-window layer's W (see `FullCache.sliding`; every page is still held)."""
   registry.no_options("paged", options)
   p = spec.paged
   capacity = -(-capacity // p) * p
   return PagedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                          head_dim=config.head_dim, capacity=capacity, page_size=p, pages=pages,
-                         dtype=dtype, codec=codec_lib.for_spec(spec, dtype))
+                         dtype=dtype, codec=codec_lib.for_spec(spec, dtype), sliding=sliding)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:

@@ -97,13 +97,14 @@ class QuantizedCache(base.Limited):
   residual: int = struct.field(pytree_node=False, default=0)
   block_size: int = struct.field(pytree_node=False, default=256)
   growable: bool = struct.field(pytree_node=False, default=False)
+  sliding: int | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            bits: int = 8, group: int = 32, residual: int | None = None, dtype=jnp.float32,
            block_size: int | None = None, growable: bool = False,
-           codec: codec_lib.Codec | None = None) -> "QuantizedCache":
+           codec: codec_lib.Codec | None = None, sliding: int | None = None) -> "QuantizedCache":
     """Empty cache holding up to `capacity` tokens per row (rounded up to a multiple of `group`).
     Tokens are stored through `codec` (intN or fp8; default: intN from `bits`)."""
     if codec is None:
@@ -134,7 +135,8 @@ class QuantizedCache(base.Limited):
         k=codec.along_tokens(group).empty(shape), v=codec.fitted(head_dim).empty(shape),
         rk=zeros(lbk + (r + group, head_dim), dtype), rv=zeros(lbk + (r + group, head_dim), dtype),
         lengths=zeros((batch,), jnp.int32), qcount=zeros((batch,), jnp.int32),
-        codec=codec, group=group, residual=r, block_size=bs, growable=growable)
+        codec=codec, group=group, residual=r, block_size=bs, growable=growable,
+        sliding=base.check_sliding(sliding, "QuantizedCache"))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -217,17 +219,27 @@ class QuantizedCache(base.Limited):
     # groups flushed now sit at slots >= the old qcount, which the read below masks out.
     cache = _flush(self, layer, ext_k, ext_v, n_valid)
 
-    # Part 1: the quantized region as it was before this call (every slot < qcount is visible).
-    qlen = self.qcount
+    # Part 1: the quantized region as it was before this call (every slot < qcount is visible,
+    # but for a sliding layer's window).
+    qlen, w = self.qcount, self.sliding
+
+    def visible_q(slots):
+      mask = (slots[None, :] < qlen[:, None])[:, None, None, :]  # [B, 1, 1, bs]
+      if w is not None:
+        mask = mask & (slots[None, None, :] > positions[:, :, None] - w)[:, None]  # [B, 1, T, bs]
+      return mask
+
+    n_blocks = attn.n_filled_blocks(qlen, self.block_size)
     part_q = attn.blockwise_stats(
-        qg, lambda start: cache.load_block(layer, start),
-        lambda slots: (slots[None, :] < qlen[:, None])[:, None, None, :],
-        attn.n_filled_blocks(qlen, self.block_size), self.block_size)
+        qg, lambda start: cache.load_block(layer, start), visible_q, n_blocks, self.block_size,
+        attn.window_first_block(positions, w, n_blocks, self.block_size))
 
     # Part 2: residual + new tokens at full precision; slot i holds position qcount + i.
     held = self.lengths - self.qcount + n_valid  # [B]
     i = jnp.arange(ext_k.shape[2], dtype=jnp.int32)[None, None, :]
     visible_r = (i < held[:, None, None]) & (self.qcount[:, None, None] + i <= positions[:, :, None])
+    if w is not None:
+      visible_r &= self.qcount[:, None, None] + i > positions[:, :, None] - w
     part_r = attn.attention_stats(qg, ext_k, ext_v, visible_r[:, None])
 
     return attn.finish_stats(attn.combine_stats(part_q, part_r), q.dtype), cache
@@ -397,8 +409,10 @@ def quantize(x, bits: int = 8, group: int = 32, *, residual: int | None = None, 
 dequantize = packing.dequantize
 
 
-def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **options):
-  """`intN[+residual:R][+group:G]` specs (and `dynamic+intN`)."""
+def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
+              sliding: int | None = None, **options):
+  """`intN[+residual:R][+group:G]` specs (and `dynamic+intN`); sliding: a sliding-window
+  layer's W (see `FullCache.sliding`)."""
   registry.no_options("quantized", options)
   if spec.offload:
     raise SpecError(f"{spec}: offloading a quantized cache is not yet supported; drop 'offload'")
@@ -412,7 +426,7 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, **o
   return QuantizedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                              head_dim=config.head_dim, capacity=capacity, codec=codec,
                              group=spec.group, residual=spec.residual, dtype=dtype,
-                             growable=spec.mode == "dynamic")
+                             growable=spec.mode == "dynamic", sliding=sliding)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:

@@ -1,0 +1,190 @@
+"""A cache whose layers come in groups of different kinds (Gemma 3's sliding and global layers).
+
+`HybridCache(groups=(c_0, ..., c_{G-1}), where=((g, i) per layer))` holds one cache per group of
+layers that share a spec and a window (`kvjax.layouts.layer_plan`); c_g has n_layers = the group's
+size, and layer l is layer `where[l][1]` of group `where[l][0]`. `attend` / `write` go to that
+group; `advance`, `reset`, `crop`, `reorder` map over every group (all hold the same rows and
+lengths). The model needs nothing new: each layer's cache applies its own window.
+
+Sizes: `capacity` is the largest group's, `lossless_tokens` the smallest's; `view()` lists the
+layers in model order, each padded to `capacity` with empty slots (mask False, position -1), so
+keys, values [L, B, K, S, H]. Capabilities: `limited` if any group is, `exact` / `chunk_exact` if
+all are, `error_bound` the largest; the optional verbs those every group supports (`grow` grows
+the growable groups, when every limited group is growable).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.caches import base
+
+
+@struct.dataclass
+class HybridCache(base.CacheBase):
+  """Caches per group of layers; see the module docstring. groups: tuple of caches;
+  where (static): ((group, index in group), ...) per layer."""
+
+  groups: tuple
+  where: tuple = struct.field(pytree_node=False)
+
+  @classmethod
+  def of(cls, groups, layers) -> "HybridCache":
+    """groups[g] holds the layers `layers[g]` (tuples of model layer indices, in order)."""
+    groups, layers = tuple(groups), tuple(tuple(ls) for ls in layers)
+    n = sum(len(ls) for ls in layers)
+    if sorted(l for ls in layers for l in ls) != list(range(n)):
+      raise ValueError(f"HybridCache: the groups' layers {layers} must cover 0..{n - 1} once each")
+    for c, ls in zip(groups, layers, strict=True):
+      if c.n_layers != len(ls) or (c.batch, c.kv_heads, c.head_dim) != (
+          groups[0].batch, groups[0].kv_heads, groups[0].head_dim):
+        raise ValueError(f"HybridCache: group of layers {ls} has {c.n_layers} layers, batch "
+                         f"{c.batch}, kv heads {c.kv_heads}, head dim {c.head_dim}; expected "
+                         f"{len(ls)} layers and the first group's batch, heads and head dim")
+    where = {l: (g, i) for g, ls in enumerate(layers) for i, l in enumerate(ls)}
+    return cls(groups=groups, where=tuple(where[l] for l in range(n)))
+
+  # ---- facts --------------------------------------------------------------------------------
+  lengths = property(lambda self: self.groups[0].lengths)
+  batch = property(lambda self: self.groups[0].batch)
+  kv_heads = property(lambda self: self.groups[0].kv_heads)
+  head_dim = property(lambda self: self.groups[0].head_dim)
+  n_layers = property(lambda self: len(self.where))
+  capacity = property(lambda self: max(c.capacity for c in self.groups))
+  lossless_tokens = property(lambda self: min(c.caps.lossless_tokens for c in self.groups))
+  limited = property(lambda self: any(c.caps.limited for c in self.groups))
+  exact = property(lambda self: all(c.caps.exact for c in self.groups))
+  chunk_exact = property(lambda self: all(c.caps.chunk_exact for c in self.groups))
+
+  @property
+  def error_bound(self):
+    bounds = [c.caps.error_bound for c in self.groups]
+    return None if None in bounds else max(bounds)
+
+  @property
+  def growable(self) -> bool:
+    caps = [c.caps for c in self.groups]
+    return any(c.growable for c in caps) and all(c.growable or not c.limited for c in caps)
+
+  def filled(self) -> jax.Array:
+    return jnp.max(jnp.stack([c.filled() for c in self.groups]), axis=0)
+
+  def has_room(self, n: int) -> jax.Array:
+    return jnp.all(jnp.stack([c.has_room(n) for c in self.groups]))
+
+  def fits(self, n_tokens: int) -> bool:
+    return all(c.fits(n_tokens) for c in self.groups)
+
+  def overflowed(self) -> jax.Array:
+    return jnp.any(jnp.stack([c.overflowed() for c in self.groups]), axis=0)
+
+  # ---- per layer ----------------------------------------------------------------------------
+  def _route(self, layer: int):
+    if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+      raise ValueError(f"HybridCache: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+    return self.where[layer]
+
+  def _with(self, g: int, cache) -> "HybridCache":
+    return self.replace(groups=self.groups[:g] + (cache,) + self.groups[g + 1:])
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+    """q [B, T, N, H], k/v [B, T, K, H] of `layer`, attended by its group's cache."""
+    g, i = self._route(layer)
+    out, cache = self.groups[g].attend(i, q, k, v, n_valid, rope=rope, scale=scale)
+    return out, self._with(g, cache)
+
+  def write(self, layer: int, k, v, n_valid=None) -> "HybridCache":
+    g, i = self._route(layer)
+    return self._with(g, self.groups[g].write(i, k, v, n_valid))
+
+  def _map(self, fn) -> "HybridCache":
+    return self.replace(groups=tuple(fn(c) for c in self.groups))
+
+  def advance(self, n_valid) -> "HybridCache":
+    return self._map(lambda c: c.advance(n_valid))
+
+  def reset(self) -> "HybridCache":
+    return self._map(lambda c: c.reset())
+
+  def supports(self, verb: str) -> bool:
+    if verb == "grow":
+      return self.growable
+    return all(base.supports(c, verb) for c in self.groups)
+
+  def crop(self, length) -> "HybridCache":
+    return self._map(lambda c: c.crop(length))
+
+  def reorder(self, indices) -> "HybridCache":
+    return self._map(lambda c: c.reorder(indices))
+
+  def grow(self, capacity: int) -> "HybridCache":
+    """Grows the growable groups (outside jit); bounded groups keep their size."""
+    if not self.growable:
+      return super().grow(capacity)
+    return self._map(lambda c: c.grow(capacity) if c.caps.growable else c)
+
+  def _in_layer_order(self, per_group: list) -> jax.Array:
+    """Arrays [L_g, ...] per group -> [L, ...] in model layer order."""
+    offsets = [0]
+    for c in self.groups:
+      offsets.append(offsets[-1] + c.n_layers)
+    order = jnp.asarray([offsets[g] + i for g, i in self.where])
+    return jnp.concatenate(per_group, axis=0)[order]
+
+  @property
+  def held(self):
+    """held() -> int32 [L, B, K] tokens held per layer (when every group's kind counts them)."""
+    if not all(hasattr(c, "held") for c in self.groups):
+      raise AttributeError("held")
+    return lambda: self._in_layer_order([c.held() for c in self.groups])
+
+  def view(self) -> base.CacheView:
+    """Every layer's view in model order, padded to `capacity` slots: [L, B, K, S, H]."""
+    views = [c.view() for c in self.groups]
+    s = self.capacity
+
+    def pad(x, value):
+      width = [(0, 0)] * x.ndim
+      width[3] = (0, s - x.shape[3])
+      return jnp.pad(x, width, constant_values=value)
+
+    field = lambda name, value: self._in_layer_order([pad(getattr(v, name), value) for v in views])
+    return base.CacheView(keys=field("keys", 0), values=field("values", 0),
+                          mask=field("mask", False), positions=field("positions", -1))
+
+
+def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, **options):
+  """The cache of a `kvjax.layouts.layer_plan`: one group per (layers, spec, window), built by
+  `build_one(spec, group_config, capacity=, **options)` (`registry.build`); a single group is that
+  group's plain cache. Bounded groups size themselves from their budget; `sliding=W` goes to the
+  kinds that mask a window; `pages=` only to paged groups."""
+  caches = []
+  for layers, spec, window in plan:
+    opts = {k: v for k, v in options.items() if k != "pages" or spec.paged}
+    if window is not None and spec.kind != "window":
+      opts["sliding"] = window
+    caches.append(build_one(spec, group_config(config, len(layers)), batch=batch,
+                            capacity=None if spec.bounded else capacity, dtype=dtype, **opts))
+  if len(caches) == 1:
+    return caches[0]
+  return HybridCache.of(caches, [layers for layers, _, _ in plan])
+
+
+def group_config(config, n_layers: int):
+  """`config` seen through a group of `n_layers` of its layers (a plain config: no layer types),
+  what a group's kind is built from."""
+  return _Layers(config, n_layers)
+
+
+class _Layers:
+  """`config` with `n_layers` set to a group's size and no layer types."""
+
+  layer_types = ()
+
+  def __init__(self, config, n_layers: int):
+    self._config, self.n_layers = config, n_layers
+
+  def __getattr__(self, name):
+    return getattr(self._config, name)
