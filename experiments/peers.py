@@ -1,5 +1,9 @@
 """kvjax vs HF transformers and llama.cpp on the same GGUF and prompt, and the bandwidth limit.
 
+`--model gemma3-270m` runs the same comparison on Gemma 3 270M (llama.cpp in f32 only; kvjax with
+its default Gemma 3 cache, window rings on sliding layers; HF with its own default, which also
+gives sliding layers a window-sized cache) and writes peers_gemma3-270m.json.
+
 All decode SmolLM2-135M-Instruct (the same GGUF file) greedily from the same prompt token ids
 (kvjax's tokenizer; the peers receive the ids), 128 new tokens: kvjax and HF dequantized to float32
 at batch 1 and 8, llama.cpp at batch 1 both in float32 and in the file's own Q4_1.
@@ -75,6 +79,9 @@ QUICK_BANDWIDTH_MB = 128
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true", help="batch 1, 8 new tokens (smoke run)")
+parser.add_argument("--model", default=MODEL,
+                    help="registered model (smollm2-135m, gemma3-270m); results of a model other "
+                         "than smollm2-135m go to peers_<model>.json")
 parser.add_argument("--out", default=str(common.DOCS), help="output folder (default docs/)")
 parser.add_argument("--batches", nargs="+", type=int, default=None)
 parser.add_argument("--new-tokens", type=int, default=None)
@@ -91,6 +98,12 @@ parser.add_argument("--llamacpp-work-dir", default=None,
                     help="keep llama.cpp's F32 conversion of the GGUF here (default: a temp dir)")
 parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
 args = parser.parse_args()
+
+MODEL = args.model
+# llama.cpp formats: f32 (the GGUF converted to float32 by llama.cpp) and, for SmolLM2, the file's
+# own Q4_1; Gemma 3's Q4_K_M file is compared in f32 only (the weights kvjax and HF decode with).
+LLAMACPP_FORMATS = LLAMACPP_FORMATS if MODEL == "smollm2-135m" else ["f32"]
+STEM = "peers" if MODEL == "smollm2-135m" else f"peers_{MODEL}"
 
 import kvjax  # noqa: E402
 from kvjax.bench import bench_prompt, run_bench  # noqa: E402
@@ -302,7 +315,7 @@ payload = {"experiment": "peers", "quick": quick, **info,
            "llamacpp": llamacpp, "llamacpp_note": llamacpp_note,
            "ratios": ratios, "greedy_tokens_agree": agree, "llamacpp_greedy_tokens_agree": lc_agree,
            "rows": rows}
-common.write_json(out / "peers.json", payload)
+common.write_json(out / f"{STEM}.json", payload)
 
 plt = common.pyplot()
 if plt is not None:
@@ -320,5 +333,5 @@ if plt is not None:
          title=f"{model.name}: greedy decode, {new_tokens} new tokens")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out / "peers.png", dpi=120)
-  print(f"wrote {out / 'peers.png'}")
+  fig.savefig(out / f"{STEM}.png", dpi=120)
+  print(f"wrote {out / f'{STEM}.png'}")
