@@ -41,8 +41,7 @@ from kvjax import layouts, runtime, sharding, speculative
 from kvjax import spec as spec_lib
 from kvjax.caches import base
 from kvjax.caches.base import CapacityError  # noqa: F401  (decode.CapacityError, kept public)
-from kvjax.caches.full import FullCache
-from kvjax.models.protocol import check_model, model_dtype, static_step
+from kvjax.models.protocol import check_model, static_step
 from kvjax.sampling import GREEDY, Sampler
 
 
@@ -153,12 +152,10 @@ def _decode(params, state: DecodeState, stop_at, eos_id, pad_id, *, model, sampl
   return jax.lax.while_loop(cond, body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampler", "layout"))
-def _uncached_step(params, tokens, lengths, key, *, model, sampler, layout):
-  """The whole prefix tokens [B, W] through the model into a fresh full cache of W slots."""
-  n_layers, kv_heads, head_dim, dtype = layout
-  fresh = FullCache.init(n_layers=n_layers, batch=tokens.shape[0], kv_heads=kv_heads,
-                         head_dim=head_dim, capacity=tokens.shape[1], dtype=dtype)
+@functools.partial(jax.jit, static_argnames=("model", "sampler"))
+def _uncached_step(params, tokens, lengths, key, fresh, *, model, sampler):
+  """The whole prefix tokens [B, W] through the model into `fresh`, an empty full cache of W
+  slots per layer (sliding layers masked to their window: the model's own attention)."""
   logits, _ = model.step_last(params, tokens, fresh, lengths)
   key, sub = jax.random.split(key)
   return sampler(logits, sub), key
@@ -528,14 +525,13 @@ def _generate_uncached(model, ids, lengths, key, opts: GenerateOptions, spec,
   buf[:, :ids.shape[1]] = ids
   cur, out = lengths.copy(), np.full((batch, max_new), opts.pad, np.int32)
   done, n_gen = np.zeros(batch, bool), np.zeros(batch, np.int32)
-  cfg = model.config
-  layout = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model_dtype(model))
   prefill_clock, decode_clock, handle = Stopwatch(), Stopwatch(), static_step(model)
   for step in range(max_new):
     width = -(-int(cur.max()) // 32) * 32
     with prefill_clock if step == 0 else decode_clock:
+      fresh = runtime.make_cache("full@all", model, batch, width)
       token, key = _uncached_step(model.params, jnp.asarray(buf[:, :width]), jnp.asarray(cur), key,
-                                  model=handle, sampler=opts.sampler, layout=layout)
+                                  fresh, model=handle, sampler=opts.sampler)
       token = np.asarray(token)
     token = np.where(done, opts.pad, token)
     out[:, step] = token
