@@ -64,7 +64,7 @@ parser.add_argument("--strict", action="store_true", help="raise on a failing la
 args = parser.parse_args()
 
 import kvjax  # noqa: E402  (after argparse: --help needs no JAX)
-from kvjax import runtime  # noqa: E402
+from kvjax.perplexity import default_chunk  # noqa: E402
 
 model_name = args.model or (QUICK["model"] if args.quick else MODEL)
 lengths = args.lengths or (QUICK["lengths"] if args.quick else LENGTHS)
@@ -75,7 +75,7 @@ text, text_source = common.load_text(quick=args.quick)
 ids = np.asarray(model.tokenizer.encode(text[: 8 * max(lengths) + 1000]), np.int32)
 if ids.size < max(lengths):
   raise SystemExit(f"the text gives only {ids.size} tokens, fewer than {max(lengths)}")
-failures = common.Failures(strict=args.strict)
+failures = common.Outcomes(strict=args.strict)
 
 
 def spec_of(template: str, context: int) -> str:
@@ -83,8 +83,8 @@ def spec_of(template: str, context: int) -> str:
 
 
 def exact(spec: str) -> bool:
-  cache, _ = runtime.resolve(model, spec, batch=1, capacity=64)
-  return bool(cache.caps.exact)
+  """Whether chunked feeding is exact for this layout (perplexity's own default)."""
+  return default_chunk(spec) > 1
 
 
 rows = []
@@ -96,7 +96,7 @@ for n in lengths:
       start = time.perf_counter()
       result = kvjax.perplexity(model, ids[:n], cache=spec, chunk=chunk)
       rows.append(dict(part="perplexity", layout=name, spec=spec, tokens=n, chunk=chunk,
-                       ppl=float(result.ppl), cache_bytes=int(result.cache_bytes),
+                       ppl=float(result.ppl), cache_bytes=common.total_bytes(result.cache_bytes),
                        seconds=round(time.perf_counter() - start, 1)))
 for n in lengths:
   full = next((r["cache_bytes"] for r in rows if r["tokens"] == n and r["layout"] == "all-full"), None)
