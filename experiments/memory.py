@@ -6,6 +6,8 @@ Formulas (K and V, every layer, every kv head, one row):
   LLaMA-7B in fp16:                         2 * 32 layers * 32 heads * 128 dims * T * 2 bytes
   SmolLM2-135M (GQA, 3 kv heads), fp32:     2 * 30 * 3 * 64 * T * 4 bytes
   the same model with full MHA (9 kv heads) for the GQA saving (3x)
+  Gemma 3 270M (MQA), fp32, all-full:       2 * 18 * 1 * 256 * T * 4 bytes; its specs are layouts
+                                            (global layers get the spec, sliding ones a 512 ring)
 
 Measured: `kvjax.make_cache(spec, config, batch=1, capacity).nbytes()`, which sums the real
 arrays of the cache pytree (keys, values, scales, positions, lengths, ...), split by memory kind.
@@ -17,7 +19,7 @@ budget they are built at capacity = budget. Kinds not built yet are skipped with
 
 Outputs (in --out): memory.json, memory.csv, memory.png (if matplotlib is installed).
 
-  python experiments/memory.py            # 1k / 8k / 32k tokens, four model shapes, every kind
+  python experiments/memory.py            # 1k / 8k / 32k tokens, five model shapes, every kind
   python experiments/memory.py --quick    # 256 / 1024 tokens
 """
 
@@ -70,6 +72,10 @@ MODELS = [
      jnp.float32, lambda t: 2 * 30 * 9 * 64 * t * 4, "2*30*9*64*T * 4 B"),
     ("llama-7b (fp16)", LLAMA_7B, jnp.float16, lambda t: 2 * 32 * 32 * 128 * t * 2,
      "2*32*32*128*T * 2 B"),
+    # A spec on Gemma 3 is a layout: plain specs apply to the 3 global layers, the 15 sliding
+    # ones keep a 512-token ring (kvjax.layouts); the formula is the all-full cache's.
+    ("gemma3-270m (MQA; 15 sliding + 3 global layers)", kvjax.GEMMA3_270M, jnp.float32,
+     lambda t: 2 * 18 * 1 * 256 * t * 4, "2*18*1*256*T * 4 B (all-full)"),
 ]
 if args.quick:
   MODELS = MODELS[:2]

@@ -1,17 +1,18 @@
-"""kvjax: KV caches as immutable pytrees, a Flax Llama decoder and a jitted decode loop.
+"""kvjax: KV caches as immutable pytrees, Flax decoders (Llama, Gemma 3) and a jitted decode loop.
 
 The public names, by purpose (each group's module says more):
 
   Models       load(name_or_path) -> Model; DecoderModel, static_step (the model protocol);
-               LlamaConfig, SMOLLM2_135M, TINY
+               LlamaConfig, SMOLLM2_135M, TINY; Gemma3Config, GEMMA3_270M, TINY_GEMMA3
   Decoding     generate(model, prompts, max_new_tokens=, cache=, sampler=, draft=, ...),
                GenerateResult, Sampler, GREEDY, perplexity(model, ids, cache=), beam_search,
                accept_drafts (speculative), generate_with_prefix / PrefixStore (prefix caching),
                clear_caches, compile_stats
   Serving      Engine / serve / Request / Event / collect: continuous batching on paged:P
   Caches       make_cache(spec, config, batch, capacity, dtype), parse_spec, CacheSpec, SpecError;
+               parse_layout, Layout (a spec per group of layers: "int4@global; window:256@sliding");
                the kinds: FullCache, WindowCache, H2OCache, TieredCache, QuantizedCache,
-               OffloadCache, SharedCache, LowRankCache, PagedCache, LayeredCache
+               OffloadCache, SharedCache, LowRankCache, PagedCache, LayeredCache, HybridCache
   Cache verbs  append / attend / advance / view / reset / crop / reorder / grow / nbytes /
                total_bytes (any kind); slide, quantize, evict_topk (kind-specific); supports
   Protocol     KVCache, Limited, Evicting, CacheView, CapacityError; register_kind,
@@ -22,7 +23,8 @@ The public names, by purpose (each group's module says more):
 
 # Models
 from kvjax.loading import Model, load
-from kvjax.models.config import SMOLLM2_135M, TINY, LlamaConfig
+from kvjax.models.config import (GEMMA3_270M, SMOLLM2_135M, TINY, TINY_GEMMA3, Gemma3Config,
+                                 LlamaConfig)
 from kvjax.models.protocol import DecoderModel, static_step
 
 # Decoding
@@ -39,6 +41,8 @@ from kvjax.engine import Engine, Event, Request, collect, serve
 
 # Caches
 from kvjax.spec import CacheSpec, SpecError, make_cache, parse_spec
+from kvjax.layouts import Layout, parse_layout
+from kvjax.caches.hybrid import HybridCache
 from kvjax.caches.full import FullCache
 from kvjax.caches.scored import H2OCache, evict_topk
 from kvjax.caches.layered import LayeredCache
@@ -66,7 +70,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # Models
-    "Model", "load", "SMOLLM2_135M", "TINY", "LlamaConfig", "DecoderModel", "static_step",
+    "Model", "load", "SMOLLM2_135M", "TINY", "LlamaConfig", "Gemma3Config", "GEMMA3_270M",
+    "TINY_GEMMA3", "DecoderModel", "static_step",
     # Decoding
     "beam_search", "GenerateResult", "clear_caches", "compile_stats", "generate", "perplexity",
     "PrefixStore", "generate_with_prefix", "GREEDY", "Sampler", "accept_drafts",
@@ -74,7 +79,8 @@ __all__ = [
     "Engine", "Event", "Request", "collect", "serve",
     # Caches
     "CacheSpec", "SpecError", "make_cache", "parse_spec", "FullCache", "H2OCache", "evict_topk",
-    "LayeredCache", "LowRankCache", "LowRankMaps", "OffloadCache", "PagedCache", "QuantizedCache",
+    "LayeredCache", "HybridCache", "Layout", "parse_layout", "LowRankCache", "LowRankMaps",
+    "OffloadCache", "PagedCache", "QuantizedCache",
     "quantize", "ShareMaps", "SharedCache", "TieredCache", "WindowCache", "slide",
     # Cache verbs
     "advance", "append", "attend", "crop", "grow", "nbytes", "reorder", "reset", "total_bytes",
