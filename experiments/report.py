@@ -92,12 +92,14 @@ sections = ["# Results", "",
             "section says how its numbers were made. Re-run an experiment script to refresh its "
             "section (see experiments/README.md for what each script measures)."]
 
-def section(title, name, caption, render):
-  """One "## title" section: provenance, the lines `render(d)` returns, outcomes, the figure."""
-  sections.append(f"\n## {title} (experiments/{name}.py)\n")
+def section(title, name, caption, render, script=None):
+  """One "## title" section: provenance, the lines `render(d)` returns, outcomes, the figure.
+  name: the JSON (and figure) stem; script: the experiment that writes it (default: name)."""
+  script = script or name
+  sections.append(f"\n## {title} (experiments/{script}.py)\n")
   d = load(name)
   if d is None:
-    sections.append(not_run(name))
+    sections.append(not_run(script))
     return
   sections.append(provenance(d) + "\n")
   sections.extend(render(d))
@@ -186,8 +188,10 @@ def render_peers(d):
            + (f" HF: transformers {d['hf']['transformers']}, torch {d['hf']['torch']} "
               f"({d['hf']['torch_threads']} threads), default dynamic cache." if d.get("hf") else "")
            + (f" llama.cpp: llama-cpp-python {d['llamacpp']['llama_cpp_python']} "
-              f"({d['llamacpp']['threads']} threads), the GGUF converted to F32 by llama.cpp, and "
-              "its Q4_1 as shipped." if d.get("llamacpp") else "")
+              f"({d['llamacpp']['threads']} threads), the GGUF converted to F32 by llama.cpp"
+              + (", and its Q4_1 as shipped." if any(r["format"] == "q4_1"
+                                                     for r in d["llamacpp"]["results"]) else ".")
+              if d.get("llamacpp") else "")
            + "\n",
            table(["framework", "batch", "decode tok/s", "bandwidth limit tok/s", "of limit"], rows),
            f"\nMemory bandwidth (read + write; NumPy copy on CPU, jitted x + 1 on accelerators): "
@@ -333,6 +337,34 @@ def render_serving(d):
   return lines
 
 
+def render_hybrid(d):
+  ppl = [r for r in d["rows"] if r["part"] == "perplexity"]
+  needles = [r for r in d["rows"] if r["part"] == "needles"]
+  lengths = sorted({r["tokens"] for r in ppl})
+  layouts = list(dict.fromkeys(r["layout"] for r in d["rows"]))
+  at = {(r["layout"], r["tokens"]): r for r in ppl}
+  rows = []
+  for name in layouts:
+    cells = [at.get((name, n)) for n in lengths]
+    spec = next((c["spec"] for c in cells if c), "-")
+    rows.append([name, f"`{spec}`"]
+                + [f"{fmt_bytes(c['cache_bytes'])} ({c.get('bytes_vs_all_full', 0):.3f}x)" if c else "-"
+                   for c in cells]
+                + [num(c["ppl"], 3) if c else "-" for c in cells])
+  lines = [f"{d['model']}, fp32, the first N tokens of tinyshakespeare; bytes of the cache built "
+           "for N tokens (batch 1) and their ratio to all-full; exact layouts feed 256-token "
+           "chunks, lossy ones the `chunk` in the JSON (64: a chunk sees itself before it is "
+           "compressed). `{b}` of snapkv is a quarter of the context less the 64-token window.\n",
+           table(["layout", "spec (at the largest N)"] + [f"bytes {n}" for n in lengths]
+                 + [f"ppl {n}" for n in lengths], rows)]
+  if needles:
+    lines += ["\nNeedle retrieval (a 5-digit pass key at depths 0.1/0.5/0.9, greedy):\n",
+              table(["layout", "spec", "tokens", "retrieved"],
+                    [[r["layout"], f"`{r['spec']}`", r["tokens"], f"{r['retrieved']}/{r['trials']}"]
+                     for r in needles])]
+  return lines
+
+
 def render_batch1_limits(d):
   weight = d["weight_bytes"]
   lines = [f"Where a batch-1 SmolLM2 step (fp32, {weight / 1e6:.0f} MB of weights read per token) "
@@ -370,6 +402,9 @@ section("Low-rank latent caches", "lowrank", "perplexity vs bytes per token", re
 section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
         render_serving)
 section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
+section("Gemma 3 270M: kvjax vs HF transformers and llama.cpp", "peers_gemma3-270m",
+        "decode throughput", render_peers, script="peers")
+section("Gemma 3 270M: layer layouts", "hybrid", "layer layouts", render_hybrid)
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")
