@@ -159,10 +159,12 @@ def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, *
   """The cache of a `kvjax.layouts.layer_plan`: one group per (layers, spec, window), built by
   `build_one(spec, group_config, capacity=, **options)` (`registry.build`); a single group is that
   group's plain cache. Bounded groups size themselves from their budget; `sliding=W` goes to the
-  kinds that mask a window; `pages=` only to paged groups."""
+  kinds that mask a window; `pages=` only to paged groups; `slack=` (extra ring slots a crop can
+  fall back on: speculative decoding) only to window groups."""
   caches = []
   for layers, spec, window in plan:
-    opts = {k: v for k, v in options.items() if k != "pages" or spec.paged}
+    opts = {k: v for k, v in options.items()
+            if (k != "pages" or spec.paged) and (k != "slack" or spec.kind == "window")}
     if window is not None and spec.kind != "window":
       opts["sliding"] = window
     caches.append(build_one(spec, group_config(config, len(layers)), batch=batch,
@@ -188,3 +190,4 @@ class _Layers:
 
   def __getattr__(self, name):
     return getattr(self._config, name)
+
