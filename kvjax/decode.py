@@ -351,7 +351,9 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     draft: a cache spec for self-speculative decoding (`kvjax.speculative`): `draft_tokens`
       tokens per round are drafted by the same model over this cheaper cache and verified in one
       pass over `cache`; greedy output equals plain decoding, sampled output has the same
-      distribution. `GenerateResult.draft_acceptance` = accepted / drafted tokens.
+      distribution. `GenerateResult.draft_acceptance` = accepted / drafted tokens. A layout
+      (`"int8@global"`, `"window:8@all"`) is a draft too. The main cache's window rings (sliding
+      layers) keep draft_tokens + 1 slack slots so cropping rejected drafts loses nothing.
       draft_options: keyword arguments for the draft's `make_cache`.
 
   The cache is built and placed by `kvjax.runtime.resolve`; `GenerateResult.cache_plan` says how.

@@ -52,7 +52,7 @@ class FullCache(base.Limited):
   block_size: int = struct.field(pytree_node=False, default=256)
   growable: bool = struct.field(pytree_node=False, default=False)
   slot_sharding: Any = struct.field(pytree_node=False, default=None)
-  sliding: int | None = struct.field(pytree_node=False, default=None)
+  sliding: int | tuple | None = struct.field(pytree_node=False, default=None)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod

@@ -4,7 +4,9 @@
 layers that share a spec and a window (`kvjax.layouts.layer_plan`); c_g has n_layers = the group's
 size, and layer l is layer `where[l][1]` of group `where[l][0]`. `attend` / `write` go to that
 group; `advance`, `reset`, `crop`, `reorder` map over every group (all hold the same rows and
-lengths). The model needs nothing new: each layer's cache applies its own window.
+lengths). The model needs nothing new: each layer's cache applies its own window. `build` first merges
+groups of one full/quantized/paged spec that differ only in their window (`merge_windows`): that
+kind masks each layer by its own `sliding` entry, so `paged:16@all` is one PagedCache, not two.
 
 Sizes: `capacity` is the largest group's, `lossless_tokens` the smallest's; `view()` lists the
 layers in model order, each padded to `capacity` with empty slots (mask False, position -1), so

@@ -105,7 +105,7 @@ class PagedCache(base.Limited):
   head_dim_: int = struct.field(pytree_node=False)
   codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.Codec())
   pages_per_block: int = struct.field(pytree_node=False, default=1)
-  sliding: int | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
+  sliding: int | tuple | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod

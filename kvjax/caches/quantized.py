@@ -97,7 +97,7 @@ class QuantizedCache(base.Limited):
   residual: int = struct.field(pytree_node=False, default=0)
   block_size: int = struct.field(pytree_node=False, default=256)
   growable: bool = struct.field(pytree_node=False, default=False)
-  sliding: int | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
+  sliding: int | tuple | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
