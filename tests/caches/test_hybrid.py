@@ -129,6 +129,34 @@ def test_estimate_bytes_is_what_make_cache_allocates(spec):
   assert sum(cache.nbytes().values()) == estimate_bytes(spec, TINY_GEMMA3, 64, 2)
 
 
+def test_merge_windows_makes_one_cache_per_masking_spec():
+  """One full/quantized/paged spec over sliding and global layers is one cache with per-layer
+  windows (what the engine pages); different specs, or window rings, stay separate groups."""
+  from kvjax.caches import base, hybrid
+
+  per_layer = (16,) * 5 + (None,)
+  plan = layouts.layer_plan("paged:4@all", TINY_GEMMA3)
+  assert hybrid.merge_windows(plan) == ((tuple(range(6)), kvjax.parse_spec("paged:4"), per_layer),)
+  separate = layouts.layer_plan("paged:4", TINY_GEMMA3)  # window:16 rings beside paged:4
+  assert hybrid.merge_windows(separate) == separate
+  cache = kvjax.make_cache("paged:4@all", TINY_GEMMA3, 1, 32)
+  assert isinstance(cache, PagedCache) and cache.sliding == per_layer
+  assert base.check_sliding([8, 8], "X", 2) == 8 and base.layer_sliding(per_layer, 5) is None
+  with pytest.raises(ValueError, match="entries"):
+    base.check_sliding((16, None), "X", 3)
+  with pytest.raises(ValueError, match="positive int"):
+    base.check_sliding((16, 0), "X")
+
+
+def test_slack_goes_to_window_groups_only():
+  """make_cache(slack=n) (speculative decoding's main cache) widens window rings only; a plain
+  kind without a ring drops it."""
+  ring, full = kvjax.make_cache("full", TINY_GEMMA3, 1, 32, slack=4).groups
+  assert (ring.window, ring.slack, ring.capacity, full.capacity) == (16, 4, 20, 32)
+  assert kvjax.make_cache("full", SMOLLM2_135M.replace(n_layers=1), 1, 32, slack=4).capacity == 32
+  assert kvjax.make_cache("window:8", SMOLLM2_135M.replace(n_layers=1), 1, 32, slack=4).ring == 12
+
+
 def test_chunks_and_growth():
   from kvjax.perplexity import default_chunk
 
