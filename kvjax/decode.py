@@ -252,7 +252,7 @@ class GenerateOptions:
   rules: Any = None
   on_tokens: Callable[[np.ndarray], None] | None = None
   stream_chunk: int = 1
-  draft: spec_lib.CacheSpec | None = None
+  draft: Any = None  # a CacheSpec or a `kvjax.layouts.Layout`
   draft_tokens: int = 4
   draft_options: dict | None = None
 
@@ -277,7 +277,7 @@ class GenerateOptions:
       eos_id = tokenizer.eos_id
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     if draft is not None:
-      draft = _check_draft(spec, spec_lib.parse_spec(draft), draft_tokens, mesh)
+      draft = _check_draft(spec, layouts.parse_request(draft), draft_tokens, mesh)
     if spec is not None and not spec.uses_cache and mesh is not None:
       raise ValueError("cache='none' (the uncached baseline) runs on one device; drop mesh=")
     return cls(max_new_tokens=int(max_new_tokens), sampler=sampler, pad=int(pad),
@@ -348,7 +348,9 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
     draft: a cache spec for self-speculative decoding (`kvjax.speculative`): `draft_tokens`
       tokens per round are drafted by the same model over this cheaper cache and verified in one
       pass over `cache`; greedy output equals plain decoding, sampled output has the same
-      distribution. `GenerateResult.draft_acceptance` = accepted / drafted tokens.
+      distribution. `GenerateResult.draft_acceptance` = accepted / drafted tokens. A layout
+      (`"int8@global"`, `"window:8@all"`) is a draft too. The main cache's window rings (sliding
+      layers) keep draft_tokens + 1 slack slots so cropping rejected drafts loses nothing.
       draft_options: keyword arguments for the draft's `make_cache`.
 
   The cache is built and placed by `kvjax.runtime.resolve`; `GenerateResult.cache_plan` says how.
@@ -379,9 +381,14 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
 def _start(model, ids, lengths, cache, key, opts: GenerateOptions, before) -> _Run:
   """Resolves the cache (and the draft's), places the inputs and runs the jitted prefill."""
   n_rows, width, longest = ids.shape[0], ids.shape[1], int(lengths.max())
+  options = opts.cache_options
+  if opts.draft is not None:
+    # A verification pass writes draft_tokens + 1 tokens, then crops the rejected ones: a window
+    # ring (a sliding layer's default cache) keeps that many more slots so the crop loses nothing.
+    options = {"slack": opts.draft_tokens + 1, **(options or {})}
   kv, plan = runtime.resolve(
       model, cache, lengths=lengths, extra=opts.extra, capacity=opts.capacity, mesh=opts.mesh,
-      rules=opts.rules, options=opts.cache_options, check="fixed", what="generate",
+      rules=opts.rules, options=options, check="fixed", what="generate",
       demand=f"max_new_tokens={opts.max_new_tokens} with a {longest}-token prompt")
   draft_cache = None if opts.draft is None else _draft_cache(model, kv, lengths, plan, opts)
   # Padding tokens past the capacity are dropped by the cache's write, so the bucket may exceed it.

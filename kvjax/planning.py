@@ -54,7 +54,7 @@ def estimate_bytes(spec, config, context: int, batch: int = 1, dtype=jnp.float32
   plan_ = layouts.plan_for(spec, config)
   if plan_ is not None:
     return sum(_estimate_one(s, hybrid.group_config(config, len(ls)), context, batch, dtype)
-               for ls, s, _ in plan_)
+               for ls, s, _ in hybrid.merge_windows(plan_))
   return _estimate_one(spec, config, context, batch, dtype)
 
 

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode, prompts, runtime
-from kvjax.caches import base
+from kvjax import decode, layouts, prompts, runtime
+from kvjax.caches import base, hybrid
 from kvjax import spec as spec_lib
 from kvjax.caches.base import supports
 from kvjax.models.protocol import check_model, model_dtype, static_step
@@ -141,9 +141,18 @@ def broadcast(cache, batch: int, room: int = 0):
   with `room` more tokens' worth of pages per row."""
   if cache.batch != 1:
     raise ValueError(f"broadcast: expected a batch-1 cache, got batch {cache.batch}")
+  if isinstance(cache, hybrid.HybridCache):  # each group of layers on its own (paged ones widen)
+    return _per_group(cache, lambda c: broadcast(c, batch, room))
   if isinstance(cache, base.PagedStorage):
     return cache.widen(batch, room)
   return cache.reorder(jnp.zeros((batch,), jnp.int32))
+
+
+def _per_group(cache, fn):
+  """fn over each group of a `HybridCache` (a layout's cache), or over the cache itself."""
+  if isinstance(cache, hybrid.HybridCache):
+    return cache.replace(groups=tuple(fn(c) for c in cache.groups))
+  return fn(cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +177,7 @@ class PrefixStore:
     """(step function, weights fingerprint, dtype, spec, prefix ids): a hit needs the same
     computation on the same weights at the same dtype, not merely the same config."""
     return (static_step(model), params_fingerprint(model.params), str(model_dtype(model)),
-            str(spec_lib.parse_spec(spec)), tuple(int(i) for i in np.asarray(prefix_ids).reshape(-1)))
+            str(layouts.parse_request(spec)), tuple(int(i) for i in np.asarray(prefix_ids).reshape(-1)))
 
   @staticmethod
   def _size(cache) -> int:
@@ -238,7 +247,7 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   check_model(model, "generate_with_prefix")
   cfg = model.config
   tokenizer = getattr(model, "tokenizer", None)
-  spec = spec_lib.parse_spec(cache)
+  spec = layouts.parse_request(cache)  # a spec or a layout (`kvjax.layouts`)
   if not spec.uses_cache:
     raise spec_lib.SpecError("prefix caching needs a cache; 'none' keeps nothing to reuse")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -256,8 +265,8 @@ def generate_with_prefix(model, prefix_ids, suffixes, *, max_new_tokens: int, ca
   if not hit:
     prefilled = _prefill(model, prefix_ids, spec, capacity, needed, cache_options,
                          what="generate_with_prefix")
-    if isinstance(prefilled, base.PagedStorage):  # keep the prefix's pages only
-      prefilled = prefilled.compact()
+    prefilled = _per_group(prefilled, lambda c: c.compact() if isinstance(c, base.PagedStorage)
+                           else c)  # keep the prefix's pages only
     jax.block_until_ready(prefilled)
   prefix_s = time.perf_counter() - start
   prefilled = _room_for(prefilled, needed, hit, f"prefix of {prefix_ids.size} tokens, suffixes up "

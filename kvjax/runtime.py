@@ -215,7 +215,8 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
     if it has one, else fp32 on CPU and bf16 on accelerators.
   mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
     `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
-  options: kind-specific extras (e.g. calibration maps for share:G:cal).
+  options: kind-specific extras (e.g. calibration maps for share:G:cal). `slack=n` goes to the
+    window kind alone (ring slots a crop of n tokens falls back on) and is dropped for others.
 
   spec may also be a layout (`kvjax.layouts`: `"int4@global; window:256@sliding"`, or a dict):
   on a model with sliding layers, or with `@` placements, each group of layers gets its own cache
@@ -231,6 +232,8 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   registry.check_config(config)
   plan = layouts.plan_for(spec, config)
   if plan is None:
+    if spec.kind != "window":
+      options.pop("slack", None)  # only a window ring takes slack (see `hybrid.build`)
     cache = registry.build(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)
   else:
     cache = hybrid.build(plan, config, batch=batch, capacity=capacity, dtype=dtype,

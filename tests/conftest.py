@@ -145,6 +145,13 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3():
+  """The random 6-layer Gemma 3 (layers 0-4 slide over 16 tokens, layer 5 is global), fp32."""
+  import jax.numpy as jnp
+  return kvjax.load("tiny-gemma3", dtype=jnp.float32, seed=3)
+
+
+@pytest.fixture(scope="session")
 def tiny_gqa(tiny):
   """Like tiny but with 2 kv heads for 4 query heads (GQA), random weights."""
   import jax.numpy as jnp

@@ -62,3 +62,15 @@ def test_beam_search_shares_pages_and_matches_full(model):
   np.testing.assert_allclose(paged.scores, full.scores, rtol=1e-5)
   assert int(paged.cache.pages_in_use()) < 4 * 6, "beams share their common prefix's pages"
   assert (np.diff(paged.scores) <= 0).all()
+
+
+@pytest.mark.slow  # ~18 s: two searches compile
+def test_sliding_layers_default_equals_full_everywhere(tiny_gemma3):
+  """tiny-gemma3: the default cache (paged:16 on the global layer, window:16 rings on the sliding
+  ones) reorders group by group and scores exactly like full@all (sliding layers masked)."""
+  ids = prompt(9, 37)
+  hybrid = beam_search(tiny_gemma3, ids, beams=3, max_new_tokens=8)
+  full = beam_search(tiny_gemma3, ids, beams=3, max_new_tokens=8, cache="full@all")
+  np.testing.assert_array_equal(hybrid.tokens, full.tokens)
+  np.testing.assert_allclose(hybrid.scores, full.scores, rtol=1e-5)
+

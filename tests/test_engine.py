@@ -258,3 +258,23 @@ def test_text_prompts_and_refused_ids(model):
   bare = Engine(dataclasses.replace(model, tokenizer=None), rows=2, capacity=64)
   with pytest.raises(TypeError, match="request 0 is text, which needs a model with a tokenizer"):
     bare.insert(Request(ids=text, max_new_tokens=3))
+
+
+@pytest.mark.slow  # ~24 s: the engine's steps and generate compile
+def test_sliding_layers_page_every_layer_and_equal_alone(tiny_gemma3):
+  """tiny-gemma3 (16-token windows on layers 0-4): ONE PagedCache over every layer, sliding layers
+  masked to their window; a 40-token shared prefix (past the window) is adopted from the index
+  (sliding layers' keys included) and every request equals `generate` alone."""
+  from kvjax.caches.paged import PagedCache
+
+  system = prompts(1, [40])[0]
+  reqs = [Request(ids=system + t, max_new_tokens=6, id=i)
+          for i, t in enumerate(prompts(2, [3, 9, 1]))]
+  engine = Engine(tiny_gemma3, rows=2, capacity=64, cache="paged:8", stop_at_eos=False)
+  assert isinstance(engine.cache, PagedCache) and engine.cache.sliding == (16,) * 5 + (None,)
+  out = run_checked(engine, engine.run(reqs))
+  for r in reqs:
+    assert out[(r.id, 0)] == alone(tiny_gemma3, r.ids, 6), f"request {r.id}"
+  assert engine.index.hits >= 40  # a later request adopted the prefix's 5 full pages
+  assert engine.audit() == []
+

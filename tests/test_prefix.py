@@ -204,3 +204,20 @@ def test_smollm2_prefix_equals_plain(smollm2):
   got = generate_with_prefix(model, system, questions, max_new_tokens=6)
   want = kvjax.generate(model, [system + q for q in questions], max_new_tokens=6)
   np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@pytest.mark.slow  # ~12 s each: two generate compiles
+@pytest.mark.parametrize("spec", ["full", "paged:8", "int8@global"])
+def test_sliding_layers(tiny_gemma3, spec):
+  """tiny-gemma3 (16-token windows on layers 0-4) with a 23-token prefix: the layout's cache (a
+  window ring beside full or paged) is prefilled once, broadcast group by group (paged groups
+  widen) and stored; every row equals plain `generate` of prefix + suffix."""
+  prefix_ids, suffixes = list(range(100, 123)), [[3, 4], [5, 6, 7]]
+  store = PrefixStore(max_bytes=1 << 30)
+  want = kvjax.generate(tiny_gemma3, [prefix_ids + s for s in suffixes], max_new_tokens=6)
+  for hit in (False, True):
+    got = generate_with_prefix(tiny_gemma3, prefix_ids, suffixes, max_new_tokens=6, cache=spec,
+                               store=store)
+    assert got.prefix_hit == hit
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+

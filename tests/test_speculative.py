@@ -68,6 +68,29 @@ def test_greedy_equals_plain(model, draft, k):
   assert not spec.overflowed.any()
 
 
+@pytest.fixture(scope="module")
+def gemma():
+  """tiny-gemma3 (sliding layers 0-4 with a 16-token window, layer 5 global) and plain greedy
+  output for prompts longer than the window."""
+  m = kvjax.load("tiny-gemma3", dtype=jnp.float32, seed=3)
+  prompts = [list(np.random.default_rng(1).integers(0, 250, n)) for n in (37, 21)]
+  return m, prompts, kvjax.generate(m, prompts, max_new_tokens=40, stop_at_eos=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", ["window:8@all", "int4@global; window:4@sliding"])
+def test_greedy_equals_plain_on_sliding_layers(gemma, draft):
+  """The main cache's window rings (sliding layers) keep draft_tokens + 1 slack slots, so cropping
+  rejected drafts loses nothing (without the slack, window:8@all diverges from plain greedy), and
+  draft= takes layouts."""
+  m, prompts, plain = gemma
+  spec = kvjax.generate(m, prompts, max_new_tokens=40, stop_at_eos=False, draft=draft,
+                        draft_tokens=3)
+  np.testing.assert_array_equal(spec.tokens, plain.tokens)
+  assert spec.draft_acceptance < 1.0  # rejections happened: crops were exercised
+  assert spec.draft_spec == str(kvjax.layouts.parse_layout(draft))
+
+
 def test_eos_and_streaming(model):
   plain = kvjax.generate(model, PROMPTS, max_new_tokens=20, stop_at_eos=False)
   eos = int(plain.tokens[1, 6])  # row 1 stops at its 7th token; others may too

@@ -440,12 +440,26 @@ def tree_nbytes(tree) -> dict[str, int]:
   return out
 
 
-def check_sliding(sliding, what: str):
-  """`sliding` (a sliding-window layer's W) checked: None or a positive int."""
-  if sliding is not None and (not isinstance(sliding, int) or isinstance(sliding, bool)
-                              or sliding <= 0):
-    raise ValueError(f"{what}: sliding must be a positive int (the window W) or None, got {sliding!r}")
-  return sliding
+def check_sliding(sliding, what: str, n_layers: int | None = None):
+  """`sliding` checked: None, a positive int (every layer slides over W tokens), or a tuple of
+  those per layer (a cache over sliding and global layers at once: None for a global layer).
+  A tuple whose entries are all equal comes back as that one value."""
+  def one(w):
+    if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+      raise ValueError(f"{what}: sliding must be a positive int (the window W), None, or a tuple "
+                       f"of those per layer, got {sliding!r}")
+    return w
+  if isinstance(sliding, (tuple, list)):
+    sliding = tuple(one(w) for w in sliding)
+    if n_layers is not None and len(sliding) != n_layers:
+      raise ValueError(f"{what}: sliding has {len(sliding)} entries for {n_layers} layers")
+    return sliding[0] if len(set(sliding)) == 1 else sliding
+  return one(sliding)
+
+
+def layer_sliding(sliding, layer: int):
+  """The window W of `layer` under a cache's `sliding` (None, W, or a tuple per layer)."""
+  return sliding[layer] if isinstance(sliding, tuple) else sliding
 
 
 def pick_block_size(capacity: int, preferred: int = 256) -> int:

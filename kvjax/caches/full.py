@@ -38,7 +38,9 @@ class FullCache(base.Limited):
   growable (static): the `dynamic` policy: `generate` doubles the capacity between jitted segments
   when a row runs out of slots, instead of refusing up front.
   sliding (static): a sliding-window layer's W (Gemma 3's local layers): attention also hides
-  keys at positions <= q_pos - W; every token is still held. None: plain causal attention.
+  keys at positions <= q_pos - W; every token is still held. None: plain causal attention. A
+  tuple gives each layer its own (None for a global layer): one cache over a model's sliding and
+  global layers (`hybrid.build` merges a layout's groups of one spec that differ in window).
   slot_sharding (static): set by `kvjax.sharding.shard_cache` when the slots are split over
   devices: writes and attention then run per device under `jax.shard_map` and combine their
   softmax statistics across the slot axes (flash-decoding); None otherwise.
@@ -50,7 +52,7 @@ class FullCache(base.Limited):
   block_size: int = struct.field(pytree_node=False, default=256)
   growable: bool = struct.field(pytree_node=False, default=False)
   slot_sharding: Any = struct.field(pytree_node=False, default=None)
-  sliding: int | None = struct.field(pytree_node=False, default=None)
+  sliding: int | tuple | None = struct.field(pytree_node=False, default=None)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -65,7 +67,7 @@ class FullCache(base.Limited):
       raise ValueError(f"FullCache: block_size {bs} must divide capacity {capacity}")
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch,), jnp.int32), block_size=bs, growable=growable,
-               sliding=base.check_sliding(sliding, "FullCache"))
+               sliding=base.check_sliding(sliding, "FullCache", n_layers))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -111,7 +113,8 @@ class FullCache(base.Limited):
       return jax.lax.dynamic_slice(cache.k, idx, shape)[0], jax.lax.dynamic_slice(cache.v, idx, shape)[0]
 
     qg = attn.prepare_queries(q, self.kv_heads, scale)
-    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs, self.sliding), cache
+    window = base.layer_sliding(self.sliding, layer)
+    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs, window), cache
 
   def view(self) -> base.CacheView:
     return base.prefix_view(self, self.k, self.v)

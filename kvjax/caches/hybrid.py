@@ -4,7 +4,9 @@
 layers that share a spec and a window (`kvjax.layouts.layer_plan`); c_g has n_layers = the group's
 size, and layer l is layer `where[l][1]` of group `where[l][0]`. `attend` / `write` go to that
 group; `advance`, `reset`, `crop`, `reorder` map over every group (all hold the same rows and
-lengths). The model needs nothing new: each layer's cache applies its own window.
+lengths). The model needs nothing new: each layer's cache applies its own window. `build` first merges
+groups of one full/quantized/paged spec that differ only in their window (`merge_windows`): that
+kind masks each layer by its own `sliding` entry, so `paged:16@all` is one PagedCache, not two.
 
 Sizes: `capacity` is the largest group's, `lossless_tokens` the smallest's; `view()` lists the
 layers in model order, each padded to `capacity` with empty slots (mask False, position -1), so
@@ -156,13 +158,17 @@ class HybridCache(base.CacheBase):
 
 
 def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, **options):
-  """The cache of a `kvjax.layouts.layer_plan`: one group per (layers, spec, window), built by
+  """The cache of a `kvjax.layouts.layer_plan`: one group per (layers, spec, window) after
+  `merge_windows` (groups of a masking kind that differ only in their window are one cache), built by
   `build_one(spec, group_config, capacity=, **options)` (`registry.build`); a single group is that
   group's plain cache. Bounded groups size themselves from their budget; `sliding=W` goes to the
-  kinds that mask a window; `pages=` only to paged groups."""
+  kinds that mask a window; `pages=` only to paged groups; `slack=` (extra ring slots a crop can
+  fall back on: speculative decoding) only to window groups."""
+  plan = merge_windows(plan)
   caches = []
   for layers, spec, window in plan:
-    opts = {k: v for k, v in options.items() if k != "pages" or spec.paged}
+    opts = {k: v for k, v in options.items()
+            if (k != "pages" or spec.paged) and (k != "slack" or spec.kind == "window")}
     if window is not None and spec.kind != "window":
       opts["sliding"] = window
     caches.append(build_one(spec, group_config(config, len(layers)), batch=batch,
@@ -188,3 +194,27 @@ class _Layers:
 
   def __getattr__(self, name):
     return getattr(self._config, name)
+
+
+# Kinds whose `sliding=` may be a tuple per layer (see `FullCache.sliding`).
+PER_LAYER_SLIDING = ("full", "quantized", "paged")
+
+
+def merge_windows(plan) -> tuple:
+  """`plan` with the groups of one spec that differ only in their sliding window merged into one
+  group whose window is a tuple per layer (None for a global layer), when the kind masks each
+  layer on its own (`PER_LAYER_SLIDING`): `paged:16@all` on Gemma 3 is one `PagedCache` over every
+  layer (one page table, what the engine pages), not a paged cache per layer type."""
+  parts: dict = {}
+  for layers, spec, window in plan:
+    key = spec if spec.kind in PER_LAYER_SLIDING else (spec, window)
+    parts.setdefault(key, []).append((layers, spec, window))
+  merged = []
+  for same in parts.values():
+    if len(same) == 1:
+      merged.append(same[0])
+      continue
+    per_layer = {layer: w for layers, _, w in same for layer in layers}
+    layers = tuple(sorted(per_layer))
+    merged.append((layers, same[0][1], tuple(per_layer[layer] for layer in layers)))
+  return tuple(sorted(merged, key=lambda group: group[0][0]))

@@ -105,7 +105,7 @@ class PagedCache(base.Limited):
   head_dim_: int = struct.field(pytree_node=False)
   codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.Codec())
   pages_per_block: int = struct.field(pytree_node=False, default=1)
-  sliding: int | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
+  sliding: int | tuple | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -128,7 +128,7 @@ class PagedCache(base.Limited):
                lengths=jnp.zeros((batch,), jnp.int32), failed=jnp.zeros((batch,), bool),
                page_size=page_size, head_dim_=head_dim, codec=codec,
                pages_per_block=_pages_per_block(per_row, page_size),
-               sliding=base.check_sliding(sliding, "PagedCache"))
+               sliding=base.check_sliding(sliding, "PagedCache", n_layers))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -272,7 +272,7 @@ class PagedCache(base.Limited):
     qg = attn.prepare_queries(q, self.kv_heads, scale)
     bs = self.pages_per_block * self.page_size
     out = attn.attend_prefix_blocks(qg, lambda start: cache._load_block(layer, start), positions,
-                                    kv_len, bs, self.sliding)
+                                    kv_len, bs, base.layer_sliding(self.sliding, layer))
     return out, cache
 
   # ---- capacity -------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class QuantizedCache(base.Limited):
   residual: int = struct.field(pytree_node=False, default=0)
   block_size: int = struct.field(pytree_node=False, default=256)
   growable: bool = struct.field(pytree_node=False, default=False)
-  sliding: int | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
+  sliding: int | tuple | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -136,7 +136,7 @@ class QuantizedCache(base.Limited):
         rk=zeros(lbk + (r + group, head_dim), dtype), rv=zeros(lbk + (r + group, head_dim), dtype),
         lengths=zeros((batch,), jnp.int32), qcount=zeros((batch,), jnp.int32),
         codec=codec, group=group, residual=r, block_size=bs, growable=growable,
-        sliding=base.check_sliding(sliding, "QuantizedCache"))
+        sliding=base.check_sliding(sliding, "QuantizedCache", n_layers))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -221,7 +221,7 @@ class QuantizedCache(base.Limited):
 
     # Part 1: the quantized region as it was before this call (every slot < qcount is visible,
     # but for a sliding layer's window).
-    qlen, w = self.qcount, self.sliding
+    qlen, w = self.qcount, base.layer_sliding(self.sliding, layer)
 
     def visible_q(slots):
       mask = (slots[None, :] < qlen[:, None])[:, None, None, :]  # [B, 1, 1, bs]

@@ -44,6 +44,14 @@ Invariants (tests/caches/test_window.py checks them against a NumPy oracle):
 
 `crop(length)` marks slots at positions >= length empty; tokens the cropped ones had already
 evicted do not come back, so after a crop the window may hold fewer than N tokens.
+
+Slack (static `slack`, default 0): the ring holds N + slack tokens while attention still sees only
+the N most recent positions (every mask is `kp > qp - N`). The extra slots keep tokens a later
+`crop` of up to `slack` tokens brings back into the window: speculative decoding writes
+draft_tokens + 1 tokens, then crops the rejected ones, so its main cache is built with
+slack = draft_tokens + 1 and stays exact. Slot, eviction and rotation-origin math use the ring
+size R = N + slack (position p >= S lives in slot S + (p-S) % R); with slack 0 nothing changes.
+`view()` lists every held slot, slack ones included (attention hides those past the window).
 """
 
 from __future__ import annotations
@@ -66,7 +74,8 @@ class UnsupportedWindowSpec(SpecError, NotImplementedError):
 # Pure helpers on one layer's storage
 # ---------------------------------------------------------------------------------------------
 def slot_of(positions: jax.Array, sink: int, window: int) -> jax.Array:
-  """Slot that holds the token at each position (int32, any shape)."""
+  """Slot that holds the token at each position (int32, any shape). `window` here and in the
+  helpers below is the ring size (the cache's window + slack)."""
   ring = sink + attn.ring_slot(positions, window, offset=sink)
   return jnp.where(positions < sink, positions, ring).astype(jnp.int32)
 
@@ -104,7 +113,8 @@ def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope, 
 
   Args:
     k_held, v_held: [B, K, S+N, H] one layer's stored (un-rotated) keys and values.
-    pos_held: int32 [B, S+N] positions of the held slots (-1 empty).
+    pos_held: int32 [B, S+N(+slack)] positions of the held slots (-1 empty); slack slots hold
+      older tokens, masked like any key outside the window.
     lengths: int32 [B] position of each row's first new token.
     q: [B, T, N, H]; k, v: [B, T, K, H] new tokens, un-rotated (k, v already in storage dtype).
     n_valid: int32 [B]; only the first n_valid[b] new tokens of row b are real keys.
@@ -148,8 +158,9 @@ def window_attention(k_held, v_held, pos_held, lengths, q, k, v, n_valid, rope, 
 # ---------------------------------------------------------------------------------------------
 @struct.dataclass
 class WindowCache(base.Evicting):
-  """S sink slots + an N-slot ring per row. k, v [L, B, K, S+N, H] (un-rotated); pos int32
-  [B, S+N] (-1 empty); lengths int32 [B]. sink, window, block are static."""
+  """S sink slots + an (N + slack)-slot ring per row. k, v [L, B, K, S+N+slack, H] (un-rotated);
+  pos int32 [B, S+N+slack] (-1 empty); lengths int32 [B]. sink, window, block, slack are static
+  (attention sees the N most recent tokens; slack only keeps more for `crop`)."""
 
   k: jax.Array
   v: jax.Array
@@ -158,29 +169,37 @@ class WindowCache(base.Evicting):
   sink: int = struct.field(pytree_node=False, default=0)
   window: int = struct.field(pytree_node=False, default=1)
   block: int = struct.field(pytree_node=False, default=256)
+  slack: int = struct.field(pytree_node=False, default=0)
 
   # A ring buffer never overflows: kvjax.append must not raise capacity errors.
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, window: int,
-           sink: int = 0, dtype=jnp.float32, block: int = 256) -> "WindowCache":
+           sink: int = 0, dtype=jnp.float32, block: int = 256, slack: int = 0) -> "WindowCache":
     if not isinstance(window, int) or window <= 0:
       raise ValueError(f"WindowCache: window must be a positive int, got {window!r}")
     if not isinstance(sink, int) or sink < 0:
       raise ValueError(f"WindowCache: sink must be a non-negative int, got {sink!r}")
     if not isinstance(block, int) or block <= 0:
       raise ValueError(f"WindowCache: block must be a positive int, got {block!r}")
-    slots = sink + window
+    if not isinstance(slack, int) or slack < 0:
+      raise ValueError(f"WindowCache: slack must be a non-negative int, got {slack!r}")
+    slots = sink + window + slack
     shape = (n_layers, batch, kv_heads, slots, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos=jnp.full((batch, slots), -1, jnp.int32), lengths=jnp.zeros((batch,), jnp.int32),
-               sink=sink, window=window, block=block)
+               sink=sink, window=window, block=block, slack=slack)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
   def _layout(self):
     return self.k
+
+  @property
+  def ring(self) -> int:
+    """Ring slots: the window plus the slack."""
+    return self.window + self.slack
 
   def filled(self) -> jax.Array:
     """int32 [B]: slots that hold a token."""
@@ -191,7 +210,7 @@ class WindowCache(base.Evicting):
     """Stores k, v [B, T, K, H] (as given, un-rotated) of one layer; lengths and pos unchanged
     (`advance` updates both). Padding and tokens evicted within the chunk are not written."""
     n_valid = base.normalize_n_valid(n_valid, self.batch, k.shape[1], what="write")
-    slots = target_slots(self.lengths, n_valid, k.shape[1], self.sink, self.window)
+    slots = target_slots(self.lengths, n_valid, k.shape[1], self.sink, self.ring)
     rows = jnp.arange(self.batch)[:, None]  # [B, 1]; self.k[layer, rows, :, slots] is [B, T, K, H]
     return self.replace(
         k=self.k.at[layer, rows, :, slots, :].set(k.astype(self.k.dtype), mode="drop"),
@@ -199,7 +218,7 @@ class WindowCache(base.Evicting):
 
   def advance(self, n_valid) -> "WindowCache":
     n_valid = jnp.asarray(n_valid, jnp.int32)
-    pos = next_positions(self.pos, self.lengths, n_valid, self.sink, self.window)
+    pos = next_positions(self.pos, self.lengths, n_valid, self.sink, self.ring)
     return self.replace(pos=pos, lengths=self.lengths + n_valid)
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
@@ -232,9 +251,9 @@ class WindowCache(base.Evicting):
       q_i, k_i, v_i = xs
       nv = jnp.clip(remaining, 0, blk)
       out = window_attention(k_l, v_l, pos, lengths, q_i, k_i, v_i, nv, **opts)
-      slots = target_slots(lengths, nv, blk, self.sink, self.window)
+      slots = target_slots(lengths, nv, blk, self.sink, self.ring)
       k_l, v_l = scatter_tokens(k_l, k_i, slots), scatter_tokens(v_l, v_i, slots)
-      pos = next_positions(pos, lengths, nv, self.sink, self.window)
+      pos = next_positions(pos, lengths, nv, self.sink, self.ring)
       return (k_l, v_l, pos, lengths + nv, remaining - nv), out
 
     init = (self.k[layer], self.v[layer], self.pos, self.lengths, n_valid)
@@ -256,11 +275,12 @@ class WindowCache(base.Evicting):
     last = sink + window - 1
     bound = sink + window
     cache = self.write(layer, k, v, n_valid)
-    pos = next_positions(self.pos, self.lengths, n_valid, sink, window)  # [B, S+N]
+    pos = next_positions(self.pos, self.lengths, n_valid, sink, self.ring)  # [B, S+N+slack]
     q_pos = self.lengths[:, None]  # [B, 1]
     shift = jnp.maximum(self.lengths - last, 0)[:, None]  # [B, 1]
-    is_sink = jnp.arange(bound, dtype=jnp.int32)[None, :] < sink  # sink slots hold sinks
-    rot_pos = jnp.maximum(jnp.where(is_sink, pos, pos - shift), 0)  # in [0, S+N)
+    is_sink = jnp.arange(self.capacity, dtype=jnp.int32)[None, :] < sink  # sink slots hold sinks
+    rot_pos = jnp.maximum(jnp.where(is_sink, pos, pos - shift), 0)  # in [0, S+N) (slack: < 0
+    # before the clip, and masked below)
     keys = attn.apply_rope_bounded(rope, cache.k[layer], rot_pos, bound, heads_first=True)
 
     def queries(at):  # at [B, 1] in [0, S+N) -> [B, 1, K, G, H], rotated and scaled
@@ -270,7 +290,8 @@ class WindowCache(base.Evicting):
     if sink and rope is not None:
       s_snk = attn.scores_of(queries(jnp.minimum(q_pos, last)), keys[:, :, :sink])
       scores = jnp.concatenate([s_snk, scores[..., sink:]], axis=-1)
-    visible = ((pos >= 0) & (pos <= q_pos))[:, None, None, None, :]  # [B, 1, 1, 1, S+N]
+    visible = (pos >= 0) & (pos <= q_pos) & ((pos < sink) | (pos > q_pos - window))
+    visible = visible[:, None, None, None, :]  # [B, 1, 1, 1, S+N+slack]
     probs = attn.masked_softmax(scores, visible)
     out = attn.weighted_values(probs, cache.v[layer], cache.v.dtype)  # [B, K, G, 1, H]
     return attn.ungroup(out).astype(q.dtype), cache
@@ -313,7 +334,7 @@ def slide(cache: WindowCache, k, v, n_valid=None) -> WindowCache:
                     head_dim=cache.head_dim, what="slide")
   tokens = k.shape[3]
   n_valid = base.normalize_n_valid(n_valid, cache.batch, tokens, what="slide")
-  slots = target_slots(cache.lengths, n_valid, tokens, cache.sink, cache.window)  # [B, T]
+  slots = target_slots(cache.lengths, n_valid, tokens, cache.sink, cache.ring)  # [B, T]
   rows = jnp.arange(cache.batch)[:, None]
   # cache.k[:, rows, :, slots, :] has shape [B, T, L, K, H].
   new_k = cache.k.at[:, rows, :, slots, :].set(k.transpose(1, 3, 0, 2, 4).astype(cache.k.dtype),
@@ -324,10 +345,12 @@ def slide(cache: WindowCache, k, v, n_valid=None) -> WindowCache:
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
-              block: int = 256) -> WindowCache:
+              block: int = 256, slack: int = 0) -> WindowCache:
   """`window:N` and `sink:S+window:N` specs. `capacity` is not used: the budget sizes the cache.
 
   block: prefill sub-block length (chunks longer than this are attended in sub-blocks).
+  slack: extra ring slots that a `crop` of up to `slack` tokens can fall back on (speculative
+  decoding's main cache); attention still sees `window` tokens.
   """
   if spec.window is None:
     raise SpecError(f"cache spec {str(spec)!r} has no window:N term; the window kind needs one")
@@ -339,7 +362,7 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
     raise UnsupportedWindowSpec(f"cache spec {str(spec)!r} is not a plain window/sink spec")
   return WindowCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                           head_dim=config.head_dim, window=spec.window, sink=spec.sink, dtype=dtype,
-                          block=block)
+                          block=block, slack=slack)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:

@@ -25,6 +25,14 @@ its first token comes from fresh logits. The paged kind keeps every token (windo
 paged), so no page a window dropped is ever reused. When the pool runs short the least recently
 used index entries are unpinned first (never the pages a request is about to adopt).
 
+Sliding-window layers (Gemma 3): the engine still owns ONE `PagedCache`, over every layer: the
+spec is placed on all layers (`paged:P@all`), and `kvjax.caches.hybrid.merge_windows` builds a
+single cache whose `sliding` gives each layer its window (None on global layers), so sliding
+layers page every token too and attention masks them to their window. One page table serves all
+layers, so a prefix-cache hit restores the sliding layers' keys from the shared pages as well.
+Not done yet: freeing a sliding layer's pages once they leave its window (they stay held, as on a
+global layer, until the row is freed).
+
 Admission: a request is admitted only if the pages it may still take fit in the free pages beside
 what the running rows may still take (`admission.promised`), so no row ever finds the pool empty
 mid-decode. A request that fits the pool is admitted as soon as a row is free and its pages are
@@ -41,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode, runtime
+from kvjax import decode, layouts, runtime
 from kvjax import prompts as prompts_lib
 from kvjax import spec as spec_lib
 from kvjax.caches import page_table
@@ -99,8 +107,11 @@ class Engine:
       eos_id = getattr(self.tokenizer, "eos_id", None)
     self.model, self.sampler = model, sampler
     self.eos_id = None if eos_id is None else int(eos_id)
-    # No row lengths yet: pages=None keeps the kind's default pool (every row full).
-    cache, self.cache_plan = runtime.resolve(model, spec, batch=rows, capacity=capacity,
+    # No row lengths yet: pages=None keeps the kind's default pool (every row full). On a model
+    # with sliding layers the spec covers them too: one paged cache, per-layer windows.
+    layout = (spec if layouts.plan_for(spec, model.config) is None
+              else layouts.Layout(placements=((layouts.ALL, spec),)))
+    cache, self.cache_plan = runtime.resolve(model, layout, batch=rows, capacity=capacity,
                                              options={"pages": pages}, what="Engine")
     self.cache: PagedCache = cache
     self.page_size = self.cache.page_size

@@ -120,13 +120,41 @@ def test_bytes_of_the_default_layout_at_4096_tokens():
   small, whole = (estimate_bytes(s, GEMMA3_270M, 4096) for s in ("full", "full@all"))
   assert small <= (3 * 4096 + 15 * 512) / (18 * 4096) * whole * 1.0005
   plain = estimate_bytes("full", SMOLLM2_135M.replace(n_layers=18, n_kv_heads=1, head_dim=256), 4096)
-  assert whole == plain + 4  # two groups: one more lengths [B]
+  assert whole == plain  # one cache: the sliding layers' windows are per-layer masks
 
 
 @pytest.mark.parametrize("spec", ["full", "full@all", "int4+residual:32", "paged:4", "int8@0-2"])
 def test_estimate_bytes_is_what_make_cache_allocates(spec):
   cache = kvjax.make_cache(spec, TINY_GEMMA3, 2, 64)
   assert sum(cache.nbytes().values()) == estimate_bytes(spec, TINY_GEMMA3, 64, 2)
+
+
+def test_merge_windows_makes_one_cache_per_masking_spec():
+  """One full/quantized/paged spec over sliding and global layers is one cache with per-layer
+  windows (what the engine pages); different specs, or window rings, stay separate groups."""
+  from kvjax.caches import base, hybrid
+
+  per_layer = (16,) * 5 + (None,)
+  plan = layouts.layer_plan("paged:4@all", TINY_GEMMA3)
+  assert hybrid.merge_windows(plan) == ((tuple(range(6)), kvjax.parse_spec("paged:4"), per_layer),)
+  separate = layouts.layer_plan("paged:4", TINY_GEMMA3)  # window:16 rings beside paged:4
+  assert hybrid.merge_windows(separate) == separate
+  cache = kvjax.make_cache("paged:4@all", TINY_GEMMA3, 1, 32)
+  assert isinstance(cache, PagedCache) and cache.sliding == per_layer
+  assert base.check_sliding([8, 8], "X", 2) == 8 and base.layer_sliding(per_layer, 5) is None
+  with pytest.raises(ValueError, match="entries"):
+    base.check_sliding((16, None), "X", 3)
+  with pytest.raises(ValueError, match="positive int"):
+    base.check_sliding((16, 0), "X")
+
+
+def test_slack_goes_to_window_groups_only():
+  """make_cache(slack=n) (speculative decoding's main cache) widens window rings only; a plain
+  kind without a ring drops it."""
+  ring, full = kvjax.make_cache("full", TINY_GEMMA3, 1, 32, slack=4).groups
+  assert (ring.window, ring.slack, ring.capacity, full.capacity) == (16, 4, 20, 32)
+  assert kvjax.make_cache("full", SMOLLM2_135M.replace(n_layers=1), 1, 32, slack=4).capacity == 32
+  assert kvjax.make_cache("window:8", SMOLLM2_135M.replace(n_layers=1), 1, 32, slack=4).ring == 12
 
 
 def test_chunks_and_growth():
@@ -224,16 +252,19 @@ def oracle():
 
 
 @pytest.mark.parametrize("spec, groups, atol", [
-    ("full@all", ("FullCache", "FullCache"), 1e-5),
+    ("full@all", "FullCache", 1e-5),  # one spec on every layer: one cache, per-layer windows
     ("full", ("WindowCache", "FullCache"), 1e-5),
     ("paged:4", ("WindowCache", "PagedCache"), 1e-5),
-    ("paged:4@all", ("PagedCache", "PagedCache"), 1e-5),
-    ("int8+group:4@all", ("QuantizedCache", "QuantizedCache"), 0.05),
+    ("paged:4@all", "PagedCache", 1e-5),
+    ("int8+group:4@all", "QuantizedCache", 0.05),
 ])
 def test_matches_the_sliding_window_oracle(oracle, spec, groups, atol):
   outs, cache = _run(spec)
-  assert isinstance(cache, HybridCache)
-  assert tuple(type(c).__name__ for c in cache.groups) == groups
+  if isinstance(groups, str):  # merged by `hybrid.merge_windows`
+    assert type(cache).__name__ == groups and None in cache.sliding
+  else:
+    assert isinstance(cache, HybridCache)
+    assert tuple(type(c).__name__ for c in cache.groups) == groups
   np.testing.assert_allclose(_valid(outs), oracle, atol=atol)
   np.testing.assert_array_equal(np.asarray(cache.lengths), [27, 25])
 

@@ -287,6 +287,48 @@ def test_attend_matches_oracle(case, n_valid, block):
       np.testing.assert_array_equal(np.asarray(new.k[layer, b, :, slot]), held[int(pos_b[slot])][0][layer])
 
 
+@pytest.mark.slow  # ~15 s: eager attends over several shapes
+def test_slack_attends_like_no_slack_and_survives_a_crop():
+  """slack=3 keeps 3 more ring slots: every chunk and decode step attends exactly as slack=0 (the
+  window mask hides the extra keys), and after writing 4 tokens and cropping 3 the next step
+  still sees a full window (slack 0 lost the tokens the cropped ones evicted)."""
+  rng = np.random.default_rng(11)
+  sink, window, hd, heads, kv = 2, 6, 8, 4, 2
+  rope = RoPE(hd, THETA)
+  mk = lambda slack: WindowCache.init(n_layers=1, batch=2, kv_heads=kv, head_dim=hd, window=window,
+                                      sink=sink, slack=slack)
+  plain, slacked, exact = mk(0), mk(3), mk(0)
+  assert slacked.capacity == sink + window + 3 and slacked.ring == window + 3
+
+  def step(cache, t, x, nv):
+    q, k, v = x
+    out, cache = cache.attend(0, q[:, :t], k[:, :t], v[:, :t], jnp.asarray(nv), rope=rope)
+    return np.asarray(out), cache.advance(jnp.asarray(nv))
+
+  draw = lambda t: tuple(jnp.asarray(rng.standard_normal((2, t, h, hd)).astype(np.float32))
+                         for h in (heads, kv, kv))
+  for t, nv in [(9, [9, 5]), (1, [1, 1]), (4, [4, 0]), (1, [1, 1]), (1, [0, 1])]:
+    x = draw(t)
+    o1, plain = step(plain, t, x, nv)
+    o2, slacked = step(slacked, t, x, nv)
+    _, exact = step(exact, t, x, nv)
+    np.testing.assert_allclose(o2, o1, atol=1e-5)
+  # Speculative verification: 4 tokens in, 3 cropped; the next step must equal a cache that only
+  # ever saw the kept token.
+  lengths = np.asarray(slacked.lengths)
+  x4 = draw(4)
+  _, slacked = step(slacked, 4, x4, [4, 4])
+  _, plain = step(plain, 4, x4, [4, 4])
+  slacked, plain = slacked.crop(jnp.asarray(lengths + 1)), plain.crop(jnp.asarray(lengths + 1))
+  _, exact = step(exact, 1, tuple(a[:, :1] for a in x4), [1, 1])
+  x = draw(1)
+  want, _ = step(exact, 1, x, [1, 1])
+  got, _ = step(slacked, 1, x, [1, 1])
+  lossy, _ = step(plain, 1, x, [1, 1])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert not np.allclose(lossy, want, atol=1e-3)  # why the slack is there
+
+
 def test_bounded_rope_long_stream():
   """A row 20,000 tokens in attends like a row that just filled its cache (same held tokens), and
   like the float64 oracle: the rotation angles never grow with the stream."""
