@@ -30,11 +30,15 @@ def append(cache, k, v, n_valid=None):
   n_valid = base.normalize_n_valid(n_valid, cache.batch, tokens)
   if cache.limited and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
     after = cache.lengths + n_valid
-    if bool(jnp.any(after > cache.capacity)):
-      row = int(jnp.argmax(after))
+    row = int(jnp.argmax(after))
+    # fits(), not the capacity: a hybrid's capacity is its largest group's, and a smaller limited
+    # group (a full global layer beside a wider window ring) overflows first
+    if not cache.fits(int(after[row])):
+      where = ("" if int(after[row]) > cache.capacity else
+               f" (a limited group of its layers holds fewer; fits({int(after[row])}) is False)")
       raise base.CapacityError(
           f"append: row {row} would hold {int(after[row])} tokens but the cache capacity is "
-          f"{cache.capacity}")
+          f"{cache.capacity}{where}")
   paged = isinstance(cache, base.PagedStorage)  # kinds that draw pages from a shared pool
   if paged and base.is_concrete(cache.lengths) and base.is_concrete(n_valid):
     missing = int(cache.pages_short(n_valid))

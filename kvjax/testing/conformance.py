@@ -57,6 +57,13 @@ overflows. The kind's declared capabilities decide which invariants apply:
                     most 10). `lossless_tokens` is the number of tokens a row can hold before its
                     view stops being exactly the whole context; default: `capacity`. A kind that
                     drops a token earlier (a sparse policy, per-layer budgets) must declare it.
+
+A `HybridCache` (`kvjax.caches.hybrid`: groups of layers of different kinds, as Gemma 3's window
+rings beside full global layers) is judged layer by layer where limited and evicting differ: each
+layer by its own group's `limited` and capacity in `positions`, `budget`, `overflow` (an evicting
+group goes on evicting while a limited one overflows) and the RoPE full-attention check (limited
+layers only); streams stop, and `overflowed()` is expected, at the smallest capacity of its
+limited groups.
 """
 
 from __future__ import annotations
@@ -174,7 +181,27 @@ def _stored(x: np.ndarray, dtype) -> np.ndarray:
   return np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32))
 
 
-def _check_positions(cache, view, log: TokenLog, invariant: str = "positions"):
+def _layer_caps(cache) -> list[tuple[bool, int]]:
+  """(limited, capacity) per layer. A `HybridCache`'s layers are judged by their own group (a
+  window ring beside a full group evicts while the full group fills up); every other kind's layers
+  by the cache as a whole."""
+  from kvjax.caches.hybrid import HybridCache
+
+  if isinstance(cache, HybridCache):
+    return [(bool(cache.groups[g].caps.limited), int(cache.groups[g].capacity))
+            for g, _ in cache.where]
+  return [(bool(cache.limited), int(cache.capacity))] * cache.n_layers
+
+
+def _limit(cache) -> int:
+  """The tokens a row of a limited kind holds before it overflows: the capacity, or for a hybrid
+  the smallest capacity of its limited groups (its evicting groups never overflow)."""
+  limits = [cap for limited, cap in _layer_caps(cache) if limited]
+  return min(limits) if limits else int(cache.capacity)
+
+
+def _check_positions(cache, view, log: TokenLog, invariant: str = "positions",
+                     limited_only: bool = False):
   lengths = np.asarray(cache.lengths)
   _require(np.array_equal(lengths, log.lengths()), invariant,
            f"lengths {lengths.tolist()} but the rows were given {log.lengths().tolist()} real tokens")
@@ -183,21 +210,25 @@ def _check_positions(cache, view, log: TokenLog, invariant: str = "positions"):
   n_layers, batch, kv_heads = view["mask"].shape[:3]
   filled = np.asarray(cache.filled())
   _require(filled.shape == (batch,), invariant, f"filled() has shape {filled.shape}, not [B]")
+  caps = _layer_caps(cache)
   for b in range(batch):
     most = 0
     for l in range(n_layers):
+      limited, capacity = caps[l]
       for h in range(kv_heads):
         _, pos = _held(view, l, b, h)
         most = max(most, pos.size)
+        if limited_only and not limited:
+          continue
         where = f"(layer {l}, row {b}, kv head {h})"
         _require(np.unique(pos).size == pos.size, invariant, f"{where} holds position(s) twice: {sorted(pos.tolist())}")
         _require(pos.size == 0 or (pos.min() >= 0 and pos.max() < lengths[b]), invariant,
                  f"{where} holds positions {sorted(pos.tolist())} but only {lengths[b]} tokens were given")
-        if cache.limited:
-          want = np.arange(min(lengths[b], cache.capacity))
+        if limited:
+          want = np.arange(min(lengths[b], capacity))
           _require(np.array_equal(np.sort(pos), want), invariant,
                    f"{where} of a limited kind holds {sorted(pos.tolist())}; it must hold exactly "
-                   f"[0, {want.size}) (every token up to the capacity {cache.capacity})")
+                   f"[0, {want.size}) (every token up to the capacity {capacity})")
         elif lengths[b]:
           _require(lengths[b] - 1 in pos, invariant,
                    f"{where} does not hold its newest token (position {lengths[b] - 1}); held: "
@@ -206,15 +237,17 @@ def _check_positions(cache, view, log: TokenLog, invariant: str = "positions"):
 
 
 def _check_budget(cache, view):
-  if cache.limited:
-    return
-  held = view["mask"].sum(axis=-1)
-  _require(held.max(initial=0) <= cache.capacity, "budget",
-           f"an evicting kind holds {held.max()} tokens in one (layer, row, kv head); its capacity "
-           f"is {cache.capacity}")
+  held = view["mask"].sum(axis=-1)  # [L, B, K]
+  for l, (limited, capacity) in enumerate(_layer_caps(cache)):
+    if limited:
+      continue
+    _require(held[l].max(initial=0) <= capacity, "budget",
+             f"an evicting kind holds {held[l].max()} tokens in one (layer, row, kv head) (layer "
+             f"{l}); its capacity is {capacity}")
 
 
-def _check_contents(cache, view, log: TokenLog, dtype):
+def _check_contents(cache, view, log: TokenLog, dtype, layers=None):
+  """layers: the layers to check (default: all)."""
   bound = cache.caps.error_bound
   if bound is None:
     return
@@ -223,7 +256,7 @@ def _check_contents(cache, view, log: TokenLog, dtype):
     if not log.rows[b]:
       continue
     k_scale, v_scale = log.scale(b)
-    for l in range(n_layers):
+    for l in (range(n_layers) if layers is None else layers):
       for h in range(kv_heads):
         slots, pos = _held(view, l, b, h)
         if not slots.size:
@@ -394,7 +427,7 @@ def _feed(kit: _Kit, shape, steps, seed, on_step):
   for step in steps:
     k, v = kst.random_tokens(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
-    if cache.limited and (log.lengths() + n_valid > cache.capacity).any():
+    if cache.limited and (log.lengths() + n_valid > _limit(cache)).any():
       break  # overflow has its own invariant
     cache = _jit_append(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(n_valid))
     log.append(k, v, n_valid)
@@ -435,7 +468,7 @@ def _n_valid(kit, shape, steps, seed):
     use_attend = step.tokens == ATTEND_TOKENS
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
-    if one.limited and (np.asarray(one.lengths) + n_valid > one.capacity).any():
+    if one.limited and (np.asarray(one.lengths) + n_valid > _limit(one)).any():
       break
     k2, v2, q2 = k.copy(), v.copy(), q.copy()
     for b, n in enumerate(step.n_valid):
@@ -473,7 +506,7 @@ def _rows_independent(kit, shape, steps, seed):
     k2[:, 0], v2[:, 0] = k[:, 0], v[:, 0]
     n2 = np.array(other.n_valid, np.int32)
     if one.limited and max((np.asarray(one.lengths) + n_valid).max(),
-                           (np.asarray(two.lengths) + n2).max()) > one.capacity:
+                           (np.asarray(two.lengths) + n2).max()) > _limit(one):
       break
     one = _jit_append(one, jnp.asarray(k), jnp.asarray(v), jnp.asarray(n_valid))
     two = _jit_append(two, jnp.asarray(k2), jnp.asarray(v2), jnp.asarray(n2))
@@ -491,7 +524,7 @@ def _inputs_unchanged(kit, shape, steps, seed):
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
-    if cache.limited and (np.asarray(cache.lengths) + n_valid > cache.capacity).any():
+    if cache.limited and (np.asarray(cache.lengths) + n_valid > _limit(cache)).any():
       break
     k5, v5 = k.transpose(0, 1, 3, 2, 4).copy(), v.transpose(0, 1, 3, 2, 4).copy()
     before = _snapshot(cache, k5, v5, n_valid)
@@ -527,7 +560,7 @@ def _jit_equals_eager(kit, shape, steps, seed):
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = jnp.asarray(step.n_valid, jnp.int32)
-    if eager.limited and (np.asarray(eager.lengths) + np.asarray(n_valid) > eager.capacity).any():
+    if eager.limited and (np.asarray(eager.lengths) + np.asarray(n_valid) > _limit(eager)).any():
       break
     if i % 2 == 0:
       t = lambda x: jnp.asarray(x.transpose(0, 1, 3, 2, 4))
@@ -557,7 +590,7 @@ def _chunk_exact(kit, shape, steps, seed):
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
-    if chunked.limited and (np.asarray(chunked.lengths) + n_valid > chunked.capacity).any():
+    if chunked.limited and (np.asarray(chunked.lengths) + n_valid > _limit(chunked)).any():
       break
     out_c, chunked = _jit_attend_all(chunked, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                      jnp.asarray(n_valid), rope=rope, scale=scale)
@@ -613,7 +646,7 @@ def _attention(kit, shape, steps, seed):
     n_valid = np.array(step.n_valid, np.int32)
     for t in range(step.tokens):
       nv = (n_valid > t).astype(np.int32)
-      if cache.limited and (np.asarray(cache.lengths) + nv > cache.capacity).any():
+      if cache.limited and (np.asarray(cache.lengths) + nv > _limit(cache)).any():
         return
       sl = lambda x: jnp.asarray(x[:, :, t:t + 1])
       out, cache = _jit_attend_all(cache, sl(q), sl(k), sl(v), jnp.asarray(nv), scale=scale)
@@ -642,7 +675,7 @@ def _attention_scale(kit, shape, steps, seed):
   for i, step in enumerate(steps):
     q, k, v = (jnp.asarray(x) for x in _random_qkv(rng, shape, step))
     n_valid = np.array(step.n_valid, np.int32)
-    if one.limited and (np.asarray(one.lengths) + n_valid > one.capacity).any():
+    if one.limited and (np.asarray(one.lengths) + n_valid > _limit(one)).any():
       return
     out1, one = _jit_attend_all(one, q, k, v, jnp.asarray(n_valid), scale=scale)
     out2, two = _jit_attend_all(two, jnp.asarray(_scaled(np.asarray(q), scale)), k, v,
@@ -667,17 +700,17 @@ def _attention_rope_full(kit, shape, steps, seed):
   for i, step in enumerate(steps):
     q, k, v = _random_qkv(rng, shape, step)
     n_valid = np.array(step.n_valid, np.int32)
-    if (np.asarray(cache.lengths) + n_valid > cache.capacity).any():
+    if (np.asarray(cache.lengths) + n_valid > _limit(cache)).any():
       return
     out, cache = _jit_attend_all(cache, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                  jnp.asarray(n_valid), rope=rope, scale=scale)
-    out = np.asarray(out)
+    out, caps = np.asarray(out), _layer_caps(cache)
     for b, n in enumerate(step.n_valid):
       for t in range(n):
         seen_q[b].append(q[:, b, t]), seen_k[b].append(k[:, b, t]), seen_v[b].append(v[:, b, t])
       for l in range(shape.n_layers):
         total = len(seen_q[b])
-        if not n:
+        if not n or not caps[l][0]:  # a hybrid's evicting layers hold a window, not every token
           continue
         pos = np.arange(total)
         qs = _scaled(oracle.rope(np.stack([x[l] for x in seen_q[b]]), pos, theta), scale)
@@ -716,7 +749,7 @@ def _crop(kit, shape, steps, seed):
   _require(not (view["positions"] >= length).any(), "crop",
            f"crop({length}) still holds positions >= {length}")
   if cache.limited:
-    _check_positions(cropped, view, log, invariant="crop")
+    _check_positions(cropped, view, log, invariant="crop", limited_only=True)
   _check_contents(cropped, view, log, kit.dtype)
 
 
@@ -749,27 +782,35 @@ def _overflow(kit, shape, steps, seed):
              f"capacity ({lengths.tolist()} tokens given)")
     over = np.asarray(cache.overflowed())
     if cache.limited:
-      _require(np.array_equal(over, lengths > cache.capacity), "overflow",
+      limit = _limit(cache)
+      _require(np.array_equal(over, lengths > limit), "overflow",
                f"step {i}: overflowed() = {over.tolist()} with lengths {lengths.tolist()} and "
-               f"capacity {cache.capacity}")
+               f"capacity {limit}")
       log_capped = TokenLog(shape.batch)
-      log_capped.rows = [row[:cache.capacity] for row in log.rows]
+      log_capped.rows = [row[:limit] for row in log.rows]
       view = _numpy_view(cache)
       held = view["mask"].sum(-1)
-      _require(held.max(initial=0) <= cache.capacity, "overflow", "holds more than its capacity")
-      _check_contents(cache, view, log_capped, kit.dtype)
+      caps = _layer_caps(cache)
+      limited_layers = [l for l, (limited, _) in enumerate(caps) if limited]
+      for l, (_, capacity) in enumerate(caps):
+        _require(held[l].max(initial=0) <= capacity, "overflow", "holds more than its capacity")
+      # limited layers hold tokens [0, limit) only; evicting layers of a hybrid go on evicting
+      _check_contents(cache, view, log_capped, kit.dtype, limited_layers)
+      if len(limited_layers) < len(caps):
+        _check_contents(cache, view, log, kit.dtype,
+                        [l for l in range(len(caps)) if l not in limited_layers])
       if eager is not None:
         try:
           eager = api.append(eager, k, v, n_valid)
         except base.CapacityError:
-          _require((lengths > cache.capacity).any(), "overflow",
+          _require((lengths > limit).any(), "overflow",
                    f"step {i}: CapacityError although every row fits")
           eager = None
         else:
-          _require(not (lengths > cache.capacity).any(), "overflow",
+          _require(not (lengths > limit).any(), "overflow",
                    f"step {i}: kvjax.append outside jit let rows past the capacity "
-                   f"{cache.capacity} ({lengths.tolist()}) without a CapacityError")
-      _require(cache.fits(cache.capacity) and not cache.fits(cache.capacity + 1), "overflow",
+                   f"{limit} ({lengths.tolist()}) without a CapacityError")
+      _require(cache.fits(limit) and not cache.fits(limit + 1), "overflow",
                "fits(n) does not say whether n tokens fit the capacity")
     else:
       _require(not over.any(), "overflow", f"step {i}: an evicting kind reports overflowed()")

@@ -146,13 +146,18 @@ def random_tokens(rng: np.random.Generator, shape: CacheShape, step: AppendStep)
   return k, v
 
 
+# Spec strings of the built-in kinds, with budgets small enough for the kit's shapes.
+BUILTIN_SPECS = (
+    "full", "dynamic", "offload", "window:6", "sink:2+window:6", "int8+group:16",
+    "int4+residual:16+group:16", "int2+group:16", "h2o:2+window:4", "h2o:2+window:4+sink:1",
+    "snapkv:2+window:4", "knorm:2+window:4", "int4+residual:4+h2o:2+window:4+group:4",
+    "tier:4:fp32,4:int8+group:16", "share:2", "share:2+window:6", "share:2+int8+group:16")
+
+
 def builtin_specs() -> st.SearchStrategy:
-  """Spec strings of the built-in kinds, with budgets small enough for the kit's shapes."""
-  return st.sampled_from([
-      "full", "dynamic", "offload", "window:6", "sink:2+window:6", "int8+group:16",
-      "int4+residual:16+group:16", "int2+group:16", "h2o:2+window:4", "h2o:2+window:4+sink:1", "snapkv:2+window:4",
-      "knorm:2+window:4", "int4+residual:4+h2o:2+window:4+group:4", "tier:4:fp32,4:int8+group:16",
-      "share:2", "share:2+window:6", "share:2+int8+group:16"])
+  """Spec strings of the built-in kinds (`BUILTIN_SPECS`), with budgets small enough for the
+  kit's shapes."""
+  return st.sampled_from(list(BUILTIN_SPECS))
 
 
 def specs() -> st.SearchStrategy:

@@ -5,7 +5,8 @@ malformed layouts fail naming the problem; `layer_plan` gives Gemma 3's sliding 
 unless placed explicitly; a 2-layer (sliding, global) hybrid fed ragged chunks equals a NumPy
 oracle of sliding-window causal attention, for the masked full cache (`full@all`), the window
 ring (the default), paged pages and int8 storage (within its error); the default layout's bytes
-at 4096 tokens are what its window promises; the conformance kit holds for a HybridCache.
+at 4096 tokens are what its window promises; the conformance kit holds for a HybridCache,
+window rings beside full or int8 global layers included.
 """
 
 from __future__ import annotations
@@ -320,9 +321,7 @@ def test_int8_on_the_global_layer_only(oracle):
     "dynamic@0; full",
     pytest.param("int8+group:4@0; full", marks=pytest.mark.slow)])
 def test_conformance_of_a_hybrid(check_kind, layout):
-  """Two groups by index on the kit's plain 2-layer config (layer 0 one kind, layer 1 full).
-  Not a window group beside a full one: the kit judges a cache as limited or evicting as a whole
-  (a mixed hybrid is limited, and its ring layer then fails 'holds every token up to capacity')."""
+  """Two groups by index on the kit's plain 2-layer config (layer 0 one kind, layer 1 full)."""
   def factory(spec, config, *, batch, capacity, dtype):
     cache = kvjax.make_cache(layout, config, batch, max(capacity, 4), dtype)
     assert isinstance(cache, HybridCache)
@@ -330,6 +329,34 @@ def test_conformance_of_a_hybrid(check_kind, layout):
 
   check_kind(factory)
 
+
+class _SlidingThenGlobal:
+  """The kit's config seen as Gemma 3's: layer 0 sliding (window `window`), the others global."""
+
+  def __init__(self, config, window):
+    self._config, self.sliding_window = config, window
+    self.layer_types = ("sliding",) + ("global",) * (config.n_layers - 1)
+
+  def __getattr__(self, name):
+    return getattr(self._config, name)
+
+
+@pytest.mark.parametrize("layout, window, groups", [
+    ("full", 3, ("WindowCache", "FullCache")),  # Gemma 3's default: a ring + full
+    ("int8+group:16", 3, ("WindowCache", "QuantizedCache")),  # quantized global layers
+    pytest.param("full", 12, ("WindowCache", "FullCache"), marks=pytest.mark.slow),  # ring > cap
+])
+def test_conformance_of_a_window_group_beside_a_full_group(check_kind, layout, window, groups):
+  """The default Gemma layout's shape: window:W rings on the sliding layer, a limited group on
+  the global one. The kit judges each layer by its group (the ring evicts, the full layer fills
+  up and overflows)."""
+  def factory(spec, config, *, batch, capacity, dtype):
+    cache = kvjax.make_cache(layout, _SlidingThenGlobal(config, window), batch, capacity, dtype)
+    assert isinstance(cache, HybridCache)
+    assert tuple(type(c).__name__ for c in cache.groups) == groups
+    return cache
+
+  check_kind(factory)
 
 
 def test_resolve_sizes_global_groups_by_the_rows_and_windows_by_their_budget():
