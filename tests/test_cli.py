@@ -187,3 +187,15 @@ def test_specs_lists_the_grammar_and_the_kinds(capsys):
   for usage in ("window:N", "sink:S", "paged:P", "share:G", "tier:"):
     assert usage in text
   assert {"full", "window", "paged", "h2o"} <= set(out["kinds"])
+
+
+def test_generate_gemma3_with_a_layout(capsys):
+  """A layout on a model with sliding layers, from the command line (tiny-gemma3: layers 0-4
+  slide over 16 tokens, layer 5 is global)."""
+  code, out, _ = run_cli(capsys, "generate", "Hello there, a prompt longer than the window",
+                         "--model", "tiny-gemma3", "--cache", "int8@global; window:8@sliding",
+                         "--max-new-tokens", "4", "--json")
+  assert code == 0 and len(out["ids"]) == 4
+  code, _, err = run_cli(capsys, "generate", "Hi", "--model", "tiny-gemma3", "--cache",
+                         "snapkv:8+window:4@sliding", "--json")
+  assert code == 2 and "slides over 16 tokens" in err
