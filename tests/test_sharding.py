@@ -178,6 +178,11 @@ def test_gemma3_one_kv_head_plans_and_group_axes():
   assert window.k == ("layers", "batch", "kv_heads", None, "head_dim") and window.pos[1] is None
   assert full.k == base.LOGICAL_AXES
   assert base.cache_logical_axes(default).groups[0].k == base.LOGICAL_AXES  # unsplit: all named
+  from kvjax import planning  # the planner's per-device bytes: only the global group is split
+
+  window_group, full_group = default.groups
+  assert planning.bytes_per_device("full", TINY_GEMMA3, 64, 10, mesh=abstract(model=4)) == (
+      sum(window_group.nbytes().values()) + 2 * full_group.k.nbytes // 4 + full_group.lengths.nbytes)
   eight = ks.plan_cache(mesh, TINY_GEMMA3, kvjax.make_cache("full", TINY_GEMMA3, 8, 64))
   assert eight.rules.batch == ("data", "model") and not eight.rules.slots
   every = ks.plan_cache(mesh, TINY_GEMMA3, kvjax.make_cache("full@all", TINY_GEMMA3, 10, 64))
