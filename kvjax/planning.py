@@ -85,8 +85,9 @@ def bytes_per_device(spec, config, context: int, batch: int = 1, dtype=jnp.float
   from kvjax import sharding
 
   shapes = jax.eval_shape(lambda: spec_lib.make_cache(spec, config, batch, context, dtype, **options))
-  plan_ = sharding.plan(mesh, config, batch=batch, capacity=shapes.capacity, rules=rules,
-                        slot_sharding_ok=sharding.supports_slot_sharding(shapes))
+  plan_ = sharding.plan_cache(mesh, config, shapes, rules=rules)
+  if plan_.rules.slots and isinstance(shapes, hybrid.HybridCache):  # its unsplit groups keep all slots
+    shapes = shapes.with_slot_sharding(sharding.SlotSharding.of(plan_))
   shardings = sharding.cache_shardings(shapes, plan_)
   return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
              for x, s in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))

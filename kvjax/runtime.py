@@ -239,8 +239,7 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
     cache = hybrid.build(plan, config, batch=batch, capacity=capacity, dtype=dtype,
                          build_one=registry.build, **options)
   if mesh is not None:
-    plan_ = sharding.plan(mesh, config, batch=int(batch), capacity=cache.capacity, rules=rules,
-                          slot_sharding_ok=sharding.supports_slot_sharding(cache))
+    plan_ = sharding.plan_cache(mesh, config, cache, rules=rules)
     for note in plan_.notes:
       logging.getLogger("kvjax").info("make_cache(%s): %s", spec, note)
     cache = sharding.shard_cache(cache, plan_)
@@ -252,8 +251,7 @@ def _place(kv, model, mesh, rules, n_rows: int, padded: int, growable: bool):
   if mesh is None:
     return kv, None
   config = getattr(model, "config", model)
-  plan_ = sharding.plan(mesh, config, batch=kv.batch, capacity=kv.capacity, rules=rules,
-                        slot_sharding_ok=sharding.supports_slot_sharding(kv))
+  plan_ = sharding.plan_cache(mesh, config, kv, rules=rules)
   if growable and plan_.rules.slots:
     raise ValueError("a dynamic (growable) cache cannot split its slots over devices")
   if padded > n_rows:

@@ -39,7 +39,10 @@ every row; a step writes the new tokens on the device that owns their slots, eve
 over its own filled blocks, and the partial softmax statistics (running max, sum, weighted values)
 are combined across the slot axes (`lax.pmax` / `lax.psum` of [B, K, G, T(, H)]), so one
 sequence's cache can be larger than one device's memory and no device ever sees another's keys.
-It is implemented for the full cache (`FullCache`); other kinds raise a clear error.
+It is implemented for the full cache (`FullCache`, sliding-window layers included); other kinds
+raise a clear error. A `HybridCache` (Gemma 3's sliding and global groups) splits the slots of the
+groups that can and keeps the others' slots whole on every device (`plan_cache` notes which); with
+one kv head (Gemma 3 270M) nothing divides `model`, so the batch or the slots carry that axis.
 """
 
 from __future__ import annotations
@@ -270,7 +273,26 @@ def fetch(x) -> np.ndarray:
 
 
 def supports_slot_sharding(cache) -> bool:
-  return isinstance(cache, base.SlotShardable)
+  """`SlotShardable`, and for a cache made of parts (`HybridCache`) some part can split its
+  slots (its `can_split_slots()`)."""
+  if not isinstance(cache, base.SlotShardable):
+    return False
+  can = getattr(cache, "can_split_slots", None)
+  return True if can is None else bool(can())
+
+
+def plan_cache(mesh: Mesh, config, cache, *, rules: AxisRules | None = None) -> ShardingPlan:
+  """`plan` for this cache (its batch, capacity and whether it can split its slots), plus a note
+  when the slots are split but some parts of the cache keep theirs whole (a `HybridCache`'s
+  window groups beside a full global group)."""
+  plan_ = plan(mesh, config, batch=int(cache.batch), capacity=int(cache.capacity), rules=rules,
+               slot_sharding_ok=supports_slot_sharding(cache))
+  note = getattr(cache, "slot_sharding_note", None)
+  if plan_.rules.slots and note is not None:
+    text = note(plan_.rules.slots, plan_.size(plan_.rules.slots))
+    if text:
+      plan_ = with_note(plan_, text)
+  return plan_
 
 
 def shard_cache(cache, plan_: ShardingPlan):

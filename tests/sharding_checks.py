@@ -119,12 +119,68 @@ def cases(suite):
     yield from ((s, "model=4", BOTH) for s in ("sink:4+window:60", "int8", "h2o:16+window:16"))
 
 
+GEMMA3_SPECS = ["full", "full@all", "int8@global"]  # the default layout: window:16 on sliding
+# Gemma 3 has one kv head: nothing splits over `model`; the batch or the slots carry it.
+GEMMA3_CASES = [("data=8", None),  # batch over data (10 rows padded to 16)
+                ("data=2,model=4", None),  # 10 rows do not divide 8: slots over model (fallback)
+                ("model=4", SLOTS),  # slots asked for: full groups split, the others stay whole
+                ("data=2,model=4", ks.AxisRules(batch=("data", "model"), kv_heads=()))]  # 16 rows
+
+
+def gemma3(with_hlo: bool) -> list[dict]:
+  """tiny-gemma3 (5 sliding layers with a 16-token window, 1 global, 1 kv head) with its default
+  layout, full@all and int8@global: a ragged batch of 10 rows of 12..30 tokens (longer than the
+  window) decoded with and without a mesh, and the perplexity of 3 documents of 26..30 tokens."""
+  model = lively(kvjax.load("tiny-gemma3"))
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(0, 250, 12 + 2 * i).astype(np.int32)) for i in range(10)]
+  docs = prompts[7:]
+  rows = []
+  for spec in GEMMA3_SPECS:
+    start = time.time()
+    ref = kvjax.generate(model, prompts, max_new_tokens=8, cache=spec, capacity=64,
+                         stop_at_eos=False)
+    ref_ppl = kvjax.perplexity(model, docs, cache=spec)
+    ref_seconds = time.time() - start
+    for mesh_text, rules in GEMMA3_CASES:
+      row = {"model": "tiny-gemma3", "spec": spec, "mesh": mesh_text,
+             "rules": None if rules is None else str(rules), "reference_seconds": ref_seconds}
+      mesh = mesh_of(mesh_text)
+      start = time.time()
+      try:
+        out = kvjax.generate(model, prompts, max_new_tokens=8, cache=spec, capacity=64,
+                             stop_at_eos=False, mesh=mesh, rules=rules)
+      except ValueError as e:
+        row["error"] = str(e)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        continue
+      ppl = kvjax.perplexity(model, docs, cache=spec, mesh=mesh, rules=rules)
+      groups = getattr(out.cache, "groups", (out.cache,))
+      row.update(tokens_equal=bool((out.tokens == ref.tokens).all()),
+                 nll_diff=max(float(np.abs(a.token_nll - b.token_nll).max())
+                              for a, b in zip(ppl, ref_ppl)),
+                 plan=out.sharding, slot_split=[getattr(g, "slot_sharding", None) is not None
+                                                for g in groups],
+                 cache_bytes_per_device=ks.max_bytes_per_device(out.cache),
+                 cache_bytes=int(sum(out.cache.nbytes().values())), seconds=time.time() - start)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      kvjax.clear_caches()
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--suite", choices=["tiny-full", "tiny-kinds", "smollm2"], default="tiny-full")
+  parser.add_argument("--suite", choices=["tiny-full", "tiny-kinds", "smollm2", "gemma3"],
+                      default="tiny-full")
   parser.add_argument("--out", required=True)
   parser.add_argument("--hlo", action="store_true", help="also inspect the compiled decode loop")
   args = parser.parse_args()
+  if args.suite == "gemma3":
+    with open(args.out, "w") as f:
+      json.dump(gemma3(args.hlo), f)
+    return
   if args.suite.startswith("tiny"):
     model, name = lively(kvjax.load("tiny")), "tiny"
   else:

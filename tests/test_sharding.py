@@ -12,7 +12,9 @@ processes joined by `jax.distributed.initialize` on 127.0.0.1 with gloo collecti
   * a second call on an equal mesh built anew compiles nothing;
   * the fallback table for head counts that do not divide the devices (no devices needed);
   * two processes decode a sharded batch to the tokens of a single process;
-  * bytes per device follow the split; a kind that cannot split its slots says so.
+  * bytes per device follow the split; a kind that cannot split its slots says so;
+  * Gemma 3 (one kv head, sliding and global layer groups in a HybridCache): batch or slot
+    sharding carries the model axis; only the groups that can split their slots do (slow).
 """
 
 from __future__ import annotations
@@ -105,6 +107,39 @@ def test_smollm2_sharded_equals_unsharded(tmp_path):
   assert "3 kv heads do not divide model=2" in notes
 
 
+@pytest.mark.slow
+def test_gemma3_hybrid_sharded_equals_unsharded(tmp_path):
+  """tiny-gemma3 (one kv head, 16-token window on 5 of 6 layers): its default layout, full@all and
+  int8@global on 8 devices decode a ragged batch of 10 rows longer than the window to the
+  unsharded tokens and NLLs; the model axis carries the batch or the slots, never the heads."""
+  rows = run_checks("gemma3", tmp_path)
+  assert_equal_rows(rows)
+  by = {(r["spec"], r["mesh"], r["rules"] is None, "model" in (r["rules"] or "").split("slots")[0]):
+        r for r in rows}
+  assert len(rows) == 3 * 4
+  for spec in ("full", "full@all", "int8@global"):
+    batch = by[(spec, "data=8", True, False)]
+    assert "batch over data" in batch["plan"] and "padded to 16 rows" in batch["plan"]
+    assert batch["cache_bytes_per_device"] <= batch["cache_bytes"] / 8 + 64
+    both = by[(spec, "data=2,model=4", False, True)]  # batch over data x model
+    assert "batch over dataxmodel" in both["plan"], both
+    assert both["cache_bytes_per_device"] <= both["cache_bytes"] / 8 + 64
+  # 10 rows on data=2,model=4: 1 kv head does not divide model=4, 10 rows do not divide 8
+  default = by[("full", "data=2,model=4", True, False)]
+  assert "1 kv heads do not divide model=4: the slots are split over model" in default["plan"]
+  assert "in layer 5 (FullCache) only; layers 0-4 (WindowCache) keep every slot" in default["plan"]
+  assert default["slot_split"] == [False, True]
+  every = by[("full@all", "data=2,model=4", True, False)]
+  assert every["slot_split"] == [True, True] and "keep every slot" not in every["plan"]
+  assert every["cache_bytes_per_device"] <= every["cache_bytes"] / 8 + 64
+  quantized = by[("int8@global", "data=2,model=4", True, False)]
+  assert "every model device holds all heads (duplicated)" in quantized["plan"]
+  assert by[("full@all", "model=4", False, False)]["slot_split"] == [True, True]
+  (refused,) = [r for r in rows if "error" in r]
+  assert refused["spec"] == "int8@global" and refused["mesh"] == "model=4"
+  assert "cannot split its slots" in refused["error"]
+
+
 # ---- plans without devices --------------------------------------------------------------------
 def abstract(**axes):
   return jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
@@ -123,6 +158,40 @@ def test_fallbacks_for_three_kv_heads(devices):
   duplicated = ks.plan(abstract(model=devices), cfg, batch=3, capacity=2048, slot_sharding_ok=False)
   assert duplicated.rules == ks.AxisRules(batch=(), kv_heads=(), slots=(), tensor_parallel=False)
   assert "holds all heads" in duplicated.describe()
+
+
+def test_gemma3_one_kv_head_plans_and_group_axes():
+  """One kv head divides no model axis: the batch carries it when it divides data x model, else
+  the global group's slots (the window groups keep theirs whole, noted), else duplication."""
+  from kvjax.caches import base
+  from kvjax.models.config import TINY_GEMMA3
+
+  mesh = abstract(data=2, model=4)
+  default = kvjax.make_cache("full", TINY_GEMMA3, 10, 64)
+  plan = ks.plan_cache(mesh, TINY_GEMMA3, default)
+  assert plan.rules.batch == ("data",) and plan.rules.slots == ("model",)
+  assert not plan.rules.tensor_parallel
+  assert plan.notes[-1] == ("slots split over model in layer 5 (FullCache) only; layers 0-4 "
+                            "(WindowCache) keep every slot on each model device")
+  split = default.with_slot_sharding(ks.SlotSharding.of(plan))
+  window, full = base.cache_logical_axes(split).groups
+  assert window.k == ("layers", "batch", "kv_heads", None, "head_dim") and window.pos[1] is None
+  assert full.k == base.LOGICAL_AXES
+  assert base.cache_logical_axes(default).groups[0].k == base.LOGICAL_AXES  # unsplit: all named
+  from kvjax import planning  # the planner's per-device bytes: only the global group is split
+
+  window_group, full_group = default.groups
+  assert planning.bytes_per_device("full", TINY_GEMMA3, 64, 10, mesh=abstract(model=4)) == (
+      sum(window_group.nbytes().values()) + 2 * full_group.k.nbytes // 4 + full_group.lengths.nbytes)
+  eight = ks.plan_cache(mesh, TINY_GEMMA3, kvjax.make_cache("full", TINY_GEMMA3, 8, 64))
+  assert eight.rules.batch == ("data", "model") and not eight.rules.slots
+  every = ks.plan_cache(mesh, TINY_GEMMA3, kvjax.make_cache("full@all", TINY_GEMMA3, 10, 64))
+  assert every.rules.slots == ("model",) and not any("keep every slot" in n for n in every.notes)
+  int8 = kvjax.make_cache("int8@global", TINY_GEMMA3, 10, 64)
+  assert not ks.supports_slot_sharding(int8)
+  assert "holds all heads" in ks.plan_cache(mesh, TINY_GEMMA3, int8).describe()
+  with pytest.raises(ValueError, match="cannot split its slots"):
+    ks.plan_cache(abstract(model=4), TINY_GEMMA3, int8, rules=ks.AxisRules.parse("kv_heads=,slots=model"))
 
 
 def test_default_rules_and_overrides():

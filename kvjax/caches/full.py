@@ -103,7 +103,7 @@ class FullCache(base.Limited):
     if self.slot_sharding is not None:
       qg = attn.prepare_queries(q, self.kv_heads, scale)
       out = slot_sharded.attend(cache.k, cache.v, layer, qg, positions, kv_len,
-                                cache.slot_sharding, cache.block_size)
+                                cache.slot_sharding, cache.block_size, self.sliding)
       return out.astype(q.dtype), cache
     bs = self.block_size
     shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
@@ -137,8 +137,6 @@ class FullCache(base.Limited):
   # ---- slots split over devices (kvjax.sharding) -----------------------------------------------
   def with_slot_sharding(self, slot_sharding) -> "FullCache":
     """The same cache, told that its slots are split over `slot_sharding.slots` mesh axes."""
-    if self.sliding is not None:
-      raise ValueError("a sliding-window layer's cache cannot split its slots over devices yet")
     shards = slot_sharding.shards()
     if self.capacity % shards:
       raise ValueError(f"FullCache: capacity {self.capacity} does not split over {shards} devices")

@@ -156,6 +156,79 @@ class HybridCache(base.CacheBase):
     return base.CacheView(keys=field("keys", 0), values=field("values", 0),
                           mask=field("mask", False), positions=field("positions", -1))
 
+  # ---- over a device mesh (kvjax.sharding) ---------------------------------------------------
+  # Every group is placed by the same logical-axis rules (`logical_axes` delegates to the groups'
+  # own names). Slot sharding (flash-decoding) splits the groups that can split their slots (full
+  # caches, sliding ones included); the others (window rings, quantized, paged ...) keep every
+  # slot on each device along the slot axes: their leaves drop the `slots` name.
+  def logical_axes(self) -> "HybridCache":
+    """`LogicallyNamed`: each group's own names (`base.cache_logical_axes`), with `slots` unnamed
+    in the groups that keep their slots whole while another group splits its slots."""
+    split = any(getattr(c, "slot_sharding", None) is not None for c in self.groups)
+
+    def names(c):
+      axes = base.cache_logical_axes(c)
+      if not split or getattr(c, "slot_sharding", None) is not None:
+        return axes
+      return jax.tree_util.tree_map(
+          lambda n: base.Names(None if a == "slots" else a for a in n), axes,
+          is_leaf=lambda x: isinstance(x, base.Names))
+
+    return self.replace(groups=tuple(names(c) for c in self.groups))
+
+  def slot_groups(self, shards: int | None = None) -> tuple:
+    """Indices of the groups that can split their slots (over `shards` devices, when given):
+    `SlotShardable`, not growable, capacity divisible by `shards`."""
+    return tuple(g for g, c in enumerate(self.groups)
+                 if isinstance(c, base.SlotShardable) and not c.caps.growable
+                 and (shards is None or c.capacity % shards == 0))
+
+  def can_split_slots(self) -> bool:
+    """Whether slot sharding splits anything here (some group can; see `slot_groups`)."""
+    return bool(self.slot_groups())
+
+  def with_slot_sharding(self, slot_sharding) -> "HybridCache":
+    """`SlotShardable`: the groups of `slot_groups` split their slots; the others keep theirs."""
+    split = self.slot_groups(slot_sharding.shards())
+    if not split:
+      raise ValueError(f"no group of this HybridCache ({self.group_kinds()}) can split its slots "
+                       f"over {slot_sharding.shards()} devices (slot sharding is implemented for "
+                       "the full cache); drop slots from the rules")
+    return self.replace(groups=tuple(c.with_slot_sharding(slot_sharding) if g in split else c
+                                     for g, c in enumerate(self.groups)))
+
+  def group_layers(self) -> tuple:
+    """The model layers of each group: ((layer, ...), ...)."""
+    return tuple(tuple(l for l, (gg, _) in enumerate(self.where) if gg == g)
+                 for g in range(len(self.groups)))
+
+  def group_kinds(self) -> str:
+    """'layers 0-4: WindowCache, layer 5: FullCache' (for notes and errors)."""
+    return ", ".join(f"{self._span(ls)}: {type(c).__name__}"
+                     for ls, c in zip(self.group_layers(), self.groups))
+
+  def slot_sharding_note(self, axes: tuple, shards: int) -> str | None:
+    """What a plan splitting the slots over `axes` (`shards` devices) does to the groups, when
+    some keep their slots whole; None when every group splits."""
+    split = self.slot_groups(shards)
+    whole = [g for g in range(len(self.groups)) if g not in split]
+    if not whole:
+      return None
+    layers = self.group_layers()
+    show = lambda gs: ", ".join(f"{self._span(layers[g])} ({type(self.groups[g]).__name__})" for g in gs)
+    return (f"slots split over {'x'.join(axes)} in {show(split)} only; {show(whole)} keep every "
+            f"slot on each {'x'.join(axes)} device")
+
+  @staticmethod
+  def _span(layers: tuple) -> str:
+    """'layer 5', 'layers 0-4' or 'layers 0.2.4'."""
+    if len(layers) == 1:
+      return f"layer {layers[0]}"
+    if layers == tuple(range(layers[0], layers[-1] + 1)):
+      return f"layers {layers[0]}-{layers[-1]}"
+    return f"layers {'.'.join(map(str, layers))}"
+  # ---- end of the mesh section ----------------------------------------------------------------
+
 
 def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, **options):
   """The cache of a `kvjax.layouts.layer_plan`: one group per (layers, spec, window) after

@@ -39,9 +39,12 @@ def write(k_buf, v_buf, lengths, layer: int, k, v, ss):
                        out_specs=(buf, buf), check_vma=False)(k_buf, v_buf, lengths, k, v)
 
 
-def attend(k_buf, v_buf, layer: int, qg, positions, kv_len, ss, block_size: int):
+def attend(k_buf, v_buf, layer: int, qg, positions, kv_len, ss, block_size: int,
+           window: int | None = None):
   """Attention of queries qg [B, T, K, G, H] (at `positions` [B, T]) over the first kv_len [B]
-  slots of `layer`, merged across devices. Returns [B, T, N, H] in fp32."""
+  slots of `layer`, merged across devices; with a sliding `window` W a query also sees only its
+  W most recent positions (slot = position, so the local mask just shifts both by the device's
+  offset). Returns [B, T, N, H] in fp32."""
   part = ss._part
   q_spec = jax.sharding.PartitionSpec(part(ss.batch), None, part(ss.kv_heads), None, None)
   pos_spec = jax.sharding.PartitionSpec(part(ss.batch), None)
@@ -57,7 +60,7 @@ def attend(k_buf, v_buf, layer: int, qg, positions, kv_len, ss, block_size: int)
       return jax.lax.dynamic_slice(kbuf, idx, shape)[0], jax.lax.dynamic_slice(vbuf, idx, shape)[0]
 
     peak, total, acc = attn.blockwise_stats(
-        q_l, load_block, attn.causal_visibility(pos - offset, local_len),
+        q_l, load_block, attn.causal_visibility(pos - offset, local_len, window),
         attn.n_filled_blocks(local_len, block_size), block_size)
     top = jax.lax.pmax(peak, ss.slots)
     weight = jnp.exp(peak - top)
