@@ -38,7 +38,6 @@ from flax import struct
 
 from kvjax import prompts as prompts_lib
 from kvjax import layouts, runtime, sharding, speculative
-from kvjax import spec as spec_lib
 from kvjax.caches import base
 from kvjax.caches.base import CapacityError  # noqa: F401  (decode.CapacityError, kept public)
 from kvjax.models.protocol import check_model, static_step
