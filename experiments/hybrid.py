@@ -127,8 +127,8 @@ if not args.no_needles:
                        retrieved=sum(hits), trials=len(hits), answers=answers))
 
 out = common.out_dir(args.out)
-payload = dict(run=common.run_info(args), model=model_name, text=text_source, rows=rows,
-               failures=failures.summary())
+payload = {"experiment": "hybrid", "quick": args.quick, **common.run_info(args),
+           "model": model_name, "text": text_source, "rows": rows, **failures.summary()}
 common.write_json(out / "hybrid.json", payload)
 common.write_csv(out / "hybrid.csv", [{k: v for k, v in r.items() if k != "answers"} for r in rows])
 for r in rows:

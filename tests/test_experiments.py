@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 # cache of the run. sharding (8 devices), batch1_limits (native code and thread pools) and peers
 # (peer processes) keep a process of their own.
 IN_PROCESS = {"speedup", "memory", "quality", "streaming", "speculative", "lowrank", "needles",
-              "serving", "fp8"}
+              "serving", "fp8", "hybrid"}
 
 
 def run_script(name, out, *extra, env=None):
@@ -111,8 +111,8 @@ def test_memory_quick_and_report(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
   # speedup, quality, streaming, peers, batch1_limits, sharding, needles, speculative, lowrank,
-  # serving, fp8
-  assert md.count("*Not run yet.*") == 11
+  # serving, fp8, Gemma 3's peers and hybrid
+  assert md.count("*Not run yet.*") == 13
 
 
 def test_quality_quick(tmp_path):
@@ -124,6 +124,17 @@ def test_quality_quick(tmp_path):
   for r in d["rows"]:
     assert r["ppl"] > 1 and 0 <= r["passkey_accuracy"] <= 1
   maybe_png(tmp_path, "quality")
+
+
+def test_hybrid_quick(tmp_path):
+  run_script("hybrid", tmp_path, "--quick", "--strict")
+  d = json.loads((tmp_path / "hybrid.json").read_text())
+  check_common(d, "hybrid")
+  ppl = {r["layout"]: r for r in d["rows"] if r["part"] == "perplexity"}
+  assert set(ppl) == {"all-full", "hybrid", "hybrid+int8", "hybrid+int4", "hybrid+snapkv"}
+  assert ppl["hybrid"]["ppl"] == pytest.approx(ppl["all-full"]["ppl"], rel=1e-5)
+  assert ppl["hybrid"]["cache_bytes"] < ppl["all-full"]["cache_bytes"]
+  assert {r["layout"] for r in d["rows"] if r["part"] == "needles"} == set(ppl)
 
 
 def test_fp8_quick(tmp_path):
