@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,8 +40,8 @@ import jax.numpy as jnp
 
 from kvjax.attention import RoPE, causal_attention
 from kvjax.models.config import Gemma3Config, layer_window
+from kvjax.models import llama
 from kvjax.models.llama import Embed, RMSNorm, linear
-from kvjax.models.protocol import default_dtype
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -144,42 +143,20 @@ class Gemma3(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Decoder:
-  """The step function of a `Gemma3` of one config and dtype (hashable: a static jit argument).
-
-  step(params, tokens [B, T], cache, n_valid [B]) -> (logits [B, T, V] fp32, cache)
-  step_last(...) -> (logits [B, V] of each row's last real token, cache)
-  """
+class Gemma3Decoder(llama.LlamaDecoder):
+  """The step function of a `Gemma3` of one config and dtype (hashable: a static jit argument):
+  `LlamaDecoder`'s step and step_last over the Gemma 3 module."""
 
   config: Gemma3Config
-  dtype: Any = jnp.float32
-
-  def __post_init__(self):
-    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
   @property
   def module(self) -> Gemma3:
     return Gemma3(self.config, self.dtype)
 
-  def step(self, params, tokens, cache, n_valid=None):
-    return self.module.apply({"params": params}, tokens, cache, n_valid)
-
-  def step_last(self, params, tokens, cache, n_valid):
-    return self.module.apply({"params": params}, tokens, cache, n_valid,
-                             logits_at=jnp.maximum(n_valid - 1, 0))
-
 
 def init_params(config: Gemma3Config, seed: int = 0, dtype=None):
   """Random weights (normal, std 0.02; norm scales at 1) with the param tree documented above."""
-  dtype = dtype or default_dtype()
-  params = _jitted_init(config, jnp.dtype(dtype))(jax.random.PRNGKey(seed))
-  return jax.tree_util.tree_map(lambda p: p.astype(dtype) if p.ndim > 1 else p, params)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(config: Gemma3Config, dtype):
-  model = Gemma3(config, dtype)
-  return jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+  return llama.init_module_params(Gemma3Decoder, config, seed, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

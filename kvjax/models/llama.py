@@ -180,7 +180,8 @@ class LlamaDecoder:
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
   @property
-  def module(self) -> "Llama":
+  def module(self) -> nn.Module:
+    """The Flax module of this architecture (subclasses name another)."""
     return Llama(self.config, self.dtype)
 
   def step(self, params, tokens, cache, n_valid=None):
@@ -193,15 +194,22 @@ class LlamaDecoder:
 
 def init_params(config: LlamaConfig, seed: int = 0, dtype=None):
   """Random weights (normal, std 0.02; norms at 1) with the param tree documented above."""
+  return init_module_params(LlamaDecoder, config, seed, dtype)
+
+
+def init_module_params(decoder_class, config, seed: int = 0, dtype=None):
+  """Random weights of the module `decoder_class(config, dtype).module`; matrices in `dtype`,
+  vectors (norm scales) in fp32."""
   dtype = dtype or default_dtype()
-  params = _jitted_init(config, jnp.dtype(dtype))(jax.random.PRNGKey(seed))
+  params = _jitted_init(decoder_class, config, jnp.dtype(dtype))(jax.random.PRNGKey(seed))
   return jax.tree_util.tree_map(lambda p: p.astype(dtype) if p.ndim > 1 else p, params)
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_init(config: LlamaConfig, dtype):
-  """One compiled initializer per (config, dtype): loading "tiny" twice compiles once."""
-  model = Llama(config, dtype)
+def _jitted_init(decoder_class, config, dtype):
+  """One compiled initializer per (architecture, config, dtype): loading "tiny" twice compiles
+  once."""
+  model = decoder_class(config, dtype).module
   return jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
