@@ -183,8 +183,11 @@ def render_peers(d):
   rows = [[r["framework"], r["batch"], num(r["decode_tok_per_s"], 1),
            num(r["bandwidth_limit_tok_per_s"], 1), f"{100 * r['fraction_of_limit']:.0f}%"]
           for r in d["rows"]]
+  layout = ("" if st["model"] == "smollm2-135m" else
+            " (on Gemma 3, `full` is its default layout: 512-token rings on the sliding layers)")
   lines = [f"{st['model']} ({st['dtype']}) from the same GGUF, greedy, prompt {st['prompt_len']} "
-           f"tokens, {st['new_tokens']} new tokens, kvjax full cache of capacity {st['capacity']}."
+           f"tokens, {st['new_tokens']} new tokens, kvjax full cache of capacity {st['capacity']}"
+           f"{layout}."
            + (f" HF: transformers {d['hf']['transformers']}, torch {d['hf']['torch']} "
               f"({d['hf']['torch_threads']} threads), default dynamic cache." if d.get("hf") else "")
            + (f" llama.cpp: llama-cpp-python {d['llamacpp']['llama_cpp_python']} "
@@ -346,7 +349,7 @@ def render_hybrid(d):
   rows = []
   for name in layouts:
     cells = [at.get((name, n)) for n in lengths]
-    spec = next((c["spec"] for c in cells if c), "-")
+    spec = next((c["spec"] for c in reversed(cells) if c), "-")
     rows.append([name, f"`{spec}`"]
                 + [f"{fmt_bytes(c['cache_bytes'])} ({c.get('bytes_vs_all_full', 0):.3f}x)" if c else "-"
                    for c in cells]
@@ -402,6 +405,37 @@ section("Low-rank latent caches", "lowrank", "perplexity vs bytes per token", re
 section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
         render_serving)
 section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
+def side_by_side():
+  """SmolLM2-135M beside Gemma 3 270M: decode speed (each from its own peers run) and cache bytes."""
+  runs = {"smollm2-135m": load("peers"), "gemma3-270m": load("peers_gemma3-270m")}
+  if not all(runs.values()):
+    return
+  import kvjax
+
+  configs = {"smollm2-135m": kvjax.SMOLLM2_135M, "gemma3-270m": kvjax.GEMMA3_270M}
+  rows = []
+  for name, d in runs.items():
+    tps = {(r["framework"], r["batch"]): r for r in d["rows"]}
+    cfg = configs[name]
+    full = kvjax.estimate_bytes("full@all", cfg, 4096)
+    default = kvjax.estimate_bytes("full", cfg, 4096)
+    rows.append([name, d["date"][:10], f"{d['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+                 num(tps[("kvjax", 1)]["decode_tok_per_s"], 1),
+                 f"{d['ratios'].get('kvjax_over_hf_batch1', 0):.2f}x",
+                 f"{d['ratios'].get('kvjax_batch8_over_batch1', 0):.2f}x",
+                 f"{d['ratios'].get('kvjax_over_llamacpp_f32_batch1', 0):.2f}x",
+                 f"{100 * tps[('kvjax', 1)]['fraction_of_limit']:.0f}%",
+                 f"{fmt_bytes(full)} / {fmt_bytes(default)}"])
+  sections.append("\n## SmolLM2-135M beside Gemma 3 270M (experiments/peers.py, kvjax.estimate_bytes)\n")
+  sections.append("Each model's own peers run (fp32, batch 1 and 8, 128 new tokens; the boxes' "
+                  "memory bandwidth differed between the two days, hence the fraction of the "
+                  "bandwidth-bound limit). Cache bytes for 4096 tokens at batch 1: all layers "
+                  "full / kvjax's default (Gemma 3: 512-token rings on its 15 sliding layers).\n")
+  sections.append(table(["model", "measured", "bandwidth", "kvjax tok/s b1", "vs HF b1",
+                         "b8 / b1", "vs llama.cpp f32", "of limit b1", "KV bytes at 4k"], rows))
+
+
+side_by_side()
 section("Gemma 3 270M: kvjax vs HF transformers and llama.cpp", "peers_gemma3-270m",
         "decode throughput", render_peers, script="peers")
 section("Gemma 3 270M: layer layouts", "hybrid", "layer layouts", render_hybrid)
