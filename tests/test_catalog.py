@@ -240,3 +240,65 @@ def test_a_bug_in_the_fetch_is_not_turned_into_missing_model(cache, fake_entry):
 
   with pytest.raises(KeyError):
     catalog.resolve_model_path("fake-model", fetch=buggy)
+
+
+@pytest.fixture
+def chunked_entry(monkeypatch):
+  """A registered model whose GGUF ships in three chunk packages (as gemma3-270m does)."""
+  parts = tuple((f"kvjax-fake-chunk{i}", f"kvjax_fake_chunk{i}", f"data/fake.gguf.part{i:02d}")
+                for i in range(3))
+  entry = catalog.RegisteredModel(
+      name="fake-chunked", distribution="kvjax-fake-chunked", version="1.2.3",
+      module="kvjax_fake_chunked", filename="fake-chunked.gguf", size=len(FAKE_GGUF),
+      sha256=hashlib.sha256(FAKE_GGUF).hexdigest(), parts=parts)
+  monkeypatch.setitem(catalog.REGISTRY, "fake-chunked", entry)
+  return entry
+
+
+def _chunks(payload: bytes = FAKE_GGUF):
+  third = len(payload) // 3 + 1
+  return [payload[i * third:(i + 1) * third] for i in range(3)]
+
+
+def test_installed_chunks_are_joined_once_into_the_cache(cache, chunked_entry, tmp_path,
+                                                        monkeypatch):
+  for (_, module, name), chunk in zip(chunked_entry.parts, _chunks()):
+    (tmp_path / "site" / module / "data").mkdir(parents=True)
+    (tmp_path / "site" / module / "__init__.py").write_text("raise ImportError('not imported')\n")
+    (tmp_path / "site" / module / name).write_bytes(chunk)
+  monkeypatch.syspath_prepend(str(tmp_path / "site"))
+  path = catalog.resolve_model_path("fake-chunked", fetch=_never_fetch)
+  assert path == cache / "models" / "fake-chunked.gguf" and path.read_bytes() == FAKE_GGUF
+  stamp = path.stat().st_mtime_ns
+  assert catalog.resolve_model_path("fake-chunked", fetch=_never_fetch).stat().st_mtime_ns == stamp
+
+
+def test_chunk_wheels_are_downloaded_and_joined(cache, chunked_entry, tmp_path):
+  asked = []
+
+  def fetch(requirement, dest):
+    i = len(asked)
+    asked.append(requirement)
+    dist, module, name = chunked_entry.parts[i]
+    wheel = dest / f"{module}-1.2.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+      zf.writestr(f"{module}/{name}", _chunks()[i])
+    return wheel
+
+  path = catalog.resolve_model_path("fake-chunked", fetch=fetch)
+  assert path.read_bytes() == FAKE_GGUF
+  assert asked == [f"kvjax-fake-chunk{i}==1.2.3" for i in range(3)]
+
+
+def test_chunks_that_do_not_join_to_the_file_are_refused(cache, chunked_entry):
+  def fetch(requirement, dest):
+    i = int(requirement.split("chunk")[1][0])
+    _, module, name = chunked_entry.parts[i]
+    wheel = dest / f"{module}-1.2.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+      zf.writestr(f"{module}/{name}", _chunks(FAKE_GGUF[::-1])[i])
+    return wheel
+
+  with pytest.raises(FileNotFoundError, match="sha256"):
+    catalog.resolve_model_path("fake-chunked", fetch=fetch)
+  assert not (cache / "models" / "fake-chunked.gguf").exists()
