@@ -100,10 +100,11 @@ class FullCache(base.Limited):
     q = attn.apply_rope(rope, q, positions)
     cache = self.write(layer, attn.apply_rope(rope, k, positions), v)
     kv_len = jnp.minimum(self.lengths + n_valid, self.capacity)
+    window = base.layer_sliding(self.sliding, layer)
     if self.slot_sharding is not None:
       qg = attn.prepare_queries(q, self.kv_heads, scale)
       out = slot_sharded.attend(cache.k, cache.v, layer, qg, positions, kv_len,
-                                cache.slot_sharding, cache.block_size, self.sliding)
+                                cache.slot_sharding, cache.block_size, window)
       return out.astype(q.dtype), cache
     bs = self.block_size
     shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
@@ -113,7 +114,6 @@ class FullCache(base.Limited):
       return jax.lax.dynamic_slice(cache.k, idx, shape)[0], jax.lax.dynamic_slice(cache.v, idx, shape)[0]
 
     qg = attn.prepare_queries(q, self.kv_heads, scale)
-    window = base.layer_sliding(self.sliding, layer)
     return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs, window), cache
 
   def view(self) -> base.CacheView:
