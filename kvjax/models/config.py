@@ -13,8 +13,38 @@ from __future__ import annotations
 import dataclasses
 
 
+class DecoderShape:
+  """What every kvjax decoder config shares (the fields' checks, G, `replace`, KV bytes); a
+  frozen dataclass with the fields below mixes it in."""
+
+  SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+
+  def _check_shape(self, extra=()) -> None:
+    """Raises ValueError for a shape field that is not a positive int, or heads that do not group."""
+    name = type(self).__name__
+    for field in self.SHAPE_FIELDS + tuple(extra):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"{name}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+  @property
+  def group_size(self) -> int:
+    """G: query heads that share one kv head."""
+    return self.n_heads // self.n_kv_heads
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
+    """Bytes a full-precision cache of every layer spends per token: 2 (K and V) * L * K * H."""
+    return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
+
+
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(DecoderShape):
   """Static description of a Llama-architecture decoder.
 
   Frozen and hashable so it can be a static argument of jitted functions.
@@ -34,27 +64,9 @@ class LlamaConfig:
   name: str = "llama"
 
   def __post_init__(self):
-    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"LlamaConfig.{field} must be a positive int, got {value!r}")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(
-          f"LlamaConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+    self._check_shape()
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
-
-  @property
-  def group_size(self) -> int:
-    """G: query heads that share one kv head."""
-    return self.n_heads // self.n_kv_heads
-
-  def replace(self, **changes) -> "LlamaConfig":
-    return dataclasses.replace(self, **changes)
-
-  def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
-    """Bytes a full-precision cache spends per token: 2 (K and V) * L * K * H values."""
-    return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
 
 
 SMOLLM2_135M = LlamaConfig(
@@ -74,7 +86,7 @@ GPT2_SMALL_SHAPE = LlamaConfig(
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(DecoderShape):
   """Static description of a Gemma 3 decoder (text part).
 
   Differences from Llama that the fields carry: every layer has a type, `"sliding"` (attends to the
@@ -103,14 +115,7 @@ class Gemma3Config:
   name: str = "gemma3"
 
   def __post_init__(self):
-    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                  "sliding_window"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"Gemma3Config.{field} must be a positive int, got {value!r}")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"Gemma3Config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                       f"({self.n_kv_heads})")
+    self._check_shape(extra=("sliding_window",))
     if not self.layer_types:
       object.__setattr__(self, "layer_types", gemma3_layer_types(self.n_layers))
     types = tuple(self.layer_types)
@@ -118,17 +123,6 @@ class Gemma3Config:
     if len(types) != self.n_layers or not set(types) <= {"sliding", "global"}:
       raise ValueError(f"Gemma3Config.layer_types must name 'sliding' or 'global' for each of the "
                        f"{self.n_layers} layers, got {types!r}")
-
-  @property
-  def group_size(self) -> int:
-    return self.n_heads // self.n_kv_heads
-
-  def replace(self, **changes) -> "Gemma3Config":
-    return dataclasses.replace(self, **changes)
-
-  def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
-    """Bytes an all-full cache spends per token: 2 (K and V) * L * K * H values."""
-    return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value
 
 
 def gemma3_layer_types(n_layers: int, every: int = 6) -> tuple:

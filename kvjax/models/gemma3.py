@@ -43,7 +43,6 @@ from kvjax.models.config import Gemma3Config, layer_window
 from kvjax.models import llama
 from kvjax.models.llama import Embed, RMSNorm, linear
 
-_init = nn.initializers.normal(stddev=0.02)
 
 
 def layer_rope(config: Gemma3Config, layer: int) -> RoPE:
@@ -61,13 +60,7 @@ class Attention(nn.Module):
   def __call__(self, x, cache, n_valid, positions):
     c = self.config
     b, t, _ = x.shape
-    wq = self.param("wq", _init, (c.dim, c.n_heads * c.head_dim), self.dtype)
-    wk = self.param("wk", _init, (c.dim, c.n_kv_heads * c.head_dim), self.dtype)
-    wv = self.param("wv", _init, (c.dim, c.n_kv_heads * c.head_dim), self.dtype)
-    wo = self.param("wo", _init, (c.n_heads * c.head_dim, c.dim), self.dtype)
-    q = linear(x, wq).reshape(b, t, c.n_heads, c.head_dim)  # [B, T, N, H]
-    k = linear(x, wk).reshape(b, t, c.n_kv_heads, c.head_dim)  # [B, T, K, H]
-    v = linear(x, wv).reshape(b, t, c.n_kv_heads, c.head_dim)
+    q, k, v, wo = llama.qkv_projections(self, x)  # [B, T, N, H], [B, T, K, H] x 2, [N*H, D]
     q = RMSNorm(c.norm_eps, self.dtype, name="q_norm")(q)
     k = RMSNorm(c.norm_eps, self.dtype, name="k_norm")(k)
     rope, scale = layer_rope(c, self.layer), c.query_scale ** -0.5
@@ -86,12 +79,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = self.config
-    w_gate = self.param("w_gate", _init, (c.dim, c.ffn_dim), self.dtype)
-    w_up = self.param("w_up", _init, (c.dim, c.ffn_dim), self.dtype)
-    w_down = self.param("w_down", _init, (c.ffn_dim, c.dim), self.dtype)
-    gate = jax.nn.gelu(linear(x, w_gate), approximate=True)
-    return linear(gate * linear(x, w_up), w_down)
+    return llama.gated_ffn(self, x, functools.partial(jax.nn.gelu, approximate=True))
 
 
 class Block(nn.Module):

@@ -59,6 +59,31 @@ class RMSNorm(nn.Module):
     return (normed * scale).astype(self.dtype)
 
 
+def qkv_projections(module: nn.Module, x):
+  """The attention projections of `module` (params wq, wk, wv, wo; [in, out]) applied to x
+  [B, T, D]: (q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], wo [N*H, D]). Call it inside the
+  module's compact `__call__`; `module.config` gives the shapes."""
+  c = module.config
+  b, t, _ = x.shape
+  wq = module.param("wq", _init, (c.dim, c.n_heads * c.head_dim), module.dtype)
+  wk = module.param("wk", _init, (c.dim, c.n_kv_heads * c.head_dim), module.dtype)
+  wv = module.param("wv", _init, (c.dim, c.n_kv_heads * c.head_dim), module.dtype)
+  wo = module.param("wo", _init, (c.n_heads * c.head_dim, c.dim), module.dtype)
+  q = linear(x, wq).reshape(b, t, c.n_heads, c.head_dim)
+  k = linear(x, wk).reshape(b, t, c.n_kv_heads, c.head_dim)
+  v = linear(x, wv).reshape(b, t, c.n_kv_heads, c.head_dim)
+  return q, k, v, wo
+
+
+def gated_ffn(module: nn.Module, x, activation):
+  """`module`'s gated FFN (params w_gate, w_up [D, F], w_down [F, D]): w_down(act(x w_gate) * x w_up)."""
+  c = module.config
+  w_gate = module.param("w_gate", _init, (c.dim, c.ffn_dim), module.dtype)
+  w_up = module.param("w_up", _init, (c.dim, c.ffn_dim), module.dtype)
+  w_down = module.param("w_down", _init, (c.ffn_dim, c.dim), module.dtype)
+  return linear(activation(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
 class Attention(nn.Module):
   config: LlamaConfig
   layer: int
@@ -68,13 +93,7 @@ class Attention(nn.Module):
   def __call__(self, x, cache, n_valid, positions):
     c = self.config
     b, t, _ = x.shape
-    wq = self.param("wq", _init, (c.dim, c.n_heads * c.head_dim), self.dtype)
-    wk = self.param("wk", _init, (c.dim, c.n_kv_heads * c.head_dim), self.dtype)
-    wv = self.param("wv", _init, (c.dim, c.n_kv_heads * c.head_dim), self.dtype)
-    wo = self.param("wo", _init, (c.n_heads * c.head_dim, c.dim), self.dtype)
-    q = linear(x, wq).reshape(b, t, c.n_heads, c.head_dim)  # [B, T, N, H]
-    k = linear(x, wk).reshape(b, t, c.n_kv_heads, c.head_dim)  # [B, T, K, H]
-    v = linear(x, wv).reshape(b, t, c.n_kv_heads, c.head_dim)
+    q, k, v, wo = qkv_projections(self, x)  # [B, T, N, H], [B, T, K, H] x 2, [N*H, D]
     rope = RoPE(c.head_dim, c.rope_theta)
     if cache is None:
       out = causal_attention(rope.apply(q, positions), rope.apply(k, positions), v, positions, n_valid)
@@ -89,11 +108,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = self.config
-    w_gate = self.param("w_gate", _init, (c.dim, c.ffn_dim), self.dtype)
-    w_up = self.param("w_up", _init, (c.dim, c.ffn_dim), self.dtype)
-    w_down = self.param("w_down", _init, (c.ffn_dim, c.dim), self.dtype)
-    return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+    return gated_ffn(self, x, jax.nn.silu)
 
 
 class Block(nn.Module):
