@@ -152,7 +152,34 @@ def _add_whole_tokens(tk, tokens, token_types, vocab, AddedToken) -> None:
     tk.add_tokens(added)
 
 
-class Tokenizer(_TemplateMixin):
+class _GgufIds:
+  """The special ids a GGUF vocabulary names (`tokenizer.ggml.*_token_id`): bos, eos, pad (eos
+  when it names none) and unk. Shared by the BPE and SentencePiece tokenizers."""
+
+  def _read_ids(self, metadata: dict) -> None:
+    def opt_id(key):
+      v = metadata.get(f"tokenizer.ggml.{key}")
+      return None if v is None else int(v)
+
+    self._bos = opt_id("bos_token_id")
+    self._eos = opt_id("eos_token_id")
+    self._pad = opt_id("padding_token_id")
+    self._unk = opt_id("unknown_token_id")
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    return self._bos
+
+  @property
+  def eos_id(self) -> Optional[int]:
+    return self._eos
+
+  @property
+  def pad_id(self) -> Optional[int]:
+    return self._pad if self._pad is not None else self._eos
+
+
+class Tokenizer(_GgufIds, _TemplateMixin):
   """Byte-level BPE tokenizer described by a GGUF file's ``tokenizer.*`` metadata."""
 
   def __init__(self, metadata: dict):
@@ -193,14 +220,7 @@ class Tokenizer(_TemplateMixin):
     self._special_ids = frozenset(
         i for i, t in enumerate(token_types) if t == TOKEN_CONTROL and tokens[i] in vocab)
 
-    def opt_id(key):
-      v = metadata.get(f"tokenizer.ggml.{key}")
-      return None if v is None else int(v)
-
-    self._bos = opt_id("bos_token_id")
-    self._eos = opt_id("eos_token_id")
-    self._pad = opt_id("padding_token_id")
-    self._unk = opt_id("unknown_token_id")
+    self._read_ids(metadata)
     self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
     self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     self.chat_template = metadata.get("tokenizer.chat_template") or _CHATML_TEMPLATE
@@ -281,18 +301,6 @@ class Tokenizer(_TemplateMixin):
   @property
   def vocab_size(self) -> int:
     return len(self._tokens)
-
-  @property
-  def bos_id(self) -> Optional[int]:
-    return self._bos
-
-  @property
-  def eos_id(self) -> Optional[int]:
-    return self._eos
-
-  @property
-  def pad_id(self) -> Optional[int]:
-    return self._pad if self._pad is not None else self._eos
 
   @property
   def special_ids(self) -> frozenset:

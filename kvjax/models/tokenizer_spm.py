@@ -41,7 +41,7 @@ from typing import Iterable, Optional, Sequence
 
 from kvjax.models.tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
                                     TOKEN_UNUSED, TOKEN_USER_DEFINED, StreamDecoder,
-                                    TokenizerError, _TemplateMixin)
+                                    TokenizerError, _GgufIds, _TemplateMixin)
 
 _SPACE = "\u2581"
 
@@ -199,7 +199,7 @@ def _spm_pieces(text: str, text_score: dict) -> list[str]:
   return out
 
 
-class SpmTokenizer(_TemplateMixin):
+class SpmTokenizer(_GgufIds, _TemplateMixin):
   """SentencePiece (GGUF "llama" model) tokenizer with llama.cpp's exact encoding.
 
   Same interface as `Tokenizer`. `encode` matches CONTROL tokens written in the text (e.g.
@@ -230,14 +230,7 @@ class SpmTokenizer(_TemplateMixin):
     self._v = _get_vocab(tokens, list(scores[:n]), list(types[:n]))
     self.pre_type = metadata.get("tokenizer.ggml.pre", "default") or "default"
 
-    def opt_id(key):
-      v = metadata.get(f"tokenizer.ggml.{key}")
-      return None if v is None else int(v)
-
-    self._bos = opt_id("bos_token_id")
-    self._eos = opt_id("eos_token_id")
-    self._pad = opt_id("padding_token_id")
-    self._unk = opt_id("unknown_token_id")
+    self._read_ids(metadata)
     self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
     self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     self.add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
@@ -360,18 +353,6 @@ class SpmTokenizer(_TemplateMixin):
   @property
   def vocab_size(self) -> int:
     return len(self._v.tokens)
-
-  @property
-  def bos_id(self) -> Optional[int]:
-    return self._bos
-
-  @property
-  def eos_id(self) -> Optional[int]:
-    return self._eos
-
-  @property
-  def pad_id(self) -> Optional[int]:
-    return self._pad if self._pad is not None else self._eos
 
   @property
   def special_ids(self) -> frozenset:
