@@ -171,6 +171,14 @@ def smollm2():
   return smollm2_or_skip()
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m():
+  """Gemma 3 270M (fp32), loaded once per process; skips when its wheels are not installed."""
+  from tests.helpers import gemma3_or_skip
+
+  return gemma3_or_skip()
+
+
 # ---- the conformance kit in both lanes -----------------------------------------------------------
 @pytest.fixture(params=["quick", pytest.param("thorough", marks=pytest.mark.slow)])
 def kvjax_kit(request) -> str:

