@@ -94,12 +94,14 @@ def used_count(pages: PageTable) -> jax.Array:
   return pages.n_pages - free_count(pages)
 
 
-def _missing(pages: PageTable, lengths, n) -> jax.Array:
-  """bool [B, M]: pages a row lacks to hold its next n [B] tokens (capped at the capacity)."""
+def _missing(pages: PageTable, lengths, n, first=None) -> jax.Array:
+  """bool [B, M]: pages a row lacks to hold its next n [B] tokens (capped at the capacity); with
+  first int32 [B], only pages from first on (those before it were given back: `drop_before`)."""
   p = pages.page_size
   end = jnp.minimum(lengths + n, pages.capacity)
   j = jnp.arange(pages.max_pages, dtype=jnp.int32)[None, :]
-  return (j < (end[:, None] + p - 1) // p) & (pages.table == pages.n_pages)
+  missing = (j < (end[:, None] + p - 1) // p) & (pages.table == pages.n_pages)
+  return missing if first is None else missing & (j >= first[:, None])
 
 
 def must_copy(pages: PageTable, lengths, n) -> jax.Array:
@@ -114,22 +116,23 @@ def must_copy(pages: PageTable, lengths, n) -> jax.Array:
           & (lengths < pages.capacity)).astype(jnp.int32)
 
 
-def pages_needed(pages: PageTable, lengths, n) -> jax.Array:
+def pages_needed(pages: PageTable, lengths, n, first=None) -> jax.Array:
   """int32 [B]: new pages each row takes to hold n (int or [B]) more tokens, a copy-on-write copy
-  of a shared last page included."""
+  of a shared last page included (first: see `_missing`)."""
   n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), lengths.shape)
-  return (jnp.sum(_missing(pages, lengths, n), axis=1).astype(jnp.int32)
+  return (jnp.sum(_missing(pages, lengths, n, first), axis=1).astype(jnp.int32)
           + must_copy(pages, lengths, n))
 
 
-def pages_short(pages: PageTable, lengths, n) -> jax.Array:
+def pages_short(pages: PageTable, lengths, n, first=None) -> jax.Array:
   """int32 []: pages the pool lacks for n (int or [B]) more tokens per row (0: they fit)."""
-  return jnp.maximum(jnp.sum(pages_needed(pages, lengths, n)) - free_count(pages), 0)
+  return jnp.maximum(jnp.sum(pages_needed(pages, lengths, n, first)) - free_count(pages), 0)
 
 
 # ---- allocation --------------------------------------------------------------------------------
-def reserve(pages: PageTable, lengths, n):
-  """Takes the pages the rows need for n [B] more tokens (see the module docstring).
+def reserve(pages: PageTable, lengths, n, first=None):
+  """Takes the pages the rows need for n [B] more tokens (see the module docstring); with first
+  int32 [B], none before page first (a window's rows: see `drop_before`).
 
   Returns (pages, ok, src, dst): ok bool [B] false for rows refused for want of free pages (they
   took nothing); src, dst int32 [B] the copy-on-write copies the caller must make in its pool
@@ -137,7 +140,7 @@ def reserve(pages: PageTable, lengths, n):
   """
   p, n_pages, batch = pages.page_size, pages.n_pages, pages.batch
   n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), lengths.shape)
-  missing = _missing(pages, lengths, n)  # [B, M]
+  missing = _missing(pages, lengths, n, first)  # [B, M]
   copy = must_copy(pages, lengths, n)  # [B]
   demand = jnp.sum(missing, axis=1).astype(jnp.int32) + copy
   free = pages.refcount == 0
@@ -168,6 +171,13 @@ def release(pages: PageTable, rows) -> PageTable:
   """Rows where rows (bool [B]) is true hold nothing; pages nobody else references go free."""
   rows = jnp.asarray(rows, bool)
   return _recounted(pages, jnp.where(rows[:, None], pages.n_pages, pages.table))
+
+
+def drop_before(pages: PageTable, first) -> PageTable:
+  """Each row gives back its pages before page first[b] (int32 [B]): a sliding window's rows,
+  whose later queries never look that far back. A page another row or a pin references stays."""
+  j = jnp.arange(pages.max_pages, dtype=jnp.int32)[None, :]
+  return _recounted(pages, jnp.where(j < first[:, None], pages.n_pages, pages.table))
 
 
 def crop(pages: PageTable, lengths) -> PageTable:
@@ -253,10 +263,13 @@ def widen(pages: PageTable, batch: int, extra: int) -> PageTable:
   return _recounted(wide, jnp.tile(table, (batch, 1)))
 
 
-def audit(pages: PageTable, lengths=None, *, rows=None) -> list[str]:
+def audit(pages: PageTable, lengths=None, *, rows=None, window: int | None = None) -> list[str]:
   """The invariants of the module docstring that `pages` breaks, as readable sentences (empty:
   none). With lengths int32 [B], also checks that each row (of `rows`, default all) holds exactly
-  the pages its tokens need; pass rows to skip rows whose tokens were refused (`failed`)."""
+  the pages its tokens need; pass rows to skip rows whose tokens were refused (`failed`). With
+  `window` (rows that give back pages behind a sliding window: `drop_before`), a row holds one
+  unbroken run of pages that ends with its last token's and reaches back at least to the page of
+  position length - window + 1 (what its next query sees)."""
   table = np.asarray(pages.table)
   refcount, pins = np.asarray(pages.refcount), np.asarray(pages.pins)
   n, p = pages.n_pages, pages.page_size
@@ -289,6 +302,14 @@ def audit(pages: PageTable, lengths=None, *, rows=None) -> list[str]:
     for b in check:
       want = -(-min(int(lengths[b]), pages.capacity) // p)
       held = table[b] < n
+      if window is not None:
+        first = max(int(lengths[b]) - window + 1, 0) // p
+        start = int(np.argmax(held)) if held.any() else want
+        if not held[min(start, first):want].all() or held[want:].any():
+          problems.append(f"row {b} of {int(lengths[b])} tokens (window {window}) should hold "
+                          f"pages {first}..{want - 1} unbroken and none after, holds "
+                          f"{table[b].tolist()} ({n}: no page)")
+        continue
       if not held[:want].all() or held[want:].any():
         problems.append(f"row {b} of {int(lengths[b])} tokens should hold its first {want} pages, "
                         f"holds {table[b].tolist()} ({n}: no page)")

@@ -106,16 +106,24 @@ class PagedCache(base.Limited):
   codec: codec_lib.Codec = struct.field(pytree_node=False, default=codec_lib.Codec())
   pages_per_block: int = struct.field(pytree_node=False, default=1)
   sliding: int | tuple | None = struct.field(pytree_node=False, default=None)  # see `FullCache.sliding`
+  # With an int `sliding` W: rows give back their pages wholly before position length - W + 1
+  # (no later query sees them) on every write, so a row holds about W / P pages, not all it saw.
+  window_only: bool = struct.field(pytree_node=False, default=False)
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
            page_size: int = 16, pages: int | None = None, dtype=jnp.float32, bits: int | None = None,
            group: int = 32, codec: codec_lib.Codec | None = None,
-           sliding: int | None = None) -> "PagedCache":
+           sliding: int | None = None, window_only: bool = False) -> "PagedCache":
     """An empty cache: `capacity` tokens per row at most (a multiple of page_size), a pool of
     `pages` pages (default: batch x capacity / page_size, room for every row to be full).
-    Pages store tokens through `codec` (default: intN from `bits` and `group`, else `dtype`)."""
+    Pages store tokens through `codec` (default: intN from `bits` and `group`, else `dtype`).
+    window_only (needs an int `sliding`): pages behind the window are given back as rows
+    advance (see `window_pages` for what a row then holds at most)."""
+    if window_only and not isinstance(sliding, (int, np.integer)):
+      raise ValueError(f"PagedCache: window_only needs one sliding window for every layer (an int "
+                       f"sliding), got sliding={sliding!r}")
     per_row, pages = _pool_size(batch, capacity, page_size, pages)
     if codec is None:
       codec = codec_lib.of_dtype(dtype) if bits is None else codec_lib.of_bits(bits, group)
@@ -128,7 +136,7 @@ class PagedCache(base.Limited):
                lengths=jnp.zeros((batch,), jnp.int32), failed=jnp.zeros((batch,), bool),
                page_size=page_size, head_dim_=head_dim, codec=codec,
                pages_per_block=_pages_per_block(per_row, page_size),
-               sliding=base.check_sliding(sliding, "PagedCache", n_layers))
+               sliding=base.check_sliding(sliding, "PagedCache", n_layers), window_only=window_only)
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -210,19 +218,29 @@ class PagedCache(base.Limited):
                for a in (self.table, self.lengths, self.refcount, self.pins, self.failed))
     return int(self.pages_in_use()) * self.page_bytes() + book
 
+  def _first_live(self):
+    """int32 [B]: with `window_only`, the first page a row's next query may see (None without)."""
+    if not self.window_only:
+      return None
+    return jnp.maximum(self.lengths - self.sliding + 1, 0) // self.page_size
+
   def pages_needed(self, n) -> jax.Array:
     """int32 [B]: new pages each row needs to take n (int or [B]) more tokens (a copy of a shared
     last page included)."""
-    return page_table.pages_needed(self.pages, self.lengths, n)
+    return page_table.pages_needed(self.pages, self.lengths, n, self._first_live())
 
   def pages_short(self, n) -> jax.Array:
     """int32 []: pages the pool lacks for n (int or [B]) more tokens per row (0: they fit)."""
-    return page_table.pages_short(self.pages, self.lengths, n)
+    return page_table.pages_short(self.pages, self.lengths, n, self._first_live())
 
   def _reserve(self, n_valid) -> "PagedCache":
     """Takes the pages the rows need for n_valid [B] more tokens and makes the copy-on-write
-    copies in the pool (see `page_table.reserve`); refused rows are flagged `failed`."""
-    pages, ok, src, dst = page_table.reserve(self.pages, self.lengths, n_valid)
+    copies in the pool (see `page_table.reserve`); refused rows are flagged `failed`. With
+    `window_only` the rows first give back the pages behind their next query's window."""
+    first, pages = self._first_live(), self.pages
+    if first is not None:
+      pages = page_table.drop_before(pages, first)
+    pages, ok, src, dst = page_table.reserve(pages, self.lengths, n_valid, first)
     pool = tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in self.pool)
     return self.replace(pages=pages, pool=pool, failed=self.failed | ~ok)
 
@@ -292,7 +310,13 @@ class PagedCache(base.Limited):
                    for a in self.pool)  # [L, B, K, M, P, ...]
     flat = tuple(x.reshape(x.shape[:3] + (self.capacity,) + x.shape[5:]) for x in leaves)
     kl, vl = _halves(flat)
-    return base.prefix_view(self, self._decode(kl), self._decode(vl))
+    view = base.prefix_view(self, self._decode(kl), self._decode(vl))
+    if not self.window_only:
+      return view
+    # positions whose page was given back (behind the window) are no longer held
+    held = jnp.repeat(self.table < self.n_pages, self.page_size, axis=1)  # [B, S]
+    held = jnp.broadcast_to(held[None, :, None, :], view.mask.shape)
+    return view.replace(mask=view.mask & held, positions=jnp.where(held, view.positions, -1))
 
   def filled(self) -> jax.Array:
     return jnp.where(self.failed, 0, jnp.minimum(self.lengths, self.capacity))
@@ -333,7 +357,14 @@ class PagedCache(base.Limited):
   def audit(self) -> list[str]:
     """The allocator's broken invariants (`page_table.audit`; rows refused a page are not held
     to their lengths), as sentences; empty when all hold. Outside jit."""
-    return page_table.audit(self.pages, self.lengths, rows=~np.asarray(self.failed))
+    return page_table.audit(self.pages, self.lengths, rows=~np.asarray(self.failed),
+                            window=self.sliding if self.window_only else None)
+
+
+def window_pages(window: int, page_size: int, chunk: int) -> int:
+  """Pages a `window_only` row holds at most when it writes up to `chunk` tokens at a time: those
+  of positions [length - window + 1, length + chunk), which straddle at most one more page."""
+  return -(-(window - 1 + chunk) // page_size) + 1
 
 
 def pages_for(row_tokens, page_size: int) -> int:
@@ -342,15 +373,17 @@ def pages_for(row_tokens, page_size: int) -> int:
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32, pages: int | None = None,
-              sliding: int | None = None, **options) -> PagedCache:
+              sliding: int | None = None, window_only: bool = False, **options) -> PagedCache:
   """`paged:P[+intN][+group:G]`; option `pages=` sizes the pool (default: every row full),
-  `sliding=` a sliding-window layer's W (see `FullCache.sliding`; every page is still held)."""
+  `sliding=` a sliding-window layer's W (see `FullCache.sliding`; every page is still held unless
+  `window_only`: see `PagedCache.window_only`)."""
   registry.no_options("paged", options)
   p = spec.paged
   capacity = -(-capacity // p) * p
   return PagedCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                          head_dim=config.head_dim, capacity=capacity, page_size=p, pages=pages,
-                         dtype=dtype, codec=codec_lib.for_spec(spec, dtype), sliding=sliding)
+                         dtype=dtype, codec=codec_lib.for_spec(spec, dtype), sliding=sliding,
+                         window_only=window_only)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:

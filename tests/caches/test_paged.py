@@ -216,6 +216,42 @@ def test_memory_follows_tokens_held():
   assert kvjax.total_bytes(cache) < 0.55 * kvjax.total_bytes(full)
 
 
+def test_window_only_gives_back_pages_behind_the_window_and_attends_the_same():
+  """window_only (window 6, pages of 4): ragged chunks of 1-7 tokens attend exactly as the cache
+  that keeps every page and masks the window; a row holds at most `window_pages` pages, its view
+  shows only what it holds, the allocator's invariants hold (rows hold their window unbroken),
+  and a pool of exactly rows x window_pages never refuses a page."""
+  from kvjax.caches.paged import window_pages
+
+  rng = np.random.default_rng(4)
+  most = window_pages(6, 4, 7)
+  kw = dict(n_layers=1, batch=2, kv_heads=1, head_dim=H, capacity=48, page_size=4, sliding=6)
+  cache = PagedCache.init(pages=2 * most, window_only=True, **kw)
+  masked = PagedCache.init(**kw)
+  attend = jax.jit(lambda c, q, k, v, n: c.attend(0, q, k, v, n))
+  for n in [5, 1, 1, 7, 1, 3, 1, 6, 1, 1, 2, 1]:
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, h, H)), jnp.float32) for h in (2, 1, 1))
+    n_valid = jnp.asarray([n, max(n - 1, 1)], jnp.int32)
+    out, cache = attend(cache, q, k, v, n_valid)
+    want, masked = attend(masked, q, k, v, n_valid)
+    cache, masked = cache.advance(n_valid), masked.advance(n_valid)
+    real = np.arange(n)[None, :] < np.asarray(n_valid)[:, None]
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=1e-6)
+    assert cache.audit() == [] and not np.asarray(cache.failed).any()
+    assert int((np.asarray(cache.table) < cache.n_pages).sum(axis=1).max()) <= most
+  lengths = np.asarray(cache.lengths)
+  view, full = cache.view(), masked.view()
+  positions = np.asarray(view.positions)[0, :, 0]
+  for b in range(2):
+    shown = positions[b][positions[b] >= 0]
+    assert shown[0] <= lengths[b] - 6 + 1 and shown[-1] == lengths[b] - 1  # the window, unbroken
+    assert shown.tolist() == list(range(shown[0], lengths[b]))
+    np.testing.assert_array_equal(np.asarray(view.keys)[0, b, :, shown],
+                                  np.asarray(full.keys)[0, b, :, shown])
+  with pytest.raises(ValueError, match="window_only needs one sliding window"):
+    PagedCache.init(**{**kw, "sliding": None}, window_only=True)
+
+
 def _rest():
   cfg = kvjax.TINY
   return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f not in ("n_layers", "n_kv_heads", "head_dim")}
