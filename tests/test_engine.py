@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.engine import Engine, Event, Request, collect, serve
+from kvjax.engine import Engine, Event, Request, collect, serve, steps
 from kvjax.sampling import Sampler
 from tests.helpers import lively
 
@@ -37,7 +37,8 @@ def run_checked(engine, events=None):
   compare outputs too)."""
   out = []
   for event in engine.run([]) if events is None else events:
-    assert not np.asarray(engine.cache.failed).any(), f"a row was refused a page at {event}"
+    failed = [np.asarray(c.failed).any() for c in steps.groups(engine.cache)]
+    assert not any(failed), f"a row was refused a page at {event}"
     out.append(event)
   return collect(out)
 
@@ -260,21 +261,50 @@ def test_text_prompts_and_refused_ids(model):
     bare.insert(Request(ids=text, max_new_tokens=3))
 
 
-@pytest.mark.slow  # ~24 s: the engine's steps and generate compile
-def test_sliding_layers_page_every_layer_and_equal_alone(tiny_gemma3):
-  """tiny-gemma3 (16-token windows on layers 0-4): ONE PagedCache over every layer, sliding layers
-  masked to their window; a 40-token shared prefix (past the window) is adopted from the index
-  (sliding layers' keys included) and every request equals `generate` alone."""
-  from kvjax.caches.paged import PagedCache
+@pytest.mark.slow  # ~30 s: the engine's steps (two pools) and generate compile
+def test_sliding_layers_get_a_window_pool_and_equal_alone(tiny_gemma3):
+  """tiny-gemma3 (16-token windows on layers 0-4, layer 5 global): the global layer pages every
+  token, the sliding layers a window pool that gives pages back behind the window (a row holds at
+  most `window_pages` there however long it runs); a 40-token shared prefix (past the window) is
+  adopted on both, its window pages from the pins taken during the first prefill; samples fork
+  on both pools; every output equals `generate` alone and the page invariants hold throughout."""
+  from kvjax.caches.paged import PagedCache, window_pages
+  from kvjax.engine import steps
 
   system = prompts(1, [40])[0]
-  reqs = [Request(ids=system + t, max_new_tokens=6, id=i)
-          for i, t in enumerate(prompts(2, [3, 9, 1]))]
-  engine = Engine(tiny_gemma3, rows=2, capacity=64, cache="paged:8", stop_at_eos=False)
-  assert isinstance(engine.cache, PagedCache) and engine.cache.sliding == (16,) * 5 + (None,)
-  out = run_checked(engine, engine.run(reqs))
+  reqs = [Request(ids=system + t, max_new_tokens=k, id=i, n=n)
+          for i, (t, k, n) in enumerate(zip(prompts(2, [3, 9, 1]), [6, 30, 5], [1, 1, 2]))]
+  engine = Engine(tiny_gemma3, rows=3, capacity=80, cache="paged:8", stop_at_eos=False)
+  window, full = steps.groups(engine.cache)
+  assert isinstance(engine.cache, kvjax.HybridCache) and isinstance(full, PagedCache)
+  assert (window.window_only, window.sliding, window.n_layers) == (True, 16, 5)
+  assert (full.window_only, full.sliding, full.n_layers, full.n_pages) == (False, None, 1, 30)
+  assert engine._chunks == (16,)  # prefill chunks no longer than the window
+  assert window.n_pages == 3 * window_pages(16, 8, 16) + 3 * 2  # rows' share + a window of pins per row
+  out = []
+  for event in engine.run(reqs):
+    assert engine.audit() == [], event
+    table = np.asarray(steps.groups(engine.cache)[0].pages.table)
+    held = (table < window.n_pages).sum(axis=1)
+    assert held.max() <= 4, (event, held)  # 16-token window, 8-token pages, 1-token steps
+    out.append(event)
+  out = collect(out)
   for r in reqs:
-    assert out[(r.id, 0)] == alone(tiny_gemma3, r.ids, 6), f"request {r.id}"
-  assert engine.index.hits >= 40  # a later request adopted the prefix's 5 full pages
-  assert engine.audit() == []
+    for sample in range(r.n):
+      assert out[(r.id, sample)] == alone(tiny_gemma3, r.ids, r.max_new_tokens), (r.id, sample)
+  assert engine.index.hits >= 2 * 39  # the later requests adopted the prefix on both pools
+  pinned = steps.groups(engine.cache)[0].pages_in_use()
+  assert int(pinned) == len(engine.window_index[0].pages) > 0  # only pins hold window pages now
+
+
+@pytest.mark.slow  # ~20 s
+def test_window_pages_gone_shorten_the_prefix_hit(tiny_gemma3):
+  """With no pins for the window pool, a repeated prompt cannot restore its sliding layers from
+  the index: the hit is dropped (recomputed from scratch), never taken with stale window pages."""
+  ids = prompts(3, [40])[0]
+  engine = Engine(tiny_gemma3, rows=1, capacity=64, cache="paged:8", stop_at_eos=False,
+                  window_pins=0)
+  out = collect(engine.run([Request(ids=ids, max_new_tokens=4, id=i) for i in range(2)]))
+  assert out[(0, 0)] == out[(1, 0)] == alone(tiny_gemma3, ids, 4)
+  assert engine.index.hits == 0 and engine.audit() == []
 

@@ -124,3 +124,22 @@ def audit(cache, ends: Mapping[int, int], index_pages: Iterable[int], page_size:
   if free < owed:
     problems.append(f"{free} free pages but running rows may still take {owed}")
   return problems
+
+
+def audit_window(cache, ends: Mapping[int, int], pinned: Iterable[int]) -> list[str]:
+  """`audit` for a window pool (`PagedCache.window_only`), which nothing is admitted against:
+  the allocator's invariants with rows holding their window (`page_table.audit`), no row refused
+  a page, idle rows empty, and one pin per `WindowPages` entry (`pinned`: their pages)."""
+  problems = cache.audit()
+  failed = np.flatnonzero(np.asarray(cache.failed))
+  if failed.size:
+    problems.append(f"rows {failed.tolist()} were refused a page")
+  table = np.asarray(cache.pages.table)
+  for r in range(table.shape[0]):
+    if r not in ends and (table[r] < cache.n_pages).any():
+      problems.append(f"idle row {r} still holds pages {table[r][table[r] < cache.n_pages].tolist()}")
+  indexed = np.bincount(np.asarray(list(pinned), np.int64), minlength=cache.n_pages)[:cache.n_pages]
+  pins = np.asarray(cache.pages.pins)
+  for q in np.flatnonzero(pins != indexed):
+    problems.append(f"page {q}: {int(pins[q])} pins but {int(indexed[q])} window index entries")
+  return problems

@@ -25,13 +25,14 @@ its first token comes from fresh logits. The paged kind keeps every token (windo
 paged), so no page a window dropped is ever reused. When the pool runs short the least recently
 used index entries are unpinned first (never the pages a request is about to adopt).
 
-Sliding-window layers (Gemma 3): the engine still owns ONE `PagedCache`, over every layer: the
-spec is placed on all layers (`paged:P@all`), and `kvjax.caches.hybrid.merge_windows` builds a
-single cache whose `sliding` gives each layer its window (None on global layers), so sliding
-layers page every token too and attention masks them to their window. One page table serves all
-layers, so a prefix-cache hit restores the sliding layers' keys from the shared pages as well.
-Not done yet: freeing a sliding layer's pages once they leave its window (they stay held, as on a
-global layer, until the row is freed).
+Sliding-window layers (Gemma 3): the engine owns one pool per window (`kvjax.engine.pools`): the
+global layers' pool keeps every token, as above; a sliding layers' pool (`PagedCache.window_only`)
+gives a row's pages back once they fall behind the window, so a row holds ~W / P pages there
+however long it runs. Each pool has its own page table; rows and lengths move together. Prefix
+hits restore the sliding layers too: while a prompt is prefilled, the window pool's pages of its
+full blocks are pinned under the same keys (`page_index.WindowPages`, LRU within a budget of
+pins) before the next chunk would give them back, and a hit of m blocks is taken only as far as
+the window pages its next query sees are all still pinned (else a shorter hit, or none).
 
 Admission: a request is admitted only if the pages it may still take fit in the free pages beside
 what the running rows may still take (`admission.promised`), so no row ever finds the pool empty
@@ -49,15 +50,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode, layouts, runtime
+from kvjax import decode, runtime
 from kvjax import prompts as prompts_lib
 from kvjax import spec as spec_lib
 from kvjax.caches import page_table
+from kvjax.caches.hybrid import HybridCache
 from kvjax.caches.paged import PagedCache
-from kvjax.engine import admission, page_index, requests, steps
-from kvjax.engine.page_index import PageIndex
+from kvjax.engine import admission, page_index, pools, requests, steps
+from kvjax.engine.page_index import PageIndex, WindowPages
 from kvjax.engine.requests import Event, Request, Row
-from kvjax.models.protocol import check_model, static_step
+from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.sampling import GREEDY, Sampler
 
 
@@ -95,11 +97,14 @@ class Engine:
     stop_at_eos: whether eos_id None means `model.tokenizer.eos_id` (as in `kvjax.generate`);
       False, or a model without a tokenizer, ends samples only at max_new_tokens.
     prefix_cache: keep full prompt pages in a `PageIndex` for later prompts.
+    window_pins: on a model with sliding layers, pages of each sliding pool kept for the prefix
+      cache beyond what the rows hold (default `pools.window_budget`: a window's pages per row).
   """
 
   def __init__(self, model, *, rows: int = 8, capacity: int = 2048, cache: str = "paged:16",
                pages: int | None = None, sampler: Sampler = GREEDY, seed: int = 0,
-               eos_id: int | None = None, stop_at_eos: bool = True, prefix_cache: bool = True):
+               eos_id: int | None = None, stop_at_eos: bool = True, prefix_cache: bool = True,
+               window_pins: int | None = None):
     check_model(model, "Engine")
     spec = _paged_spec(cache, capacity)
     self.tokenizer = getattr(model, "tokenizer", None)
@@ -107,16 +112,24 @@ class Engine:
       eos_id = getattr(self.tokenizer, "eos_id", None)
     self.model, self.sampler = model, sampler
     self.eos_id = None if eos_id is None else int(eos_id)
-    # No row lengths yet: pages=None keeps the kind's default pool (every row full). On a model
-    # with sliding layers the spec covers them too: one paged cache, per-layer windows.
-    layout = (spec if layouts.plan_for(spec, model.config) is None
-              else layouts.Layout(placements=((layouts.ALL, spec),)))
-    cache, self.cache_plan = runtime.resolve(model, layout, batch=rows, capacity=capacity,
-                                             options={"pages": pages}, what="Engine")
-    self.cache: PagedCache = cache
-    self.page_size = self.cache.page_size
+    # No row lengths yet: pages=None keeps the kind's default pool (every row full).
+    self._windows: dict[int, tuple[int, int]] = {}  # window pool group -> (window, pin budget)
+    self._chunks = pools.prefill_chunks(model.config, steps.CHUNKS)
+    if pools.split(model.config) is None:
+      cache, self.cache_plan = runtime.resolve(model, pools.one_pool_layout(spec, model.config),
+                                               batch=rows, capacity=capacity,
+                                               options={"pages": pages}, what="Engine")
+    else:
+      cache, self._windows = pools.build(spec, model.config, rows=rows, capacity=capacity,
+                                         dtype=model_dtype(model), pages=pages,
+                                         window_pins=window_pins, chunk=max(self._chunks))
+      self.cache_plan = None
+    self.cache: PagedCache | HybridCache = cache
+    self._global = next(g for g, c in enumerate(steps.groups(cache)) if not c.window_only)
+    self.page_size = self.paged.page_size
     self.index = (PageIndex(page_index.seed(model, spec), self.page_size) if prefix_cache
                   else None)
+    self.window_index = {g: WindowPages(pins) for g, (_, pins) in self._windows.items()}
     self._step_fn = static_step(model)
     self._key = jax.random.PRNGKey(seed)
     self._rows: dict[int, Row] = {}
@@ -126,12 +139,26 @@ class Engine:
 
   # ---- facts ----------------------------------------------------------------------------------
   @property
+  def paged(self) -> PagedCache:
+    """The pool that keeps every token (the whole cache on a model without sliding layers, the
+    global layers' pool otherwise): what admission counts and the page index points into."""
+    return steps.groups(self.cache)[self._global]
+
+  @property
   def rows(self) -> int:
     return self.cache.batch
 
   @property
   def capacity(self) -> int:
-    return self.cache.capacity
+    return self.paged.capacity
+
+  def used_bytes(self) -> int:
+    """Bytes of the pages in use in every pool, bookkeeping included (`PagedCache.used_bytes`)."""
+    return sum(c.used_bytes() for c in steps.groups(self.cache))
+
+  def pool_bytes(self) -> int:
+    """Bytes of every pool as built (fixed for the engine's life)."""
+    return sum(sum(c.nbytes().values()) for c in steps.groups(self.cache))
 
   def free_rows(self) -> list[int]:
     return [r for r in range(self.rows) if r not in self._rows]
@@ -152,21 +179,44 @@ class Engine:
     """Unpins LRU index pages (never those in `keep`, which the request adopts) until `need`
     pages are free beyond what running rows may take."""
     while True:
-      spare = admission.spare(self.cache.pages, self.cache.lengths, self._ends(), self.page_size)
+      spare = admission.spare(self.paged.pages, self.paged.lengths, self._ends(), self.page_size)
       if spare >= need:
         return True
       if self.index is None or not self.index.evictable(keep):
         return False
-      self.cache = steps.pin(self.cache, self.index.evict(max(need - spare, 1), keep), -1)
+      evicted = self.index.evict(max(need - spare, 1), keep)
+      self.cache = steps.pin(self.cache, [page for _, page in evicted], -1, self._global)
+      for g, pins in self.window_index.items():  # a window page without its block's key is dead
+        self.cache = steps.pin(self.cache, pins.forget(key for key, _ in evicted), -1, g)
 
-  def _admit(self, ids: np.ndarray, end: int, n: int,
-             hit: list[int]) -> tuple[list[int], int] | None:
-    """The index pages to adopt and the tokens they hold, once room is made for the request
-    (None: the pool cannot hold it now)."""
-    for pages, reused in admission.adoptions(hit, ids.size, self.page_size):
+  def _window_spans(self, keys: list[bytes], pages: list[int], reused: int) -> dict | None:
+    """{window pool: (first block, its pinned pages up to the hit's last block)}: what the hit's
+    next query sees on the sliding layers; None if a window pool no longer pins all of it."""
+    spans = {}
+    for g, (window, _) in self._windows.items():
+      first = max(reused - window + 1, 0) // self.page_size
+      held = self.window_index[g].span(keys, first, len(pages))
+      if held is None:
+        return None
+      spans[g] = (first, held)
+    return spans
+
+  def _admit(self, ids: np.ndarray, end: int, n: int, hit: list[int],
+             keys: list[bytes]) -> tuple[list[int], int, dict] | None:
+    """The index pages to adopt, the tokens they hold and the window pools' spans (see
+    `_window_spans`), once room is made for the request (None: the pool cannot hold it now).
+    A hit whose window pages are gone is shortened until they are there (or no hit)."""
+    tries = []
+    for m in range(len(hit), -1, -1):
+      tries = [(pages, reused, spans) for pages, reused in
+               admission.adoptions(hit[:m], ids.size, self.page_size)
+               if (spans := self._window_spans(keys, pages, reused)) is not None]
+      if tries:
+        break
+    for pages, reused, spans in tries:
       need = admission.need(ids.size, end, n, len(pages), reused, self.page_size)
       if self._make_room(need, keep=pages):
-        return pages, reused
+        return pages, reused, spans
     return None
 
   def insert(self, request: Request) -> list[int] | None:
@@ -181,7 +231,7 @@ class Engine:
       request = dataclasses.replace(request, id=self._inserted)
     ids = requests.check(request, self.tokenizer, self.model.config.vocab_size, rows=self.rows,
                          capacity=self.capacity)
-    n, n_pages = request.n, self.cache.pages.n_pages
+    n, n_pages = request.n, self.paged.pages.n_pages
     end = ids.size + request.max_new_tokens - 1  # the last token drawn is never fed back
     most = admission.need(ids.size, end, n, 0, 0, self.page_size)
     if most > n_pages:
@@ -191,14 +241,19 @@ class Engine:
     if len(free) < n:
       return None
     keys = self.index.chain(ids) if self.index is not None else []
-    admitted = self._admit(ids, end, n, self.index.match(keys) if self.index is not None else [])
+    hit = self.index.match(keys) if self.index is not None else []
+    admitted = self._admit(ids, end, n, hit, keys)
     if admitted is None:
       return None
-    hit, reused = admitted
+    hit, reused, spans = admitted
     rows = free[:n]
-    self._adopt(rows[0], hit, reused)
+    self._adopt(rows[0], hit, reused, spans)
+    pin_windows = None
+    if self.index is not None and self._windows:
+      pin_windows = lambda cache, fed: self._pin_windows(cache, rows[0], keys, reused + fed)
     logits, self.cache = steps.prefill(self.model.params, ids[reused:], self.cache, rows[0],
-                                       model=self._step_fn)
+                                       model=self._step_fn, after_chunk=pin_windows,
+                                       chunks=self._chunks)
     self._index_prompt(rows[0], ids, keys)
     if n > 1:
       self.cache = steps.fork(self.cache, jnp.full((n - 1,), rows[0], jnp.int32),
@@ -211,21 +266,40 @@ class Engine:
     self._retire()
     return rows
 
-  def _adopt(self, row: int, hit: list[int], reused: int) -> None:
-    """Points row `row` at the adopted index pages `hit` (`reused` tokens); counts the lookup."""
+  def _adopt(self, row: int, hit: list[int], reused: int, spans: dict) -> None:
+    """Points row `row` at the adopted index pages `hit` (`reused` tokens) and, in each window
+    pool, at the pinned pages of its span; counts the lookup."""
     if self.index is None:
       return
     if hit:
-      table = admission.block_table_row(hit, self.cache.pages.max_pages, self.cache.pages.n_pages)
-      self.cache = steps.adopt(self.cache, row, jnp.asarray(table), reused)
+      tables = []
+      for g, c in enumerate(steps.groups(self.cache)):
+        first, held = spans[g] if g in spans else (0, hit)
+        table = admission.block_table_row([], c.pages.max_pages, c.pages.n_pages)
+        table[first:first + len(held)] = held
+        tables.append(jnp.asarray(table))
+      self.cache = steps.adopt(self.cache, row, tuple(tables), reused)
       self.index.hits += reused
     self.index.lookups += 1
+
+  def _pin_windows(self, cache, row: int, keys: list[bytes], fed: int):
+    """Pins, in each window pool, the pages of row `row`'s full prompt blocks among the first
+    `fed` tokens under their keys (before a later chunk gives them back); unpins what the pools'
+    budgets forget."""
+    done = min(fed // self.page_size, len(keys))
+    for g in self._windows:
+      table = np.asarray(steps.groups(cache)[g].pages.table)[row]
+      n_pages = steps.groups(cache)[g].n_pages
+      blocks = [j for j in range(done) if table[j] < n_pages]
+      pin, unpin = self.window_index[g].add([keys[j] for j in blocks], table[blocks].tolist())
+      cache = steps.pin(steps.pin(cache, pin, 1, g), unpin, -1, g)
+    return cache
 
   def _index_prompt(self, row: int, ids: np.ndarray, keys: list[bytes]) -> None:
     """Records the full prompt pages of row `row` in the page index and pins the new ones."""
     if self.index is not None and keys:
-      held = page_table.row_pages(self.cache.pages, row, ids.size)
-      self.cache = steps.pin(self.cache, self.index.add(keys, held[:len(keys)]), 1)
+      held = page_table.row_pages(self.paged.pages, row, ids.size)
+      self.cache = steps.pin(self.cache, self.index.add(keys, held[:len(keys)]), 1, self._global)
 
   # ---- step / free ----------------------------------------------------------------------------
   def _emit(self, r: int, token: int) -> Event:
@@ -274,7 +348,11 @@ class Engine:
     See `admission.audit`: the allocator's own invariants, no row refused a page, idle rows
     empty, one pin per page index entry, and free pages covering what running rows may take."""
     index_pages = self.index.pages.values() if self.index is not None else ()
-    return admission.audit(self.cache, self._ends(), index_pages, self.page_size)
+    problems = admission.audit(self.paged, self._ends(), index_pages, self.page_size)
+    for g, pins in self.window_index.items():
+      problems += [f"window pool {g}: {p}" for p in admission.audit_window(
+          steps.groups(self.cache)[g], self._ends(), pins.pages.values())]
+    return problems
 
   def run(self, requests: Iterable[Request]) -> Iterator[Event]:
     """Admits requests in order as room frees up, steps until all are done, yields events."""

@@ -1,4 +1,5 @@
-"""Prefix caching on pages: `PageIndex`, full prompt pages by the hash chain of their tokens.
+"""Prefix caching on pages: `PageIndex`, full prompt pages by the hash chain of their tokens, and
+`WindowPages`, the same keys' pages in a sliding-window layers' pool.
 
 vLLM-style "automatic prefix caching": every full page of a prompt is keyed by a hash chain over
 the page-sized blocks of token ids before it (key_i = sha256(key_{i-1} || block_i)), seeded by
@@ -67,14 +68,55 @@ class PageIndex:
         new.append(int(page))
     return new
 
-  def evict(self, n: int, keep: Iterable[int] = ()) -> list[int]:
-    """Forgets the n least recently used entries whose page is not in `keep`; returns their pages
-    (to unpin)."""
+  def evict(self, n: int, keep: Iterable[int] = ()) -> list[tuple[bytes, int]]:
+    """Forgets the n least recently used entries whose page is not in `keep`; returns their
+    (key, page)s (the pages to unpin, the keys to forget in the `WindowPages` too)."""
     keep = set(keep)
     victims = [key for key, page in self.pages.items() if page not in keep][:n]
-    return [self.pages.pop(key) for key in victims]
+    return [(key, self.pages.pop(key)) for key in victims]
 
   def evictable(self, keep: Iterable[int] = ()) -> int:
     """Entries `evict` may forget while sparing the pages in `keep`."""
     keep = set(keep)
     return sum(page not in keep for page in self.pages.values())
+
+
+class WindowPages:
+  """The pages of one sliding-window pool (`PagedCache.window_only`) by the `PageIndex` key of the
+  prompt block they hold, in LRU order, at most `budget` of them (each entry pins its page).
+
+  A row of a window pool gives back its pages behind the window as it goes, so only pinned pages
+  survive for a later prompt; a prefix hit of m pages is usable on these layers only if the
+  pages its next query sees (`span`) are all recorded. The budget bounds what the pins hold:
+  recording past it forgets the least recently used entries.
+  """
+
+  def __init__(self, budget: int):
+    self.budget = int(budget)
+    self.pages: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+
+  def add(self, keys: Sequence[bytes], pages: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Records key -> page for keys not yet present (marks the others recently used); returns
+    (pages to pin, pages to unpin: entries forgotten to keep within the budget)."""
+    new = []
+    for key, page in zip(keys, pages):
+      if key in self.pages:
+        self.pages.move_to_end(key)
+      else:
+        self.pages[key] = int(page)
+        new.append(int(page))
+    over = max(len(self.pages) - self.budget, 0)
+    return new, [self.pages.pop(key) for key in list(self.pages)[:over]]
+
+  def span(self, keys: Sequence[bytes], first: int, stop: int) -> list[int] | None:
+    """The pages of blocks first..stop-1 (marked recently used), or None if one is missing."""
+    pages = [self.pages.get(key) for key in keys[first:stop]]
+    if None in pages:
+      return None
+    for key in keys[first:stop]:
+      self.pages.move_to_end(key)
+    return pages
+
+  def forget(self, keys: Iterable[bytes]) -> list[int]:
+    """Drops the entries of keys (those present); returns their pages (to unpin)."""
+    return [self.pages.pop(key) for key in keys if key in self.pages]
