@@ -327,10 +327,10 @@ def render_serving(d):
                      "mean KV memory"], rows)]
   prefix = [r for r in d["rows"] if r["setting"] == "prefix"]
   if prefix:
-    rows = [[r["method"], r["peak_pages"], fmt_bytes(r["peak_bytes"]),
+    rows = [[r["method"], fmt_bytes(r["peak_bytes"]),
              num(r.get("memory_saved"), 2) if r.get("memory_saved") is not None else ""] for r in prefix]
     lines += ["\n16 requests sharing a 1024-token system prompt:\n",
-              table(["setup", "peak pages", "peak memory", "saved"], rows)]
+              table(["setup", "peak memory", "saved"], rows)]
   step = [r for r in d["rows"] if r["setting"] == "step"]
   if step:
     rows = [[r["rows"], r["prompt_len"], num(r["full_tok_per_s"], 1), num(r["paged_tok_per_s"], 1),

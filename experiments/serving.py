@@ -14,6 +14,12 @@ Three measurements on one machine, one run each:
    tokens): peak pages in use with and without the page index.
 3. step: decode tok/s of `paged:16` vs `full` at equal tokens held (prompt 1024, batch 1 and 8),
    through `kvjax.generate` (target: within 15%).
+4. window (models with sliding layers, e.g. `--model gemma3-270m`): the engine's pools (global
+   layers keep every token, sliding layers a window pool that gives pages back) against one pool
+   over every layer (`paged:16@all`, what the engine built before), at `--rows` rows of 4096
+   tokens; then 4 requests of 600-token prompts (two share a 520-token prefix) and 160 new tokens
+   each: peak bytes in use per pool, prefix tokens adopted, and whether every greedy output
+   equals `kvjax.generate` alone on the full cache.
 
 Outputs (in --out): serving.json, serving.csv.
 
@@ -35,7 +41,7 @@ parser.add_argument("--model", default=None)
 parser.add_argument("--requests", type=int, default=None)
 parser.add_argument("--rows", type=int, default=8)
 parser.add_argument("--page", type=int, default=16)
-parser.add_argument("--skip", nargs="*", default=[], choices=["trace", "prefix", "step"])
+parser.add_argument("--skip", nargs="*", default=[], choices=["trace", "prefix", "step", "window"])
 args = parser.parse_args()
 
 import jax  # noqa: E402
@@ -75,12 +81,13 @@ rows = []
 
 
 def run_engine(requests, **options):
-  """(seconds, peak pages in use, mean pages in use over steps, engine) of an engine run."""
+  """(seconds, peak bytes in use, mean bytes in use over steps, engine) of an engine run (bytes
+  of the pages in use in every pool: one pool, or a global and a window pool on Gemma 3)."""
   engine = Engine(model, rows=rows_n, capacity=capacity, cache=spec, stop_at_eos=False, **options)
   used = []
   start = time.perf_counter()
   for _ in engine.run(list(requests)):
-    used.append(int(engine.cache.pages_in_use()))
+    used.append(engine.used_bytes())
   return time.perf_counter() - start, max(used), float(np.mean(used)), engine
 
 
@@ -101,13 +108,11 @@ if "trace" not in args.skip:
   static_batches(warm)
   # the trace's prompts share nothing, so the page index is off: pages in use are rows' pages
   seconds, peak, mean, engine = run_engine(trace, prefix_cache=False)
-  page_bytes = engine.cache.page_bytes()
   continuous = dict(setting="trace", method=f"continuous batching, {spec}", rows=rows_n,
                     seconds=seconds, useful_tokens=useful, tok_per_s=useful / seconds,
-                    peak_pages=peak, peak_bytes=peak * page_bytes, mean_bytes=mean * page_bytes,
-                    pool_bytes=kvjax.total_bytes(engine.cache))
-  print(f"  continuous: {continuous['tok_per_s']:.1f} tok/s, peak {peak} pages "
-        f"({peak * page_bytes / 2**20:.1f} MiB), mean {mean * page_bytes / 2**20:.1f} MiB", flush=True)
+                    peak_bytes=peak, mean_bytes=mean, pool_bytes=engine.pool_bytes())
+  print(f"  continuous: {continuous['tok_per_s']:.1f} tok/s, peak {peak / 2**20:.1f} MiB in use, "
+        f"mean {mean / 2**20:.1f} MiB", flush=True)
   seconds, cache_bytes = static_batches(trace)
   static = dict(setting="trace", method="static batching, full", rows=rows_n, seconds=seconds,
                 useful_tokens=useful, tok_per_s=useful / seconds, peak_bytes=cache_bytes,
@@ -125,15 +130,15 @@ if "prefix" not in args.skip:
                     stop_at_eos=False)
     for r in asks:
       engine.insert(r)
-    peak = int(engine.cache.pages_in_use())
+    peak = engine.used_bytes()
     for _ in engine.run([]):
-      peak = max(peak, int(engine.cache.pages_in_use()))
+      peak = max(peak, engine.used_bytes())
     rows.append(dict(setting="prefix", method=f"{spec}, page index {'on' if share else 'off'}",
-                     rows=16, peak_pages=peak, peak_bytes=peak * engine.cache.page_bytes()))
+                     rows=16, peak_bytes=peak))
   on, off = rows[-2], rows[-1]
   on["memory_saved"] = 1 - on["peak_bytes"] / off["peak_bytes"]
-  print(f"  prefix: {on['peak_pages']} vs {off['peak_pages']} pages (saved {on['memory_saved']:.0%})",
-        flush=True)
+  print(f"  prefix: {on['peak_bytes'] / 2**20:.1f} vs {off['peak_bytes'] / 2**20:.1f} MiB "
+        f"(saved {on['memory_saved']:.0%})", flush=True)
 
 if "step" not in args.skip:
   from kvjax import bench
@@ -150,6 +155,40 @@ if "step" not in args.skip:
                      paged_vs_full=speeds[spec] / speeds["full"]))
     print(f"  step b{batch}: full {speeds['full']:.1f}, paged {speeds[spec]:.1f} tok/s "
           f"({speeds[spec] / speeds['full']:.2f}x)", flush=True)
+
+from kvjax.engine import pools, steps  # noqa: E402
+
+if "window" not in args.skip and pools.split(model.config) is not None:
+  long_cap = 256 if quick else 4096
+  engine = Engine(model, rows=rows_n, capacity=long_cap, cache=spec, stop_at_eos=False)
+  one_pool = kvjax.total_bytes(kvjax.make_cache(f"{spec}@all", model, rows_n, long_cap))
+  print(f"  window pools: {engine.pool_bytes() / 2**20:.1f} MiB vs one pool "
+        f"{one_pool / 2**20:.1f} MiB ({engine.pool_bytes() / one_pool:.3f}x)", flush=True)
+  n_prompt, n_shared, n_new = (40, 24, 12) if quick else (600, 520, 160)
+  shared = span(n_shared)
+  asks = [Request(ids=(shared + span(n_prompt - n_shared)) if i < 2 else span(n_prompt),
+                  max_new_tokens=n_new, id=i) for i in range(4)]
+  engine = Engine(model, rows=min(rows_n, 4), capacity=long_cap, cache=spec, stop_at_eos=False)
+  peak = [0] * len(steps.groups(engine.cache))
+  events = []
+  for event in engine.run(asks):
+    events.append(event)
+    peak = [max(a, c.used_bytes()) for a, c in zip(peak, steps.groups(engine.cache))]
+  got = kvjax.collect(events)
+  same = 0
+  for r in asks:
+    alone = kvjax.generate(model, [r.ids], max_new_tokens=n_new, cache="full", stop_at_eos=False)
+    same += got[(r.id, 0)] == [int(t) for t in np.asarray(alone.tokens[0][:n_new])]
+  kinds = ["window" if c.window_only else "global" for c in steps.groups(engine.cache)]
+  rows.append(dict(setting="window", method=f"{spec}: global pool + window pool", rows=rows_n,
+                   capacity=long_cap, pool_bytes=engine.pool_bytes(), one_pool_bytes=one_pool,
+                   pool_vs_one_pool=engine.pool_bytes() / one_pool,
+                   peak_bytes=dict(zip(kinds, peak)), prefix_tokens_adopted=engine.index.hits,
+                   requests=len(asks), prompt=n_prompt, shared_prefix=n_shared, new_tokens=n_new,
+                   equal_alone=f"{same}/{len(asks)}"))
+  print(f"  window run: peak {', '.join(f'{k} {b / 2**20:.1f} MiB' for k, b in zip(kinds, peak))}; "
+        f"{engine.index.hits} prefix tokens adopted; {same}/{len(asks)} equal generate alone",
+        flush=True)
 
 payload = {"experiment": "serving", "quick": quick, **info,
            "settings": {"model": getattr(model, "name", "?"), "dtype": str(np.dtype(model.dtype)),

@@ -226,7 +226,19 @@ def test_serving_quick(tmp_path):
   by = {(r["setting"], r["method"]): r for r in d["rows"]}
   assert by[("trace", "continuous batching, paged:16")]["useful_tokens"] > 0
   on, off = (by[("prefix", f"paged:16, page index {s}")] for s in ("on", "off"))
-  assert on["peak_pages"] < off["peak_pages"]
+  assert on["peak_bytes"] < off["peak_bytes"]
+
+
+@pytest.mark.slow
+def test_serving_window_pools_quick(tmp_path):
+  """On tiny-gemma3 the engine's window pool is smaller than one pool over every layer, and the
+  requests (two sharing a prefix past the window) equal generate alone."""
+  run_script("serving", tmp_path, "--quick", "--model", "tiny-gemma3", "--skip", "trace",
+             "prefix", "step")
+  d = json.loads((tmp_path / "serving.json").read_text())
+  (window,) = [r for r in d["rows"] if r["setting"] == "window"]
+  assert window["pool_vs_one_pool"] < 1 and window["equal_alone"] == "4/4"
+  assert window["prefix_tokens_adopted"] > 0
 
 
 def test_lowrank_quick(tmp_path):
