@@ -376,6 +376,12 @@ def _check_share(spec):
     raise SpecError("share:1:cal shares nothing; use share:G with G >= 2")
 
 
+def _options(spec):
+  """The options `from_spec` reads: `maps` (declared per layer) and the inner kind's."""
+  inner = _inner_spec(spec)
+  return registry.lookup(inner.kind).options_for(inner)
+
+
 def _inner_budget(spec):
   inner = _inner_spec(spec)
   return registry.lookup(inner.kind).budget_of(inner)
@@ -388,4 +394,5 @@ SHARE = terms.Term(
     show=lambda spec: f"share:{spec.share}" + (":cal" if spec.share_calibrated else ""))
 
 registry.register_kind("shared", from_spec, estimate_bytes=estimate_bytes, capacity=default_capacity,
+                       options=_options, layer_options=("maps",),
                        terms=(SHARE,), budget=_inner_budget, builtin=True, description="layers in groups of G share one cache")
