@@ -477,3 +477,27 @@ def test_a_registered_kind_gets_the_options_no_declared_group_reads():
     assert seen == {"color": "red"}  # slack went to the window ring, not here
   finally:
     registry.unregister_kind("routetest")
+
+
+def test_fit_share_maps_pairs_the_layers_that_share(tiny_gemma3):
+  """On Gemma 3 a share:2:cal group pairs its own layers (global 1 and 3 here), so the fit maps
+  layer 1's K/V to layer 3's, not layer 2's (a sliding layer) to 3's; rows of leaders, of layer 5
+  (alone) and of sliding layers stay the identity; the maps then build the layout's cache."""
+  from kvjax.calibrate import fit_share_maps
+  from kvjax.loading import Model
+
+  model = Model("spread", SPREAD, tiny_gemma3.params, tiny_gemma3.tokenizer)
+  ids = np.arange(5, 45, dtype=np.int32)  # 40 tokens: past the sliding layers' 16-token window
+  maps = fit_share_maps(model, ids, 2, window=40)
+  eye = np.eye(FEATURES, dtype=np.float32)
+  for layer in (0, 1, 2, 4, 5):
+    np.testing.assert_array_equal(np.asarray(maps.k_w[layer]), eye)
+  assert not np.allclose(np.asarray(maps.k_w[3]), eye)
+  odd = fit_share_maps(model, ids, 2, window=40, layers=(0, 2, 4))  # a layout's own layers
+  assert not np.allclose(np.asarray(odd.k_w[2]), eye)
+  np.testing.assert_array_equal(np.asarray(odd.k_w[3]), eye)
+  with pytest.raises(ValueError, match="increasing model layers"):
+    fit_share_maps(model, ids, 2, window=40, layers=(3, 1))
+  cache = kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=maps)
+  np.testing.assert_array_equal(np.asarray(cache.groups[1].maps.k_w), np.asarray(maps.k_w)[[1, 3, 5]])
+
