@@ -144,6 +144,19 @@ class HybridCache(base.CacheBase):
       raise AttributeError("held")
     return lambda: self._in_layer_order([c.held() for c in self.groups])
 
+  def kv_nbytes(self) -> dict[str, int]:
+    """The KV storage of every group by memory kind: a group's own `kv_nbytes` where it keeps
+    extras apart (share:G:cal's maps), else all its arrays; `nbytes()` = this plus `maps_nbytes()`."""
+    out: dict[str, int] = {}
+    for c in self.groups:
+      for kind, n in (c.kv_nbytes() if hasattr(c, "kv_nbytes") else c.nbytes()).items():
+        out[kind] = out.get(kind, 0) + n
+    return out
+
+  def maps_nbytes(self) -> int:
+    """Bytes of the groups' calibration maps (each share:G:cal group holds its layers' rows)."""
+    return sum(int(c.maps_nbytes()) for c in self.groups if hasattr(c, "maps_nbytes"))
+
   def view(self) -> base.CacheView:
     """Every layer's view in model order, padded to `capacity` slots: [L, B, K, S, H]."""
     views = [c.view() for c in self.groups]

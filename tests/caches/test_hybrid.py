@@ -501,3 +501,11 @@ def test_fit_share_maps_pairs_the_layers_that_share(tiny_gemma3):
   cache = kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=maps)
   np.testing.assert_array_equal(np.asarray(cache.groups[1].maps.k_w), np.asarray(maps.k_w)[[1, 3, 5]])
 
+
+def test_bytes_keep_the_maps_apart():
+  """kv_nbytes + maps_nbytes = nbytes, the maps being the share group's 3 rows, not 6."""
+  cache = kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=_layer_maps())
+  assert cache.maps_nbytes() == 2 * 3 * (FEATURES * FEATURES + FEATURES) * 4
+  assert sum(cache.kv_nbytes().values()) + cache.maps_nbytes() == sum(cache.nbytes().values())
+  plain = kvjax.make_cache("share:2", SPREAD, 1, 32)
+  assert plain.kv_nbytes() == cache.kv_nbytes() and plain.maps_nbytes() == 0
