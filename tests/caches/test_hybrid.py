@@ -509,3 +509,10 @@ def test_bytes_keep_the_maps_apart():
   assert sum(cache.kv_nbytes().values()) + cache.maps_nbytes() == sum(cache.nbytes().values())
   plain = kvjax.make_cache("share:2", SPREAD, 1, 32)
   assert plain.kv_nbytes() == cache.kv_nbytes() and plain.maps_nbytes() == 0
+
+
+def test_share_maps_of_the_wrong_width_are_refused_in_the_groups_terms():
+  from kvjax.caches.shared import ShareMaps
+
+  with pytest.raises(ValueError, match=r"\(3, 32, 32\) \(the 3 layers this cache serves"):
+    kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=ShareMaps.identity(6, 16))
