@@ -2,8 +2,10 @@
 
 `collect_kv(model, ids)` runs the model's own step over calibration text with a recording cache (a
 full cache that also keeps every layer's un-rotated k and v as they arrive), so it works for any
-model of `kvjax.models.protocol`. `fit_share_maps(model, ids, group)` then fits, for each follower layer l
-(l % G != 0) and its leader l0 = l - l % G, the least-squares linear maps (with bias)
+model of `kvjax.models.protocol` (sliding layers masked to their window, as the model runs).
+`fit_share_maps(model, ids, group)` then fits, for each follower layer l (l % G != 0; on Gemma 3,
+counted over the global layers that share) and its leader l0 = l - l % G, the least-squares linear
+maps (with bias)
 
   k_l ~= k_l0 @ k_w[l] + k_b[l]        v_l ~= v_l0 @ v_w[l] + v_b[l]
 
@@ -33,6 +35,7 @@ from flax import struct
 from kvjax.caches.full import FullCache
 from kvjax.caches.lowrank import LowRankMaps
 from kvjax.caches.shared import ShareMaps
+from kvjax.models.config import layer_types, layer_window
 from kvjax.models.protocol import model_dtype, static_step
 
 
@@ -62,10 +65,10 @@ class _Recorder:
 @functools.partial(jax.jit, static_argnames=("model", "layout"))
 def _record(params, tokens, *, model, layout):
   """k, v [L, B, T, K, H] of every layer for tokens [B, T] fed into an empty cache."""
-  n_layers, kv_heads, head_dim, dtype = layout
+  n_layers, kv_heads, head_dim, dtype, sliding = layout
   batch, t = tokens.shape
   inner = FullCache.init(n_layers=n_layers, batch=batch, kv_heads=kv_heads, head_dim=head_dim,
-                         capacity=t, dtype=dtype)
+                         capacity=t, dtype=dtype, sliding=sliding)
   _, rec = model.step(params, tokens, _Recorder(inner), jnp.full((batch,), t, jnp.int32))
   return jnp.stack(rec.ks), jnp.stack(rec.vs)
 
@@ -80,7 +83,9 @@ def collect_kv(model, ids, *, window: int = 512) -> tuple[np.ndarray, np.ndarray
   window = min(window, ids.size)
   rows = ids[: ids.size // window * window].reshape(-1, window)  # [B, T]
   config = model.config
-  layout = (config.n_layers, config.n_kv_heads, config.head_dim, model_dtype(model))
+  windows = tuple(layer_window(config, t) for t in layer_types(config))  # Gemma 3's sliding layers
+  layout = (config.n_layers, config.n_kv_heads, config.head_dim, model_dtype(model),
+            None if all(w is None for w in windows) else windows)
   ks, vs = [], []
   for row in rows:  # one window at a time keeps the attention matrix small
     k, v = _record(model.params, jnp.asarray(row[None]), model=static_step(model), layout=layout)
@@ -106,17 +111,31 @@ def fit_affine(x: np.ndarray, y: np.ndarray, ridge: float = 0.0) -> tuple[np.nda
 
 
 def fit_share_maps(model, ids, group: int, *, window: int = 512, ridge: float = 0.0,
-                   kv: Any = None) -> ShareMaps:
-  """Fits `share:G:cal` maps on calibration token ids (1-D). kv: precomputed `collect_kv` output."""
+                   kv: Any = None, layers=None) -> ShareMaps:
+  """Fits `share:G:cal` maps on calibration token ids (1-D). kv: precomputed `collect_kv` output.
+
+  layers: the model layers the share:G:cal cache serves, in order; they share in runs of G of
+    them, layers[i] reading layers[i - i % G]. Default: the layers a plain spec goes to, every
+    layer of a Llama, Gemma 3's global ones (5, 11, 17: 11 reads 5), as `make_cache` groups them
+    (`kvjax.layouts`); a layout placing share:G:cal elsewhere passes its layers. Every other row
+    stays the identity. Returns maps over all L model layers (k_w [L, K*H, K*H], ...)."""
   if not isinstance(group, int) or group < 2:
     raise ValueError(f"fit_share_maps: group must be an int >= 2, got {group!r}")
   k, v = kv if kv is not None else collect_kv(model, ids, window=window)
   n_layers, _, features = k.shape
+  if layers is None:
+    config = getattr(model, "config", None)
+    types = layer_types(config) if config is not None else ("global",) * n_layers
+    layers = [l for l, t in enumerate(types) if config is None or layer_window(config, t) is None]
+  layers = [int(l) for l in layers]
+  if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < n_layers:
+    raise ValueError(f"fit_share_maps: layers must be increasing model layers in [0, {n_layers}), "
+                     f"got {layers}")
   maps = ShareMaps.identity(n_layers, features)
   k_w, k_b = np.array(maps.k_w), np.array(maps.k_b)
   v_w, v_b = np.array(maps.v_w), np.array(maps.v_b)
-  for layer in range(n_layers):
-    leader = layer - layer % group
+  for i, layer in enumerate(layers):
+    leader = layers[i - i % group]
     if leader == layer:
       continue
     k_w[layer], k_b[layer] = fit_affine(k[leader], k[layer], ridge)

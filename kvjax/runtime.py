@@ -215,8 +215,11 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
     if it has one, else fp32 on CPU and bf16 on accelerators.
   mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
     `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
-  options: kind-specific extras (e.g. calibration maps for share:G:cal). `slack=n` goes to the
-    window kind alone (ring slots a crop of n tokens falls back on) and is dropped for others.
+  options: kind-specific extras (e.g. calibration maps for share:G:cal), each read by the kinds
+    that declare it (`registry.register_kind(options=)`); in a layout, only the groups that read
+    an option get it, per-layer ones (maps) cut to the group's layers. `slack=n` goes to the kinds
+    with a ring (window, share:G+window:N: slots a crop of n tokens falls back on) and is dropped
+    for others.
 
   spec may also be a layout (`kvjax.layouts`: `"int4@global; window:256@sliding"`, or a dict):
   on a model with sliding layers, or with `@` placements, each group of layers gets its own cache
@@ -232,8 +235,9 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   registry.check_config(config)
   plan = layouts.plan_for(spec, config)
   if plan is None:
-    if spec.kind != "window":
-      options.pop("slack", None)  # only a window ring takes slack (see `hybrid.build`)
+    takes = registry.lookup(spec.kind).options_for(spec) if spec.uses_cache else None
+    for name in hybrid.SOFT_OPTIONS - (takes or frozenset()):
+      options.pop(name, None)  # e.g. slack: only a kind with a ring reads it (`hybrid.route_options`)
     cache = registry.build(spec, config, batch=batch, capacity=capacity, dtype=dtype, **options)
   else:
     cache = hybrid.build(plan, config, batch=batch, capacity=capacity, dtype=dtype,

@@ -196,6 +196,7 @@ MODE = terms.Term(
     check=_check_mode, order=0)
 
 registry.register_kind("full", from_spec, estimate_bytes=estimate_bytes, terms=(MODE,),
+                       options=("sliding",),
                        capacity=registry.unbounded_capacity, builtin=True,
                        lossless=lambda spec: True,
                        description="every token, preallocated (dynamic: grown between segments)")

@@ -7,6 +7,8 @@ group; `advance`, `reset`, `crop`, `reorder` map over every group (all hold the 
 lengths). The model needs nothing new: each layer's cache applies its own window. `build` first merges
 groups of one full/quantized/paged spec that differ only in their window (`merge_windows`): that
 kind masks each layer by its own `sliding` entry, so `paged:16@all` is one PagedCache, not two.
+`make_cache` options go to the groups whose kind reads them (`route_options`): `maps=` of a
+`share:G:cal` group, fitted over the model's L layers, reaches that group alone, cut to its layers.
 
 Sizes: `capacity` is the largest group's, `lossless_tokens` the smallest's; `view()` lists the
 layers in model order, each padded to `capacity` with empty slots (mask False, position -1), so
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.caches import base
+from kvjax.caches import base, registry
 
 
 @struct.dataclass
@@ -142,6 +144,19 @@ class HybridCache(base.CacheBase):
       raise AttributeError("held")
     return lambda: self._in_layer_order([c.held() for c in self.groups])
 
+  def kv_nbytes(self) -> dict[str, int]:
+    """The KV storage of every group by memory kind: a group's own `kv_nbytes` where it keeps
+    extras apart (share:G:cal's maps), else all its arrays; `nbytes()` = this plus `maps_nbytes()`."""
+    out: dict[str, int] = {}
+    for c in self.groups:
+      for kind, n in (c.kv_nbytes() if hasattr(c, "kv_nbytes") else c.nbytes()).items():
+        out[kind] = out.get(kind, 0) + n
+    return out
+
+  def maps_nbytes(self) -> int:
+    """Bytes of the groups' calibration maps (each share:G:cal group holds its layers' rows)."""
+    return sum(int(c.maps_nbytes()) for c in self.groups if hasattr(c, "maps_nbytes"))
+
   def view(self) -> base.CacheView:
     """Every layer's view in model order, padded to `capacity` slots: [L, B, K, S, H]."""
     views = [c.view() for c in self.groups]
@@ -235,13 +250,11 @@ def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, *
   `merge_windows` (groups of a masking kind that differ only in their window are one cache), built by
   `build_one(spec, group_config, capacity=, **options)` (`registry.build`); a single group is that
   group's plain cache. Bounded groups size themselves from their budget; `sliding=W` goes to the
-  kinds that mask a window; `pages=` only to paged groups; `slack=` (extra ring slots a crop can
-  fall back on: speculative decoding) only to window groups."""
+  kinds that mask a window; each group gets the options its kind reads, per-layer ones sliced to
+  its layers (`route_options`)."""
   plan = merge_windows(plan)
   caches = []
-  for layers, spec, window in plan:
-    opts = {k: v for k, v in options.items()
-            if (k != "pages" or spec.paged) and (k != "slack" or spec.kind == "window")}
+  for (layers, spec, window), opts in zip(plan, route_options(plan, config, options)):
     if window is not None and spec.kind != "window":
       opts["sliding"] = window
     caches.append(build_one(spec, group_config(config, len(layers)), batch=batch,
@@ -249,6 +262,54 @@ def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, *
   if len(caches) == 1:
     return caches[0]
   return HybridCache.of(caches, [layers for layers, _, _ in plan])
+
+
+# Options a caller may pass whatever the spec, dropped where no kind reads them: `slack` (ring
+# slots a crop falls back on, which speculative decoding asks of any main cache).
+SOFT_OPTIONS = frozenset({"slack"})
+
+
+def route_options(plan, config, options: dict) -> list[dict]:
+  """The `make_cache` options of each group of `plan` ((layers, spec, window), ...): those its
+  kind reads (`KindInfo.options_for`), the kind's per-layer ones (`layer_options`, leaves
+  [L, ...] over the model's L layers) sliced to the group's layers ([len(layers), ...]). A kind
+  that does not declare its options gets every option that no declaring group reads (but the
+  `SOFT_OPTIONS`). Raises TypeError naming an option that no group reads (soft ones are dropped)."""
+  takes = [registry.lookup(spec.kind).options_for(spec) for _, spec, _ in plan]
+  declared = frozenset().union(*(t for t in takes if t is not None))
+  open_ = any(t is None for t in takes)
+  unread = [k for k in options if k not in declared and k not in SOFT_OPTIONS and not open_]
+  if unread:
+    groups = "; ".join(f"{HybridCache._span(layers)}: {spec} reads "
+                       f"{', '.join(sorted(t)) or 'none'}"
+                       for (layers, spec, _), t in zip(plan, takes))
+    raise TypeError(f"make_cache: no group of this layout reads the option"
+                    f"{'s' if len(unread) > 1 else ''} {', '.join(map(repr, unread))} ({groups})")
+  routed = []
+  for (layers, spec, _), names in zip(plan, takes):
+    if names is None:
+      opts = {k: v for k, v in options.items() if k not in declared and k not in SOFT_OPTIONS}
+    else:
+      opts = {k: v for k, v in options.items() if k in names}
+    for name in registry.lookup(spec.kind).layer_options & opts.keys():
+      opts[name] = layer_slice(opts[name], layers, config.n_layers, f"option {name!r} ({spec})")
+    routed.append(opts)
+  return routed
+
+
+def layer_slice(value, layers: tuple, n_layers: int, what: str = "option"):
+  """`value` (a pytree whose leaves are [n_layers, ...]) at model layers `layers`: leaves
+  [len(layers), ...]; `value` itself when `layers` is every layer in order, or it is None."""
+  if value is None or tuple(layers) == tuple(range(n_layers)):
+    return value
+  leaves = jax.tree_util.tree_leaves(value)
+  bad = [tuple(x.shape) for x in leaves if not x.shape or x.shape[0] != n_layers]
+  if bad:
+    raise ValueError(f"make_cache: {what} holds one entry per model layer: every array needs "
+                     f"{n_layers} rows (the model's layers) to pick "
+                     f"{HybridCache._span(tuple(layers))} from; got shapes {bad}")
+  index = jnp.asarray(layers, jnp.int32)
+  return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), value)
 
 
 def group_config(config, n_layers: int):

@@ -379,5 +379,6 @@ LOWRANK = terms.int_term("lowrank", "store R-dimensional latents of each layer's
                          check=terms.alone("lowrank", "storage", "group"), order=70)
 
 registry.register_kind("lowrank", from_spec, estimate_bytes=estimate_bytes, terms=(LOWRANK,),
+                       options=("keys",), layer_options=("maps",),
                        capacity=registry.unbounded_capacity, accepts={"bits", "group"}, builtin=True,
                        description="R-dim PCA latents of each layer's keys and values (calibrated)")

@@ -407,6 +407,7 @@ PAGED = terms.int_term("paged", "keys/values live in a pool of P-token pages sha
                        check=terms.alone("paged", "storage", "group"), order=80)
 
 registry.register_kind("paged", from_spec, estimate_bytes=estimate_bytes, capacity=_capacity,
+                       options=("pages", "sliding"),
                        terms=(PAGED,), lossless=lambda spec: spec.bits is None,
                        builtin=True, examples=("paged:4", "paged:4+int8+group:4"),
                        description="pages of P tokens in a pool shared by all rows, a block table per row")

@@ -491,7 +491,7 @@ RESIDUAL = terms.int_term("residual", "the R most recent tokens stay full precis
 GROUP = terms.int_term("group", "quantization group size (default 32)", usage="group:G",
                        default=32, order=22)
 
-registry.register_kind("quantized", from_spec, estimate_bytes=estimate_bytes,
+registry.register_kind("quantized", from_spec, estimate_bytes=estimate_bytes, options=("sliding",),
                        terms=(STORAGE, RESIDUAL, GROUP),
                        capacity=registry.unbounded_capacity, builtin=True,
                        description="every token, bit-packed intN with a full-precision residual")

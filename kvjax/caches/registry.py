@@ -27,6 +27,13 @@ What else a kind may declare (all optional):
       ...)`): parsed, printed and validated like the built-in ones; the factory reads them as
       spec fields (`spec.stride`). Built-in kinds declare every word of the grammar this way.
   budget(spec), lossless(spec)   the kind's derived facts behind `CacheSpec.budget` / `.lossless`.
+  options   the `make_cache` keyword options the factory reads: names, or `options(spec) -> names`
+      when they depend on the spec (`share:G+KIND` reads `maps` and KIND's). Without it, the
+      factory's keyword parameters when its signature lists them all (no **kwargs), else unknown.
+      A layout (`kvjax.caches.hybrid.build`) gives each group only the options its kind reads.
+  layer_options   those of the options that hold one entry per model layer (every leaf's leading
+      axis is the model's L, e.g. calibration maps [L, ...]); a layout slices them to each group's
+      layers.
 
 Built-in kinds register themselves when their module is first imported (`lookup` imports it);
 third-party kinds can also be found through the `kvjax.cache_kinds` entry-point group, whose
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import re
 from typing import Callable
 
@@ -83,6 +91,14 @@ class KindInfo:
   budget: Callable | None = None
   lossless: Callable | None = None
   terms: tuple = ()
+  options: Callable | frozenset | None = None
+  layer_options: frozenset = frozenset()
+
+  def options_for(self, spec) -> frozenset | None:
+    """Names of the `make_cache` options a spec of this kind reads, or None when the kind does
+    not say (a factory taking **options without declaring them)."""
+    names = self.options(spec) if callable(self.options) else self.options
+    return None if names is None else frozenset(names) | self.layer_options
 
   def budget_of(self, spec) -> int | None:
     """Tokens per row a spec of this kind keeps at most, or None when it keeps every token."""
@@ -107,13 +123,17 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
                   capacity: Callable | None = None, accepts=(), parse: Callable | None = None,
                   description: str = "", examples=(), replace: bool = False,
                   builtin: bool = False, terms: tuple = (), budget: Callable | None = None,
-                  lossless: Callable | None = None) -> KindInfo:
+                  lossless: Callable | None = None, options=None, layer_options=()) -> KindInfo:
   """Registers a cache kind under the spec term `name` and returns its `KindInfo`.
 
   terms: extra `kvjax.caches.terms.Term`s the kind reads (built-in kinds declare all of theirs
     this way; a user kind gets its own word `name[:value]` declared for it, validated by `parse`).
   budget(spec) -> int | None, lossless(spec) -> bool: the kind's derived facts (`CacheSpec.budget`,
     `CacheSpec.lossless`).
+  options: names of the `make_cache` options the factory reads, or `options(spec) -> names`;
+    default: the factory's keyword parameters if its signature has no **kwargs (else undeclared:
+    a layout gives the kind every option no other group reads). layer_options: the options with
+    one entry per model layer, sliced to a group's layers in a layout (see the module docstring).
 
   Raises ValueError for a malformed name, a name the spec grammar reserves, a name already taken
   (unless `replace=True`), or `accepts` naming something that is not a built-in term.
@@ -135,9 +155,14 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
   if unknown and not builtin:  # built-in kinds may register before the words they accept
     raise ValueError(f"register_kind: accepts names unknown modifier terms {sorted(unknown)}; "
                      f"use spec field names: {', '.join(sorted(modifiers - {'mode', 'custom'}))}")
+  if options is None:
+    options = _signature_options(factory)
+  elif not callable(options):
+    options = frozenset(options)
   info = KindInfo(name=name, factory=factory, estimate_bytes=estimate_bytes, capacity=capacity,
                   accepts=frozenset(accepts), parse=parse, description=description, builtin=builtin,
-                  examples=tuple(examples), budget=budget, lossless=lossless, terms=tuple(terms))
+                  examples=tuple(examples), budget=budget, lossless=lossless, terms=tuple(terms),
+                  options=options, layer_options=frozenset(layer_options))
   if not builtin:
     grammar.forget(name)
     grammar.declare(_own_term(name, parse, description),
@@ -146,6 +171,24 @@ def register_kind(name: str, factory: Callable, *, estimate_bytes: Callable | No
     grammar.declare(*terms)
   _KINDS[name] = info
   return info
+
+
+# What every factory is called with (see the module docstring); the rest of its keyword
+# parameters are the options it reads.
+_FACTORY_ARGS = ("spec", "config", "batch", "capacity", "dtype")
+
+
+def _signature_options(factory) -> frozenset | None:
+  """The keyword parameters of `factory` beyond the ones every factory gets, or None when it
+  takes **kwargs (or its signature cannot be read): then the kind has not said."""
+  try:
+    params = inspect.signature(factory).parameters.values()
+  except (TypeError, ValueError):
+    return None
+  if any(p.kind is p.VAR_KEYWORD for p in params):
+    return None
+  return frozenset(p.name for p in params if p.name not in _FACTORY_ARGS
+                   and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _builtin_word(name: str) -> bool:

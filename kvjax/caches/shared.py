@@ -5,6 +5,11 @@ layer (l % G == 0, the leader) stores its keys and values, and every other layer
 follower) attends over the leader's cache instead of its own K/V (its own k/v projections are
 ignored, so XLA drops them). The cache therefore holds ceil(L / G) layers instead of L.
 
+L and l count the layers this cache serves. In a layout (`kvjax.caches.hybrid`) that is its
+group's layers, in order: `share:2` on Gemma 3 270M's global layers 5, 11, 17 makes 11 read 5's
+cache and 17 lead alone (ceil(3 / 2) = 2 cache layers); the layout hands it the rows of `maps=`
+(fitted over every model layer) for those layers, and messages below count in those layers.
+
 `SharedCache` wraps an inner cache of ceil(L / G) layers built from the same spec without the
 share term (`full` by default, any kind works: `share:2+int8`, `share:2+window:256`, ...):
 
@@ -119,7 +124,8 @@ class SharedCache(base.CacheBase):
       features = inner.kv_heads * inner.head_dim
       want = (model_layers, features, features)
       if tuple(maps.k_w.shape) != want or tuple(maps.v_w.shape) != want:
-        raise ValueError(f"share maps must have k_w/v_w of shape {want}, got "
+        raise ValueError(f"share maps must have k_w/v_w of shape {want} (the {model_layers} "
+                         f"layers this cache serves, kv heads x head dim = {features}), got "
                          f"{tuple(maps.k_w.shape)} / {tuple(maps.v_w.shape)}")
     if maps is not None:  # own copies: generate donates the cache, the caller keeps its maps
       maps = jax.tree_util.tree_map(jnp.array, maps)
@@ -228,7 +234,8 @@ class SharedCache(base.CacheBase):
       out, inner = self.inner.attend(slot, q, k, v, n_valid, rope=rope, scale=scale)
       return out, self.replace(inner=inner, pending=(self.inner, k, v))
     if self.pending is None:
-      raise ValueError(f"SharedCache: follower layer {layer} attended before its leader {slot * self.group}")
+      raise ValueError(f"SharedCache: follower layer {layer} attended before its leader "
+                       f"{slot * self.group} (layers of this cache, in a layout its group's)")
     before, k_lead, v_lead = self.pending
     out, _ = before.attend(slot, q, k_lead, v_lead, n_valid, rope=rope, scale=scale)
     return out, self
@@ -376,6 +383,12 @@ def _check_share(spec):
     raise SpecError("share:1:cal shares nothing; use share:G with G >= 2")
 
 
+def _options(spec):
+  """The options `from_spec` reads: `maps` (declared per layer) and the inner kind's."""
+  inner = _inner_spec(spec)
+  return registry.lookup(inner.kind).options_for(inner)
+
+
 def _inner_budget(spec):
   inner = _inner_spec(spec)
   return registry.lookup(inner.kind).budget_of(inner)
@@ -388,4 +401,5 @@ SHARE = terms.Term(
     show=lambda spec: f"share:{spec.share}" + (":cal" if spec.share_calibrated else ""))
 
 registry.register_kind("shared", from_spec, estimate_bytes=estimate_bytes, capacity=default_capacity,
+                       options=_options, layer_options=("maps",),
                        terms=(SHARE,), budget=_inner_budget, builtin=True, description="layers in groups of G share one cache")

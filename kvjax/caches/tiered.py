@@ -339,7 +339,7 @@ TIER = terms.Term(
     parse=_read_tiers, show=lambda spec: "tier:" + ",".join(f"{b}:{d}" for b, d in spec.tiers),
     kind="tiered", rank=60, check=_check_tiers, order=10)
 
-registry.register_kind("tiered", from_spec, estimate_bytes=estimate_bytes, terms=(TIER,),
+registry.register_kind("tiered", from_spec, estimate_bytes=estimate_bytes, terms=(TIER,), options=(),
                        budget=lambda spec: sum(b for b, _ in spec.tiers),
                        capacity=registry.budget_capacity, builtin=True,
                        description="recent tokens at high precision, older ones lower, oldest dropped")

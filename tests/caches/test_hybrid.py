@@ -368,3 +368,151 @@ def test_resolve_sizes_global_groups_by_the_rows_and_windows_by_their_budget():
   assert plan.label == "paged:4" and plan.capacity == 64
   assert str(kvjax.runtime.resolve(cfg, {"global": "int8"}, lengths=[4], dtype=jnp.float32)[1]
              .label) == "int8@global"
+
+
+# ---- options per group ------------------------------------------------------------------------
+# TINY_GEMMA3 with three global layers that are not neighbours (1, 3, 5), as Gemma 3's 5, 11, 17:
+# a share:2 group over them pairs layers 1 and 3 (layer 3 reads layer 1's cache), 5 alone.
+SPREAD = TINY_GEMMA3.replace(layer_types=("sliding", "global") * 3)
+FEATURES = TINY_GEMMA3.n_kv_heads * TINY_GEMMA3.head_dim
+
+
+def _layer_maps(n_layers=6):
+  """Identity maps whose bias k_b[l] is l everywhere, so a slice shows which rows it took."""
+  from kvjax.caches.shared import ShareMaps
+
+  ident = ShareMaps.identity(n_layers, FEATURES)
+  return ident.replace(k_b=jnp.tile(jnp.arange(n_layers, dtype=jnp.float32)[:, None], (1, FEATURES)))
+
+
+@pytest.mark.parametrize("config, layers", [(TINY_GEMMA3, (5,)), (SPREAD, (1, 3, 5))])
+def test_share_maps_go_to_the_share_group_cut_to_its_layers(config, layers):
+  """maps= is fitted per model layer: the share:2:cal group gets the rows of its own layers; the
+  window group gets no maps (its kind reads none)."""
+  from kvjax.caches.shared import SharedCache
+
+  cache = kvjax.make_cache("share:2:cal", config, 1, 32, maps=_layer_maps())
+  ring, shared = cache.groups
+  assert type(ring).__name__ == "WindowCache" and isinstance(shared, SharedCache)
+  assert cache.group_layers()[1] == layers and shared.model_layers == len(layers)
+  assert shared.inner.n_layers == -(-len(layers) // 2)  # (1, 3) share one layer, 5 has its own
+  np.testing.assert_array_equal(np.asarray(shared.maps.k_b[:, 0]), layers)
+  assert shared.maps.k_w.shape == (len(layers), FEATURES, FEATURES)
+
+
+def test_share_cal_with_identity_maps_equals_share_on_gemma3(tiny_gemma3):
+  """Identity maps reproduce uncalibrated sharing (SharedCache's invariant), through a layout:
+  prefill then decode on the model with spread global layers; layer 3 really reads layer 1's
+  cache (its logits differ from a full cache's)."""
+  from kvjax.caches.shared import ShareMaps
+  from kvjax.loading import Model
+
+  model = Model("spread", SPREAD, tiny_gemma3.params, tiny_gemma3.tokenizer)
+  ids = np.arange(3, 23, dtype=np.int32) % SPREAD.vocab_size
+  chunks = [8] + [1] * 12
+  maps = ShareMaps.identity(SPREAD.n_layers, FEATURES)
+  plain, _ = _model_logits(model, kvjax.make_cache("share:2", SPREAD, 1, 32), ids, chunks)
+  cal, cache = _model_logits(model, kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=maps),
+                             ids, chunks)
+  full, _ = _model_logits(model, kvjax.make_cache("full", SPREAD, 1, 32), ids, chunks)
+  np.testing.assert_allclose(cal, plain, atol=1e-4, rtol=1e-4)
+  assert not np.allclose(plain, full, atol=1e-3)
+  assert np.asarray(cache.lengths).tolist() == [20]
+
+
+def _model_logits(model, cache, ids, chunks):
+  step = jax.jit(model.step)
+  out, i = [], 0
+  for c in chunks:
+    logits, cache = step(model.params, jnp.asarray(ids[None, i:i + c]), cache, jnp.array([c], jnp.int32))
+    out.append(np.asarray(logits[0]))
+    i += c
+  return np.concatenate(out), cache
+
+
+def test_options_no_group_reads_are_errors_naming_them():
+  with pytest.raises(TypeError, match=r"option 'bogus' \(layers 0-4: window:16 reads block, slack; "
+                                      r"layer 5: full reads sliding\)"):
+    kvjax.make_cache("full", TINY_GEMMA3, 1, 32, bogus=1)
+  with pytest.raises(TypeError, match="options 'bogus', 'maps'"):
+    kvjax.make_cache("int8", TINY_GEMMA3, 1, 32, bogus=1, maps=_layer_maps())
+  # a kind that reads the option says what is wrong with it
+  with pytest.raises(SpecError, match="takes no maps; use share:2:cal"):
+    kvjax.make_cache("share:2", TINY_GEMMA3, 1, 32, maps=_layer_maps())
+  with pytest.raises(SpecError, match="needs calibration maps"):
+    kvjax.make_cache("share:2:cal", TINY_GEMMA3, 1, 32)
+  with pytest.raises(ValueError, match=r"6 rows \(the model's layers\) to pick layer 5"):
+    kvjax.make_cache("share:2:cal", TINY_GEMMA3, 1, 32, maps=_layer_maps(3))
+  # soft options (slack) are dropped where nothing reads them, as before
+  assert kvjax.make_cache("int8@all", TINY_GEMMA3, 1, 32, slack=4).capacity == 32
+
+
+def test_kinds_declare_the_options_they_read():
+  from kvjax.caches import registry
+
+  takes = lambda text: registry.lookup(kvjax.parse_spec(text).kind).options_for(kvjax.parse_spec(text))
+  assert takes("full") == {"sliding"} and takes("paged:4") == {"pages", "sliding"}
+  assert takes("window:8") == {"block", "slack"} and takes("tier:8:int8") == set()
+  assert takes("share:2:cal") == {"maps", "sliding"}
+  assert takes("share:2+window:8") == {"maps", "block", "slack"}
+  assert takes("snapkv:4+window:4") == {"observe", "kernel", "pooling"}
+  assert takes("lowrank:4") == {"maps", "keys"}
+
+
+def test_a_registered_kind_gets_the_options_no_declared_group_reads():
+  """A user kind whose factory takes **options without declaring them gets the rest, as before."""
+  from kvjax.caches import full, registry
+
+  seen = {}
+
+  def factory(spec, config, *, batch, capacity, dtype, **options):
+    seen.update(options)
+    return full.FullCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
+                               head_dim=config.head_dim, capacity=capacity, dtype=dtype)
+
+  registry.register_kind("routetest", factory)
+  try:
+    assert registry.lookup("routetest").options_for(None) is None
+    kvjax.make_cache("routetest@global", TINY_GEMMA3, 1, 32, slack=2, color="red")
+    assert seen == {"color": "red"}  # slack went to the window ring, not here
+  finally:
+    registry.unregister_kind("routetest")
+
+
+def test_fit_share_maps_pairs_the_layers_that_share(tiny_gemma3):
+  """On Gemma 3 a share:2:cal group pairs its own layers (global 1 and 3 here), so the fit maps
+  layer 1's K/V to layer 3's, not layer 2's (a sliding layer) to 3's; rows of leaders, of layer 5
+  (alone) and of sliding layers stay the identity; the maps then build the layout's cache."""
+  from kvjax.calibrate import fit_share_maps
+  from kvjax.loading import Model
+
+  model = Model("spread", SPREAD, tiny_gemma3.params, tiny_gemma3.tokenizer)
+  ids = np.arange(5, 45, dtype=np.int32)  # 40 tokens: past the sliding layers' 16-token window
+  maps = fit_share_maps(model, ids, 2, window=40)
+  eye = np.eye(FEATURES, dtype=np.float32)
+  for layer in (0, 1, 2, 4, 5):
+    np.testing.assert_array_equal(np.asarray(maps.k_w[layer]), eye)
+  assert not np.allclose(np.asarray(maps.k_w[3]), eye)
+  odd = fit_share_maps(model, ids, 2, window=40, layers=(0, 2, 4))  # a layout's own layers
+  assert not np.allclose(np.asarray(odd.k_w[2]), eye)
+  np.testing.assert_array_equal(np.asarray(odd.k_w[3]), eye)
+  with pytest.raises(ValueError, match="increasing model layers"):
+    fit_share_maps(model, ids, 2, window=40, layers=(3, 1))
+  cache = kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=maps)
+  np.testing.assert_array_equal(np.asarray(cache.groups[1].maps.k_w), np.asarray(maps.k_w)[[1, 3, 5]])
+
+
+def test_bytes_keep_the_maps_apart():
+  """kv_nbytes + maps_nbytes = nbytes, the maps being the share group's 3 rows, not 6."""
+  cache = kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=_layer_maps())
+  assert cache.maps_nbytes() == 2 * 3 * (FEATURES * FEATURES + FEATURES) * 4
+  assert sum(cache.kv_nbytes().values()) + cache.maps_nbytes() == sum(cache.nbytes().values())
+  plain = kvjax.make_cache("share:2", SPREAD, 1, 32)
+  assert plain.kv_nbytes() == cache.kv_nbytes() and plain.maps_nbytes() == 0
+
+
+def test_share_maps_of_the_wrong_width_are_refused_in_the_groups_terms():
+  from kvjax.caches.shared import ShareMaps
+
+  with pytest.raises(ValueError, match=r"\(3, 32, 32\) \(the 3 layers this cache serves"):
+    kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=ShareMaps.identity(6, 16))

@@ -48,6 +48,7 @@ def register_scored(name: str, scorer: Callable[..., scorers.Scorer], *, terms: 
   _SCORED[name] = ScoredKind(name, scorer, tuple(options))
   return registry.register_kind(name, from_spec, estimate_bytes=estimate_bytes, terms=terms,
                                 budget=_budget, capacity=registry.budget_capacity, builtin=True,
+                                options=options,
                                 description=description)
 
 
