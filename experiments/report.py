@@ -331,6 +331,20 @@ def render_serving(d):
              num(r.get("memory_saved"), 2) if r.get("memory_saved") is not None else ""] for r in prefix]
     lines += ["\n16 requests sharing a 1024-token system prompt:\n",
               table(["setup", "peak memory", "saved"], rows)]
+  window = [r for r in d["rows"] if r["setting"] == "window"]
+  if window:
+    rows = [[r["method"], r["rows"], r["capacity"], fmt_bytes(r["pool_bytes"]),
+             fmt_bytes(r["one_pool_bytes"]), f"**{r['pool_vs_one_pool']:.3f}x**",
+             ", ".join(f"{k} {fmt_bytes(b)}" for k, b in r["peak_bytes"].items()),
+             r["prefix_tokens_adopted"], r["equal_alone"]] for r in window]
+    w = window[0]
+    lines += [f"\nSliding layers on a window pool ({st['model']}): pools built for the rows "
+              f"and capacity shown, against one pool over every layer; then {w['requests']} "
+              f"requests of {w['prompt']}-token prompts (two share a {w['shared_prefix']}-token "
+              f"prefix) and {w['new_tokens']} new tokens each, greedy, checked against "
+              "`kvjax.generate` alone:\n",
+              table(["engine", "rows", "capacity", "pools", "one pool", "ratio",
+                     "peak in use", "prefix tokens adopted", "equal alone"], rows)]
   step = [r for r in d["rows"] if r["setting"] == "step"]
   if step:
     rows = [[r["rows"], r["prompt_len"], num(r["full_tok_per_s"], 1), num(r["paged_tok_per_s"], 1),
@@ -439,6 +453,8 @@ side_by_side()
 section("Gemma 3 270M: kvjax vs HF transformers and llama.cpp", "peers_gemma3-270m",
         "decode throughput", render_peers, script="peers")
 section("Gemma 3 270M: layer layouts", "hybrid", "layer layouts", render_hybrid)
+section("Gemma 3 270M: the engine's window pools", "serving_gemma3-270m", "window pools",
+        render_serving, script="serving")
 
 out.write_text("\n".join(sections).rstrip() + "\n")
 print(f"wrote {out}")

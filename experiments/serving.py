@@ -162,8 +162,9 @@ if "window" not in args.skip and pools.split(model.config) is not None:
   long_cap = 256 if quick else 4096
   engine = Engine(model, rows=rows_n, capacity=long_cap, cache=spec, stop_at_eos=False)
   one_pool = kvjax.total_bytes(kvjax.make_cache(f"{spec}@all", model, rows_n, long_cap))
-  print(f"  window pools: {engine.pool_bytes() / 2**20:.1f} MiB vs one pool "
-        f"{one_pool / 2**20:.1f} MiB ({engine.pool_bytes() / one_pool:.3f}x)", flush=True)
+  pool_bytes = engine.pool_bytes()
+  print(f"  window pools: {pool_bytes / 2**20:.1f} MiB vs one pool "
+        f"{one_pool / 2**20:.1f} MiB ({pool_bytes / one_pool:.3f}x)", flush=True)
   n_prompt, n_shared, n_new = (40, 24, 12) if quick else (600, 520, 160)
   shared = span(n_shared)
   asks = [Request(ids=(shared + span(n_prompt - n_shared)) if i < 2 else span(n_prompt),
@@ -181,8 +182,8 @@ if "window" not in args.skip and pools.split(model.config) is not None:
     same += got[(r.id, 0)] == [int(t) for t in np.asarray(alone.tokens[0][:n_new])]
   kinds = ["window" if c.window_only else "global" for c in steps.groups(engine.cache)]
   rows.append(dict(setting="window", method=f"{spec}: global pool + window pool", rows=rows_n,
-                   capacity=long_cap, pool_bytes=engine.pool_bytes(), one_pool_bytes=one_pool,
-                   pool_vs_one_pool=engine.pool_bytes() / one_pool,
+                   capacity=long_cap, pool_bytes=pool_bytes, one_pool_bytes=one_pool,
+                   pool_vs_one_pool=pool_bytes / one_pool, run_rows=engine.rows,
                    peak_bytes=dict(zip(kinds, peak)), prefix_tokens_adopted=engine.index.hits,
                    requests=len(asks), prompt=n_prompt, shared_prefix=n_shared, new_tokens=n_new,
                    equal_alone=f"{same}/{len(asks)}"))
