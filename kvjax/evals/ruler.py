@@ -24,6 +24,8 @@ Tasks (`TASKS`), with RULER's 4k settings as defaults:
   niah_multikey    `n_keys` needles with distinct keys, one asked.
   niah_multivalue  one key with `n_values` needles, every value asked.
   niah_multiquery  `n_queries` needles, every key asked at once.
+                   Every niah task takes haystack= and value=; the haystack defaults to noise
+                   (RULER hides all but niah_single_1 in essays: `suite` with haystack_text does).
   vt               variable tracking: `n_chains` chains of `n_hops` assignments
                    (VAR B = VAR A ...) from a 5-digit value, hidden in the haystack in order;
                    asked which variables hold the first chain's value.
@@ -44,7 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -183,7 +186,7 @@ def draw_values(rng: np.random.Generator, kind: str, count: int) -> list[str]:
 
 
 def fit(tokenizer: Tokenizer, budget: int, build: Callable[[int], str], task: str,
-        low: int = 0, high: Optional[int] = None) -> tuple[str, list[int]]:
+        low: int = 0, high: int | None = None) -> tuple[str, list[int]]:
   """The text build(n) with the largest n found whose encoding fits `budget` tokens.
 
   build(n) grows with n (haystack units). Starts from build(low), which must fit (else a
@@ -238,7 +241,7 @@ def weave(units: Sequence[str], needles: Sequence[tuple[float, str]], sep: str) 
 
 
 def haystack_units(rng: np.random.Generator, haystack: str,
-                   haystack_text: Optional[str]) -> tuple[Callable[[int], list[str]], str]:
+                   haystack_text: str | None) -> tuple[Callable[[int], list[str]], str]:
   """(units(n) -> n haystack pieces, separator). "noise": the NOISE sentences in turn; "text":
   n consecutive non-empty lines of `haystack_text` from a random start, wrapping around."""
   if haystack == "noise":
@@ -254,7 +257,7 @@ def haystack_units(rng: np.random.Generator, haystack: str,
 
 def finish(task: str, tokenizer: Tokenizer, length: int, question: str,
            build: Callable[[int], str], answers: Sequence[str], max_new_tokens: int,
-           low: int = 0, high: Optional[int] = None) -> Sample:
+           low: int = 0, high: int | None = None) -> Sample:
   """Fit build(n) into `length` minus the question's tokens and wrap the result as a Sample."""
   if length < 1:
     raise ValueError(f"length must be a positive number of tokens, got {length}")
@@ -284,7 +287,7 @@ def _and(items: Sequence[str]) -> str:
 
 def _niah(task: str, tokenizer: Tokenizer, length: int, rng: np.random.Generator, *,
           n_keys: int, n_values: int, n_asked: int, haystack: str, value: str,
-          haystack_text: Optional[str]) -> Sample:
+          haystack_text: str | None) -> Sample:
   """The four niah tasks: `n_keys` keys with `n_values` values each, the first `n_asked` keys
   asked; needles at uniform random depths of the haystack."""
   for name, count in (("n_keys", n_keys), ("n_values", n_values), ("n_asked", n_asked)):
@@ -292,28 +295,27 @@ def _niah(task: str, tokenizer: Tokenizer, length: int, rng: np.random.Generator
       raise ValueError(f"{task}: {name} must be >= 1, got {count}")
   if value not in ("number", "word", "uuid"):
     raise ValueError(f"unknown value kind {value!r}; expected 'number', 'word' or 'uuid'")
-  kind = value
   units, sep = haystack_units(rng, haystack, haystack_text)
   if value == "word":  # keys and values from one draw, so no value repeats a key
     pairs = word_pairs(rng, n_keys * (1 + n_values))
     keys, values = pairs[:n_keys], pairs[n_keys:]
   else:
     keys, values = word_pairs(rng, n_keys), draw_values(rng, value, n_keys * n_values)
-  needles = [(float(rng.uniform()), NIAH_NEEDLE.format(kind=kind, key=keys[i // n_values],
+  needles = [(float(rng.uniform()), NIAH_NEEDLE.format(kind=value, key=keys[i // n_values],
                                                        value=v))
              for i, v in enumerate(values)]
   answers = values[:n_asked * n_values]
-  question = NIAH_QUESTION.format(kind=kind, keys=_and(keys[:n_asked]))
+  question = NIAH_QUESTION.format(kind=value, keys=_and(keys[:n_asked]))
 
   def build(n: int) -> str:
-    return NIAH_INTRO.format(kind=kind) + weave(units(n), needles, sep) + "\n"
+    return NIAH_INTRO.format(kind=value) + weave(units(n), needles, sep) + "\n"
 
   return finish(task, tokenizer, length, question, build, answers, NIAH_NEW_TOKENS)
 
 
 def make_niah_single(tokenizer: Tokenizer, length: int, rng: np.random.Generator, *,
                      haystack: str = "noise", value: str = "number",
-                     haystack_text: Optional[str] = None) -> Sample:
+                     haystack_text: str | None = None) -> Sample:
   """One needle (key -> value), asked for its value. RULER's niah_single_1 is noise/number,
   _2 text/number, _3 text/uuid."""
   return _niah("niah_single", tokenizer, length, rng, n_keys=1, n_values=1, n_asked=1,
@@ -321,33 +323,28 @@ def make_niah_single(tokenizer: Tokenizer, length: int, rng: np.random.Generator
 
 
 def make_niah_multikey(tokenizer: Tokenizer, length: int, rng: np.random.Generator, *,
-                       n_keys: int = 4, haystack: str = "text", value: str = "number",
-                       haystack_text: Optional[str] = None) -> Sample:
-  """`n_keys` needles with distinct keys; one asked, the others distract (RULER's niah_multikey_1).
-  Without haystack_text the haystack falls back to noise."""
+                       n_keys: int = 4, haystack: str = "noise", value: str = "number",
+                       haystack_text: str | None = None) -> Sample:
+  """`n_keys` needles with distinct keys; one asked, the others distract (RULER's niah_multikey_1,
+  which hides them in text)."""
   return _niah("niah_multikey", tokenizer, length, rng, n_keys=n_keys, n_values=1, n_asked=1,
-               haystack=haystack if haystack_text or haystack != "text" else "noise",
-               value=value, haystack_text=haystack_text)
+               haystack=haystack, value=value, haystack_text=haystack_text)
 
 
 def make_niah_multivalue(tokenizer: Tokenizer, length: int, rng: np.random.Generator, *,
-                         n_values: int = 4, haystack: str = "text", value: str = "number",
-                         haystack_text: Optional[str] = None) -> Sample:
-  """One key with `n_values` needles; every value must be returned. Noise without haystack_text."""
+                         n_values: int = 4, haystack: str = "noise", value: str = "number",
+                         haystack_text: str | None = None) -> Sample:
+  """One key with `n_values` needles; every value must be returned."""
   return _niah("niah_multivalue", tokenizer, length, rng, n_keys=1, n_values=n_values, n_asked=1,
-               haystack=haystack if haystack_text or haystack != "text" else "noise",
-               value=value, haystack_text=haystack_text)
+               haystack=haystack, value=value, haystack_text=haystack_text)
 
 
 def make_niah_multiquery(tokenizer: Tokenizer, length: int, rng: np.random.Generator, *,
-                         n_queries: int = 4, haystack: str = "text", value: str = "number",
-                         haystack_text: Optional[str] = None) -> Sample:
-  """`n_queries` needles, all keys asked at once; every value must be returned. Noise without
-  haystack_text."""
+                         n_queries: int = 4, haystack: str = "noise", value: str = "number",
+                         haystack_text: str | None = None) -> Sample:
+  """`n_queries` needles, all keys asked at once; every value must be returned."""
   return _niah("niah_multiquery", tokenizer, length, rng, n_keys=n_queries, n_values=1,
-               n_asked=n_queries,
-               haystack=haystack if haystack_text or haystack != "text" else "noise",
-               value=value, haystack_text=haystack_text)
+               n_asked=n_queries, haystack=haystack, value=value, haystack_text=haystack_text)
 
 
 # ---- variable tracking -------------------------------------------------------------------------
@@ -360,7 +357,7 @@ VT_NEW_TOKENS = 30
 
 def make_vt(tokenizer: Tokenizer, length: int, rng: np.random.Generator, *, n_chains: int = 1,
             n_hops: int = 4, haystack: str = "noise",
-            haystack_text: Optional[str] = None) -> Sample:
+            haystack_text: str | None = None) -> Sample:
   """Variable tracking: each chain is "VAR A = 12345." then `n_hops` lines "VAR B = VAR A." ...,
   names of 5 capital letters, values of 5 digits (distinct per chain); each chain's lines at
   increasing random depths. Asked: every variable holding the first chain's value (n_hops + 1)."""
@@ -496,8 +493,8 @@ def make(task: str, tokenizer: Tokenizer, length: int, seed: int, **options) -> 
 
 
 def suite(tokenizer: Tokenizer, length: int, n_per_task: int, seed: int,
-          tasks: Optional[Sequence[str]] = None,
-          haystack_text: Optional[str] = None) -> list[Sample]:
+          tasks: Sequence[str] | None = None,
+          haystack_text: str | None = None) -> list[Sample]:
   """`n_per_task` samples of each task in `tasks` (default: all of TASKS), task by task.
 
   Sample i of a task is seeded by (seed, crc32 of the task name, i), so it does not change when
@@ -513,8 +510,8 @@ def suite(tokenizer: Tokenizer, length: int, n_per_task: int, seed: int,
   for task in tasks:
     options = {}
     if task in TEXT_TASKS:
-      options = (dict(haystack="text", haystack_text=haystack_text) if haystack_text
-                 else dict(haystack="noise"))
+      options = ({"haystack": "text", "haystack_text": haystack_text} if haystack_text
+                 else {"haystack": "noise"})
     for i in range(n_per_task):
       rng = np.random.default_rng([seed, zlib.crc32(task.encode()), i])
       samples.append(TASKS[task](tokenizer, length, rng, **options))
