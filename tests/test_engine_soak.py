@@ -20,6 +20,7 @@ import dataclasses
 import time
 
 import numpy as np
+import pytest
 
 from kvjax.engine import Engine, Request
 
@@ -90,7 +91,7 @@ def soak(engine: Engine, reference: Engine, *, ops: int, seed: int) -> Soak:
     stats.tokens += len(events)
 
   def audit(what):
-    stats.peak_pages = max(stats.peak_pages, int(engine.cache.pages_in_use()))
+    stats.peak_pages = max(stats.peak_pages, int(engine.paged.pages_in_use()))
     problems = engine.audit()
     running = set(range(engine.rows)) - set(engine.free_rows())
     if running - set(rows):  # (a sample done at its insert has left its row already)
@@ -164,3 +165,18 @@ def test_soak_audits_clean_and_equals_alone(tiny):
   assert stats.refused and stats.index_hits and stats.freed and stats.eos, stats
   assert stats.peak_pages >= PAGES - 2, stats
   assert engine.audit() == [] and int(engine.cache.pages_in_use()) == len(engine.index.pages)
+
+
+@pytest.mark.slow  # ~60 s: two engines' pieces compile, then the references run
+def test_soak_on_window_pools(tiny_gemma3):
+  """The same soak on tiny-gemma3, whose sliding layers run on a window pool (16-token window,
+  8-token pages): the window pool's invariants and pins audit clean after every operation (rows
+  hold their window unbroken, one pin per `WindowPages` entry), and outputs equal alone, with
+  prefix hits restoring the sliding layers from pins."""
+  engine, reference = engines(tiny_gemma3, eos_id=None)
+  assert engine.window_index  # the sliding layers have their own pool
+  stats = soak(engine, reference, ops=80, seed=1)
+  assert stats.problems == []
+  assert stats.mismatches == []
+  assert stats.refused and stats.index_hits and stats.freed, stats
+  assert engine.audit() == []
