@@ -156,7 +156,9 @@ def jsonable(v):
 def press_defaults(cls) -> dict:
   """Constructor defaults of a press class as kvpress 0.5.5 declares them."""
   out = {}
-  if dataclasses.is_dataclass(cls):
+  # A subclass with its own __init__ (CriticalKVPress) inherits dataclass fields it ignores.
+  if "__dataclass_fields__" in cls.__dict__ or (dataclasses.is_dataclass(cls)
+                                                and "__init__" not in cls.__dict__):
     for f in dataclasses.fields(cls):
       if f.default is not dataclasses.MISSING:
         out[f.name] = jsonable(f.default)
