@@ -62,9 +62,10 @@ def gemma3_or_skip():
 
 
 def model_logits(model, spec, ids, chunks, capacity=64):
-  """Logits [T, V] of one row fed through a cache of `spec` in the given chunk sizes."""
+  """Logits [T, V] of one row fed through a cache of `spec` (or a cache) in the given chunk
+  sizes; returns (logits, the cache after them)."""
   step = jax.jit(model.step)
-  cache = kvjax.make_cache(spec, model.config, 1, capacity)
+  cache = kvjax.make_cache(spec, model.config, 1, capacity) if isinstance(spec, str) else spec
   out, i = [], 0
   for c in chunks:
     logits, cache = step(model.params, jnp.asarray(ids[None, i:i + c]), cache, jnp.array([c], jnp.int32))

@@ -257,6 +257,8 @@ def build(plan, config, *, batch: int, capacity: int | None, dtype, build_one, *
   for (layers, spec, window), opts in zip(plan, route_options(plan, config, options)):
     if window is not None and spec.kind != "window":
       opts["sliding"] = window
+    if window is not None and spec.kind == "window" and not spec.sink:
+      opts["absolute"] = True  # the model's own sliding layers: keys rotated once, at true positions
     caches.append(build_one(spec, group_config(config, len(layers)), batch=batch,
                             capacity=None if spec.bounded else capacity, dtype=dtype, **opts))
   if len(caches) == 1:

@@ -52,6 +52,15 @@ draft_tokens + 1 tokens, then crops the rejected ones, so its main cache is buil
 slack = draft_tokens + 1 and stays exact. Slot, eviction and rotation-origin math use the ring
 size R = N + slack (position p >= S lives in slot S + (p-S) % R); with slack 0 nothing changes.
 `view()` lists every held slot, slack ones included (attention hides those past the window).
+
+Absolute (static `absolute`, sink 0 only): a model's own sliding-window layers (Gemma 3) were
+trained with true positions, so there is no reason to re-index them. `attend` then rotates each
+new key once, at its true position, before storing it, and each query at its own, like the full
+cache; the ring's keys are stored rotated and never rotated again. Same distances as above (no
+sinks: the window's distances are the true ones), so the same attention up to rounding, but the
+decode step no longer rotates the whole ring: measured on Gemma 3 270M (2-core CPU, 80 tokens)
+this was 12% of the step at batch 1 and 22% at batch 8. The hybrid layouts build the window
+groups of a model's sliding layers this way; `window:N` specs elsewhere keep cache positions.
 """
 
 from __future__ import annotations
@@ -170,13 +179,15 @@ class WindowCache(base.Evicting):
   window: int = struct.field(pytree_node=False, default=1)
   block: int = struct.field(pytree_node=False, default=256)
   slack: int = struct.field(pytree_node=False, default=0)
+  absolute: bool = struct.field(pytree_node=False, default=False)  # keys stored rotated
 
   # A ring buffer never overflows: kvjax.append must not raise capacity errors.
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
   def init(cls, *, n_layers: int, batch: int, kv_heads: int, head_dim: int, window: int,
-           sink: int = 0, dtype=jnp.float32, block: int = 256, slack: int = 0) -> "WindowCache":
+           sink: int = 0, dtype=jnp.float32, block: int = 256, slack: int = 0,
+           absolute: bool = False) -> "WindowCache":
     if not isinstance(window, int) or window <= 0:
       raise ValueError(f"WindowCache: window must be a positive int, got {window!r}")
     if not isinstance(sink, int) or sink < 0:
@@ -185,11 +196,14 @@ class WindowCache(base.Evicting):
       raise ValueError(f"WindowCache: block must be a positive int, got {block!r}")
     if not isinstance(slack, int) or slack < 0:
       raise ValueError(f"WindowCache: slack must be a non-negative int, got {slack!r}")
+    if absolute and sink:
+      raise ValueError(f"WindowCache: absolute positions need sink 0 (sinks are re-indexed), got "
+                       f"sink={sink}")
     slots = sink + window + slack
     shape = (n_layers, batch, kv_heads, slots, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos=jnp.full((batch, slots), -1, jnp.int32), lengths=jnp.zeros((batch,), jnp.int32),
-               sink=sink, window=window, block=block, slack=slack)
+               sink=sink, window=window, block=block, slack=slack, absolute=bool(absolute))
 
   # ---- static facts ---------------------------------------------------------------------------
   @property
@@ -225,7 +239,10 @@ class WindowCache(base.Evicting):
     """Attention of q [B, T, N, H] over what the cache holds at each new token; stores the
     survivors of k, v [B, T, K, H]. Returns (out [B, T, N, H], cache)."""
     t = q.shape[1]
-    n_valid, _ = base.attend_inputs(self, q, k, v, n_valid)
+    n_valid, positions = base.attend_inputs(self, q, k, v, n_valid)
+    if self.absolute:  # rotate once, at the true positions; the ring stores rotated keys
+      q, k = attn.apply_rope(rope, q, positions), attn.apply_rope(rope, k, positions)
+      rope = None
     k = k.astype(self.k.dtype)
     v = v.astype(self.v.dtype)
     opts = dict(rope=rope, sink=self.sink, window=self.window, scale=scale)
@@ -345,12 +362,13 @@ def slide(cache: WindowCache, k, v, n_valid=None) -> WindowCache:
 
 
 def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
-              block: int = 256, slack: int = 0) -> WindowCache:
+              block: int = 256, slack: int = 0, absolute: bool = False) -> WindowCache:
   """`window:N` and `sink:S+window:N` specs. `capacity` is not used: the budget sizes the cache.
 
   block: prefill sub-block length (chunks longer than this are attended in sub-blocks).
   slack: extra ring slots that a `crop` of up to `slack` tokens can fall back on (speculative
   decoding's main cache); attention still sees `window` tokens.
+  absolute: store keys rotated at their true positions (sink 0; a model's own sliding layers).
   """
   if spec.window is None:
     raise SpecError(f"cache spec {str(spec)!r} has no window:N term; the window kind needs one")
@@ -362,7 +380,7 @@ def from_spec(spec, config, *, batch: int, capacity: int, dtype=jnp.float32,
     raise UnsupportedWindowSpec(f"cache spec {str(spec)!r} is not a plain window/sink spec")
   return WindowCache.init(n_layers=config.n_layers, batch=batch, kv_heads=config.n_kv_heads,
                           head_dim=config.head_dim, window=spec.window, sink=spec.sink, dtype=dtype,
-                          block=block, slack=slack)
+                          block=block, slack=slack, absolute=absolute and spec.sink == 0)
 
 
 def estimate_bytes(spec, config, context: int, batch: int, dtype) -> int:

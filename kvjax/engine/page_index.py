@@ -27,6 +27,19 @@ def seed(model, spec) -> bytes:
   return hashlib.sha256(key).digest()
 
 
+def _record(entries: collections.OrderedDict, keys: Sequence[bytes], pages: Sequence[int]) -> list[int]:
+  """Records key -> page in `entries` for keys not yet present and marks the others recently used;
+  returns the pages newly recorded."""
+  new = []
+  for key, page in zip(keys, pages):
+    if key in entries:
+      entries.move_to_end(key)
+    else:
+      entries[key] = int(page)
+      new.append(int(page))
+  return new
+
+
 class PageIndex:
   """Full prompt pages by the hash chain of the token blocks that lead to them, in LRU order."""
 
@@ -59,14 +72,7 @@ class PageIndex:
 
   def add(self, keys: list[bytes], pages: Sequence[int]) -> list[int]:
     """Records key -> page for keys not yet present; returns the pages newly recorded (to pin)."""
-    new = []
-    for key, page in zip(keys, pages):
-      if key in self.pages:
-        self.pages.move_to_end(key)
-      else:
-        self.pages[key] = int(page)
-        new.append(int(page))
-    return new
+    return _record(self.pages, keys, pages)
 
   def evict(self, n: int, keep: Iterable[int] = ()) -> list[tuple[bytes, int]]:
     """Forgets the n least recently used entries whose page is not in `keep`; returns their
@@ -98,13 +104,7 @@ class WindowPages:
   def add(self, keys: Sequence[bytes], pages: Sequence[int]) -> tuple[list[int], list[int]]:
     """Records key -> page for keys not yet present (marks the others recently used); returns
     (pages to pin, pages to unpin: entries forgotten to keep within the budget)."""
-    new = []
-    for key, page in zip(keys, pages):
-      if key in self.pages:
-        self.pages.move_to_end(key)
-      else:
-        self.pages[key] = int(page)
-        new.append(int(page))
+    new = _record(self.pages, keys, pages)
     over = max(len(self.pages) - self.budget, 0)
     return new, [self.pages.pop(key) for key in list(self.pages)[:over]]
 

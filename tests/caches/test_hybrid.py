@@ -28,6 +28,7 @@ from kvjax.caches.quantized import QuantizedCache
 from kvjax.caches.terms import SpecError
 from kvjax.models.config import GEMMA3_270M, SMOLLM2_135M, TINY_GEMMA3
 from kvjax.planning import estimate_bytes
+from tests.helpers import model_logits
 
 
 # ---- syntax ---------------------------------------------------------------------------------
@@ -411,27 +412,17 @@ def test_share_cal_with_identity_maps_equals_share_on_gemma3(tiny_gemma3):
   ids = np.arange(3, 23, dtype=np.int32) % SPREAD.vocab_size
   chunks = [8] + [1] * 12
   maps = ShareMaps.identity(SPREAD.n_layers, FEATURES)
-  plain, _ = _model_logits(model, kvjax.make_cache("share:2", SPREAD, 1, 32), ids, chunks)
-  cal, cache = _model_logits(model, kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=maps),
-                             ids, chunks)
-  full, _ = _model_logits(model, kvjax.make_cache("full", SPREAD, 1, 32), ids, chunks)
+  plain, _ = model_logits(model, kvjax.make_cache("share:2", SPREAD, 1, 32), ids, chunks)
+  cal, cache = model_logits(model, kvjax.make_cache("share:2:cal", SPREAD, 1, 32, maps=maps),
+                            ids, chunks)
+  full, _ = model_logits(model, kvjax.make_cache("full", SPREAD, 1, 32), ids, chunks)
   np.testing.assert_allclose(cal, plain, atol=1e-4, rtol=1e-4)
   assert not np.allclose(plain, full, atol=1e-3)
   assert np.asarray(cache.lengths).tolist() == [20]
 
 
-def _model_logits(model, cache, ids, chunks):
-  step = jax.jit(model.step)
-  out, i = [], 0
-  for c in chunks:
-    logits, cache = step(model.params, jnp.asarray(ids[None, i:i + c]), cache, jnp.array([c], jnp.int32))
-    out.append(np.asarray(logits[0]))
-    i += c
-  return np.concatenate(out), cache
-
-
 def test_options_no_group_reads_are_errors_naming_them():
-  with pytest.raises(TypeError, match=r"option 'bogus' \(layers 0-4: window:16 reads block, slack; "
+  with pytest.raises(TypeError, match=r"option 'bogus' \(layers 0-4: window:16 reads absolute, block, slack; "
                                       r"layer 5: full reads sliding\)"):
     kvjax.make_cache("full", TINY_GEMMA3, 1, 32, bogus=1)
   with pytest.raises(TypeError, match="options 'bogus', 'maps'"):
@@ -452,9 +443,9 @@ def test_kinds_declare_the_options_they_read():
 
   takes = lambda text: registry.lookup(kvjax.parse_spec(text).kind).options_for(kvjax.parse_spec(text))
   assert takes("full") == {"sliding"} and takes("paged:4") == {"pages", "sliding"}
-  assert takes("window:8") == {"block", "slack"} and takes("tier:8:int8") == set()
+  assert takes("window:8") == {"absolute", "block", "slack"} and takes("tier:8:int8") == set()
   assert takes("share:2:cal") == {"maps", "sliding"}
-  assert takes("share:2+window:8") == {"maps", "block", "slack"}
+  assert takes("share:2+window:8") == {"maps", "absolute", "block", "slack"}
   assert takes("snapkv:4+window:4") == {"observe", "kernel", "pooling"}
   assert takes("lowrank:4") == {"maps", "keys"}
 

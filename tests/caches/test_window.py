@@ -329,6 +329,31 @@ def test_slack_attends_like_no_slack_and_survives_a_crop():
   assert not np.allclose(lossy, want, atol=1e-3)  # why the slack is there
 
 
+def test_absolute_rings_attend_like_cache_positions():
+  """absolute=True (sink 0; what a model's own sliding layers get) stores keys rotated at their
+  true positions: ragged chunks, long chunks in sub-blocks and decode steps past several wraps
+  attend as the cache-position ring does (same distances); it refuses sinks."""
+  rng = np.random.default_rng(12)
+  window, hd, heads, kv = 6, 8, 4, 2
+  rope = RoPE(hd, THETA)
+  mk = lambda absolute: WindowCache.init(n_layers=1, batch=2, kv_heads=kv, head_dim=hd,
+                                         window=window, block=4, absolute=absolute)
+  rel, ab = mk(False), mk(True)
+  attend = jax.jit(lambda c, q, k, v, nv: c.attend(0, q, k, v, nv, rope=rope))
+  for t, nv in [(9, [9, 5]), (1, [1, 1]), (3, [3, 0]), (1, [1, 1]), (4, [2, 4])] + [(1, [1, 1])] * 8:
+    q, k, v = (jnp.asarray(rng.standard_normal((2, t, h, hd)).astype(np.float32))
+               for h in (heads, kv, kv))
+    nv = jnp.asarray(nv)
+    want, rel = attend(rel, q, k, v, nv)
+    got, ab = attend(ab, q, k, v, nv)
+    rel, ab = rel.advance(nv), ab.advance(nv)
+    real = np.arange(t)[None, :] < np.asarray(nv)[:, None]
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(ab.pos), np.asarray(rel.pos))
+  with pytest.raises(ValueError, match="absolute positions need sink 0"):
+    WindowCache.init(n_layers=1, batch=1, kv_heads=1, head_dim=8, window=4, sink=1, absolute=True)
+
+
 def test_bounded_rope_long_stream():
   """A row 20,000 tokens in attends like a row that just filled its cache (same held tokens), and
   like the float64 oracle: the rotation angles never grow with the stream."""
