@@ -294,6 +294,8 @@ class WindowCache(base.Evicting):
     cache = self.write(layer, k, v, n_valid)
     pos = next_positions(self.pos, self.lengths, n_valid, sink, self.ring)  # [B, S+N+slack]
     q_pos = self.lengths[:, None]  # [B, 1]
+    if self.absolute:
+      return self._attend_filled(layer, cache, q, pos, q_pos, scale), cache
     shift = jnp.maximum(self.lengths - last, 0)[:, None]  # [B, 1]
     is_sink = jnp.arange(self.capacity, dtype=jnp.int32)[None, :] < sink  # sink slots hold sinks
     rot_pos = jnp.maximum(jnp.where(is_sink, pos, pos - shift), 0)  # in [0, S+N) (slack: < 0
@@ -312,6 +314,27 @@ class WindowCache(base.Evicting):
     probs = attn.masked_softmax(scores, visible)
     out = attn.weighted_values(probs, cache.v[layer], cache.v.dtype)  # [B, K, G, 1, H]
     return attn.ungroup(out).astype(q.dtype), cache
+
+  def _attend_filled(self, layer: int, cache, q, pos, q_pos, scale):
+    """The absolute ring's decode attention (q [B, 1, N, H] and the stored keys rotated at true
+    positions): only the blocks of slots filled so far are read. Slots fill in order until the
+    ring wraps, so every held slot lies below min(length + 1, capacity): a short stream reads a
+    fraction of the ring, a long one all of it (then every slot is live)."""
+    size = next((b for b in (128, 64, 32) if self.capacity % b == 0), self.capacity)
+    filled = jnp.minimum(self.lengths + 1, self.capacity)
+    k_l, v_l = cache.k[layer], cache.v[layer]
+
+    def load_block(start):
+      return (jax.lax.dynamic_slice_in_dim(k_l, start, size, axis=2),
+              jax.lax.dynamic_slice_in_dim(v_l, start, size, axis=2))
+
+    def visible(slots):  # [B, 1, 1, size]
+      p = jax.lax.dynamic_slice_in_dim(pos, slots[0], size, axis=1)  # [B, size]
+      return ((p >= 0) & (p <= q_pos) & (p > q_pos - self.window))[:, None, None, :]
+
+    qg = attn.prepare_queries(q, self.kv_heads, scale)
+    stats = attn.blockwise_stats(qg, load_block, visible, attn.n_filled_blocks(filled, size), size)
+    return attn.finish_stats(stats, q.dtype)
 
   def view(self) -> base.CacheView:
     """Stored (un-rotated) keys/values [L, B, K, S+N, H], mask and positions [L, B, K, S+N]."""
