@@ -335,36 +335,32 @@ def test_absolute_rings_attend_like_cache_positions():
   attend as the cache-position ring does (same distances), and its decode step, which reads only
   the filled blocks of the ring, too; it refuses sinks."""
   rng = np.random.default_rng(12)
-  window, hd, heads, kv = 6, 8, 4, 2
+  hd, heads, kv = 8, 4, 2
   rope = RoPE(hd, THETA)
-  mk = lambda absolute: WindowCache.init(n_layers=1, batch=2, kv_heads=kv, head_dim=hd,
-                                         window=window, block=4, absolute=absolute)
-  rel, ab = mk(False), mk(True)
   attend = jax.jit(lambda c, q, k, v, nv: c.attend(0, q, k, v, nv, rope=rope))
-  for t, nv in [(9, [9, 5]), (1, [1, 1]), (3, [3, 0]), (1, [1, 1]), (4, [2, 4])] + [(1, [1, 1])] * 8:
-    q, k, v = (jnp.asarray(rng.standard_normal((2, t, h, hd)).astype(np.float32))
-               for h in (heads, kv, kv))
-    nv = jnp.asarray(nv)
-    want, rel = attend(rel, q, k, v, nv)
-    got, ab = attend(ab, q, k, v, nv)
-    rel, ab = rel.advance(nv), ab.advance(nv)
-    real = np.arange(t)[None, :] < np.asarray(nv)[:, None]
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+
+  def compare(window, block, chunks):
+    """Feeds the same (tokens, n_valid) chunks to both rings; returns them (positions equal)."""
+    rel, ab = (WindowCache.init(n_layers=1, batch=2, kv_heads=kv, head_dim=hd, window=window,
+                                block=block, absolute=a) for a in (False, True))
+    for t, nv in chunks:
+      q, k, v = (jnp.asarray(rng.standard_normal((2, t, h, hd)).astype(np.float32))
+                 for h in (heads, kv, kv))
+      nv = jnp.asarray(nv)
+      want, rel = attend(rel, q, k, v, nv)
+      got, ab = attend(ab, q, k, v, nv)
+      rel, ab = rel.advance(nv), ab.advance(nv)
+      real = np.arange(t)[None, :] < np.asarray(nv)[:, None]
+      np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+    return rel, ab
+
+  rel, ab = compare(6, 4, [(9, [9, 5]), (1, [1, 1]), (3, [3, 0]), (1, [1, 1]), (4, [2, 4])]
+                    + [(1, [1, 1])] * 8)
   np.testing.assert_array_equal(np.asarray(ab.pos), np.asarray(rel.pos))
   # a 96-slot ring read in 32-slot blocks: decode steps while it fills (1, 2, then 3 blocks read)
   # and after it wraps
-  rel, ab = (WindowCache.init(n_layers=1, batch=2, kv_heads=kv, head_dim=hd, window=96,
-                              absolute=a) for a in (False, True))
-  for t, nv in [(5, [5, 3])] + [(1, [1, 1])] * 3 + [(40, [40, 30])] + [(1, [1, 1])] * 3 + [
-      (60, [60, 60])] + [(1, [1, 1])] * 3:
-    q, k, v = (jnp.asarray(rng.standard_normal((2, t, h, hd)).astype(np.float32))
-               for h in (heads, kv, kv))
-    nv = jnp.asarray(nv)
-    want, rel = attend(rel, q, k, v, nv)
-    got, ab = attend(ab, q, k, v, nv)
-    rel, ab = rel.advance(nv), ab.advance(nv)
-    real = np.arange(t)[None, :] < np.asarray(nv)[:, None]
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+  decode = [(1, [1, 1])] * 3
+  compare(96, 256, [(5, [5, 3])] + decode + [(40, [40, 30])] + decode + [(60, [60, 60])] + decode)
   with pytest.raises(ValueError, match="absolute positions need sink 0"):
     WindowCache.init(n_layers=1, batch=1, kv_heads=1, head_dim=8, window=4, sink=1, absolute=True)
 
