@@ -89,10 +89,11 @@ def adoptions(hit: list[int], prompt: int, page_size: int) -> list[tuple[list[in
   return tries
 
 
-def block_table_row(pages: list[int], max_pages: int, n_pages: int) -> np.ndarray:
-  """int32 [M]: `pages` first, then the "no page" marker N."""
+def block_table_row(pages: list[int], max_pages: int, n_pages: int, first: int = 0) -> np.ndarray:
+  """int32 [M]: `pages` at blocks first.., the "no page" marker N everywhere else (before them:
+  a window pool's blocks behind the window)."""
   row = np.full(max_pages, n_pages, np.int32)
-  row[:len(pages)] = pages
+  row[first:first + len(pages)] = pages
   return row
 
 

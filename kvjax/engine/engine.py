@@ -114,13 +114,14 @@ class Engine:
     self.eos_id = None if eos_id is None else int(eos_id)
     # No row lengths yet: pages=None keeps the kind's default pool (every row full).
     self._windows: dict[int, tuple[int, int]] = {}  # window pool group -> (window, pin budget)
-    self._chunks = pools.prefill_chunks(model.config, steps.CHUNKS)
-    if pools.split(model.config) is None:
+    parts = pools.split(model.config)
+    self._chunks = pools.prefill_chunks(parts, steps.CHUNKS)
+    if parts is None:
       cache, self.cache_plan = runtime.resolve(model, pools.one_pool_layout(spec, model.config),
                                                batch=rows, capacity=capacity,
                                                options={"pages": pages}, what="Engine")
     else:
-      cache, self._windows = pools.build(spec, model.config, rows=rows, capacity=capacity,
+      cache, self._windows = pools.build(parts, spec, model.config, rows=rows, capacity=capacity,
                                          dtype=model_dtype(model), pages=pages,
                                          window_pins=window_pins, chunk=max(self._chunks))
       self.cache_plan = None
@@ -158,7 +159,7 @@ class Engine:
 
   def pool_bytes(self) -> int:
     """Bytes of every pool as built (fixed for the engine's life)."""
-    return sum(sum(c.nbytes().values()) for c in steps.groups(self.cache))
+    return sum(self.cache.nbytes().values())
 
   def free_rows(self) -> list[int]:
     return [r for r in range(self.rows) if r not in self._rows]
@@ -275,9 +276,8 @@ class Engine:
       tables = []
       for g, c in enumerate(steps.groups(self.cache)):
         first, held = spans[g] if g in spans else (0, hit)
-        table = admission.block_table_row([], c.pages.max_pages, c.pages.n_pages)
-        table[first:first + len(held)] = held
-        tables.append(jnp.asarray(table))
+        tables.append(jnp.asarray(admission.block_table_row(held, c.pages.max_pages,
+                                                            c.pages.n_pages, first)))
       self.cache = steps.adopt(self.cache, row, tuple(tables), reused)
       self.index.hits += reused
     self.index.lookups += 1

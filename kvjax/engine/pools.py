@@ -10,10 +10,10 @@ layer types mix global layers with sliding ones gets a `HybridCache` of paged ca
                       pages however long it runs.
 
 A window pool is sized so that it can never run short: `rows` times what one row may hold, plus
-a budget of prefix-cache pins (default: a window's worth per row) (`WindowPages`): pages the rows have moved past that a later prompt
-with the same prefix needs. Nothing waits on a window pool, so admission looks at the global
-pool alone. A model whose layers all slide keeps the one-pool design (every layer pages every
-token, masked to its window).
+a budget of prefix-cache pins (`WindowPages`, default a window's worth per row): pages the rows
+have moved past that a later prompt with the same prefix needs. Nothing waits on a window pool,
+so admission looks at the global pool alone. A model whose layers all slide keeps the one-pool
+design (every layer pages every token, masked to its window).
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def split(config) -> dict | None:
   return {w: tuple(ls) for w, ls in parts.items()}
 
 
-def prefill_chunks(config, chunks: tuple) -> tuple:
-  """The prefill chunk sizes for `config`: those of `chunks` no larger than its smallest window
-  (at least the smallest chunk), since a window pool row holds its window plus a chunk."""
-  windows = [w for w in layer_windows(config) if w is not None]
-  if not windows or split(config) is None:
+def prefill_chunks(parts: dict | None, chunks: tuple) -> tuple:
+  """The prefill chunk sizes for a model's `split` (`parts`): those of `chunks` no larger than
+  its smallest window (at least the smallest chunk), since a window pool row holds its window plus
+  a chunk; `chunks` itself for one pool (parts None)."""
+  if parts is None:
     return chunks
-  return tuple(c for c in chunks if c <= min(windows)) or chunks[:1]
+  smallest = min(w for w in parts if w is not None)
+  return tuple(c for c in chunks if c <= smallest) or chunks[:1]
 
 
 def window_budget(window: int, page_size: int, rows: int) -> int:
@@ -54,15 +55,14 @@ def window_budget(window: int, page_size: int, rows: int) -> int:
   return rows * -(-window // page_size)
 
 
-def build(spec, model_config, *, rows: int, capacity: int, dtype, pages: int | None,
+def build(parts: dict, spec, model_config, *, rows: int, capacity: int, dtype, pages: int | None,
           window_pins: int | None, chunk: int) -> tuple[HybridCache, dict]:
   """(the HybridCache of the pools, {group: (window, pin budget)} of its window pools).
 
-  spec: the engine's parsed `paged:P[+intN]` spec, on every pool. pages: the global pool's pages
-  (default: every row full). window_pins: pages of each window pool kept for prefix-cache pins
-  beyond the rows' share (default `window_budget`). chunk: the most tokens a row writes at once
-  (the engine's largest prefill chunk)."""
-  parts = split(model_config)
+  parts: the model's `split`. spec: the engine's parsed `paged:P[+intN]` spec, on every pool.
+  pages: the global pool's pages (default: every row full). window_pins: pages of each window
+  pool kept for prefix-cache pins beyond the rows' share (default `window_budget`). chunk: the
+  most tokens a row writes at once (the engine's largest prefill chunk)."""
   p = spec.paged
   caches, layers, windows = [], [], {}
   for window, group in sorted(parts.items(), key=lambda item: item[1][0]):

@@ -48,10 +48,10 @@ def _prefill_chunk(params, tokens, n_valid, cache, row, *, model):
 
 
 def prefill(params, ids: np.ndarray, cache, row: int, *, model, after_chunk=None, chunks=CHUNKS):
-  """Feeds the prompt ids int32 [n] (n > 0) to row `row` in chunks of the `chunks` sizes (ascending),
-  through a batch-1 view of the row; returns (the last token's logits [V], cache). `after_chunk(cache, fed)`
-  (fed: ids fed so far) may return a new cache between chunks (the engine pins window pages
-  before the next chunk gives them back)."""
+  """Feeds the prompt ids int32 [n] (n > 0) to row `row` in chunks of the `chunks` sizes
+  (ascending), through a batch-1 view of the row; returns (the last token's logits [V], cache).
+  `after_chunk(cache, fed)` (fed: ids fed so far) may return a new cache between chunks (the
+  engine pins window pages before the next chunk gives them back)."""
   logits = None
   start = 0
   while start < ids.size:
