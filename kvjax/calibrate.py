@@ -35,7 +35,7 @@ from flax import struct
 from kvjax.caches.full import FullCache
 from kvjax.caches.lowrank import LowRankMaps
 from kvjax.caches.shared import ShareMaps
-from kvjax.models.config import layer_types, layer_window
+from kvjax.models.config import layer_windows
 from kvjax.models.protocol import model_dtype, static_step
 
 
@@ -83,7 +83,7 @@ def collect_kv(model, ids, *, window: int = 512) -> tuple[np.ndarray, np.ndarray
   window = min(window, ids.size)
   rows = ids[: ids.size // window * window].reshape(-1, window)  # [B, T]
   config = model.config
-  windows = tuple(layer_window(config, t) for t in layer_types(config))  # Gemma 3's sliding layers
+  windows = layer_windows(config)  # Gemma 3's sliding layers
   layout = (config.n_layers, config.n_kv_heads, config.head_dim, model_dtype(model),
             None if all(w is None for w in windows) else windows)
   ks, vs = [], []
@@ -125,8 +125,8 @@ def fit_share_maps(model, ids, group: int, *, window: int = 512, ridge: float = 
   n_layers, _, features = k.shape
   if layers is None:
     config = getattr(model, "config", None)
-    types = layer_types(config) if config is not None else ("global",) * n_layers
-    layers = [l for l, t in enumerate(types) if config is None or layer_window(config, t) is None]
+    windows = layer_windows(config) if config is not None else (None,) * n_layers
+    layers = [l for l, w in enumerate(windows) if w is None]
   layers = [int(l) for l in layers]
   if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < n_layers:
     raise ValueError(f"fit_share_maps: layers must be increasing model layers in [0, {n_layers}), "

@@ -156,8 +156,7 @@ def parse_request(spec):
 def plan_for(spec, config) -> tuple | None:
   """`layer_plan(spec, config)` when layers may differ (a `Layout`, or a config with a windowed
   layer type), None when `spec` is one plain spec for every layer (the plain cache, as ever)."""
-  if not isinstance(spec, Layout) and all(
-      config_lib.layer_window(config, t) is None for t in config_lib.layer_types(config)):
+  if not isinstance(spec, Layout) and all(w is None for w in config_lib.layer_windows(config)):
     return None
   return layer_plan(spec, config)
 

@@ -24,16 +24,11 @@ from kvjax.caches.hybrid import HybridCache, group_config
 from kvjax.models import config as config_lib
 
 
-def layer_windows(config) -> tuple:
-  """The window of each layer of `config` (None: a global layer)."""
-  return tuple(config_lib.layer_window(config, t) for t in config_lib.layer_types(config))
-
-
 def split(config) -> dict | None:
   """{window or None: model layers with it} for a model with global and sliding layers, None for a
   model with no sliding layer or no global one (one pool serves those)."""
   parts: dict = {}
-  for layer, window in enumerate(layer_windows(config)):
+  for layer, window in enumerate(config_lib.layer_windows(config)):
     parts.setdefault(window, []).append(layer)
   if None not in parts or len(parts) == 1:
     return None

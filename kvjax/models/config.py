@@ -154,3 +154,8 @@ def layer_types(config) -> tuple:
 def layer_window(config, layer_type: str):
   """Tokens a layer of `layer_type` attends to (itself included), or None for the whole context."""
   return int(config.sliding_window) if layer_type == "sliding" else None
+
+
+def layer_windows(config) -> tuple:
+  """The window of each layer of a model config (`layer_window` of its type; None: global)."""
+  return tuple(layer_window(config, t) for t in layer_types(config))
