@@ -17,6 +17,8 @@ The public names, by purpose (each group's module says more):
                total_bytes (any kind); slide, quantize, evict_topk (kind-specific); supports
   Protocol     KVCache, Limited, Evicting, CacheView, CapacityError; register_kind,
                unregister_kind, registered_kinds, KindInfo (your own kind, usable by spec string)
+  Compression  compress(model, ids, press, ratio=|budget=, compat=) -> cache; score_prompt; the
+               presses (kvpress's methods, `kvjax.presses`: Press, register_press, make_press)
   Calibration  fit_share_maps / ShareMaps (share:G:cal), fit_lowrank / LowRankMaps (lowrank:R)
   Planning     plan(config, max_bytes, context), estimate_bytes, PlanError
 """
@@ -62,6 +64,10 @@ from kvjax.caches.api import (advance, append, attend, crop, grow, nbytes, reord
 from kvjax.caches.base import CacheView, CapacityError, Evicting, KVCache, Limited, supports
 from kvjax.caches.registry import KindInfo, register_kind, registered_kinds, unregister_kind
 
+# Compression (presses)
+from kvjax import presses  # noqa: F401
+from kvjax.presses import compress, score_prompt
+
 # Calibration and planning
 from kvjax.calibrate import fit_lowrank, fit_share_maps
 from kvjax.planning import PlanError, estimate_bytes, plan
@@ -88,6 +94,8 @@ __all__ = [
     # Protocol and registry
     "CacheView", "CapacityError", "Evicting", "KVCache", "Limited", "supports", "KindInfo",
     "register_kind", "registered_kinds", "unregister_kind",
+    # Compression
+    "presses", "compress", "score_prompt",
     # Calibration and planning
     "fit_lowrank", "fit_share_maps", "PlanError", "estimate_bytes", "plan",
 ]

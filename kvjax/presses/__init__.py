@@ -1,0 +1,26 @@
+"""Presses: KV-cache compression of a prompt, kvpress's methods as small pure scorers.
+
+    import kvjax
+    cache = kvjax.compress(model, ids, "snapkv", ratio=0.5)            # or budget=N, compat="kvpress"
+    out = kvjax.generate(model, [question_ids], cache=cache, max_new_tokens=16)
+
+  base.py       the protocol (`Press`: score, select, layer_kept), `LayerInputs`, the registry and
+                spec strings ("adakv(snapkv)", "snapkv(window_size=64)")
+  compress.py   `compress`: the jitted prefill that hands every layer to the press and writes the
+                kept tokens into a `ScoredCache`; budgets (ratio or token count, per row)
+  keys.py       presses that read keys/values only (knorm, streaming_llm, ...)
+  attention.py  presses that read attention (snapkv, pyramidkv, ...)
+  wrappers.py   presses around presses (adakv, ...)
+
+Every press is checked against kvpress 0.5.5's own scores and selections
+(tests/presses/test_kvpress_oracle.py, fixtures by scripts/make_kvpress_fixtures.py).
+"""
+
+from kvjax.presses.base import (LayerInputs, Press, make_press, press_class, press_names,
+                                protect, register_press, topk_per_head, unregister_press)
+from kvjax.presses import keys, attention, wrappers  # noqa: F401  (register the built-ins)
+from kvjax.presses.compress import Compressed, compress, row_budgets, score_prompt
+
+__all__ = ["Press", "LayerInputs", "make_press", "press_class", "press_names", "register_press",
+           "unregister_press", "topk_per_head", "protect", "compress", "Compressed", "row_budgets",
+           "score_prompt"]

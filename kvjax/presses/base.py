@@ -1,0 +1,315 @@
+"""The press protocol: what one layer shows a press, how a press scores it, and how presses are named.
+
+A press (kvpress's word) decides which prompt tokens a compressed cache keeps. In kvjax a press is
+a frozen, hashable dataclass (a static argument of the jitted prefill, so one compile per press
+and shapes) with two hooks, both pure functions of one layer's `LayerInputs`:
+
+  score(x, n_kept) -> float32 [B, K, T]
+      How much each prompt token of each kv head is worth keeping (higher keeps). n_kept int32 [B]
+      is the row's budget for this layer; most presses ignore it (StreamingLLM and CriticalKV use
+      it). Positions t >= x.n_valid[b] are padding: their scores are ignored.
+  select(x, scores, n_kept) -> bool [B, K, T]
+      Which tokens are kept. Default (`topk_per_head`): the n_kept[b] best of each (row, kv head),
+      kvpress's ScorerPress rule. Wrappers override it (AdaKV pools a layer's heads, ChunkKV keeps
+      whole chunks, BlockPress rescores block by block).
+
+and two class-level facts: `name` (the spec word, kvpress's name for the method) and `kvpress`,
+the option values kvpress 0.5.5 uses by default where kvjax's own default differs (`compat=
+"kvpress"` applies them, `resolve`). Budgets per layer (PyramidKV) come from `layer_kept`.
+
+Everything else — running the prefill, budgets from a ratio or a token count, ragged rows, storage
+(intN/fp8), the cache the kept tokens land in — is shared machinery (`kvjax.presses.compress`).
+
+Invariants: scores are finite float32 where valid; `select` keeps at most the budget and never a
+padding position; hooks depend only on their arguments and the press's static fields.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax import attention as attn
+from kvjax.caches.terms import SpecError
+
+
+@struct.dataclass
+class LayerInputs:
+  """What one attention layer of the prompt's prefill shows a press (one row per prompt).
+
+  q: [B, T, N, H] queries rotated at their positions (not scaled); q_raw the same before RoPE.
+  k: [B, K, T, H] keys rotated at their positions (what the cache stores); k_raw before RoPE.
+  v: [B, K, T, H] values.
+  n_valid: int32 [B] real tokens per row (the rest is right padding).
+  wo: the layer's output projection [N * H, D] when the press asks for it (`needs_wo`), else None.
+  layer, n_layers: static; scale: the softmax scale; rope: the layer's RoPE (static).
+  """
+
+  q: jax.Array
+  q_raw: jax.Array
+  k: jax.Array
+  k_raw: jax.Array
+  v: jax.Array
+  n_valid: jax.Array
+  wo: jax.Array | None = None
+  layer: int = struct.field(pytree_node=False, default=0)
+  n_layers: int = struct.field(pytree_node=False, default=1)
+  scale: float = struct.field(pytree_node=False, default=1.0)
+  rope: Any = struct.field(pytree_node=False, default=None)
+
+  # ---- shapes ---------------------------------------------------------------------------------
+  @property
+  def batch(self) -> int:
+    return self.k.shape[0]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def tokens(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def heads(self) -> int:
+    return self.q.shape[2]
+
+  @property
+  def groups(self) -> int:
+    return self.heads // self.kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.k.shape[3]
+
+  @property
+  def valid(self) -> jax.Array:
+    """bool [B, T]: real (not padding) positions."""
+    return jnp.arange(self.tokens)[None, :] < self.n_valid[:, None]
+
+  # ---- helpers presses share ------------------------------------------------------------------
+  def group_mean(self, x):
+    """[B, N, ...] per query head -> [B, K, ...]: the mean over each kv head's G query heads."""
+    return x.reshape((x.shape[0], self.kv_heads, self.groups) + x.shape[2:]).mean(axis=2)
+
+  def last_queries(self, w: int, *, raw: bool = False):
+    """(q [B, w, N, H], positions int32 [B, w], seen bool [B, w]): the last w real queries of each
+    row (rotated unless raw); a row shorter than w repeats its first query where seen is False."""
+    at = self.n_valid[:, None] - w + jnp.arange(w, dtype=jnp.int32)[None, :]
+    seen = at >= 0
+    at = jnp.clip(at, 0, self.tokens - 1)
+    q = self.q_raw if raw else self.q
+    return jnp.take_along_axis(q, at[:, :, None, None], axis=1), at, seen
+
+  def attention_of(self, q, q_positions):
+    """Softmax attention (fp32) of rotated queries q [B, W, N, H] at q_positions [B, W] over the
+    row's real keys up to their own position: [B, N, W, T] (query head n reads kv head n // G)."""
+    qg = attn.prepare_queries(q, self.kv_heads, self.scale)  # [B, W, K, G, H]
+    mask = (jnp.arange(self.tokens)[None, None, :] <= q_positions[:, :, None]) \
+        & self.valid[:, None, :]  # [B, W, T]
+    probs = attn.masked_softmax(attn.scores_of(qg, self.k), mask[:, None, None])  # [B,K,G,W,T]
+    b, kh, g, w, t = probs.shape
+    return probs.reshape(b, kh * g, w, t)
+
+  def window_attention(self, w: int):
+    """(probs [B, N, w, T], seen [B, w]): attention of each row's last w real queries."""
+    q, at, seen = self.last_queries(w)
+    return self.attention_of(q, at), seen
+
+  def attention_column_sums(self, block: int = 256):
+    """float32 [B, N, T]: the attention each key gets summed over every real query of the row
+    (causal), computed `block` queries at a time so [T, T] is never held at once."""
+    t = self.tokens
+    n_blocks = -(-t // block)
+    pad = n_blocks * block - t
+    q = jnp.pad(self.q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pos = jnp.arange(n_blocks * block, dtype=jnp.int32)
+
+    def one(i):
+      qb = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)
+      pb = jax.lax.dynamic_slice_in_dim(pos, i * block, block)
+      probs = self.attention_of(qb, jnp.broadcast_to(pb, (self.batch, block)))
+      real = pb[None, :] < self.n_valid[:, None]  # [B, block]
+      return jnp.einsum("bnwt,bw->bnt", probs, real.astype(probs.dtype))
+
+    return jnp.sum(jax.lax.map(one, jnp.arange(n_blocks)), axis=0)
+
+
+# ---- the protocol ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Press:
+  """The press protocol (module docstring). Subclasses set `name`, override `score` (and maybe
+  `select`, `layer_kept`), and list in `kvpress` the options whose kvpress default differs."""
+
+  name: ClassVar[str] = ""
+  kvpress: ClassVar[dict] = {}  # option -> kvpress 0.5.5's default, where kvjax's differs
+  needs_wo: ClassVar[bool] = False
+  doc: ClassVar[str] = ""  # one line: what it keeps, and the paper
+
+  def score(self, x: LayerInputs, n_kept) -> jax.Array:
+    raise NotImplementedError(f"{type(self).__name__} has no score()")
+
+  def select(self, x: LayerInputs, scores, n_kept) -> jax.Array:
+    return topk_per_head(scores, n_kept, x.valid)
+
+  def layer_kept(self, n_kept: int, tokens: int, layer: int, n_layers: int,
+                 ratio: float | None = None) -> int:
+    """The budget of `layer` for a row of `tokens` tokens whose per-layer budget is n_kept
+    (host ints; `ratio` when the budget came from one; PyramidKV tapers it with depth).
+    Default: n_kept everywhere."""
+    return n_kept
+
+  def resolve(self, compat: str | None) -> "Press":
+    """This press with kvpress 0.5.5's defaults where compat == 'kvpress' (options the user set
+    explicitly are kept), applied to wrapped presses too."""
+    if compat not in (None, "kvpress"):
+      raise SpecError(f"compat must be None or 'kvpress', got {compat!r}")
+    changes = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, Press):
+        changes[f.name] = value.resolve(compat)
+      elif compat == "kvpress" and f.name in self.kvpress and value is None:
+        changes[f.name] = self.kvpress[f.name]
+    return dataclasses.replace(self, **changes) if changes else self
+
+  def option(self, name: str, default):
+    """The option `name`, or kvjax's default when it was left None."""
+    value = getattr(self, name)
+    return default if value is None else value
+
+  def __str__(self) -> str:
+    args = []
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, Press):
+        args.append(str(value))
+      elif value != f.default:
+        args.append(f"{f.name}={value!r}")
+    return f"{self.name}({', '.join(args)})" if args else self.name
+
+
+def topk_per_head(scores, n_kept, valid):
+  """bool [B, K, T]: per (row, kv head) the n_kept[b] highest scores among the valid positions
+  (ties to the lower position). scores [B, K, T]; n_kept int32 [B]; valid bool [B, T]."""
+  t = scores.shape[-1]
+  ranked = jnp.where(valid[:, None, :], scores.astype(jnp.float32), -jnp.inf)
+  order = jnp.argsort(-ranked, axis=-1, stable=True)  # best first
+  rank = jnp.argsort(order, axis=-1)  # rank of each position
+  keep = rank < jnp.minimum(n_kept, t)[:, None, None]
+  return keep & valid[:, None, :]
+
+
+def protect(scores, where):
+  """scores [B, ...] with `where` (broadcastable bool) raised above every other score of the
+  row's layer: kvpress's `max + 1` for windows and sinks (its max is over one row's layer)."""
+  top = jnp.max(scores, axis=tuple(range(1, scores.ndim)), keepdims=True) + 1.0
+  return jnp.where(where, top, scores)
+
+
+# ---- registry and spec strings ------------------------------------------------------------------
+_PRESSES: dict[str, Callable[..., Press]] = {}
+
+
+def register_press(cls=None, *, name: str | None = None):
+  """Registers a Press subclass under its `name` (or `name=`), usable by spec string; returns the
+  class, so it works as a decorator. Re-registering a name replaces it."""
+  def add(c):
+    key = name or c.name
+    if not key or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
+      raise SpecError(f"register_press: a press needs a lower-case name, got {key!r}")
+    _PRESSES[key] = c
+    return c
+  return add(cls) if cls is not None else add
+
+
+def unregister_press(name: str) -> None:
+  _PRESSES.pop(name, None)
+
+
+def press_names() -> list[str]:
+  """Every registered press, in registration order."""
+  return list(_PRESSES)
+
+
+def press_class(name: str):
+  try:
+    return _PRESSES[name]
+  except KeyError:
+    raise SpecError(f"unknown press {name!r}; known: {', '.join(_PRESSES)}") from None
+
+
+def make_press(spec, **options) -> Press:
+  """A press from a spec string or a Press (returned as is, or with `options` replaced).
+
+  Grammar: `name` | `name(arg, ...)` where each arg is `option=value` (a Python literal) or, first,
+  a nested press spec for wrappers: "snapkv", "snapkv(window_size=32)", "adakv(snapkv)",
+  "criticalkv(expected_attention(use_vnorm=False), first_stage_ratio=0.5)".
+  """
+  if isinstance(spec, Press):
+    return dataclasses.replace(spec, **options) if options else spec
+  if not isinstance(spec, str):
+    raise SpecError(f"a press is a spec string or a kvjax.presses.Press, got {type(spec).__name__}")
+  press, rest = _parse(spec.strip(), spec)
+  if rest.strip():
+    raise SpecError(f"press spec {spec!r}: unexpected {rest.strip()!r}")
+  return dataclasses.replace(press, **options) if options else press
+
+
+def _parse(text: str, whole: str):
+  m = re.match(r"\s*([a-z][a-z0-9_]*)\s*", text)
+  if not m:
+    raise SpecError(f"press spec {whole!r}: expected a press name at {text!r}")
+  cls = press_class(m.group(1))
+  text = text[m.end():]
+  positional, kwargs = [], {}
+  if text.startswith("("):
+    text = text[1:]
+    while True:
+      text = text.lstrip()
+      if text.startswith(")"):
+        text = text[1:]
+        break
+      km = re.match(r"([a-z_][a-z0-9_]*)\s*=\s*", text)
+      if km:
+        value, text = _literal(text[km.end():], whole)
+        kwargs[km.group(1)] = value
+      else:
+        inner, text = _parse(text, whole)
+        positional.append(inner)
+      text = text.lstrip()
+      if text.startswith(","):
+        text = text[1:]
+      elif not text.startswith(")"):
+        raise SpecError(f"press spec {whole!r}: expected ',' or ')' at {text!r}")
+  try:
+    return cls(*positional, **kwargs), text
+  except TypeError as e:
+    raise SpecError(f"press spec {whole!r}: {e}") from None
+
+
+def _literal(text: str, whole: str):
+  """One Python literal at the start of text (up to the next top-level ',' or ')')."""
+  depth = 0
+  for i, ch in enumerate(text):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      if depth == 0:
+        break
+      depth -= 1
+    elif ch == "," and depth == 0:
+      break
+  else:
+    i = len(text)
+  raw = text[:i].strip()
+  try:
+    return ast.literal_eval(raw), text[i:]
+  except (ValueError, SyntaxError):
+    raise SpecError(f"press spec {whole!r}: {raw!r} is not a literal value") from None

@@ -1,0 +1,367 @@
+"""`compress`: prefill prompt rows, let a press choose the tokens each layer keeps, return the cache.
+
+    cache = kvjax.compress(model, ids, "snapkv", ratio=0.5)          # or budget=512
+    out = kvjax.generate(model, [question_ids], cache=cache, max_new_tokens=32)
+
+How it runs (one jitted call per (model, press, shapes)): the prompt rows (ragged, right-padded)
+are fed through `model.step` in one chunk with a `_Pressing` cache in the model's cache slot. At
+each layer it attends causally over the prompt (so, as in kvpress, every layer's outputs and the
+next layer's inputs are those of the uncompressed prompt), hands the layer's queries, keys and
+values to the press (`LayerInputs`), and writes the kept tokens into that layer of a
+`ScoredCache` (keys rotated at their true positions, stored through the chosen codec). The result
+holds, per (row, layer, kv head), exactly the kept prompt tokens plus `room` empty slots: decoding
+then appends up to `room` tokens with nothing evicted (kvpress keeps every decoded token too);
+past that the cache evicts like any scored cache (the decoded tokens in its window are kept, older
+ones compete with the prompt's by score).
+
+Budgets: `ratio` r keeps n_kept = max(1, floor(n * (1 - r))) tokens of a row of n (kvpress's rule,
+per row, so ragged rows each lose the same share); `budget` keeps min(budget, n). A press may give
+layers different budgets (PyramidKV, `Press.layer_kept`) or pool a layer's heads (AdaKV); the cache
+is then one `ScoredCache` per layer (`LayeredCache`) or a pool shared by the kv heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kvjax import attention as attn
+from kvjax.caches import codec as codec_lib
+from kvjax.caches.layered import LayeredCache
+from kvjax.caches.scored import admission
+from kvjax.caches.scored.admission import Layer
+from kvjax.caches.scored.cache import ScoredCache
+from kvjax.caches.scored.scorers import Scorer
+from kvjax.caches.terms import SpecError
+from kvjax.models.protocol import check_model, model_dtype, static_step
+from kvjax.presses.base import LayerInputs, Press, make_press
+
+ROOM = 256  # decode tokens a compressed cache holds beside the kept prompt, by default
+_BLOCK = 256  # key block of the prefill's attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Pressed(Scorer):
+  """The scorer of a compressed cache while decoding: decoded tokens start at score 0 and scores
+  do not grow; only matters once more than `room` tokens were decoded (see module docstring)."""
+
+  name: ClassVar[str] = "pressed"
+
+
+@struct.dataclass
+class Compressed:
+  """What `compress(..., details=True)` returns beside the cache.
+
+  logits: float32 [B, V] at each row's last prompt token (the uncompressed prefill's).
+  scores: float32 [L, B, K, T] every layer's press scores (T = the longest row), or None.
+  kept: bool [L, B, K, T] the kept positions, or None.
+  n_kept: int32 [L, B] each layer's per-head budget per row.
+  """
+
+  logits: jax.Array
+  scores: jax.Array | None
+  kept: jax.Array | None
+  n_kept: jax.Array
+
+
+@struct.dataclass
+class _Pressing:
+  """The model's cache during a compressing prefill (see module docstring). target: the cache the
+  kept tokens go to (ScoredCache, or LayeredCache of one-layer ones); n_kept int32 [L, B]."""
+
+  target: Any
+  n_kept: jax.Array
+  wo: tuple | None = None
+  scores: tuple = ()
+  kept: tuple = ()
+  press: Press = struct.field(pytree_node=False, default=None)
+  n_layers: int = struct.field(pytree_node=False, default=1)
+  record: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def lengths(self):
+    return jnp.zeros((self.batch,), jnp.int32) if self.target is None else self.target.lengths
+
+  @property
+  def batch(self) -> int:
+    return self.n_kept.shape[1]
+
+  def token_positions(self, tokens: int):
+    return self.lengths[:, None] + jnp.arange(tokens, dtype=jnp.int32)[None, :]
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+    """q [B, T, N, H], k/v [B, T, K, H] un-rotated, from an empty cache. Returns (out, cache)."""
+    b, t, _, h = q.shape
+    n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    qr = attn.apply_rope(rope, q, positions)
+    kr = attn.apply_rope(rope, k, positions)
+    out = _causal(qr, kr, v, n_valid, scale)
+    x = LayerInputs(q=qr, q_raw=q, k=kr.swapaxes(1, 2), k_raw=k.swapaxes(1, 2),
+                    v=v.swapaxes(1, 2), n_valid=n_valid,
+                    wo=None if self.wo is None else self.wo[layer], layer=layer,
+                    n_layers=self.n_layers, scale=h**-0.5 if scale is None else scale, rope=rope)
+    n_kept = self.n_kept[layer]
+    scores = self.press.score(x, n_kept).astype(jnp.float32)
+    keep = self.press.select(x, scores, n_kept) & x.valid[:, None, :]
+    new = self
+    if self.target is not None:
+      new = new.replace(target=_fill(self.target, layer, keep, scores, x.k, x.v))
+    if self.record:
+      new = new.replace(scores=self.scores + (scores,), kept=self.kept + (keep,))
+    return out, new
+
+  def advance(self, n_valid):
+    return self if self.target is None else self.replace(target=self.target.advance(n_valid))
+
+
+def _causal(q, k, v, n_valid, scale):
+  """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (rotated), key blocks at a time."""
+  b, t, _, h = q.shape
+  block = min(_BLOCK, t)
+  pad = -t % block
+  kb = jnp.pad(k.swapaxes(1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  vb = jnp.pad(v.swapaxes(1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  qg = attn.prepare_queries(q, k.shape[2], scale)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return attn.blockwise_attention(qg, kb, vb, positions, n_valid, block_size=block)
+
+
+# ---- writing the kept tokens -------------------------------------------------------------------
+def _layer_of(target, layer: int):
+  """(the cache holding `layer`, its layer index there)."""
+  if isinstance(target, LayeredCache):
+    return target.layers[layer], 0
+  return target, layer
+
+
+def _fill(target, layer: int, keep, scores, k, v):
+  """target with `layer` holding exactly the kept tokens: keep bool [B, K, T], scores [B, K, T],
+  k (rotated), v [B, K, T, H]; kept tokens fill the first slots in position order."""
+  cache, at = _layer_of(target, layer)
+  st = admission.take_layer(cache, at)
+  if cache.shared_heads:
+    st = _fill_shared(cache, st, keep, scores, k, v)
+  else:
+    st = _fill_heads(cache, st, keep, scores, k, v)
+  cache = admission.put_layer(cache, at, st)
+  if isinstance(target, LayeredCache):
+    return target.replace(layers=target.layers[:layer] + (cache,) + target.layers[layer + 1:])
+  return cache
+
+
+def _first_slots(keep, order_key, slots: int):
+  """Indices [..., slots] of the kept entries (by order_key), padded past the end if fewer."""
+  n = keep.shape[-1]
+  if n < slots:  # fewer candidates than slots: pad with never-kept ones
+    widths = [(0, 0)] * (keep.ndim - 1) + [(0, slots - n)]
+    keep = jnp.pad(keep, widths)
+    order_key = jnp.pad(order_key, widths, constant_values=0)
+  key = jnp.where(keep, order_key, order_key + keep.shape[-1])
+  index = jnp.argsort(key, axis=-1, stable=True)[..., :slots]
+  return index, jnp.take_along_axis(keep, index, axis=-1)
+
+
+def _gather(x, index):
+  """x [B, K, T, H] at index [B, K, S] (indices past T read zeros)."""
+  t = x.shape[2]
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, max(0, index.shape[-1] - t) + 1), (0, 0)))
+  return jnp.take_along_axis(x, jnp.minimum(index, x.shape[2] - 1)[..., None], axis=2)
+
+
+def _fill_heads(cache, st: Layer, keep, scores, k, v) -> Layer:
+  t = keep.shape[-1]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), keep.shape)
+  index, live = _first_slots(keep, pos, cache.pool)  # [B, K, P]
+  kept_k = jnp.where(live[..., None], _gather(k, index), 0)
+  kept_v = jnp.where(live[..., None], _gather(v, index), 0)
+  positions = jnp.where(live, index, -1)
+  s = jnp.where(live, jnp.take_along_axis(jnp.pad(scores, ((0, 0), (0, 0), (0, cache.pool))),
+                                          index, axis=-1), 0.0)
+  ring = jnp.full(st.positions.shape[:-1] + (cache.residual,), -1, jnp.int32)
+  return Layer(cache.k.codec.encode(kept_k), cache.v.codec.encode(kept_v), st.ring_k, st.ring_v,
+               jnp.concatenate([positions, ring], axis=-1),
+               jnp.concatenate([s, jnp.zeros(ring.shape, jnp.float32)], axis=-1), None)
+
+
+def _fill_shared(cache, st: Layer, keep, scores, k, v) -> Layer:
+  """A pool shared by the kv heads: the kept (head, position) pairs, by head then position."""
+  b, kh, t = keep.shape
+  flat = lambda x: x.reshape((b, 1, kh * t) + x.shape[3:])
+  head = jnp.broadcast_to(jnp.arange(kh, dtype=jnp.int32)[:, None], (kh, t))
+  order = flat(jnp.broadcast_to(head * t + jnp.arange(t, dtype=jnp.int32), (b, kh, t)))
+  index, live = _first_slots(flat(keep), order, cache.pool)  # [B, 1, P]
+  kept_k = jnp.where(live[..., None], _gather(flat(k), index), 0)
+  kept_v = jnp.where(live[..., None], _gather(flat(v), index), 0)
+  positions = jnp.where(live, index % t, -1)
+  heads = jnp.where(live, index // t, 0)
+  s = jnp.where(live, jnp.take_along_axis(jnp.pad(flat(scores), ((0, 0), (0, 0), (0, cache.pool))),
+                                          index, axis=-1), 0.0)
+  return Layer(cache.k.codec.encode(kept_k), cache.v.codec.encode(kept_v), st.ring_k, st.ring_v,
+               positions, s, heads.astype(jnp.int32))
+
+
+# ---- budgets ------------------------------------------------------------------------------------
+def row_budgets(lengths, *, ratio=None, budget=None) -> np.ndarray:
+  """int [B]: tokens each row keeps per (layer, kv head): max(1, floor(n (1 - ratio))) of a row of
+  n tokens, or min(budget, n). Exactly one of ratio, budget."""
+  lengths = np.asarray(lengths, np.int64)
+  if (ratio is None) == (budget is None):
+    raise SpecError("compress: give exactly one of ratio= (share of the prompt to drop, as kvpress"
+                    " does) or budget= (tokens to keep per layer and kv head)")
+  if ratio is not None:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+      raise SpecError(f"compress: ratio must be in [0, 1), got {ratio!r}")
+    return np.maximum(1, np.floor(lengths * (1.0 - ratio) + 1e-9).astype(np.int64))
+  if not isinstance(budget, (int, np.integer)) or budget < 1:
+    raise SpecError(f"compress: budget must be an int >= 1, got {budget!r}")
+  return np.minimum(lengths, budget)
+
+
+def layer_budgets(press: Press, lengths, rows, n_layers: int, ratio=None) -> np.ndarray:
+  """int [L, B]: each layer's budget per row (`Press.layer_kept`)."""
+  return np.array([[press.layer_kept(int(n), int(t), layer, n_layers, ratio)
+                    for n, t in zip(rows, lengths)] for layer in range(n_layers)], np.int64)
+
+
+# ---- the entry point ----------------------------------------------------------------------------
+def compress(model, ids, press, *, ratio: float | None = None, budget: int | None = None,
+             compat: str | None = None, room: int = ROOM, storage: str | None = None,
+             group: int = 32, details: bool = False, **options):
+  """Prefills the prompt rows `ids` and keeps what `press` chooses; returns the cache.
+
+  Args:
+    model: a kvjax model (`kvjax.load(...)`, or your own: params, config, step).
+    ids: token ids, one row ([n]) or several (list of lists, ragged; or [B, T] with every row
+      full). Text is tokenized with the model's tokenizer.
+    press: a press spec string ("snapkv", "adakv(snapkv)", ...) or a `kvjax.presses.Press`.
+    ratio: the share of each row's tokens to drop; budget: tokens to keep (one of the two).
+    compat: "kvpress" takes kvpress 0.5.5's default hyper-parameters for the press.
+    room: decode tokens the cache keeps beside the compressed prompt before it evicts again.
+    storage: "int8", "int4", "fp8", ... to store the kept tokens quantized (group: int group size).
+    details: also return a `Compressed` (first-token logits, every layer's scores and kept mask).
+    options: the press's own options (e.g. window_size=32 for snapkv).
+
+  Returns:
+    the cache (a `ScoredCache`, or `LayeredCache` of them when layers' budgets differ), with
+    `lengths` = each row's prompt length; `cache.view()` shows the kept positions per (layer, row,
+    kv head). With details=True: (cache, Compressed).
+  """
+  press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
+                                        "compress")
+  if not isinstance(room, (int, np.integer)) or room < 1:
+    raise SpecError(f"compress: room must be an int >= 1, got {room!r}")
+  dtype = model_dtype(model)
+  target = _target(press, model.config, kept, room, codec_lib.parse(storage, dtype, group), dtype)
+  done, info = _run(model, rows, lengths, press, kept, target, details)
+  return (done.target, info) if details else done.target
+
+
+def score_prompt(model, ids, press, *, ratio: float | None = None, budget: int | None = None,
+                 compat: str | None = None, **options) -> Compressed:
+  """What `press` would keep of the prompt rows, without building a cache: a `Compressed` with
+  every layer's scores [L, B, K, T] and kept mask, the budgets and the first-token logits.
+  The budget is an input of the compiled program, so ratios do not recompile (research sweeps,
+  tests/presses/test_kvpress_oracle.py)."""
+  press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
+                                        "score_prompt")
+  return _run(model, rows, lengths, press, kept, None, True)[1]
+
+
+def _prepare(model, ids, press, ratio, budget, compat, options, what):
+  """(press resolved, rows, lengths [B], budgets int [L, B]) after checking the arguments."""
+  check_model(model, what)
+  press = make_press(press, **options).resolve(compat)
+  rows = _rows(model, ids)
+  lengths = np.array([len(r) for r in rows], np.int64)
+  if lengths.min() < 1:
+    raise ValueError(f"{what}: every row needs at least one token")
+  kinds = getattr(model.config, "layer_types", None)
+  if kinds is not None and any(w != "global" for w in kinds):
+    raise SpecError(f"{what}: models with sliding-window layers (Gemma 3) are not supported yet; "
+                    "use a model whose layers are all global")
+  n_layers = model.config.n_layers
+  kept = layer_budgets(press, lengths, row_budgets(lengths, ratio=ratio, budget=budget), n_layers,
+                       ratio)
+  return press, rows, lengths, kept
+
+
+def _run(model, rows, lengths, press, kept, target, record):
+  """The compressing prefill: (the final _Pressing, Compressed or None)."""
+  t = int(lengths.max())
+  tokens = np.zeros((len(rows), t), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)] = r
+  wo = _output_projections(model) if press.needs_wo else None
+  pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
+                       n_layers=model.config.n_layers, record=record)
+  logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
+                          jnp.asarray(lengths, jnp.int32), pressing)
+  if not record:
+    return done, None
+  return done, Compressed(logits=logits, scores=jnp.stack(done.scores), kept=jnp.stack(done.kept),
+                          n_kept=pressing.n_kept)
+
+
+@functools.partial(jax.jit, static_argnames=("step",))
+def _prefill(step, params, tokens, n_valid, pressing):
+  return step.step_last(params, tokens, pressing, n_valid)
+
+
+def _target(press, config, kept, room, codec, dtype):
+  """The empty cache the kept tokens are written to (see module docstring)."""
+  heavy = [max(1, int(k.max())) for k in kept]
+  shared = getattr(press, "shared_heads", False)
+  make = lambda n_layers, h: ScoredCache.init(
+      n_layers=n_layers, batch=kept.shape[1], kv_heads=config.n_kv_heads,
+      head_dim=config.head_dim, heavy=h, window=room, dtype=dtype, scorer=Pressed(),
+      shared_heads=shared, codec=codec)
+  if len(set(heavy)) == 1:
+    return make(config.n_layers, heavy[0])
+  return LayeredCache.of(make(1, h) for h in heavy)
+
+
+def _output_projections(model):
+  """Each layer's attention output projection wo [N * H, D] (for presses with needs_wo)."""
+  params = model.params
+  try:
+    return tuple(params[f"layers_{i}"]["attn"]["wo"] for i in range(model.config.n_layers))
+  except (KeyError, TypeError):
+    raise SpecError("compress: this press needs the attention output projections, found at "
+                    "params['layers_<i>']['attn']['wo'] in kvjax's models; this model keeps them "
+                    "elsewhere") from None
+
+
+def _rows(model, ids) -> list[list[int]]:
+  """The prompt rows as lists of ints (text through the model's tokenizer)."""
+  if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+      raise ValueError("compress: text prompts need a model with a tokenizer; pass token ids")
+    texts = [ids] if isinstance(ids, str) else list(ids)
+    return [list(tok.encode(s)) for s in texts]
+  arr = ids
+  if isinstance(arr, (np.ndarray, jax.Array)):
+    arr = np.asarray(arr)
+    if arr.ndim == 1:
+      return [arr.astype(np.int64).tolist()]
+    if arr.ndim == 2:
+      return [row.astype(np.int64).tolist() for row in arr]
+    raise ValueError(f"compress: ids must be [n] or [rows, n], got shape {arr.shape}")
+  arr = list(arr)
+  if not arr:
+    raise ValueError("compress: no prompt rows")
+  if all(isinstance(x, (int, np.integer)) for x in arr):
+    return [[int(x) for x in arr]]
+  rows = [[int(x) for x in np.asarray(r).reshape(-1)] for r in arr]
+  vocab = model.config.vocab_size
+  for r in rows:
+    if any(x < 0 or x >= vocab for x in r):
+      raise ValueError(f"compress: token ids must be in [0, {vocab})")
+  return rows
