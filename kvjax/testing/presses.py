@@ -1,0 +1,147 @@
+"""The conformance kit for presses: `check_press(press)` on kvjax's presses or your own.
+
+    from kvjax.testing.presses import check_press
+
+    def test_my_press():
+      check_press(MyPress())            # or a spec string: check_press("adakv(my_press)")
+
+Invariants checked (each failure names its invariant):
+
+  shapes       score(x, n_kept) is float32 [B, K, T], finite on real tokens; select(...) is bool
+               [B, K, T]
+  padding      nothing is kept at a padding position
+  budget       each (row, kv head) keeps at most n_kept tokens (a pool over the layer's heads:
+               at most K x n_kept per row) — skipped for presses with `keeps_every_token`
+  rows         a row's scores and selection do not depend on the other rows of the batch nor on
+               how much padding follows it (row b of a ragged batch == row b alone)
+  jit          jit(score/select) equals eager
+  layer_kept   layer budgets are ints in [1, tokens] for every layer
+  end_to_end   (with a model) compress(..., budget >= prompt) then generate equals the full cache's
+               generation, and the kept positions in `cache.view()` are score_prompt's kept mask
+
+The synthetic layer (`synthetic_inputs`) is GQA (4 query heads over 2 kv heads), head_dim 8, two
+rows of 24 and 17 tokens, with RoPE at theta 10000 and a random output projection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.attention import RoPE
+from kvjax.presses.base import LayerInputs, Press, make_press
+
+HEADS, KV_HEADS, HEAD_DIM, DIM = 4, 2, 8, 16
+LENGTHS = (24, 17)
+
+
+class PressError(AssertionError):
+  """A press broke an invariant of the kit; the message names it."""
+
+
+def _require(ok, invariant: str, message: str):
+  if not ok:
+    raise PressError(f"[{invariant}] {message}")
+
+
+def synthetic_inputs(lengths=LENGTHS, *, seed: int = 0, layer: int = 0, n_layers: int = 2,
+                     tokens: int | None = None) -> LayerInputs:
+  """A random GQA layer (`LayerInputs`) whose rows hold `lengths` real tokens, padded to `tokens`
+  (default the longest) with garbage."""
+  rng = np.random.default_rng(seed)
+  b, t = len(lengths), tokens or max(lengths)
+  rope = RoPE(HEAD_DIM, 10000.0)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  q_raw = jnp.asarray(rng.normal(size=(b, t, HEADS, HEAD_DIM)), jnp.float32)
+  k_raw = jnp.asarray(rng.normal(size=(b, t, KV_HEADS, HEAD_DIM)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, KV_HEADS, t, HEAD_DIM)), jnp.float32)
+  wo = jnp.asarray(rng.normal(size=(HEADS * HEAD_DIM, DIM)) * 0.1, jnp.float32)
+  return LayerInputs(q=rope.apply(q_raw, positions), q_raw=q_raw,
+                     k=rope.apply(k_raw, positions).swapaxes(1, 2), k_raw=k_raw.swapaxes(1, 2),
+                     v=v, n_valid=jnp.asarray(lengths, jnp.int32), wo=wo, layer=layer,
+                     n_layers=n_layers, scale=HEAD_DIM**-0.5, rope=rope)
+
+
+def _row(x: LayerInputs, b: int) -> LayerInputs:
+  """Row b of x alone, cut to its own length."""
+  n = int(x.n_valid[b])
+  cut = lambda a, axis: jax.lax.slice_in_dim(a[b:b + 1], 0, n, axis=axis)
+  return x.replace(q=cut(x.q, 1), q_raw=cut(x.q_raw, 1), k=cut(x.k, 2), k_raw=cut(x.k_raw, 2),
+                   v=cut(x.v, 2), n_valid=x.n_valid[b:b + 1])
+
+
+def _run(press: Press, x: LayerInputs, n_kept):
+  scores = press.score(x, n_kept)
+  return scores, press.select(x, scores.astype(jnp.float32), n_kept)
+
+
+def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) -> None:
+  """Runs the invariants above on `press` (a Press or spec string); raises PressError naming the
+  first one broken. With `model` (e.g. kvjax.load("tiny")) also the end-to-end check."""
+  press = make_press(press)
+  x = synthetic_inputs()
+  lengths = np.asarray(x.n_valid)
+  n_kept = jnp.asarray(np.maximum(1, (lengths * (1 - share)).astype(int)), jnp.int32)
+  scores, keep = _run(press, x, n_kept)
+  b, kh, t = x.batch, x.kv_heads, x.tokens
+  _require(scores.shape == (b, kh, t) and scores.dtype == jnp.float32, "shapes",
+           f"score() gave {scores.dtype} {tuple(scores.shape)}, expected float32 {(b, kh, t)}")
+  _require(keep.shape == (b, kh, t) and keep.dtype == jnp.bool_, "shapes",
+           f"select() gave {keep.dtype} {tuple(keep.shape)}, expected bool {(b, kh, t)}")
+  valid = np.asarray(x.valid)
+  s, k = np.asarray(scores), np.asarray(keep)
+  _require(np.isfinite(s[np.broadcast_to(valid[:, None], s.shape)]).all(), "shapes",
+           "score() is not finite on real tokens")
+  _require(not (k & ~valid[:, None]).any(), "padding", "a padding position was kept")
+  if not getattr(press, "keeps_every_token", False):
+    counts = k.sum(-1)  # [B, K]
+    if getattr(press, "shared_heads", False):
+      _require((counts.sum(-1) <= kh * np.asarray(n_kept)).all(), "budget",
+               f"kept {counts.sum(-1)} per row over a pooled budget of {kh} x {np.asarray(n_kept)}")
+    else:
+      _require((counts <= np.asarray(n_kept)[:, None]).all(), "budget",
+               f"kept {counts} per (row, head), budgets {np.asarray(n_kept)}")
+  for row in range(b):  # rows: alone == in the ragged batch
+    alone_s, alone_k = _run(press, _row(x, row), n_kept[row:row + 1])
+    n = lengths[row]
+    _require(np.allclose(np.asarray(alone_s)[0], s[row, :, :n], atol=atol, rtol=1e-4), "rows",
+             f"row {row}'s scores change when it is batched with padding")
+    _require((np.asarray(alone_k)[0] == k[row, :, :n]).all(), "rows",
+             f"row {row}'s selection changes when it is batched with padding")
+  jit_s, jit_k = jax.jit(lambda x, n: _run(press, x, n))(x, n_kept)
+  _require(np.allclose(np.asarray(jit_s), s, atol=atol, rtol=1e-4)
+           and (np.asarray(jit_k) == k).all(), "jit", "jit(score/select) differs from eager")
+  for layer in range(4):
+    got = press.layer_kept(8, 20, layer, 4, None)
+    _require(isinstance(got, (int, np.integer)) and 1 <= got <= 20, "layer_kept",
+             f"layer_kept(8, tokens=20, layer={layer}, n_layers=4) = {got!r}")
+  if model is not None:
+    _end_to_end(press, model)
+
+
+def _end_to_end(press: Press, model) -> None:
+  from kvjax.decode import generate
+  from kvjax.presses.compress import compress, score_prompt
+
+  rng = np.random.default_rng(1)
+  vocab = model.config.vocab_size
+  rows = [rng.integers(3, vocab, size=n).tolist() for n in (12, 7)]
+  rest = [[int(rng.integers(3, vocab))] for _ in rows]
+  cache = compress(model, rows, press, budget=64, room=8)
+  got = generate(model, rest, cache=cache, max_new_tokens=4, stop_at_eos=False).tokens
+  want = generate(model, [r + s for r, s in zip(rows, rest)], max_new_tokens=4,
+                  stop_at_eos=False).tokens
+  if not getattr(press, "changes_keys", False):
+    _require((np.asarray(got) == np.asarray(want)).all(), "end_to_end",
+             f"with a budget above the prompt, generation differs from the full cache: "
+             f"{np.asarray(got).tolist()} vs {np.asarray(want).tolist()}")
+  info = score_prompt(model, rows, press, ratio=0.5)
+  cache = compress(model, rows, press, ratio=0.5, room=8)
+  view = cache.view()
+  held = np.zeros(np.asarray(info.kept).shape, bool)  # [L, B, K, T]
+  pos, mask = np.asarray(view.positions), np.asarray(view.mask)
+  for idx in zip(*np.nonzero(mask)):
+    held[idx[0], idx[1], idx[2], pos[idx]] = True
+  _require((held == np.asarray(info.kept)).all(), "end_to_end",
+           "the cache holds other positions than score_prompt's kept mask")

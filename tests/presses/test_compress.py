@@ -1,0 +1,169 @@
+"""kvjax.compress and the press protocol on the tiny model and synthetic layers (fast lane).
+
+The press-by-press checks against kvpress itself are in test_kvpress_oracle.py (full lane).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import presses
+from kvjax.caches.terms import SpecError
+from kvjax.testing.presses import PressError, check_press, synthetic_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return kvjax.load("tiny")
+
+
+def _rows(tiny, lengths=(12, 7), seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, tiny.config.vocab_size, size=n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("spec", ["knorm", "streaming_llm", "snapkv", "pyramidkv", "adakv(snapkv)"])
+def test_builtin_presses_pass_the_kit(spec):
+  check_press(spec)
+
+
+def test_kit_end_to_end_on_tiny(tiny):
+  check_press("snapkv", model=tiny)
+  check_press("adakv(knorm)", model=tiny)
+
+
+def test_budget_above_prompt_generates_as_the_full_cache(tiny):
+  rows = _rows(tiny)
+  rest = [[5, 9], [7, 4]]
+  cache = kvjax.compress(tiny, rows, "snapkv", budget=100, room=16)
+  got = kvjax.generate(tiny, rest, cache=cache, max_new_tokens=6, stop_at_eos=False).tokens
+  want = kvjax.generate(tiny, [r + s for r, s in zip(rows, rest)], max_new_tokens=6,
+                        stop_at_eos=False).tokens
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_ragged_rows_equal_each_row_alone(tiny):
+  rows = _rows(tiny, (12, 7, 9))
+  batch = presses.score_prompt(tiny, rows, "snapkv", ratio=0.5)
+  for b, row in enumerate(rows):
+    alone = presses.score_prompt(tiny, [row], "snapkv", ratio=0.5)
+    n = len(row)
+    np.testing.assert_allclose(np.asarray(batch.scores[:, b, :, :n]),
+                               np.asarray(alone.scores[:, 0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(batch.kept[:, b, :, :n]), np.asarray(alone.kept[:, 0]))
+    np.testing.assert_allclose(np.asarray(batch.logits[b]), np.asarray(alone.logits[0]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_and_budget_set_each_rows_count(tiny):
+  rows = _rows(tiny, (12, 7))
+  info = presses.score_prompt(tiny, rows, "knorm", ratio=0.5)
+  np.testing.assert_array_equal(np.asarray(info.n_kept[0]), [6, 3])  # floor(n (1 - r))
+  assert (np.asarray(info.kept).sum(-1)[:, 0] == 6).all() and (np.asarray(info.kept).sum(-1)[:, 1] == 3).all()
+  info = presses.score_prompt(tiny, rows, "knorm", budget=8)
+  np.testing.assert_array_equal(np.asarray(info.n_kept[0]), [8, 7])
+  np.testing.assert_array_equal(presses.row_budgets([10, 3], ratio=0.875), [1, 1])
+
+
+def test_cache_holds_the_kept_tokens_quantized(tiny):
+  rows = _rows(tiny, (12,))
+  full = kvjax.compress(tiny, rows, "knorm", ratio=0.5, room=4)
+  small = kvjax.compress(tiny, rows, "knorm", ratio=0.5, room=4, storage="int4")
+  assert kvjax.total_bytes(small) < kvjax.total_bytes(full) / 2
+  np.testing.assert_array_equal(np.asarray(small.positions), np.asarray(full.positions))
+  assert int(full.lengths[0]) == 12 and int(np.asarray(full.view().mask).sum(-1).max()) == 6
+
+
+def test_pyramid_budgets_make_a_layered_cache(tiny):
+  rows = _rows(tiny, (40,))
+  cache = kvjax.compress(tiny, rows, "pyramidkv(window_size=4)", ratio=0.5)
+  assert isinstance(cache, kvjax.LayeredCache)
+  info = presses.score_prompt(tiny, rows, "pyramidkv(window_size=4)", ratio=0.5)
+  budgets = np.asarray(info.n_kept[:, 0])
+  assert budgets[0] > budgets[-1] and abs(budgets.mean() - 20) <= 1
+
+
+def test_spec_strings_and_compat():
+  p = presses.make_press("snapkv(window_size=16, pooling='avg')")
+  assert (p.window_size, p.kernel_size, p.pooling) == (16, None, "avg")
+  q = p.resolve("kvpress")
+  assert (q.window_size, q.kernel_size, q.pooling) == (16, 5, "avg")  # explicit options stay
+  assert presses.make_press("snapkv").resolve("kvpress").window_size == 64
+  assert presses.make_press("snapkv").resolve(None).window == 32
+  ada = presses.make_press("adakv(snapkv(window_size=8), alpha_safeguard=0.1)")
+  assert ada.press.window_size == 8 and ada.alpha_safeguard == 0.1
+  assert str(ada) == "adakv(snapkv(window_size=8), alpha_safeguard=0.1)"
+  assert presses.make_press(str(ada)) == ada
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nosuch", "unknown press 'nosuch'"),
+    ("snapkv(window_size=)", "not a literal"),
+    ("snapkv(bogus=1)", "bogus"),
+    ("snapkv(pooling='median')", "pooling"),
+    ("adakv", "wraps a press"),
+    ("snapkv) ", "unexpected"),
+])
+def test_bad_specs_name_the_problem(spec, words):
+  with pytest.raises((SpecError, ValueError), match=words.replace("(", r"\(")):
+    presses.make_press(spec)
+
+
+def test_bad_arguments_name_the_problem(tiny):
+  rows = _rows(tiny, (8,))
+  with pytest.raises(SpecError, match="exactly one of ratio"):
+    kvjax.compress(tiny, rows, "knorm")
+  with pytest.raises(SpecError, match="ratio must be in"):
+    kvjax.compress(tiny, rows, "knorm", ratio=1.0)
+  with pytest.raises(SpecError, match="budget must be"):
+    kvjax.compress(tiny, rows, "knorm", budget=0)
+  with pytest.raises(SpecError, match="compat"):
+    kvjax.compress(tiny, rows, "knorm", ratio=0.5, compat="hf")
+  with pytest.raises(ValueError, match="token ids must be in"):
+    kvjax.compress(tiny, [[10**9]], "knorm", ratio=0.5)
+
+
+# ---- your own press -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ValueNormPress(presses.Press):
+  """Keeps the tokens whose values have the largest norm (a toy press for this test)."""
+
+  name: ClassVar[str] = "value_norm"
+  doc: ClassVar[str] = "largest value L2 norm (a test press)"
+
+  def score(self, x, n_kept):
+    return jnp.linalg.norm(x.v, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepsPadding(ValueNormPress):
+  name: ClassVar[str] = "keeps_padding"
+
+  def select(self, x, scores, n_kept):
+    return jnp.ones(scores.shape, bool)
+
+
+def test_a_user_press_registers_and_composes(tiny):
+  presses.register_press(ValueNormPress)
+  try:
+    check_press("value_norm", model=tiny)
+    check_press("adakv(value_norm)")
+    x = synthetic_inputs()
+    keep = presses.make_press("value_norm").select(x, jnp.linalg.norm(x.v, axis=-1),
+                                                   jnp.asarray([3, 3]))
+    norms = np.linalg.norm(np.asarray(x.v[0, 0, :24]), axis=-1)
+    assert set(np.nonzero(np.asarray(keep[0, 0]))[0]) == set(np.argsort(-norms)[:3])
+  finally:
+    presses.unregister_press("value_norm")
+  assert "value_norm" not in presses.press_names()
+
+
+def test_the_kit_catches_a_press_that_keeps_padding():
+  with pytest.raises(PressError, match=r"\[padding\]"):
+    check_press(KeepsPadding())
