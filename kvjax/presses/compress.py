@@ -33,12 +33,15 @@ from flax import struct
 
 from kvjax import attention as attn
 from kvjax.caches import codec as codec_lib
+from kvjax.caches.hybrid import HybridCache
 from kvjax.caches.layered import LayeredCache
 from kvjax.caches.scored import admission
 from kvjax.caches.scored.admission import Layer
 from kvjax.caches.scored.cache import ScoredCache
 from kvjax.caches.scored.scorers import Scorer
+from kvjax.caches.window import WindowCache
 from kvjax.caches.terms import SpecError
+from kvjax.models.config import layer_windows
 from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.presses.base import LayerInputs, Press, make_press
 
@@ -62,12 +65,15 @@ class Compressed:
   scores: float32 [L, B, K, T] every layer's press scores (T = the longest row), or None.
   kept: bool [L, B, K, T] the kept positions, or None.
   n_kept: int32 [L, B] each layer's per-head budget per row.
+  layers: the model layers the L entries of scores and kept belong to (all of them, or a hybrid
+    model's global layers: its sliding layers keep their own window and have no press).
   """
 
   logits: jax.Array
   scores: jax.Array | None
   kept: jax.Array | None
   n_kept: jax.Array
+  layers: tuple = struct.field(pytree_node=False, default=())
 
 
 @struct.dataclass
@@ -83,6 +89,7 @@ class _Pressing:
   press: Press = struct.field(pytree_node=False, default=None)
   n_layers: int = struct.field(pytree_node=False, default=1)
   record: bool = struct.field(pytree_node=False, default=False)
+  sliding: tuple | None = struct.field(pytree_node=False, default=None)  # per layer: windowed?
 
   @property
   def lengths(self):
@@ -96,7 +103,11 @@ class _Pressing:
     return self.lengths[:, None] + jnp.arange(tokens, dtype=jnp.int32)[None, :]
 
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
-    """q [B, T, N, H], k/v [B, T, K, H] un-rotated, from an empty cache. Returns (out, cache)."""
+    """q [B, T, N, H], k/v [B, T, K, H] un-rotated, from an empty cache. Returns (out, cache).
+    A hybrid model's sliding layers go to their window cache unpressed."""
+    if self.sliding is not None and self.sliding[layer]:
+      out, target = self.target.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
+      return out, self.replace(target=target)
     b, t, _, h = q.shape
     n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -134,26 +145,23 @@ def _causal(q, k, v, n_valid, scale):
 
 
 # ---- writing the kept tokens -------------------------------------------------------------------
-def _layer_of(target, layer: int):
-  """(the cache holding `layer`, its layer index there)."""
-  if isinstance(target, LayeredCache):
-    return target.layers[layer], 0
-  return target, layer
-
-
 def _fill(target, layer: int, keep, scores, k, v):
   """target with `layer` holding exactly the kept tokens: keep bool [B, K, T], scores [B, K, T],
-  k (rotated), v [B, K, T, H]; kept tokens fill the first slots in position order."""
-  cache, at = _layer_of(target, layer)
-  st = admission.take_layer(cache, at)
-  if cache.shared_heads:
-    st = _fill_shared(cache, st, keep, scores, k, v)
-  else:
-    st = _fill_heads(cache, st, keep, scores, k, v)
-  cache = admission.put_layer(cache, at, st)
+  k (rotated), v [B, K, T, H]; kept tokens fill the first slots in position order. target: a
+  ScoredCache, a LayeredCache of them, or a HybridCache whose group holds them."""
+  if isinstance(target, HybridCache):
+    g, i = target.where[layer]
+    return target.replace(groups=target.groups[:g] + (
+        _fill(target.groups[g], i, keep, scores, k, v),) + target.groups[g + 1:])
   if isinstance(target, LayeredCache):
-    return target.replace(layers=target.layers[:layer] + (cache,) + target.layers[layer + 1:])
-  return cache
+    one = _fill(target.layers[layer], 0, keep, scores, k, v)
+    return target.replace(layers=target.layers[:layer] + (one,) + target.layers[layer + 1:])
+  st = admission.take_layer(target, layer)
+  if target.shared_heads:
+    st = _fill_shared(target, st, keep, scores, k, v)
+  else:
+    st = _fill_heads(target, st, keep, scores, k, v)
+  return admission.put_layer(target, layer, st)
 
 
 def _first_slots(keep, order_key, slots: int):
@@ -282,10 +290,6 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   lengths = np.array([len(r) for r in rows], np.int64)
   if lengths.min() < 1:
     raise ValueError(f"{what}: every row needs at least one token")
-  kinds = getattr(model.config, "layer_types", None)
-  if kinds is not None and any(w != "global" for w in kinds):
-    raise SpecError(f"{what}: models with sliding-window layers (Gemma 3) are not supported yet; "
-                    "use a model whose layers are all global")
   n_layers = model.config.n_layers
   kept = layer_budgets(press, lengths, row_budgets(lengths, ratio=ratio, budget=budget), n_layers,
                        ratio)
@@ -299,14 +303,17 @@ def _run(model, rows, lengths, press, kept, target, record):
   for b, r in enumerate(rows):
     tokens[b, :len(r)] = r
   wo = _output_projections(model) if press.needs_wo else None
+  windows = layer_windows(model.config)
+  sliding = tuple(w is not None for w in windows) if any(w is not None for w in windows) else None
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
-                       n_layers=model.config.n_layers, record=record)
+                       n_layers=model.config.n_layers, record=record, sliding=sliding)
   logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
                           jnp.asarray(lengths, jnp.int32), pressing)
   if not record:
     return done, None
+  pressed = tuple(i for i in range(model.config.n_layers) if not (sliding and sliding[i]))
   return done, Compressed(logits=logits, scores=jnp.stack(done.scores), kept=jnp.stack(done.kept),
-                          n_kept=pressing.n_kept)
+                          n_kept=pressing.n_kept[np.asarray(pressed)], layers=pressed)
 
 
 @functools.partial(jax.jit, static_argnames=("step",))
@@ -315,16 +322,32 @@ def _prefill(step, params, tokens, n_valid, pressing):
 
 
 def _target(press, config, kept, room, codec, dtype):
-  """The empty cache the kept tokens are written to (see module docstring)."""
-  heavy = [max(1, int(k.max())) for k in kept]
+  """The empty cache the kept tokens are written to (see module docstring): one ScoredCache over
+  the pressed layers (a LayeredCache when their budgets differ), and on a hybrid model (Gemma 3)
+  a window cache per sliding window beside it, in a HybridCache."""
+  windows = layer_windows(config)
+  pressed = [i for i, w in enumerate(windows) if w is None]
+  if not pressed:
+    raise SpecError("compress: every layer of this model slides over a window, so there is no "
+                    "global layer to press")
+  heavy = [max(1, int(kept[i].max())) for i in pressed]
   shared = getattr(press, "shared_heads", False)
   make = lambda n_layers, h: ScoredCache.init(
       n_layers=n_layers, batch=kept.shape[1], kv_heads=config.n_kv_heads,
       head_dim=config.head_dim, heavy=h, window=room, dtype=dtype, scorer=Pressed(),
       shared_heads=shared, codec=codec)
-  if len(set(heavy)) == 1:
-    return make(config.n_layers, heavy[0])
-  return LayeredCache.of(make(1, h) for h in heavy)
+  scored = make(len(pressed), heavy[0]) if len(set(heavy)) == 1 else \
+      LayeredCache.of(make(1, h) for h in heavy)
+  if len(pressed) == len(windows):
+    return scored
+  groups, layers = [scored], [tuple(pressed)]
+  for w in sorted({w for w in windows if w is not None}):
+    mine = tuple(i for i, x in enumerate(windows) if x == w)
+    groups.append(WindowCache.init(n_layers=len(mine), batch=kept.shape[1],
+                                   kv_heads=config.n_kv_heads, head_dim=config.head_dim, window=w,
+                                   dtype=dtype, absolute=True))
+    layers.append(mine)
+  return HybridCache.of(groups, layers)
 
 
 def _output_projections(model):

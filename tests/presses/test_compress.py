@@ -167,3 +167,18 @@ def test_a_user_press_registers_and_composes(tiny):
 def test_the_kit_catches_a_press_that_keeps_padding():
   with pytest.raises(PressError, match=r"\[padding\]"):
     check_press(KeepsPadding())
+
+
+def test_hybrid_model_presses_its_global_layers_only():
+  gemma = kvjax.load("tiny-gemma3")  # 5 sliding layers (window 16), 1 global
+  rows = _rows(gemma, (40, 25))
+  rest = [[5], [7]]
+  cache = kvjax.compress(gemma, rows, "snapkv", budget=100, room=16)
+  assert isinstance(cache, kvjax.HybridCache)
+  got = kvjax.generate(gemma, rest, cache=cache, max_new_tokens=5, stop_at_eos=False).tokens
+  want = kvjax.generate(gemma, [r + s for r, s in zip(rows, rest)], max_new_tokens=5,
+                        stop_at_eos=False).tokens
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  info = presses.score_prompt(gemma, rows, "snapkv", ratio=0.5)
+  assert info.layers == (5,) and info.scores.shape[0] == 1
+  np.testing.assert_array_equal(np.asarray(info.n_kept), [[20, 12]])
