@@ -89,7 +89,7 @@ class _Pressing:
   press: Press = struct.field(pytree_node=False, default=None)
   n_layers: int = struct.field(pytree_node=False, default=1)
   record: bool = struct.field(pytree_node=False, default=False)
-  sliding: tuple | None = struct.field(pytree_node=False, default=None)  # per layer: windowed?
+  sliding: tuple | None = struct.field(pytree_node=False, default=None)  # per layer: window
 
   @property
   def lengths(self):
@@ -105,7 +105,13 @@ class _Pressing:
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     """q [B, T, N, H], k/v [B, T, K, H] un-rotated, from an empty cache. Returns (out, cache).
     A hybrid model's sliding layers go to their window cache unpressed."""
-    if self.sliding is not None and self.sliding[layer]:
+    if self.sliding is not None and self.sliding[layer] is not None:
+      if self.target is None:  # score_prompt: the layer's outputs only
+        positions = self.token_positions(q.shape[1])
+        out = attn.causal_attention(attn.apply_rope(rope, q, positions),
+                                    attn.apply_rope(rope, k, positions), v, positions, n_valid,
+                                    scale=scale, window=self.sliding[layer])
+        return out, self
       out, target = self.target.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
       return out, self.replace(target=target)
     b, t, _, h = q.shape
@@ -304,14 +310,14 @@ def _run(model, rows, lengths, press, kept, target, record):
     tokens[b, :len(r)] = r
   wo = _output_projections(model) if press.needs_wo else None
   windows = layer_windows(model.config)
-  sliding = tuple(w is not None for w in windows) if any(w is not None for w in windows) else None
+  sliding = windows if any(w is not None for w in windows) else None
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
                        n_layers=model.config.n_layers, record=record, sliding=sliding)
   logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
                           jnp.asarray(lengths, jnp.int32), pressing)
   if not record:
     return done, None
-  pressed = tuple(i for i in range(model.config.n_layers) if not (sliding and sliding[i]))
+  pressed = tuple(i for i in range(model.config.n_layers) if sliding is None or sliding[i] is None)
   return done, Compressed(logits=logits, scores=jnp.stack(done.scores), kept=jnp.stack(done.kept),
                           n_kept=pressing.n_kept[np.asarray(pressed)], layers=pressed)
 
