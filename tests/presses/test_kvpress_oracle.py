@@ -45,3 +45,26 @@ def test_matches_kvpress(name, smollm2):
       assert untied == 0, f"{name} p{i} r{ratio}: {untied} kept sets differ beyond ties"
       report.append(tied)
   print(f"{name}: kept sets equal up to {sum(report)} tied positions")
+
+
+@pytest.mark.parametrize("name", ["none", "knorm", "snapkv", "streaming_llm"])
+def test_greedy_continuation_matches_kvpress(name, smollm2):
+  """Prompt 0 compressed at ratio 0.5, then 8 greedy tokens, as kvpress's fixture run did: the
+  first from the uncompressed prefill's logits, the next 7 decoded over the compressed cache."""
+  import kvjax
+
+  greedy = oracle.manifest()["greedy"]
+  ids = oracle.prompts(oracle.load("knorm"))[greedy["prompt"]].tolist()
+  want = greedy["results"][name]["ids"]
+  n = greedy["n_tokens"]
+  if name == "none":
+    out = kvjax.generate(smollm2, [ids], max_new_tokens=n, stop_at_eos=False)
+    assert np.asarray(out.tokens)[0].tolist() == want
+    return
+  cache, info = kvjax.compress(smollm2, [ids], name, ratio=greedy["ratio"], compat="kvpress",
+                               details=True, room=16)
+  assert int(np.asarray(cache.view().mask).sum(-1).max()) == greedy["results"][name][
+      "cache_len_after_prefill"]
+  first = int(np.argmax(np.asarray(info.logits[0])))
+  out = kvjax.generate(smollm2, [[first]], cache=cache, max_new_tokens=n - 1, stop_at_eos=False)
+  assert [first] + np.asarray(out.tokens)[0].tolist() == want
