@@ -13,6 +13,13 @@ and shapes) with two hooks, both pure functions of one layer's `LayerInputs`:
       kvpress's ScorerPress rule. Wrappers override it (AdaKV pools a layer's heads, ChunkKV keeps
       whole chunks, BlockPress rescores block by block).
 
+and one optional hook for presses that thin the keys instead of (or beside) dropping tokens:
+
+  prune_keys(x) -> k [B, K, T, H]
+      The rotated keys as the cache stores them (default: x.k unchanged). ThinK zeroes its pruned
+      key channels here. Only the written cache sees it: the prefill's own attention, and so every
+      later layer's inputs, use the full keys (as in kvpress, whose presses run after attention).
+
 and two class-level facts: `name` (the spec word, kvpress's name for the method) and `kvpress`,
 the option values kvpress 0.5.5 uses by default where kvjax's own default differs (`compat=
 "kvpress"` applies them, `resolve`). Budgets per layer (PyramidKV) come from `layer_kept`.
@@ -157,6 +164,10 @@ class Press:
 
   def select(self, x: LayerInputs, scores, n_kept) -> jax.Array:
     return topk_per_head(scores, n_kept, x.valid)
+
+  def prune_keys(self, x: LayerInputs) -> jax.Array:
+    """The keys [B, K, T, H] (rotated) the cache stores for this layer; default x.k as is."""
+    return x.k
 
   def layer_kept(self, n_kept: int, tokens: int, layer: int, n_layers: int,
                  ratio: float | None = None) -> int:

@@ -129,7 +129,8 @@ class _Pressing:
     keep = self.press.select(x, scores, n_kept) & x.valid[:, None, :]
     new = self
     if self.target is not None:
-      new = new.replace(target=_fill(self.target, layer, keep, scores, x.k, x.v))
+      kept_k = self.press.prune_keys(x)  # x.k unless the press thins keys (ThinK)
+      new = new.replace(target=_fill(self.target, layer, keep, scores, kept_k, x.v))
     if self.record:
       new = new.replace(scores=self.scores + (scores,), kept=self.kept + (keep,))
     return out, new

@@ -36,6 +36,10 @@ SPECS = {
     "adakv": "adakv(snapkv)",
 }
 
+# presses whose kvpress scores are ranks of float values (lagkv: ranks within each partition), and
+# the kvjax spec scoring those values themselves, to tell tied ranks apart (`rank_ties`)
+RANKED = {"lagkv": "lagkv(lag_size=32, cross_scoring=True)"}
+
 
 def manifest() -> dict:
   return json.loads((FIXTURES / "manifest.json").read_text())
@@ -88,3 +92,29 @@ def untied_mismatches(ref_scores, want, got, *, pooled_heads: bool = False):
       else:
         untied += 1
   return untied, tied
+
+
+def rank_ties(ref, got, values):
+  """(ref, got, swapped) with ranks that differ only by a tie merged.
+
+  ref: kvpress's rank scores, got: kvjax's, values: the values kvjax ranked, all float [L, K, T].
+  torch's argsort orders equal values arbitrarily (and 1-ulp differences of the values come out
+  either way), so two positions whose values tie within TIE_RTOL may have their ranks swapped.
+  Every group of differing positions of one (layer, kv head) whose values tie and whose ranks are
+  the same multiset in both is set to its lowest rank in both (so the kept-set comparison sees the
+  tie); swapped counts those positions. Other differences are left for the caller to report."""
+  ref, got = ref.copy(), got.copy()
+  swapped = 0
+  for layer, h in np.ndindex(ref.shape[:2]):
+    differ = np.flatnonzero(np.abs(ref[layer, h] - got[layer, h]) > TIE_RTOL)
+    if not differ.size:
+      continue
+    at = differ[np.argsort(values[layer, h, differ], kind="stable")]
+    v = values[layer, h, at].astype(np.float64)
+    cuts = np.flatnonzero(np.abs(np.diff(v)) > TIE_RTOL * np.abs(v[1:])) + 1
+    for group in np.split(at, cuts):
+      a, b = np.sort(ref[layer, h, group]), np.sort(got[layer, h, group])
+      if group.size > 1 and np.allclose(a, b, rtol=0, atol=TIE_RTOL):
+        ref[layer, h, group] = got[layer, h, group] = a[0]
+        swapped += group.size
+  return ref, got, swapped
