@@ -158,6 +158,8 @@ class Press:
   kvpress: ClassVar[dict] = {}  # option -> kvpress 0.5.5's default, where kvjax's differs
   needs_wo: ClassVar[bool] = False
   doc: ClassVar[str] = ""  # one line: what it keeps, and the paper
+  keeps_every_token: ClassVar[bool] = False  # prunes something else (think: key channels)
+  changes_keys: ClassVar[bool] = False  # stored keys differ from the prefill's (think, rerotation)
 
   def score(self, x: LayerInputs, n_kept) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} has no score()")

@@ -290,6 +290,8 @@ class ThinKPress(Press):
   name: ClassVar[str] = "think"
   doc: ClassVar[str] = "zeroes the key channels the window's queries use least (Xu et al. 2024)"
   kvpress: ClassVar[dict] = {"key_channel_compression_ratio": 0.0}
+  keeps_every_token: ClassVar[bool] = True
+  changes_keys: ClassVar[bool] = True
   key_channel_compression_ratio: float | None = None
   window_size: int = 32
 

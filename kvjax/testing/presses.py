@@ -82,6 +82,8 @@ def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) ->
   press = make_press(press)
   x = synthetic_inputs()
   lengths = np.asarray(x.n_valid)
+  every = getattr(press, "keeps_every_token", False)
+  share = 0.0 if every else share
   n_kept = jnp.asarray(np.maximum(1, (lengths * (1 - share)).astype(int)), jnp.int32)
   scores, keep = _run(press, x, n_kept)
   b, kh, t = x.batch, x.kv_heads, x.tokens
@@ -94,7 +96,7 @@ def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) ->
   _require(np.isfinite(s[np.broadcast_to(valid[:, None], s.shape)]).all(), "shapes",
            "score() is not finite on real tokens")
   _require(not (k & ~valid[:, None]).any(), "padding", "a padding position was kept")
-  if not getattr(press, "keeps_every_token", False):
+  if not every:
     counts = k.sum(-1)  # [B, K]
     if getattr(press, "shared_heads", False):
       _require((counts.sum(-1) <= kh * np.asarray(n_kept)).all(), "budget",
@@ -113,7 +115,7 @@ def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) ->
   _require(np.allclose(np.asarray(jit_s), s, atol=atol, rtol=1e-4)
            and (np.asarray(jit_k) == k).all(), "jit", "jit(score/select) differs from eager")
   for layer in range(4):
-    got = press.layer_kept(8, 20, layer, 4, None)
+    got = press.layer_kept(20 if every else 8, 20, layer, 4, None)
     _require(isinstance(got, (int, np.integer)) and 1 <= got <= 20, "layer_kept",
              f"layer_kept(8, tokens=20, layer={layer}, n_layers=4) = {got!r}")
   if model is not None:
@@ -136,8 +138,9 @@ def _end_to_end(press: Press, model) -> None:
     _require((np.asarray(got) == np.asarray(want)).all(), "end_to_end",
              f"with a budget above the prompt, generation differs from the full cache: "
              f"{np.asarray(got).tolist()} vs {np.asarray(want).tolist()}")
-  info = score_prompt(model, rows, press, ratio=0.5)
-  cache = compress(model, rows, press, ratio=0.5, room=8)
+  ratio = 0.0 if getattr(press, "keeps_every_token", False) else 0.5
+  info = score_prompt(model, rows, press, ratio=ratio)
+  cache = compress(model, rows, press, ratio=ratio, room=8)
   view = cache.view()
   held = np.zeros(np.asarray(info.kept).shape, bool)  # [L, B, K, T]
   pos, mask = np.asarray(view.positions), np.asarray(view.mask)
