@@ -43,7 +43,7 @@ from kvjax.caches.window import WindowCache
 from kvjax.caches.terms import SpecError
 from kvjax.models.config import layer_windows
 from kvjax.models.protocol import check_model, model_dtype, static_step
-from kvjax.presses.base import LayerInputs, Press, make_press
+from kvjax.presses.base import LayerInputs, Press, make_press, protect
 
 ROOM = 256  # decode tokens a compressed cache holds beside the kept prompt, by default
 _BLOCK = 256  # key block of the prefill's attention
@@ -89,6 +89,7 @@ class _Pressing:
   press: Press = struct.field(pytree_node=False, default=None)
   n_layers: int = struct.field(pytree_node=False, default=1)
   record: bool = struct.field(pytree_node=False, default=False)
+  protected: tuple = struct.field(pytree_node=False, default=(0, 0))  # (sink, window) always kept
   sliding: tuple | None = struct.field(pytree_node=False, default=None)  # per layer: window
 
   @property
@@ -126,6 +127,10 @@ class _Pressing:
                     n_layers=self.n_layers, scale=h**-0.5 if scale is None else scale, rope=rope)
     n_kept = self.n_kept[layer]
     scores = self.press.score(x, n_kept).astype(jnp.float32)
+    sink, window = self.protected
+    if sink or window:  # compress(sink=, window=): kept whatever the press says
+      pos = jnp.arange(x.tokens)[None, :]
+      scores = protect(scores, ((pos < sink) | (pos >= x.n_valid[:, None] - window))[:, None])
     keep = self.press.select(x, scores, n_kept) & x.valid[:, None, :]
     new = self
     if self.target is not None:
@@ -248,6 +253,7 @@ def layer_budgets(press: Press, lengths, rows, n_layers: int, ratio=None) -> np.
 # ---- the entry point ----------------------------------------------------------------------------
 def compress(model, ids, press, *, ratio: float | None = None, budget: int | None = None,
              compat: str | None = None, room: int = ROOM, storage: str | None = None,
+             sink: int = 0, window: int = 0,
              group: int = 32, details: bool = False, **options):
   """Prefills the prompt rows `ids` and keeps what `press` chooses; returns the cache.
 
@@ -260,6 +266,8 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     compat: "kvpress" takes kvpress 0.5.5's default hyper-parameters for the press.
     room: decode tokens the cache keeps beside the compressed prompt before it evicts again.
     storage: "int8", "int4", "fp8", ... to store the kept tokens quantized (group: int group size).
+    sink, window: the first `sink` and last `window` prompt tokens of each row outrank every
+      other score, whatever the press (they count in the budget).
     details: also return a `Compressed` (first-token logits, every layer's scores and kept mask).
     options: the press's own options (e.g. window_size=32 for snapkv).
 
@@ -274,19 +282,27 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     raise SpecError(f"compress: room must be an int >= 1, got {room!r}")
   dtype = model_dtype(model)
   target = _target(press, model.config, kept, room, codec_lib.parse(storage, dtype, group), dtype)
-  done, info = _run(model, rows, lengths, press, kept, target, details)
+  done, info = _run(model, rows, lengths, press, kept, target, details, _protected(sink, window))
   return (done.target, info) if details else done.target
 
 
 def score_prompt(model, ids, press, *, ratio: float | None = None, budget: int | None = None,
-                 compat: str | None = None, **options) -> Compressed:
+                 compat: str | None = None, sink: int = 0, window: int = 0,
+                 **options) -> Compressed:
   """What `press` would keep of the prompt rows, without building a cache: a `Compressed` with
   every layer's scores [L, B, K, T] and kept mask, the budgets and the first-token logits.
   The budget is an input of the compiled program, so ratios do not recompile (research sweeps,
   tests/presses/test_kvpress_oracle.py)."""
   press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
                                         "score_prompt")
-  return _run(model, rows, lengths, press, kept, None, True)[1]
+  return _run(model, rows, lengths, press, kept, None, True, _protected(sink, window))[1]
+
+
+def _protected(sink, window) -> tuple[int, int]:
+  for name, value in (("sink", sink), ("window", window)):
+    if not isinstance(value, (int, np.integer)) or value < 0:
+      raise SpecError(f"compress: {name} must be an int >= 0, got {value!r}")
+  return int(sink), int(window)
 
 
 def _prepare(model, ids, press, ratio, budget, compat, options, what):
@@ -303,7 +319,7 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   return press, rows, lengths, kept
 
 
-def _run(model, rows, lengths, press, kept, target, record):
+def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0)):
   """The compressing prefill: (the final _Pressing, Compressed or None)."""
   t = int(lengths.max())
   tokens = np.zeros((len(rows), t), np.int32)
@@ -313,7 +329,8 @@ def _run(model, rows, lengths, press, kept, target, record):
   windows = layer_windows(model.config)
   sliding = windows if any(w is not None for w in windows) else None
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
-                       n_layers=model.config.n_layers, record=record, sliding=sliding)
+                       n_layers=model.config.n_layers, record=record, sliding=sliding,
+                       protected=protected)
   logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
                           jnp.asarray(lengths, jnp.int32), pressing)
   if not record:

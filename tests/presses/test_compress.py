@@ -182,3 +182,15 @@ def test_hybrid_model_presses_its_global_layers_only():
   info = presses.score_prompt(gemma, rows, "snapkv", ratio=0.5)
   assert info.layers == (5,) and info.scores.shape[0] == 1
   np.testing.assert_array_equal(np.asarray(info.n_kept), [[20, 12]])
+
+
+def test_sink_and_window_are_kept_whatever_the_press(tiny):
+  rows = _rows(tiny, (20, 13))
+  cache = kvjax.compress(tiny, rows, "random", ratio=0.5, sink=2, window=3, room=4)
+  view = cache.view()
+  pos, mask = np.asarray(view.positions), np.asarray(view.mask)
+  for b, n in enumerate((20, 13)):
+    held = [set(pos[l, b, h][mask[l, b, h]]) for l in range(pos.shape[0]) for h in range(pos.shape[2])]
+    assert all({0, 1, n - 3, n - 2, n - 1} <= s for s in held)
+  with pytest.raises(SpecError, match="sink must be"):
+    kvjax.compress(tiny, rows, "random", ratio=0.5, sink=-1)
