@@ -169,8 +169,9 @@ class ChunkKVPress(Wrapper):
   A chunk's score is the mean over its tokens of the press's scores summed over the kv heads (a
   row's last chunk may be shorter; it is scored over its own tokens). Of a row's C chunks the
   best max(1, int(C (1 - ratio))) are kept (kvpress's rule), or with budget=n the best
-  max(1, n // chunk_length), so the kept count is whole chunks, not n_kept; the layer's budget
-  (`layer_kept`) is those chunks' length, an upper bound (a kept short chunk counts in full).
+  max(1, n // chunk_length) (all C when n covers the row), so the kept count is whole chunks,
+  not n_kept; the layer's budget (`layer_kept`) is those chunks' length, an upper bound (a kept
+  short chunk counts in full).
   A row shorter than one chunk is left to the press's own selection. The press's own per-layer
   budgets (pyramidkv) are not used, as in kvpress.
   """
@@ -191,6 +192,8 @@ class ChunkKVPress(Wrapper):
     n_chunks = -(-tokens // c)
     if ratio is not None:
       kept_chunks = max(1, int(n_chunks * (1.0 - ratio)))
+    elif n_kept >= tokens:
+      kept_chunks = n_chunks
     else:
       kept_chunks = max(1, n_kept // c)
     return min(kept_chunks * c, tokens)
