@@ -5,6 +5,11 @@ kvpress keeps the top-n of each (layer, kv head) with torch.topk, whose order am
 is undocumented; kvjax breaks ties to the lower position. Two kept sets therefore agree when
 every position where they differ scores (by kvpress's own scores) the same as the lowest score
 kvpress kept, within a relative 1e-6 (docs/kvpress_oracle.md, "Ties").
+
+Three presses do not keep a per-head top-k of their recorded scores (`SELECTION`): adakv pools a
+layer's heads (compared per layer); chunkkv keeps the top chunks of chunk scores made from the
+recorded (inner) scores (compared chunk by chunk, `chunk_view`); block rescores changing subsets
+and records no scores, so its kept sets must be equal exactly.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ SPECS = {
 # presses whose kvpress scores are ranks of float values (lagkv: ranks within each partition), and
 # the kvjax spec scoring those values themselves, to tell tied ranks apart (`rank_ties`)
 RANKED = {"lagkv": "lagkv(lag_size=32, cross_scoring=True)"}
+
+
+# how each press's kept sets are compared, where not per (layer, kv head) top-k up to ties
+SELECTION = {"adakv": "pooled_heads", "chunkkv": "chunks", "block": "exact"}
 
 
 def manifest() -> dict:
@@ -118,3 +127,27 @@ def rank_ties(ref, got, values):
         ref[layer, h, group] = got[layer, h, group] = a[0]
         swapped += group.size
   return ref, got, swapped
+
+
+def chunk_view(ref_scores, want, got, chunk_length: int):
+  """ChunkKV's kept sets as chunks: (chunk scores [L, 1, C], want, got bool [L, 1, C]) for
+  `untied_mismatches`. A chunk's score is kvpress's: the mean over its positions (the last chunk
+  may be short) of the scores summed over kv heads. Raises AssertionError where a kept set is not
+  whole chunks, the same in every kv head. ref_scores float [L, K, T]; want, got bool [L, K, T]."""
+  t = want.shape[-1]
+  starts = np.arange(0, t, chunk_length)
+  summed = ref_scores.astype(np.float64).sum(axis=1)  # [L, T]
+  chunk_scores = np.stack([summed[:, s:s + chunk_length].mean(axis=-1) for s in starts], axis=-1)
+
+  def chunks(kept, who):
+    first = kept[:, 0, starts]  # [L, C] each chunk's first position in head 0
+    whole = np.repeat(first, chunk_length, axis=-1)[:, :t]
+    assert (kept == whole[:, None, :]).all(), f"{who}'s kept set is not whole chunks in every head"
+    return first[:, None, :]
+
+  return chunk_scores[:, None, :], chunks(want, "kvpress"), chunks(got, "kvjax")
+
+
+def exact_mismatches(want, got):
+  """(differing, 0): the number of (layer, kv head) kept sets that differ at all."""
+  return int((want != got).any(axis=-1).sum()), 0
