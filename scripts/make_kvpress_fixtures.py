@@ -409,7 +409,7 @@ def main() -> None:
   timings["greedy"] = round(time.time() - t0, 2)
   print("greedy:", greedy, flush=True)
 
-  # ---- presses that re-rotate keys or choose whole layers (their own capture) ---------------------
+  # ---- presses that re-rotate keys or choose whole layers (their own capture) -----------------
   extra = [n for n in ("key_rerotation", "simlayerkv", "finch")
            if not args.only or n in args.only.split(",")]
   if extra:

@@ -268,7 +268,8 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     ids: token ids, one row ([n]) or several (list of lists, ragged; or [B, T] with every row
       full). Text is tokenized with the model's tokenizer.
     press: a press spec string ("snapkv", "adakv(snapkv)", ...) or a `kvjax.presses.Press`.
-    ratio: the share of each row's tokens to drop; budget: tokens to keep (one of the two).
+    ratio: the share of each row's tokens to drop; budget: tokens to keep (one of the two; neither
+      for a press that sizes its layers itself, `Press.takes_budget` False: simlayerkv, decoding).
     compat: "kvpress" takes kvpress 0.5.5's default hyper-parameters for the press.
     room: decode tokens the cache keeps beside the compressed prompt before it evicts again.
     storage: "int8", "int4", "fp8", ... to store the kept tokens quantized (group: int group size).
