@@ -114,6 +114,20 @@ DESCRIPTIONS = {
             "(head, position) pairs of the layer picks n_kept*n_kv_heads; pruned pairs are "
             "masked (fake keys) rather than removed. Feng et al. 2024, 'Ada-KV: Optimizing KV "
             "Cache Eviction by Adaptive Budget Allocation', arXiv:2407.11550"),
+  "key_rerotation": ("KeyRerotationPress(KnormPress()): the inner press's scores, a per-head "
+                     "top-n_kept, the kept keys re-rotated to positions 0..n_kept-1 (rotation by "
+                     "new - old); decoding continues at n_kept. SinkCache / FINCH (Corallo & "
+                     "Papotti 2024, TACL)"),
+  "finch": ("the question after a delimiter token is SnapKV's window: its attention (eager "
+            "weights, window columns dropped) times the query's position, mean over the window "
+            "and the kv group, window max+1, no pooling; top-n_kept; keys re-rotated. Corallo & "
+            "Papotti 2024, 'FINCH: Prompt-guided Key-Value Cache Compression for Large Language "
+            "Models', TACL"),
+  "simlayerkv": ("a layer is lazy when the last n_last queries' attention (window columns "
+                 "dropped, mean over heads and queries) on the first n_initial + last n_recent "
+                 "keys exceeds lazy_threshold; lazy layers keep keys[:n_initial] + "
+                 "keys[-n_recent + n_last:], others everything. Zhang et al. 2024, 'SimLayerKV: "
+                 "A Simple Framework for Layer-Level KV Cache Reduction', arXiv:2410.13846"),
   "think": ("key-channel pruning: channel score = mean over window queries (post-RoPE, last "
             "window_size prompt tokens) of q_c^2, averaged over the kv group, times mean over "
             "positions of k_c^2; the int(head_dim*ratio) lowest channels of each kv head are "
@@ -395,6 +409,14 @@ def main() -> None:
   timings["greedy"] = round(time.time() - t0, 2)
   print("greedy:", greedy, flush=True)
 
+  # ---- presses that re-rotate keys or choose whole layers (their own capture) -----------------
+  extra = [n for n in ("key_rerotation", "simlayerkv", "finch")
+           if not args.only or n in args.only.split(",")]
+  if extra:
+    extra_meta, extra_greedy = record_layer_presses(model, tok, prompts, args.out, extra, timings)
+    press_meta.update(extra_meta)
+    greedy.update(extra_greedy)
+
   # ---- defaults of every press class kvpress 0.5.5 exports ----------------------------------------
   all_defaults = {}
   for cname in sorted(kvpress.__all__):
@@ -403,6 +425,10 @@ def main() -> None:
       all_defaults[cname] = press_defaults(cls)
 
   from importlib.metadata import version
+  previous = json.loads((args.out / "manifest.json").read_text()) \
+      if (args.out / "manifest.json").exists() else {}
+  if args.only:  # keep the greedy runs of presses not rerun
+    greedy = {**previous.get("greedy", {}).get("results", {}), **greedy}
   manifest = {
     "generator": "scripts/make_kvpress_fixtures.py",
     "versions": {"kvpress": version("kvpress"), "transformers": transformers.__version__,
@@ -439,7 +465,7 @@ def main() -> None:
              "streaming_llm never, lagkv ranks and its 1.0 tail, cur sinks) compare kept sets "
              "only up to the tie: strictly-above-threshold positions must be kept, and the count "
              "must match."),
-    "presses": press_meta,
+    "presses": {**previous.get("presses", {}), **press_meta} if args.only else press_meta,
     "skipped": {
       "random": "RandomPress draws torch RNG scores; not reproducible outside torch.",
       "leverage": "LeverageScorePress projects keys with torch.randn (Gaussian sketch) on every "
@@ -465,8 +491,152 @@ def main() -> None:
     np.savez_compressed(path, **arrays)
   manifest["prompts_ids"] = [p["ids"] for p in prompts]
   timings["total"] = round(time.time() - t_start, 1)
+  if args.only:  # the timings of presses not rerun stay
+    manifest["timings_s"] = {**previous.get("timings_s", {}), **timings}
   (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
   print(f"done in {timings['total']}s", flush=True)
+
+
+# Fixture settings of the presses recorded by `record_layer_presses`.
+FINCH_WINDOW = 32  # the last 32 ids of each prompt are the "question" after the delimiter
+SIMLAYERKV = {"lazy_threshold": 0.9, "n_recent": 64, "n_initial": 4, "n_last": 1}
+GREEDY_REROTATION_RATIO = 0.5
+
+
+def record_layer_presses(model, tok, prompts, out, names, timings):
+  """key_rerotation(knorm), finch and simlayerkv, whose kept keys cannot be matched row for row
+  (re-rotated) or which have no score: the kept positions are the indices kvpress hands to
+  KeyRerotationPress.rerotate_keys (wrapped on the class for the run, then restored), or the
+  keys matched row for row (simlayerkv keeps them as they are); simlayerkv's per-layer decision
+  is recorded from is_lazy. Finch resizes the model's embeddings (its delimiter token), so it
+  runs last. Writes <name>.npz; returns (manifest entries, greedy runs)."""
+  import torch
+  from kvpress import FinchPress, KeyRerotationPress, KnormPress, SimLayerKVPress
+  from transformers import DynamicCache
+
+  model.set_attn_implementation("eager")
+  n_layers = model.config.num_hidden_layers
+  meta, greedy = {}, {}
+  original = KeyRerotationPress.__dict__["rerotate_keys"]
+
+  def prefill(press, ids, record_score=None):
+    """(scores [L, K, T] or None, kept indices per layer [K, n], lazy per layer or {})."""
+    scores, kept, lazy = {}, {}, {}
+    if record_score is not None:
+      inner = record_score.score
+
+      def score(module, *a):
+        s = inner(module, *a)
+        scores[module.layer_idx] = s.detach()[0].float().clone()
+        return s
+      record_score.score = score
+
+    def rerotate_keys(module, indices, keys):
+      kept[module.layer_idx] = indices.detach()[0].clone()
+      return original.__func__(module, indices, keys)
+    KeyRerotationPress.rerotate_keys = staticmethod(rerotate_keys)
+    if isinstance(press, SimLayerKVPress):
+      is_lazy, compress = press.is_lazy, press.compress
+
+      def record_lazy(module, *a):
+        lazy[module.layer_idx] = bool(is_lazy(module, *a))
+        return lazy[module.layer_idx]
+
+      def record_kept(module, hidden_states, keys, values, attentions, kwargs):
+        k_out, v_out = compress(module, hidden_states, keys, values, attentions, kwargs)
+        k_in = keys.detach()[0]
+        eq = (k_out.detach()[0][:, :, None, :] == k_in[:, None, :, :]).all(-1)  # [K, n, T]
+        assert bool((eq.sum(-1) == 1).all())
+        kept[module.layer_idx] = eq.float().argmax(-1)
+        return k_out, v_out
+      press.is_lazy, press.compress = record_lazy, record_kept
+    try:
+      with torch.no_grad(), press(model):
+        out = model(input_ids=torch.tensor([ids]), past_key_values=(cache := DynamicCache()),
+                    logits_to_keep=1)
+    finally:
+      KeyRerotationPress.rerotate_keys = original
+    assert sorted(kept) == list(range(n_layers)), sorted(kept)
+    sc = None if not scores else torch.stack([scores[i] for i in range(n_layers)]).numpy()
+    return sc, kept, lazy, out, cache
+
+  def mask(kept, t):
+    m = np.zeros((n_layers,) + tuple(kept[0].shape[:1]) + (t,), bool)
+    for layer, idx in kept.items():
+      for h in range(m.shape[1]):
+        m[layer, h, idx[h].numpy()] = True
+    return m
+
+  if "key_rerotation" in names:  # decoding continues at n_kept on the re-rotated cache
+    ids = prompts[0]["ids"]
+    inner = KnormPress(compression_ratio=GREEDY_REROTATION_RATIO)
+    _, _, _, out_, cache = prefill(KeyRerotationPress(inner), ids)
+    n = cache.get_seq_length()
+    toks = [int(out_.logits[0, -1].argmax())]
+    with torch.no_grad():
+      for i in range(GREEDY_TOKENS - 1):
+        step = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache,
+                     position_ids=torch.tensor([[n + i]]))
+        toks.append(int(step.logits[0, -1].argmax()))
+    greedy["key_rerotation"] = {"ids": toks, "cache_len_after_prefill": n,
+                                "protocol": "as the others but positions continue at n_kept "
+                                            "(the re-rotated cache's length), ratio 0.5"}
+  delimiter = "<|finch_sep|>"
+  for name in names:
+    t0, arrays = time.time(), {}
+    for pi, prompt in enumerate(prompts):
+      ids = prompt["ids"]
+      t = len(ids)
+      arrays[f"ids_p{pi}"] = np.asarray(ids, np.int32)
+      if name == "simlayerkv":
+        _, kept, lazy, _, _ = prefill(SimLayerKVPress(**SIMLAYERKV), ids)
+        m = mask(kept, t)
+        arrays[f"kept_mask_p{pi}"] = np.packbits(m, axis=-1)
+        arrays[f"n_kept_p{pi}"] = m.sum(-1).astype(np.int16)
+        arrays[f"lazy_p{pi}"] = np.asarray([lazy.get(i, False) for i in range(n_layers)])
+        continue
+      for ratio in RATIOS:
+        rtag = f"r{int(round(ratio * 100)):02d}"
+        if name == "key_rerotation":
+          inner = KnormPress(compression_ratio=ratio)
+          sc, kept, _, _, _ = prefill(KeyRerotationPress(inner), ids, inner)
+        else:
+          if delimiter not in tok.get_vocab():
+            press = FinchPress(compression_ratio=ratio)
+            press.update_model_and_tokenizer(model, tok, delimiter)
+          press = FinchPress(compression_ratio=ratio)
+          press.delimiter_token, press.delimiter_token_id = delimiter, \
+              tok.convert_tokens_to_ids(delimiter)
+          with_delim = ids[:t - FINCH_WINDOW] + [press.delimiter_token_id] + ids[t - FINCH_WINDOW:]
+          sc, kept, _, _, _ = prefill(press, with_delim, press)
+          assert press.window_size == FINCH_WINDOW, press.window_size
+        m = mask(kept, t)
+        for layer in range(n_layers):  # a top-n_kept of the recorded scores, up to ties
+          for h in range(m.shape[1]):
+            k = int(m[layer, h].sum())
+            th = np.sort(sc[layer, h])[::-1][k - 1]
+            assert m[layer, h][sc[layer, h] > th].all() and (sc[layer, h][m[layer, h]] >= th).all()
+        if ratio == RATIOS[0]:
+          arrays[f"scores_p{pi}"] = sc.astype(np.float32)
+        arrays[f"kept_mask_p{pi}_{rtag}"] = np.packbits(m, axis=-1)
+        arrays[f"n_kept_p{pi}_{rtag}"] = m.sum(-1).astype(np.int16)
+    np.savez_compressed(out / f"{name}.npz", **arrays)
+    params = {"key_rerotation": {"press": "KnormPress()"},
+              "finch": {"window_size": FINCH_WINDOW, "delimiter_token": delimiter,
+                        "input": "context + [delimiter] + last window_size ids (the delimiter is "
+                                 "dropped from the embeddings: the model sees ids_p{i})"},
+              "simlayerkv": dict(SIMLAYERKV)}[name]
+    meta[name] = {"class": {"key_rerotation": "KeyRerotationPress", "finch": "FinchPress",
+                            "simlayerkv": "SimLayerKVPress"}[name],
+                  "attn_implementation": "eager", "fixture_params": params,
+                  "description": DESCRIPTIONS[name], "scores_recorded": name != "simlayerkv",
+                  "ratio_dependent_scores": False,
+                  "arrays": "as the others; simlayerkv has no ratio: kept_mask_p{i}, n_kept_p{i} "
+                            "and lazy_p{i} bool [layers] (the layer was lazy)"}
+    timings[name] = round(time.time() - t0, 2)
+    print(f"{name}: {timings[name]}s, {len(arrays)} arrays", flush=True)
+
+  return meta, greedy
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@
   keys.py       presses that read keys/values only (knorm, streaming_llm, ...)
   attention.py  presses that read attention (snapkv, pyramidkv, ...)
   wrappers.py   presses around presses (adakv, ...)
+  rerotation.py presses whose kept keys move to positions 0..n-1 (key_rerotation, finch)
+  kvzip.py      kvzip: scores from a second reading of the context (`Press.extend`)
+  simlayerkv.py simlayerkv: whole layers keep everything or only their ends, by the data
+  decoding.py   `decode`: generation that recompresses the cache every few tokens ("decoding")
 
 Every press is checked against kvpress 0.5.5's own scores and selections
 (tests/presses/test_kvpress_oracle.py, fixtures by scripts/make_kvpress_fixtures.py).
@@ -19,8 +23,10 @@ Every press is checked against kvpress 0.5.5's own scores and selections
 from kvjax.presses.base import (LayerInputs, Press, make_press, press_class, press_names,
                                 protect, register_press, topk_per_head, unregister_press)
 from kvjax.presses import keys, attention, wrappers  # noqa: F401  (register the built-ins)
+from kvjax.presses import kvzip, rerotation, simlayerkv  # noqa: F401
 from kvjax.presses.compress import Compressed, compress, row_budgets, score_prompt
+from kvjax.presses.decoding import decode
 
 __all__ = ["Press", "LayerInputs", "make_press", "press_class", "press_names", "register_press",
            "unregister_press", "topk_per_head", "protect", "compress", "Compressed", "row_budgets",
-           "score_prompt"]
+           "score_prompt", "decode"]

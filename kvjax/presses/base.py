@@ -24,6 +24,13 @@ and two class-level facts: `name` (the spec word, kvpress's name for the method)
 the option values kvpress 0.5.5 uses by default where kvjax's own default differs (`compat=
 "kvpress"` applies them, `resolve`). Budgets per layer (PyramidKV) come from `layer_kept`.
 
+Presses that need more than one layer's view of the prompt say so with three more facts:
+`rerotates` (the kept keys are re-rotated to positions 0..n-1 and decoding continues at n:
+key_rerotation, finch), `takes_budget = False` (the press sizes every layer itself, so `compress`
+takes no ratio or budget: simlayerkv) and `extend(rows, tokenizer)` (the prefill runs over a longer
+prompt than the one compressed, e.g. kvzip's "repeat the context"; the keys scored and kept are
+the first `n_context` of each row).
+
 Everything else — running the prefill, budgets from a ratio or a token count, ragged rows, storage
 (intN/fp8), the cache the kept tokens land in — is shared machinery (`kvjax.presses.compress`).
 
@@ -55,6 +62,8 @@ class LayerInputs:
   v: [B, K, T, H] values.
   n_valid: int32 [B] real tokens per row (the rest is right padding).
   wo: the layer's output projection [N * H, D] when the press asks for it (`needs_wo`), else None.
+  n_context: int32 [B] the tokens of each row that may be kept, when the press extended the prompt
+    (`Press.extend`: positions >= n_context are the extension, attended but never kept); None: all.
   layer, n_layers: static; scale: the softmax scale; rope: the layer's RoPE (static).
   """
 
@@ -65,6 +74,7 @@ class LayerInputs:
   v: jax.Array
   n_valid: jax.Array
   wo: jax.Array | None = None
+  n_context: jax.Array | None = None
   layer: int = struct.field(pytree_node=False, default=0)
   n_layers: int = struct.field(pytree_node=False, default=1)
   scale: float = struct.field(pytree_node=False, default=1.0)
@@ -99,6 +109,12 @@ class LayerInputs:
   def valid(self) -> jax.Array:
     """bool [B, T]: real (not padding) positions."""
     return jnp.arange(self.tokens)[None, :] < self.n_valid[:, None]
+
+  @property
+  def context(self) -> jax.Array:
+    """bool [B, T]: the positions a press may keep (`valid` unless the prompt was extended)."""
+    n = self.n_valid if self.n_context is None else self.n_context
+    return jnp.arange(self.tokens)[None, :] < n[:, None]
 
   # ---- helpers presses share ------------------------------------------------------------------
   def group_mean(self, x):
@@ -160,12 +176,21 @@ class Press:
   doc: ClassVar[str] = ""  # one line: what it keeps, and the paper
   keeps_every_token: ClassVar[bool] = False  # prunes something else (think: key channels)
   changes_keys: ClassVar[bool] = False  # stored keys differ from the prefill's (think, rerotation)
+  rerotates: ClassVar[bool] = False  # kept keys move to positions 0..n-1 (module docstring)
+  takes_budget: ClassVar[bool] = True  # False: no ratio/budget, the press sizes each layer
 
   def score(self, x: LayerInputs, n_kept) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} has no score()")
 
   def select(self, x: LayerInputs, scores, n_kept) -> jax.Array:
-    return topk_per_head(scores, n_kept, x.valid)
+    return topk_per_head(scores, n_kept, x.context)
+
+  def extend(self, rows: list[list[int]], tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(the rows the prefill runs over, each row's context length): a press that needs the model
+    to read more than the prompt (kvzip) appends it here; only the first `context length` tokens
+    of each row are scored, kept and counted in the budget. Host-side, once per call; `tokenizer`
+    is the model's (or None). Default: the rows unchanged."""
+    return rows, [len(r) for r in rows]
 
   def prune_keys(self, x: LayerInputs) -> jax.Array:
     """The keys [B, K, T, H] (rotated) the cache stores for this layer; default x.k as is."""

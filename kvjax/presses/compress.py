@@ -14,6 +14,11 @@ then appends up to `room` tokens with nothing evicted (kvpress keeps every decod
 past that the cache evicts like any scored cache (the decoded tokens in its window are kept, older
 ones compete with the prompt's by score).
 
+Presses that look past one layer (base.py): with `rerotates` the kept keys of each (row, layer,
+kv head) are re-rotated to positions 0..n-1 (`rerotation.rerotate`) and the cache's `lengths` say
+n, so decoding continues at n; with `extend` the prefill runs over the extended rows and only each
+row's first `n_context` tokens are scored, kept and counted (`lengths` = the context's length).
+
 Budgets: `ratio` r keeps n_kept = max(1, floor(n * (1 - r))) tokens of a row of n (kvpress's rule,
 per row, so ragged rows each lose the same share); `budget` keeps min(budget, n). A press may give
 layers different budgets (PyramidKV, `Press.layer_kept`) or pool a layer's heads (AdaKV); the cache
@@ -44,6 +49,7 @@ from kvjax.caches.terms import SpecError
 from kvjax.models.config import layer_windows
 from kvjax.models.protocol import check_model, model_dtype, static_step
 from kvjax.presses.base import LayerInputs, Press, make_press, protect
+from kvjax.presses.rerotation import rerotate
 
 ROOM = 256  # decode tokens a compressed cache holds beside the kept prompt, by default
 _BLOCK = 256  # key block of the prefill's attention
@@ -61,8 +67,10 @@ class Pressed(Scorer):
 class Compressed:
   """What `compress(..., details=True)` returns beside the cache.
 
-  logits: float32 [B, V] at each row's last prompt token (the uncompressed prefill's).
-  scores: float32 [L, B, K, T] every layer's press scores (T = the longest row), or None.
+  logits: float32 [B, V] at each row's last prompt token (the uncompressed prefill's; for a press
+    that extends the rows, `Press.extend`, at the extension's last token).
+  scores: float32 [L, B, K, T] every layer's press scores (T = the longest row's context), or
+    None.
   kept: bool [L, B, K, T] the kept positions, or None.
   n_kept: int32 [L, B] each layer's per-head budget per row.
   layers: the model layers the L entries of scores and kept belong to (all of them, or a hybrid
@@ -86,6 +94,7 @@ class _Pressing:
   wo: tuple | None = None
   scores: tuple = ()
   kept: tuple = ()
+  context: jax.Array | None = None  # int32 [B] context lengths when the press extended the rows
   press: Press = struct.field(pytree_node=False, default=None)
   n_layers: int = struct.field(pytree_node=False, default=1)
   record: bool = struct.field(pytree_node=False, default=False)
@@ -122,7 +131,7 @@ class _Pressing:
     kr = attn.apply_rope(rope, k, positions)
     out = _causal(qr, kr, v, n_valid, scale)
     x = LayerInputs(q=qr, q_raw=q, k=kr.swapaxes(1, 2), k_raw=k.swapaxes(1, 2),
-                    v=v.swapaxes(1, 2), n_valid=n_valid,
+                    v=v.swapaxes(1, 2), n_valid=n_valid, n_context=self.context,
                     wo=None if self.wo is None else self.wo[layer], layer=layer,
                     n_layers=self.n_layers, scale=h**-0.5 if scale is None else scale, rope=rope)
     n_kept = self.n_kept[layer]
@@ -130,18 +139,25 @@ class _Pressing:
     sink, window = self.protected
     if sink or window:  # compress(sink=, window=): kept whatever the press says
       pos = jnp.arange(x.tokens)[None, :]
-      scores = protect(scores, ((pos < sink) | (pos >= x.n_valid[:, None] - window))[:, None])
-    keep = self.press.select(x, scores, n_kept) & x.valid[:, None, :]
+      ends = x.n_valid if self.context is None else self.context
+      scores = protect(scores, ((pos < sink) | (pos >= ends[:, None] - window))[:, None])
+    keep = self.press.select(x, scores, n_kept) & x.context[:, None, :]
     new = self
     if self.target is not None:
       kept_k = self.press.prune_keys(x)  # x.k unless the press thins keys (ThinK)
-      new = new.replace(target=_fill(self.target, layer, keep, scores, kept_k, x.v))
+      new = new.replace(target=_fill(self.target, layer, keep, scores, kept_k, x.v,
+                                     rope if self.press.rerotates else None))
     if self.record:
       new = new.replace(scores=self.scores + (scores,), kept=self.kept + (keep,))
     return out, new
 
   def advance(self, n_valid):
-    return self if self.target is None else self.replace(target=self.target.advance(n_valid))
+    if self.target is None:
+      return self
+    target = self.target.advance(n_valid if self.context is None else self.context)
+    if self.press.rerotates:  # decoding continues right after the last kept token
+      target = _contiguous_lengths(target)
+    return self.replace(target=target)
 
 
 def _causal(q, k, v, n_valid, scale):
@@ -157,14 +173,24 @@ def _causal(q, k, v, n_valid, scale):
 
 
 # ---- writing the kept tokens -------------------------------------------------------------------
-def _fill(target, layer: int, keep, scores, k, v):
+def _fill(target, layer: int, keep, scores, k, v, rope=None):
   """target with `layer` holding exactly the kept tokens: keep bool [B, K, T], scores [B, K, T],
-  k (rotated), v [B, K, T, H]; kept tokens fill the first slots in position order. target: a
-  ScoredCache, a LayeredCache of them, or a HybridCache whose group holds them."""
+  k (rotated), v [B, K, T, H]; kept tokens fill the first slots in position order. With `rope`
+  the i-th kept key of each (row, kv head) is re-rotated to position i. target: a ScoredCache, a
+  LayeredCache of them, or a HybridCache whose group holds them."""
   if isinstance(target, HybridCache):
     g, i = target.where[layer]
     return target.replace(groups=target.groups[:g] + (
-        _fill(target.groups[g], i, keep, scores, k, v),) + target.groups[g + 1:])
+        _fill(target.groups[g], i, keep, scores, k, v, rope),) + target.groups[g + 1:])
+  if isinstance(target, LayeredCache):
+    one = _fill(target.layers[layer], 0, keep, scores, k, v, rope)
+    return target.replace(layers=target.layers[:layer] + (one,) + target.layers[layer + 1:])
+  st = admission.take_layer(target, layer)
+  if target.shared_heads:
+    st = _fill_shared(target, st, keep, scores, k, v)
+  else:
+    st = _fill_heads(target, st, keep, scores, k, v, rope)
+  return admission.put_layer(target, layer, st)
   if isinstance(target, LayeredCache):
     one = _fill(target.layers[layer], 0, keep, scores, k, v)
     return target.replace(layers=target.layers[:layer] + (one,) + target.layers[layer + 1:])
@@ -195,12 +221,16 @@ def _gather(x, index):
   return jnp.take_along_axis(x, jnp.minimum(index, x.shape[2] - 1)[..., None], axis=2)
 
 
-def _fill_heads(cache, st: Layer, keep, scores, k, v) -> Layer:
+def _fill_heads(cache, st: Layer, keep, scores, k, v, rope=None) -> Layer:
   t = keep.shape[-1]
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), keep.shape)
   index, live = _first_slots(keep, pos, cache.pool)  # [B, K, P]
   kept_k = jnp.where(live[..., None], _gather(k, index), 0)
   kept_v = jnp.where(live[..., None], _gather(v, index), 0)
+  if rope is not None:  # slot i holds the i-th kept token: it moves to position i
+    slot = jnp.broadcast_to(jnp.arange(index.shape[-1], dtype=jnp.int32), index.shape)
+    kept_k = jnp.where(live[..., None], rerotate(rope, kept_k, index, slot), 0)
+    index = slot
   positions = jnp.where(live, index, -1)
   s = jnp.where(live, jnp.take_along_axis(jnp.pad(scores, ((0, 0), (0, 0), (0, cache.pool))),
                                           index, axis=-1), 0.0)
@@ -225,6 +255,13 @@ def _fill_shared(cache, st: Layer, keep, scores, k, v) -> Layer:
                                           index, axis=-1), 0.0)
   return Layer(cache.k.codec.encode(kept_k), cache.v.codec.encode(kept_v), st.ring_k, st.ring_v,
                positions, s, heads.astype(jnp.int32))
+
+
+def _contiguous_lengths(target):
+  """target with each row's `lengths` = its last kept position + 1 (per layer cache)."""
+  if isinstance(target, LayeredCache):
+    return target.replace(layers=tuple(_contiguous_lengths(c) for c in target.layers))
+  return target.replace(lengths=jnp.max(target.positions, axis=(0, 2, 3)) + 1)
 
 
 # ---- budgets ------------------------------------------------------------------------------------
@@ -262,7 +299,8 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     ids: token ids, one row ([n]) or several (list of lists, ragged; or [B, T] with every row
       full). Text is tokenized with the model's tokenizer.
     press: a press spec string ("snapkv", "adakv(snapkv)", ...) or a `kvjax.presses.Press`.
-    ratio: the share of each row's tokens to drop; budget: tokens to keep (one of the two).
+    ratio: the share of each row's tokens to drop; budget: tokens to keep (one of the two; neither
+      for a press that sizes its layers itself, `Press.takes_budget` False: simlayerkv, decoding).
     compat: "kvpress" takes kvpress 0.5.5's default hyper-parameters for the press.
     room: decode tokens the cache keeps beside the compressed prompt before it evicts again.
     storage: "int8", "int4", "fp8", ... to store the kept tokens quantized (group: int group size).
@@ -310,9 +348,23 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   check_model(model, what)
   press = make_press(press, **options).resolve(compat)
   rows = _rows(model, ids)
-  lengths = np.array([len(r) for r in rows], np.int64)
-  if lengths.min() < 1:
+  if min(len(r) for r in rows) < 1:
     raise ValueError(f"{what}: every row needs at least one token")
+  rows, context = press.extend(rows, getattr(model, "tokenizer", None))
+  lengths = np.array(context, np.int64)  # what is scored, kept and budgeted
+  if not press.takes_budget:
+    if ratio is not None or budget is not None:
+      raise SpecError(f"{what}: {press.name} chooses each layer's budget itself; drop ratio= and "
+                      "budget=")
+    budget = int(lengths.max())
+  if press.rerotates and any(w is not None for w in layer_windows(model.config)):
+    raise SpecError(f"{what}: {press} re-rotates the kept keys to positions 0..n-1, but this "
+                    "model's sliding layers keep their window at the true positions; use a "
+                    "press without re-rotation on hybrid models")
+  if press.rerotates and getattr(press, "shared_heads", False):
+    raise SpecError(f"{what}: {press} re-rotates the kept keys to positions 0..n-1, which needs "
+                    "the same number of kept tokens in every kv head; a pooled selection "
+                    "(adakv) gives heads different counts")
   n_layers = model.config.n_layers
   kept = layer_budgets(press, lengths, row_budgets(lengths, ratio=ratio, budget=budget), n_layers,
                        ratio)
@@ -320,23 +372,27 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
 
 
 def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0)):
-  """The compressing prefill: (the final _Pressing, Compressed or None)."""
-  t = int(lengths.max())
-  tokens = np.zeros((len(rows), t), np.int32)
+  """The compressing prefill: (the final _Pressing, Compressed or None). lengths: each row's
+  context (rows may be longer when the press extended them)."""
+  n_valid = np.array([len(r) for r in rows], np.int64)
+  tokens = np.zeros((len(rows), int(n_valid.max())), np.int32)
   for b, r in enumerate(rows):
     tokens[b, :len(r)] = r
   wo = _output_projections(model) if press.needs_wo else None
   windows = layer_windows(model.config)
   sliding = windows if any(w is not None for w in windows) else None
+  context = None if np.array_equal(n_valid, lengths) else jnp.asarray(lengths, jnp.int32)
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
                        n_layers=model.config.n_layers, record=record, sliding=sliding,
-                       protected=protected)
+                       protected=protected, context=context)
   logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
-                          jnp.asarray(lengths, jnp.int32), pressing)
+                          jnp.asarray(n_valid, jnp.int32), pressing)
   if not record:
     return done, None
   pressed = tuple(i for i in range(model.config.n_layers) if sliding is None or sliding[i] is None)
-  return done, Compressed(logits=logits, scores=jnp.stack(done.scores), kept=jnp.stack(done.kept),
+  t = int(lengths.max())
+  return done, Compressed(logits=logits, scores=jnp.stack(done.scores)[..., :t],
+                          kept=jnp.stack(done.kept)[..., :t],
                           n_kept=pressing.n_kept[np.asarray(pressed)], layers=pressed)
 
 
@@ -360,8 +416,9 @@ def _target(press, config, kept, room, codec, dtype):
       n_layers=n_layers, batch=kept.shape[1], kv_heads=config.n_kv_heads,
       head_dim=config.head_dim, heavy=h, window=room, dtype=dtype, scorer=Pressed(),
       shared_heads=shared, codec=codec)
-  scored = make(len(pressed), heavy[0]) if len(set(heavy)) == 1 else \
-      LayeredCache.of(make(1, h) for h in heavy)
+  uniform = len(set(heavy)) == 1 and not (press.rerotates and (kept[pressed] != kept[pressed[0]]).any())
+  # (re-rotated layers keep their own lengths, so differing budgets split layers)
+  scored = make(len(pressed), heavy[0]) if uniform else LayeredCache.of(make(1, h) for h in heavy)
   if len(pressed) == len(windows):
     return scored
   groups, layers = [scored], [tuple(pressed)]

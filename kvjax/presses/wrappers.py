@@ -42,6 +42,17 @@ class Wrapper(Press):
   def needs_wo(self) -> bool:  # a wrapper needs what its press needs
     return self.press.needs_wo
 
+  @property
+  def rerotates(self) -> bool:  # ... and re-rotates, sizes and extends the prompt as it does
+    return self.press.rerotates
+
+  @property
+  def takes_budget(self) -> bool:
+    return self.press.takes_budget
+
+  def extend(self, rows, tokenizer):
+    return self.press.extend(rows, tokenizer)
+
   def score(self, x: LayerInputs, n_kept):
     return self.press.score(x, n_kept)
 

@@ -39,6 +39,8 @@ SPECS = {
     "chunkkv": "chunkkv(snapkv)",
     "block": "block(keydiff, block_size=64)",
     "adakv": "adakv(snapkv)",
+    "key_rerotation": "key_rerotation(knorm)",
+    "finch": "finch(window_size=32)",  # the fixture's question: the last 32 ids after a delimiter
 }
 
 # presses whose kvpress scores are ranks of float values (lagkv: ranks within each partition), and

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kvjax
 from kvjax import presses
 from tests.presses import oracle
 
@@ -120,3 +121,32 @@ def test_greedy_continuation_matches_kvpress(name, smollm2):
     assert own[:3] == want[:3]
   else:
     assert own == want
+
+
+def test_simlayerkv_matches_kvpress(smollm2):
+  """The same layers are lazy for each prompt and keep exactly the same positions (no ties: the
+  kept set is positional)."""
+  fixture = oracle.load("simlayerkv")
+  rows = oracle.prompts(fixture)
+  params = oracle.manifest()["presses"]["simlayerkv"]["fixture_params"]
+  spec = "simlayerkv(" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
+  info = presses.score_prompt(smollm2, rows, spec, compat="kvpress")
+  for i, ids in enumerate(rows):
+    t = len(ids)
+    want = np.unpackbits(fixture[f"kept_mask_p{i}"], axis=-1, count=t).astype(bool)
+    lazy = ~want.all(axis=(1, 2))
+    np.testing.assert_array_equal(lazy, fixture[f"lazy_p{i}"])
+    np.testing.assert_array_equal(np.asarray(info.kept[:, i, :, :t]), want, err_msg=f"p{i}")
+
+
+def test_key_rerotation_decodes_like_kvpress(smollm2):
+  """kvpress's greedy run after KeyRerotationPress(knorm) at ratio 0.5, positions continuing at
+  n_kept: the same 8 tokens."""
+  manifest = oracle.manifest()
+  want = manifest["greedy"]["results"]["key_rerotation"]
+  ids = manifest["prompts_ids"][manifest["greedy"]["prompt"]]
+  cache, info = kvjax.compress(smollm2, [ids], "key_rerotation(knorm)", ratio=0.5, details=True)
+  assert int(cache.lengths[0]) == want["cache_len_after_prefill"]
+  first = int(np.argmax(np.asarray(info.logits[0])))
+  out = kvjax.generate(smollm2, [[first]], cache=cache, max_new_tokens=7, stop_at_eos=False)
+  assert [first] + [int(x) for x in out.tokens[0]] == want["ids"]
