@@ -20,13 +20,15 @@ Every press is checked against kvpress 0.5.5's own scores and selections
 (tests/presses/test_kvpress_oracle.py, fixtures by scripts/make_kvpress_fixtures.py).
 """
 
-from kvjax.presses.base import (LayerInputs, Press, make_press, press_class, press_names,
-                                protect, register_press, topk_per_head, unregister_press)
+from kvjax.presses.base import (LayerInputs, Press, example_spec, make_press, press_class,
+                                press_names, protect, register_press, topk_per_head,
+                                unregister_press)
 from kvjax.presses import keys, attention, wrappers  # noqa: F401  (register the built-ins)
 from kvjax.presses import kvzip, rerotation, simlayerkv  # noqa: F401
 from kvjax.presses.compress import Compressed, compress, row_budgets, score_prompt
 from kvjax.presses.decoding import decode
 
-__all__ = ["Press", "LayerInputs", "make_press", "press_class", "press_names", "register_press",
+__all__ = ["Press", "LayerInputs", "make_press", "press_class", "press_names", "example_spec",
+           "register_press",
            "unregister_press", "topk_per_head", "protect", "compress", "Compressed", "row_budgets",
            "score_prompt", "decode"]

@@ -174,6 +174,7 @@ class Press:
   kvpress: ClassVar[dict] = {}  # option -> kvpress 0.5.5's default, where kvjax's differs
   needs_wo: ClassVar[bool] = False
   doc: ClassVar[str] = ""  # one line: what it keeps, and the paper
+  example: ClassVar[str | None] = ""  # a spec that builds it ("" = its name; None = none generic)
   keeps_every_token: ClassVar[bool] = False  # prunes something else (think: key channels)
   changes_keys: ClassVar[bool] = False  # stored keys differ from the prefill's (think, rerotation)
   rerotates: ClassVar[bool] = False  # kept keys move to positions 0..n-1 (module docstring)
@@ -274,6 +275,14 @@ def unregister_press(name: str) -> None:
 def press_names() -> list[str]:
   """Every registered press, in registration order."""
   return list(_PRESSES)
+
+
+def example_spec(name: str) -> str | None:
+  """A spec string that builds the registered press `name` with sensible arguments (a wrapper
+  around snapkv or knorm, finch with a window), or None when it has no generic example (per_layer
+  needs one ratio per layer of a model)."""
+  example = press_class(name).example
+  return name if example == "" else example
 
 
 def press_class(name: str):

@@ -57,6 +57,7 @@ class DecodingPress(Wrapper):
   compress the prefill either)."""
 
   name: ClassVar[str] = "decoding"
+  example: ClassVar[str | None] = "decoding(knorm)"
   doc: ClassVar[str] = "the inner press every compression_interval decoded tokens (kvpress)"
   takes_budget: ClassVar[bool] = False
   compression_interval: int = 512

@@ -42,6 +42,7 @@ class KeyRerotationPress(Wrapper):
   ScorerPress); a press with its own `select` (adakv, chunkkv, ...) is refused."""
 
   name: ClassVar[str] = "key_rerotation"
+  example: ClassVar[str | None] = "key_rerotation(knorm)"
   doc: ClassVar[str] = "inner press's top-k, kept keys re-rotated to 0..n-1 (SinkCache, FINCH)"
   rerotates: ClassVar[bool] = True
 
@@ -81,6 +82,7 @@ class FinchPress(Press):
   """
 
   name: ClassVar[str] = "finch"
+  example: ClassVar[str | None] = "finch(window_size=8)"
   doc: ClassVar[str] = "question-window attention, keys re-rotated (Corallo & Papotti 2024)"
   window_size: int | None = None
   normalize_scores: bool = True

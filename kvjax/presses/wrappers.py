@@ -69,6 +69,7 @@ class AdaKVPress(Wrapper):
   by the kv heads, so a head that needs more tokens gets them."""
 
   name: ClassVar[str] = "adakv"
+  example: ClassVar[str | None] = "adakv(snapkv)"
   doc: ClassVar[str] = "a layer's heads compete for one budget (Feng et al. 2024)"
   shared_heads: ClassVar[bool] = True
   alpha_safeguard: float = 0.2
@@ -117,6 +118,7 @@ class CriticalKVPress(Wrapper):
   Wrap a press that does not scale by ||v|| itself: expected_attention(use_vnorm=False)."""
 
   name: ClassVar[str] = "criticalkv"
+  example: ClassVar[str | None] = "criticalkv(snapkv)"
   doc: ClassVar[str] = "scores rescaled by each value's effect on the output (Feng et al. 2025)"
   epsilon: float = 1e-4
   first_stage_ratio: float = 0.5
@@ -151,6 +153,7 @@ class CriticalAdaKVPress(AdaKVPress):
   The layer's heads share one pool in the cache, like adakv."""
 
   name: ClassVar[str] = "criticaladakv"
+  example: ClassVar[str | None] = "criticaladakv(snapkv)"
   doc: ClassVar[str] = "AdaKV's head budgets, CriticalKV's rescaled scores (Feng et al. 2025)"
   epsilon: float = 1e-4
   first_stage_ratio: float = 0.5
@@ -188,6 +191,7 @@ class ChunkKVPress(Wrapper):
   """
 
   name: ClassVar[str] = "chunkkv"
+  example: ClassVar[str | None] = "chunkkv(snapkv)"
   doc: ClassVar[str] = "whole chunks of tokens, one selection per layer (Liu et al. 2025)"
   chunk_length: int = 20
 
@@ -267,6 +271,7 @@ class BlockPress(Wrapper):
   """
 
   name: ClassVar[str] = "block"
+  example: ClassVar[str | None] = "block(keydiff)"
   doc: ClassVar[str] = "block-wise rescoring of survivors + the next block (KeyDiff, Park 2025)"
   block_size: int = 128
 
@@ -302,6 +307,7 @@ class PerLayerCompressionPress(Wrapper):
   Spec: "per_layer(snapkv, compression_ratios=(0.2, 0.5, ...))", one ratio per layer."""
 
   name: ClassVar[str] = "per_layer"
+  example: ClassVar[str | None] = None
   doc: ClassVar[str] = "a compression ratio per layer (kvpress's PerLayerCompressionPress)"
   compression_ratios: tuple = ()
 
@@ -359,6 +365,7 @@ class ComposedPress(Press):
   """
 
   name: ClassVar[str] = "composed"
+  example: ClassVar[str | None] = "composed(knorm, snapkv)"
   doc: ClassVar[str] = "presses in sequence, each among the previous one's survivors"
   presses: tuple = ()
 

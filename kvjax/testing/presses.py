@@ -80,11 +80,20 @@ def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) ->
   """Runs the invariants above on `press` (a Press or spec string); raises PressError naming the
   first one broken. With `model` (e.g. kvjax.load("tiny")) also the end-to-end check."""
   press = make_press(press)
+  if _extends(press):  # it reads more than the prompt: only end to end
+    _require(model is not None, "end_to_end", f"{press} extends the prompt (Press.extend), so the "
+             "kit checks it through compress only: pass model=")
+    _end_to_end(press, model)
+    return
   x = synthetic_inputs()
   lengths = np.asarray(x.n_valid)
   every = getattr(press, "keeps_every_token", False)
   share = 0.0 if every else share
-  n_kept = jnp.asarray(np.maximum(1, (lengths * (1 - share)).astype(int)), jnp.int32)
+  base = np.maximum(1, (lengths * (1 - share)).astype(int))
+  if press.takes_budget:  # each row's budget for this layer, as compress computes it
+    base = [press.layer_kept(int(k), int(n), x.layer, x.n_layers, share)
+            for k, n in zip(base, lengths)]
+  n_kept = jnp.asarray(base, jnp.int32)
   scores, keep = _run(press, x, n_kept)
   b, kh, t = x.batch, x.kv_heads, x.tokens
   _require(scores.shape == (b, kh, t) and scores.dtype == jnp.float32, "shapes",
@@ -96,7 +105,7 @@ def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) ->
   _require(np.isfinite(s[np.broadcast_to(valid[:, None], s.shape)]).all(), "shapes",
            "score() is not finite on real tokens")
   _require(not (k & ~valid[:, None]).any(), "padding", "a padding position was kept")
-  if not every:
+  if not every and press.takes_budget:
     counts = k.sum(-1)  # [B, K]
     if getattr(press, "shared_heads", False):
       _require((counts.sum(-1) <= kh * np.asarray(n_kept)).all(), "budget",
@@ -114,12 +123,21 @@ def check_press(press, *, model=None, share: float = 0.5, atol: float = 1e-5) ->
   jit_s, jit_k = jax.jit(lambda x, n: _run(press, x, n))(x, n_kept)
   _require(np.allclose(np.asarray(jit_s), s, atol=atol, rtol=1e-4)
            and (np.asarray(jit_k) == k).all(), "jit", "jit(score/select) differs from eager")
-  for layer in range(4):
-    got = press.layer_kept(20 if every else 8, 20, layer, 4, None)
+  for layer in range(x.n_layers):
+    got = press.layer_kept(20 if every else 8, 20, layer, x.n_layers, None)
     _require(isinstance(got, (int, np.integer)) and 1 <= got <= 20, "layer_kept",
-             f"layer_kept(8, tokens=20, layer={layer}, n_layers=4) = {got!r}")
+             f"layer_kept(8, tokens=20, layer={layer}, n_layers={x.n_layers}) = {got!r}")
   if model is not None:
     _end_to_end(press, model)
+
+
+def _extends(press: Press) -> bool:
+  """Whether the press runs the prefill over more than the prompt (`Press.extend`, kvzip)."""
+  try:
+    rows, _ = press.extend([[3, 4, 5]], None)
+  except Exception:  # noqa: BLE001 - it wanted a tokenizer: it extends
+    return True
+  return rows != [[3, 4, 5]]
 
 
 def _end_to_end(press: Press, model) -> None:
@@ -130,21 +148,28 @@ def _end_to_end(press: Press, model) -> None:
   vocab = model.config.vocab_size
   rows = [rng.integers(3, vocab, size=n).tolist() for n in (12, 7)]
   rest = [[int(rng.integers(3, vocab))] for _ in rows]
-  cache = compress(model, rows, press, budget=64, room=8)
+  sized = press.takes_budget  # else the press sizes each layer itself (simlayerkv)
+  cache = compress(model, rows, press, room=8, **({"budget": 64} if sized else {}))
   got = generate(model, rest, cache=cache, max_new_tokens=4, stop_at_eos=False).tokens
   want = generate(model, [r + s for r, s in zip(rows, rest)], max_new_tokens=4,
                   stop_at_eos=False).tokens
-  if not getattr(press, "changes_keys", False):
+  if sized and not getattr(press, "changes_keys", False):
     _require((np.asarray(got) == np.asarray(want)).all(), "end_to_end",
              f"with a budget above the prompt, generation differs from the full cache: "
              f"{np.asarray(got).tolist()} vs {np.asarray(want).tolist()}")
   ratio = 0.0 if getattr(press, "keeps_every_token", False) else 0.5
-  info = score_prompt(model, rows, press, ratio=ratio)
-  cache = compress(model, rows, press, ratio=ratio, room=8)
+  budget = {"ratio": ratio} if sized else {}
+  info = score_prompt(model, rows, press, **budget)
+  cache = compress(model, rows, press, room=8, **budget)
   view = cache.view()
-  held = np.zeros(np.asarray(info.kept).shape, bool)  # [L, B, K, T]
   pos, mask = np.asarray(view.positions), np.asarray(view.mask)
+  kept = np.asarray(info.kept)  # [L, B, K, T]
+  if press.rerotates:  # positions were renumbered 0..n-1: compare how many each head holds
+    _require((mask.sum(-1) == kept.sum(-1)).all(), "end_to_end",
+             "the cache holds another number of tokens than score_prompt's kept mask")
+    return
+  held = np.zeros(kept.shape, bool)
   for idx in zip(*np.nonzero(mask)):
     held[idx[0], idx[1], idx[2], pos[idx]] = True
-  _require((held == np.asarray(info.kept)).all(), "end_to_end",
+  _require((held == kept).all(), "end_to_end",
            "the cache holds other positions than score_prompt's kept mask")

@@ -33,6 +33,12 @@ def test_builtin_presses_pass_the_kit(spec):
   check_press(spec)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in presses.press_names() if presses.example_spec(n)])
+def test_every_press_passes_the_kit_end_to_end(name, tiny):
+  check_press(presses.example_spec(name), model=tiny)
+
+
 def test_kit_end_to_end_on_tiny(tiny):
   check_press("snapkv", model=tiny)
   check_press("adakv(knorm)", model=tiny)
