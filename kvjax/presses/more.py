@@ -1,10 +1,11 @@
 """More of kvpress 0.5.5's presses that need no trained artifact: chunk, entropy_gated_chunkkv,
-non_causal_attn, compactor.
+non_causal_attn, compactor, cap.
 
   chunk                  the press applied to fixed-size chunks of the prompt, each keeping its share
   entropy_gated_chunkkv  ChunkKV whose spiky chunks (low score entropy) keep only a few tokens
   non_causal_attn        attention within fixed chunks, every query of a chunk seeing all its keys
   compactor              leverage of the keys blended with non_causal_attn, sinks kept
+  cap                    query-weighted leverage of the values (capacity), sinks kept
 
 Every statistic is taken over a row's real tokens, so a ragged row scores as it would alone.
 kvpress computes some of them over the whole batch (it runs one prompt at a time); each class
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.presses.attention import pool
+from kvjax.presses.attention import ExpectedAttentionPress, pool
 from kvjax.presses.base import LayerInputs, Press, register_press
 from kvjax.presses.keys import LeverageScorePress
 from kvjax.presses.wrappers import ChunkKVPress, Wrapper, restrict, unrestrict
@@ -338,3 +339,60 @@ class CompactorPress(Press):
     sinks = x.valid[:, None, :] & ~mask
     return jnp.where(sinks, top, s)
 
+
+
+# ---- cap -----------------------------------------------------------------------------------------
+def _unit(a):
+  """a / max(||a||, 1e-12) along the last axis (torch's F.normalize)."""
+  return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class CapPress(Press):
+  """Keeps the values that add most capacity for the queries to come (CAPKV, arXiv:2604.25975;
+  kvpress's CapPress).
+
+  Per query head, after the first `n_sink` tokens (always kept): the anchor mu is the mean of the
+  row's pre-RoPE queries moved by the mean RoPE rotation of the `n_future_positions` after the row
+  (expected_attention's); w_t = exp(tau (c_t - max c)) with c_t = cos(mu, k_t) (rotated keys);
+  A = I + sum_t (w_t + epsilon) v_t v_t^T; score w_t v_t^T A^-1 v_t, averaged over the kv head's
+  query heads. Options and defaults are kvpress's. Sinks score the row's max + 1 (kvpress: the
+  batch's). A row of at most n_sink tokens keeps its first tokens (kvpress raises).
+  """
+
+  name: ClassVar[str] = "cap"
+  doc: ClassVar[str] = "query-weighted leverage of values, sinks kept (CAPKV, arXiv:2604.25975)"
+  tau: float = 5.0
+  n_future_positions: int = 512
+  n_sink: int = 4
+  epsilon: float = 1e-6
+
+  def __post_init__(self):
+    if self.n_future_positions < 1 or self.n_sink < 0:
+      raise ValueError("cap: n_future_positions must be >= 1 and n_sink >= 0, got "
+                       f"{self.n_future_positions} and {self.n_sink}")
+
+  def score(self, x: LayerInputs, n_kept):
+    pos = jnp.arange(x.tokens)[None, :]
+    live = x.valid & (pos >= self.n_sink)  # [B, T] the tokens scored (and queries averaged)
+    w_live = live.astype(jnp.float32)
+    q = x.q_raw.astype(jnp.float32)  # [B, T, N, H]
+    anchor = jnp.einsum("btnh,bt->bnh", q, w_live) / jnp.maximum(jnp.sum(w_live, 1), 1)[:, None,
+                                                                                           None]
+    rot = ExpectedAttentionPress(n_future_positions=self.n_future_positions).mean_rotation(x)
+    if rot is not None:
+      anchor = jnp.einsum("bji,bnj->bni", rot, anchor)  # R mu
+    k = jnp.repeat(x.k.astype(jnp.float32), x.groups, axis=1)  # [B, N, T, H]
+    v = jnp.repeat(x.v.astype(jnp.float32), x.groups, axis=1)
+    cos = jnp.clip(jnp.einsum("bnh,bnth->bnt", _unit(anchor), _unit(k)), -1.0, 1.0)
+    logits = jnp.where(live[:, None, :], self.tau * cos, -jnp.inf)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    w = jnp.where(live[:, None, :], jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    vw = v * jnp.sqrt(jnp.where(live[:, None, :], w + self.epsilon, 0.0))[..., None]
+    capacity = jnp.eye(x.head_dim, dtype=jnp.float32) + jnp.einsum("bnti,bntj->bnij", vw, vw)
+    solved = jnp.linalg.solve(capacity, v.swapaxes(-1, -2))  # [B, N, H, T]
+    lev = jnp.sum(v.swapaxes(-1, -2) * solved, axis=-2)  # [B, N, T]
+    s = jnp.where(live[:, None, :], x.group_mean(w * lev), 0.0)
+    best = jnp.max(s, axis=(1, 2), keepdims=True) + 1.0  # scores are >= 0
+    return jnp.where((x.valid & ~live)[:, None, :], best, s)

@@ -265,6 +265,55 @@ def test_compactor_row_with_nothing_between_its_sinks_keeps_its_first_tokens():
 @pytest.mark.parametrize("spec", ["chunk(knorm, chunk_length=5)",
                                   "entropy_gated_chunkkv(knorm)",
                                   "non_causal_attn(chunk_size=8)",
-                                  "compactor(chunk_size=4, sketch_dimension=4)"])
+                                  "compactor(chunk_size=4, sketch_dimension=4)", "cap"])
 def test_kit(spec):
   check_press(spec, atol=1e-4)
+
+
+# ---- cap -----------------------------------------------------------------------------------------
+def np_mean_rope(n, p, h, theta):
+  """float64 [H, H]: kvpress's CapPress average RoPE matrix over positions n .. n + p - 1."""
+  inv = 1.0 / theta ** (np.arange(0, h, 2) / h)
+  half = np.zeros((h, h))
+  half[h // 2:, :h // 2] = np.eye(h // 2)
+  half[:h // 2, h // 2:] = -np.eye(h // 2)
+  mats = []
+  for pos in range(n, n + p):
+    angles = np.concatenate([pos * inv, pos * inv])
+    mats.append(np.cos(angles)[None, :] * np.eye(h) + np.sin(angles)[None, :] * half)
+  return np.mean(mats, axis=0)
+
+
+def np_cap(q_raw, k, v, n_sink, tau, p, eps, theta):
+  """float64 [K, n]: kvpress's CapPress of one row (q_raw [n, N, H], k/v [K, n, H])."""
+  n, _, h = q_raw.shape
+  anchor = q_raw[n_sink:] @ np_mean_rope(n, p, h, theta).T  # [m, N, H]
+  anchor = anchor.mean(0)
+  unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+  kg, vg = np.repeat(k[:, n_sink:], GROUPS, 0), np.repeat(v[:, n_sink:], GROUPS, 0)
+  stat = np.clip(np.einsum("nh,nth->nt", unit(anchor), unit(kg)), -1, 1)
+  w = np.exp(tau * stat - (tau * stat).max(-1, keepdims=True))
+  scores = []
+  for head in range(len(w)):
+    scaled = vg[head] * np.sqrt(w[head] + eps)[:, None]
+    a = np.eye(h) + scaled.T @ scaled
+    lev = np.einsum("th,th->t", vg[head], np.linalg.solve(a, vg[head].T).T)
+    scores.append(w[head] * lev)
+  s = np.array(scores).reshape(KV_HEADS, GROUPS, -1).mean(1)
+  return np.concatenate([np.full((KV_HEADS, n_sink), s.max() + 1), s], axis=1)
+
+
+@pytest.mark.parametrize("options", [{}, dict(tau=1.0, n_future_positions=3, n_sink=2)])
+def test_cap_is_kvpress_capacity_leverage(options):
+  press = make_press("cap", **options)
+  x = layer_inputs(LENGTHS, seed=8)
+  n_kept = [n // 2 for n in LENGTHS]
+  scores, kept = run(press, x, n_kept)
+  for b, n in enumerate(LENGTHS):
+    want = np_cap(np.asarray(x.q_raw[b, :n], np.float64), *row_arrays(x, b)[1:], press.n_sink,
+                  press.tau, press.n_future_positions, press.epsilon, 10000.0)
+    np.testing.assert_allclose(scores[b, :, :n], want, atol=1e-5, rtol=1e-4)
+  assert_rows_alone(press, x, n_kept, scores, kept)
+  short = layer_inputs((3, 2), seed=9)  # no token after the sinks: the first ones are kept
+  _, kept = run("cap", short, [2, 1])
+  assert kept[0, :, :2].all() and kept[1, :, 0].all() and kept.sum() == 6
