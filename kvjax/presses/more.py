@@ -1,11 +1,12 @@
 """More of kvpress 0.5.5's presses that need no trained artifact: chunk, entropy_gated_chunkkv,
-non_causal_attn, compactor, cap.
+non_causal_attn, compactor, cap, merging.
 
   chunk                  the press applied to fixed-size chunks of the prompt, each keeping its share
   entropy_gated_chunkkv  ChunkKV whose spiky chunks (low score entropy) keep only a few tokens
   non_causal_attn        attention within fixed chunks, every query of a chunk seeing all its keys
   compactor              leverage of the keys blended with non_causal_attn, sinks kept
   cap                    query-weighted leverage of the values (capacity), sinks kept
+  merging                the press's selection, each dropped value folded into its nearest survivor
 
 Every statistic is taken over a row's real tokens, so a ragged row scores as it would alone.
 kvpress computes some of them over the whole batch (it runs one prompt at a time); each class
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.presses.attention import ExpectedAttentionPress, pool
-from kvjax.presses.base import LayerInputs, Press, register_press
+from kvjax.presses.base import LayerInputs, Press, register_press, topk_per_head
 from kvjax.presses.keys import LeverageScorePress
 from kvjax.presses.wrappers import ChunkKVPress, Wrapper, restrict, unrestrict
 
@@ -396,3 +397,85 @@ class CapPress(Press):
     s = jnp.where(live[:, None, :], x.group_mean(w * lev), 0.0)
     best = jnp.max(s, axis=(1, 2), keepdims=True) + 1.0  # scores are >= 0
     return jnp.where((x.valid & ~live)[:, None, :], best, s)
+
+
+# ---- merging -------------------------------------------------------------------------------------
+_MERGE_EPS = 1e-6
+
+
+def _torch_quantile(values, valid, q: float):
+  """[..., 1]: torch.quantile(values, q) along the last axis over the `valid` entries only
+  (linear interpolation, and torch's lerp, so -inf neighbours give -inf or NaN as in torch)."""
+  count = jnp.sum(valid, axis=-1, keepdims=True)
+  ranked = jnp.sort(jnp.where(valid, values, jnp.inf), axis=-1)  # the valid ones first
+  at = q * jnp.maximum(count - 1, 0).astype(jnp.float32)
+  lo_i = jnp.floor(at).astype(jnp.int32)
+  hi_i = jnp.minimum(lo_i + 1, jnp.maximum(count - 1, 0))
+  lo = jnp.take_along_axis(ranked, lo_i, axis=-1)
+  hi = jnp.take_along_axis(ranked, hi_i, axis=-1)
+  w = at - lo_i
+  return jnp.where(w < 0.5, lo + w * (hi - lo), hi - (hi - lo) * (1.0 - w))
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class MergingPress(Wrapper):
+  """The press's selection, each dropped token's value folded into its most similar survivor
+  (kvpress's MergingPress, after Token Merging, Bolya et al. 2023, and D2O, Wan et al. 2024).
+
+  Per (row, kv head), a dropped token d goes to the kept token s of highest key cosine similarity
+  c (rotated keys) when c >= `similarity_threshold` and, with `merge_fraction` < 1, c is at least
+  the (1 - merge_fraction) quantile of the dropped tokens' c (those below the threshold counted as
+  -inf, as kvpress, whose torch.quantile then may give NaN: no merge). Its weight is
+  max(c, 0) ||v_d|| / (||v_d|| + ||v_s|| + 1e-6); a survivor with weights w_i becomes
+  (v_s + sum w_i v_i) / (1 + sum w_i) (`merge_values`). Keys are unchanged; the stored values
+  change, not the prefill's (as in kvpress, which merges after attention). Selection is the
+  press's scores' top-k per head (kvpress's ScorerPress rule). Ties in similarity go to the lower
+  position (kvpress: to the survivor ranked first by score).
+  """
+
+  name: ClassVar[str] = "merging"
+  example: ClassVar[str | None] = "merging(knorm)"
+  doc: ClassVar[str] = "dropped values folded into their nearest kept token (ToMe/D2O style)"
+  similarity_threshold: float = 0.0
+  merge_fraction: float = 1.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 <= self.similarity_threshold <= 1.0:
+      raise ValueError(f"merging: similarity_threshold must be in [0, 1], got "
+                       f"{self.similarity_threshold!r}")
+    if not 0.0 < self.merge_fraction <= 1.0:
+      raise ValueError(f"merging: merge_fraction must be in (0, 1], got {self.merge_fraction!r}")
+    p = self.press
+    if getattr(p, "shared_heads", False) or p.rerotates or p.keeps_every_token:
+      raise ValueError(f"merging: {p} is not a plain scorer (kvpress's MergingPress takes a "
+                       "ScorerPress)")
+
+  def select(self, x: LayerInputs, scores, n_kept):
+    return topk_per_head(scores, n_kept, x.context)
+
+  def merge_values(self, x: LayerInputs, keep):
+    keep = keep & x.context[:, None, :]
+    dropped = x.context[:, None, :] & ~keep  # [B, K, T]
+    k = x.k.astype(jnp.float32)
+    unit = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), _MERGE_EPS)
+    sim = jnp.einsum("bkdh,bksh->bkds", unit, unit)  # [B, K, T (dropped), T (survivor)]
+    sim = jnp.where(keep[:, :, None, :], sim, -jnp.inf)
+    target = jnp.argmax(sim, axis=-1)  # [B, K, T]
+    best = jnp.max(sim, axis=-1)
+    ok = dropped & (best >= self.similarity_threshold)
+    if self.merge_fraction < 1.0:
+      gated = jnp.where(ok, best, -jnp.inf)
+      cut = _torch_quantile(gated, dropped, 1.0 - self.merge_fraction)
+      ok = ok & (gated >= cut)
+    v = x.v.astype(jnp.float32)
+    norm = jnp.linalg.norm(v, axis=-1)  # [B, K, T]
+    target_norm = jnp.take_along_axis(norm, target, axis=-1)
+    w = jnp.where(ok, jnp.maximum(best, 0.0) * norm / (norm + target_norm + _MERGE_EPS), 0.0)
+    fold = lambda t, a: jnp.zeros_like(a).at[t].add(a)  # scatter-add onto the survivors
+    per_head = jax.vmap(jax.vmap(fold))
+    added = per_head(target, w[..., None] * v)  # [B, K, T, H]
+    weight = per_head(target, w)  # [B, K, T]
+    merged = (v + added) / (1.0 + weight)[..., None]
+    return jnp.where((keep & (weight > 0))[..., None], merged.astype(x.v.dtype), x.v)

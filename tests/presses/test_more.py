@@ -265,7 +265,8 @@ def test_compactor_row_with_nothing_between_its_sinks_keeps_its_first_tokens():
 @pytest.mark.parametrize("spec", ["chunk(knorm, chunk_length=5)",
                                   "entropy_gated_chunkkv(knorm)",
                                   "non_causal_attn(chunk_size=8)",
-                                  "compactor(chunk_size=4, sketch_dimension=4)", "cap"])
+                                  "compactor(chunk_size=4, sketch_dimension=4)", "cap",
+                                  "merging(knorm)"])
 def test_kit(spec):
   check_press(spec, atol=1e-4)
 
@@ -317,3 +318,77 @@ def test_cap_is_kvpress_capacity_leverage(options):
   short = layer_inputs((3, 2), seed=9)  # no token after the sinks: the first ones are kept
   _, kept = run("cap", short, [2, 1])
   assert kept[0, :, :2].all() and kept[1, :, 0].all() and kept.sum() == 6
+
+
+# ---- merging -------------------------------------------------------------------------------------
+def np_torch_quantile(v, q):
+  """torch.quantile(v, q) of a 1-D array (linear, torch's lerp: -inf neighbours give NaN/-inf)."""
+  s = np.sort(v)
+  at = q * (len(s) - 1)
+  lo, hi = int(np.floor(at)), min(int(np.floor(at)) + 1, len(s) - 1)
+  w = at - lo
+  with np.errstate(invalid="ignore"):
+    return s[lo] + w * (s[hi] - s[lo]) if w < 0.5 else s[hi] - (s[hi] - s[lo]) * (1 - w)
+
+
+def np_merge(k, v, keep, threshold, fraction):
+  """float64 [n, H]: kvpress's MergingPress.merge of one (row, kv head): k/v [n, H], keep [n]."""
+  kept, dropped = np.flatnonzero(keep), np.flatnonzero(~keep)
+  v = v.copy()
+  if len(dropped) == 0:
+    return v
+  unit = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+  sim = unit[dropped] @ unit[kept].T
+  best, target = sim.max(-1), kept[sim.argmax(-1)]
+  ok = best >= threshold
+  if fraction < 1 and ok.any():
+    with np.errstate(invalid="ignore"):
+      ok = ok & (best >= np_torch_quantile(np.where(ok, best, -np.inf), 1 - fraction))
+  norm = np.linalg.norm(v, axis=-1)
+  w = np.maximum(best, 0) * ok * norm[dropped] / (norm[dropped] + norm[target] + 1e-6)
+  added, weight = np.zeros_like(v), np.zeros(len(v))
+  for d, t, wi in zip(dropped, target, w):
+    added[t] += wi * v[d]
+    weight[t] += wi
+  merged = (v + added) / (1 + weight)[:, None]
+  return np.where((weight > 0)[:, None], merged, v)
+
+
+@functools.partial(jax.jit, static_argnames="press")
+def _merged(press, x, keep):
+  return press.merge_values(x, keep)
+
+
+@pytest.mark.parametrize("threshold, fraction", [(0.0, 1.0), (0.2, 1.0), (0.0, 0.75), (0.0, 0.3)])
+def test_merging_folds_dropped_values_as_kvpress(threshold, fraction):
+  press = make_press("merging(knorm)", similarity_threshold=threshold, merge_fraction=fraction)
+  x = layer_inputs(LENGTHS, seed=10)
+  n_kept = [n // 3 for n in LENGTHS]
+  scores, kept = run(press, x, n_kept)
+  merged = np.asarray(_merged(press, x, jnp.asarray(kept)))
+  for b, n in enumerate(LENGTHS):
+    for h in range(KV_HEADS):
+      norms = np.linalg.norm(np.asarray(x.k[b, h, :n], np.float64), axis=-1)
+      assert (kept[b, h, :n] == np_topk(-norms, n_kept[b])).all()
+      want = np_merge(np.asarray(x.k[b, h, :n], np.float64), np.asarray(x.v[b, h, :n], np.float64),
+                      kept[b, h, :n], threshold, fraction)
+      np.testing.assert_allclose(merged[b, h, :n][kept[b, h, :n]], want[kept[b, h, :n]],
+                                 atol=1e-5, rtol=1e-5)
+  for b, n in enumerate(LENGTHS):  # a row alone merges the same
+    one = np.asarray(_merged(press, alone(x, b), jnp.asarray(kept[b:b + 1, :, :n])))[0]
+    np.testing.assert_allclose(one[kept[b, :, :n]], merged[b, :, :n][kept[b, :, :n]], atol=1e-6)
+  assert not np.allclose(merged[kept], np.asarray(x.v)[kept])  # something was merged
+
+
+def test_merging_changes_only_the_stored_values():
+  import kvjax
+  from kvjax.presses import compress
+  model = kvjax.load("tiny")
+  rows = [[5, 9, 13, 7, 21, 8, 30, 11, 4, 6], [3, 12, 17, 5, 9, 14]]
+  plain = compress(model, rows, "knorm", ratio=0.5, room=2).view()
+  merged = compress(model, rows, "merging(knorm)", ratio=0.5, room=2).view()
+  assert (np.asarray(plain.positions) == np.asarray(merged.positions)).all()
+  assert (np.asarray(plain.mask) == np.asarray(merged.mask)).all()
+  live = np.asarray(plain.mask)
+  np.testing.assert_array_equal(np.asarray(plain.keys)[live], np.asarray(merged.keys)[live])
+  assert not np.allclose(np.asarray(plain.values)[live], np.asarray(merged.values)[live])
