@@ -303,6 +303,7 @@ class CompactorPress(Press):
   """
 
   name: ClassVar[str] = "compactor"
+  example: ClassVar[str | None] = "compactor(sketch_dimension=4)"  # short prompts: a small sketch
   doc: ClassVar[str] = "key leverage + non-causal attention, sinks kept (Chari & Van Durme 2025)"
   sink_size_start: int = 8
   sink_size_end: int = 4
