@@ -14,7 +14,7 @@
   rerotation.py presses whose kept keys move to positions 0..n-1 (key_rerotation, finch)
   kvzip.py      kvzip: scores from a second reading of the context (`Press.extend`)
   simlayerkv.py simlayerkv: whole layers keep everything or only their ends, by the data
-  more.py       chunk, entropy_gated_chunkkv, non_causal_attn, compactor
+  more.py       chunk, entropy_gated_chunkkv, non_causal_attn, compactor, cap, merging
   decoding.py   `decode`: generation that recompresses the cache every few tokens ("decoding")
 
 Every press is checked against kvpress 0.5.5's own scores and selections

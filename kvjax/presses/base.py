@@ -20,7 +20,7 @@ and one optional hook for presses that thin the keys instead of (or beside) drop
       key channels here. Only the written cache sees it: the prefill's own attention, and so every
       later layer's inputs, use the full keys (as in kvpress, whose presses run after attention).
 
-and one for presses that change the stored values (MergingPress folds dropped values into kept ones):
+and one for presses that change the stored values (merging folds dropped values into kept ones):
 
   merge_values(x, keep) -> v [B, K, T, H]
       The values the cache stores for this layer, given the selection keep bool [B, K, T] (default:

@@ -1,7 +1,7 @@
 """More of kvpress 0.5.5's presses that need no trained artifact: chunk, entropy_gated_chunkkv,
 non_causal_attn, compactor, cap, merging.
 
-  chunk                  the press applied to fixed-size chunks of the prompt, each keeping its share
+  chunk                  the press on fixed-size chunks of the prompt, each keeping its share
   entropy_gated_chunkkv  ChunkKV whose spiky chunks (low score entropy) keep only a few tokens
   non_causal_attn        attention within fixed chunks, every query of a chunk seeing all its keys
   compactor              leverage of the keys blended with non_causal_attn, sinks kept

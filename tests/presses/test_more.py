@@ -1,6 +1,8 @@
 """kvjax.presses.more (chunk, entropy_gated_chunkkv, non_causal_attn, compactor) against small
 NumPy oracles written from kvpress 0.5.5's code, on synthetic `LayerInputs` with ragged rows (the
-shorter right-padded with garbage): a batched row must get what it gets alone.
+shorter right-padded with garbage): a batched row must get what it gets alone. The oracles of
+chunk, entropy_gated_chunkkv, non_causal_attn, cap and merging were checked once against kvpress
+0.5.5's own torch code on random tensors (compactor's leverage sketch is torch.randn there).
 """
 
 from __future__ import annotations
