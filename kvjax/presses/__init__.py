@@ -14,6 +14,7 @@
   rerotation.py presses whose kept keys move to positions 0..n-1 (key_rerotation, finch)
   kvzip.py      kvzip: scores from a second reading of the context (`Press.extend`)
   simlayerkv.py simlayerkv: whole layers keep everything or only their ends, by the data
+  more.py       chunk, entropy_gated_chunkkv, non_causal_attn, compactor, cap, merging
   decoding.py   `decode`: generation that recompresses the cache every few tokens ("decoding")
 
 Every press is checked against kvpress 0.5.5's own scores and selections
@@ -25,6 +26,7 @@ from kvjax.presses.base import (LayerInputs, Press, example_spec, make_press, pr
                                 unregister_press)
 from kvjax.presses import keys, attention, wrappers  # noqa: F401  (register the built-ins)
 from kvjax.presses import kvzip, rerotation, simlayerkv  # noqa: F401
+from kvjax.presses import more  # noqa: F401
 from kvjax.presses.compress import Compressed, compress, row_budgets, score_prompt
 from kvjax.presses.decoding import decode
 

@@ -20,6 +20,12 @@ and one optional hook for presses that thin the keys instead of (or beside) drop
       key channels here. Only the written cache sees it: the prefill's own attention, and so every
       later layer's inputs, use the full keys (as in kvpress, whose presses run after attention).
 
+and one for presses that change the stored values (merging folds dropped values into kept ones):
+
+  merge_values(x, keep) -> v [B, K, T, H]
+      The values the cache stores for this layer, given the selection keep bool [B, K, T] (default:
+      x.v unchanged). Only the kept positions are written; like prune_keys, only the cache sees it.
+
 and two class-level facts: `name` (the spec word, kvpress's name for the method) and `kvpress`,
 the option values kvpress 0.5.5 uses by default where kvjax's own default differs (`compat=
 "kvpress"` applies them, `resolve`). Budgets per layer (PyramidKV) come from `layer_kept`.
@@ -196,6 +202,11 @@ class Press:
   def prune_keys(self, x: LayerInputs) -> jax.Array:
     """The keys [B, K, T, H] (rotated) the cache stores for this layer; default x.k as is."""
     return x.k
+
+  def merge_values(self, x: LayerInputs, keep) -> jax.Array:
+    """The values [B, K, T, H] the cache stores for this layer given the selection keep bool
+    [B, K, T]; default x.v as is."""
+    return x.v
 
   def layer_kept(self, n_kept: int, tokens: int, layer: int, n_layers: int,
                  ratio: float | None = None) -> int:

@@ -145,7 +145,8 @@ class _Pressing:
     new = self
     if self.target is not None:
       kept_k = self.press.prune_keys(x)  # x.k unless the press thins keys (ThinK)
-      new = new.replace(target=_fill(self.target, layer, keep, scores, kept_k, x.v,
+      kept_v = self.press.merge_values(x, keep)  # x.v unless the press merges (merging)
+      new = new.replace(target=_fill(self.target, layer, keep, scores, kept_k, kept_v,
                                      rope if self.press.rerotates else None))
     if self.record:
       new = new.replace(scores=self.scores + (scores,), kept=self.kept + (keep,))
