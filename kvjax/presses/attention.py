@@ -79,18 +79,27 @@ class PyramidKVPress(SnapKVPress):
 
   def layer_kept(self, n_kept: int, tokens: int, layer: int, n_layers: int,
                  ratio: float | None = None) -> int:
-    w = self.window
-    keep = tokens * (1.0 - ratio) if ratio is not None else float(n_kept)
-    low = keep / self.beta
-    high = 2 * keep - low
-    if high >= tokens - w:
-      high = tokens - w
-      low = 2 * keep - high
-    if not tokens >= high >= low >= w:
-      return max(1, round(keep))
-    if n_layers == 1:
-      return max(1, round(high))
-    return max(1, round(high - layer * (high - low) / (n_layers - 1)))
+    return pyramid_budget(n_kept, tokens, layer, n_layers, ratio, window=self.window,
+                          beta=self.beta)
+
+
+def pyramid_budget(n_kept: int, tokens: int, layer: int, n_layers: int, ratio: float | None, *,
+                   window: int, beta: float) -> int:
+  """PyramidKV's budget of `layer` (kvpress's formula): a budget of n per layer (tokens (1 - ratio)
+  when a ratio is given, else n_kept) becomes round(max - layer (max - min) / (L - 1)) with
+  min = n / beta, max = 2n - min, clipped to the prompt after the `window`; where the taper
+  does not fit, every layer keeps max(1, round(n))."""
+  keep = tokens * (1.0 - ratio) if ratio is not None else float(n_kept)
+  low = keep / beta
+  high = 2 * keep - low
+  if high >= tokens - window:
+    high = tokens - window
+    low = 2 * keep - high
+  if not tokens >= high >= low >= window:
+    return max(1, round(keep))
+  if n_layers == 1:
+    return max(1, round(high))
+  return max(1, round(high - layer * (high - low) / (n_layers - 1)))
 
 
 @register_press

@@ -421,3 +421,24 @@ class ComposedPress(Press):
 
   def select(self, x: LayerInputs, scores, n_kept):
     return self.chain(x, n_kept)[1]  # the same computation as score's (XLA merges the two)
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class PyramidPress(Wrapper):
+  """Any press with PyramidKV's budgets (Cai et al. 2024): the first layers keep more, the last
+  fewer, the same total (`attention.pyramid_budget`; `window_size` is the part of each row the
+  budget taper leaves out, 0 for presses without a window). pyramid(snapkv(window_size=w),
+  window_size=w) is pyramidkv."""
+
+  name: ClassVar[str] = "pyramid"
+  example: ClassVar[str | None] = "pyramid(knorm)"
+  doc: ClassVar[str] = "the inner press with PyramidKV's depth-tapered budgets (Cai et al. 2024)"
+  window_size: int = 0
+  beta: float = 20
+
+  def layer_kept(self, n_kept, tokens, layer, n_layers, ratio=None):
+    from kvjax.presses.attention import pyramid_budget
+
+    return pyramid_budget(n_kept, tokens, layer, n_layers, ratio, window=self.window_size,
+                          beta=self.beta)

@@ -431,3 +431,16 @@ def test_wrappers_take_any_press_and_rows_stay_apart(spec):
   n = LENGTHS[1]
   np.testing.assert_allclose(moved_scores[0, :, :n], scores[1, :, :n], rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(moved_kept[0], kept[1])
+
+
+def test_pyramid_wraps_any_press_with_pyramidkvs_budgets():
+  from kvjax.presses.attention import pyramid_budget
+
+  plain = make_press("pyramidkv")
+  wrapped = make_press(f"pyramid(snapkv, window_size={plain.window})")
+  for tokens, ratio in ((217, 0.5), (300, 0.25), (1000, 0.75)):
+    got = [wrapped.layer_kept(0, tokens, l, 30, ratio) for l in range(30)]
+    assert got == [plain.layer_kept(0, tokens, l, 30, ratio) for l in range(30)]
+  knorm = [make_press("pyramid(knorm)").layer_kept(100, 400, l, 8) for l in range(8)]
+  assert knorm[0] > knorm[-1] and abs(sum(knorm) / 8 - 100) <= 1
+  assert knorm == [pyramid_budget(100, 400, l, 8, None, window=0, beta=20) for l in range(8)]
