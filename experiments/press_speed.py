@@ -31,7 +31,12 @@ Outputs (in --out): press_speed.json: per (press, framework, batch) seconds and 
 kvjax / kvpress ratios, the cost of compressing (press / no press, each framework), and how many
 prompts' greedy tokens agree between kvjax and kvpress (all N, and the leading run).
 
-  KVJAX_KVPRESS_PYTHON=/work/kvpress-venv/bin/python python experiments/press_speed.py
+On a shared box pass `--threads 1`: with more runnable processes than cores, torch's two OpenMP
+threads spin-wait on each other (a 1024-token knorm prefill + 31-token decode took 19 s + 85 s
+with torch's default 2 threads and 5 s + 4 s with 1, at a load of ~8 on 2 cores); one thread each
+keeps the two frameworks on an equal footing.
+
+  KVJAX_KVPRESS_PYTHON=/work/kvpress-venv/bin/python python experiments/press_speed.py --threads 1
   python experiments/press_speed.py --quick      # 2 short prompts, 4 tokens (kvpress if found)
 """
 
