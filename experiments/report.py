@@ -405,6 +405,42 @@ def render_batch1_limits(d):
   return lines
 
 
+def render_press_speed(d):
+  st = d["settings"]
+  base = {(r["framework"], r["batch"]): r for r in d["rows"] if r["press"] == "none"}
+  rows = []
+  for r in d["rows"]:
+    b = base.get((r["framework"], r["batch"]))
+    vs = ("-" if r["press"] == "none" or b is None else
+          f"x{r['prefill_s'] / b['prefill_s']:.2f} / x{r['decode_s'] / b['decode_s']:.2f}")
+    rows.append([r["press"], r["framework"], r["batch"], num(r["prefill_s"]),
+                 num(r["prefill_tok_per_s"], 0), num(r["decode_s"]), num(r["decode_tok_per_s"], 1),
+                 vs])
+  kp = d.get("kvpress") or {}
+  lines = [f"{st['model']} ({st['dtype']}) on the CPU, {st['prompts']} tinyshakespeare prompts of "
+           f"{st['prompt_len']} tokens (kvjax's ids on both sides), ratio {st['ratio']} with "
+           f"kvpress's default hyper-parameters, {st['new_tokens']} greedy tokens (no EOS stop); "
+           f"threads: {st.get('threads') or 'defaults'}."
+           + (f" kvpress {kp.get('kvpress')}, torch {kp.get('torch')}, transformers "
+              f"{kp.get('transformers')} ({kp.get('attn_implementation')}, "
+              f"{kp.get('torch_threads')} threads), batch 1 per prompt." if kp else "")
+           + " Seconds are summed over the prompts at batch 1; warm-up (compiling) excluded.\n",
+           table(["press", "framework", "batch", "prefill+compress s", "prefill tok/s",
+                  "decode s", "decode tok/s", "vs no press (prefill / decode)"], rows)]
+  if d.get("ratios"):
+    lines.append("\nkvjax / kvpress (tok/s; total = kvpress s / kvjax s): " + "; ".join(
+        f"{k}: " + ", ".join(f"{a} **{v:.2f}**" for a, v in r.items() if v is not None)
+        for k, r in d["ratios"].items()) + ".")
+  agree = [f"{p}: {a['kvjax_b1_vs_kvpress_all_tokens']}/{st['prompts']}"
+           for p, a in d.get("agreement", {}).items() if "kvjax_b1_vs_kvpress_all_tokens" in a]
+  if agree:
+    lines.append(f"\nPrompts whose {st['new_tokens']} greedy tokens are identical, kvjax batch 1 vs "
+                 "kvpress: " + ", ".join(agree) + ".")
+  if d.get("kvpress_note"):
+    lines.append(f"\nkvpress: {d['kvpress_note']}")
+  return lines
+
+
 section("Cached vs uncached decoding", "speedup", "per-token latency and total time", render_speedup)
 section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs tokens", render_memory)
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
@@ -419,6 +455,7 @@ section("Low-rank latent caches", "lowrank", "perplexity vs bytes per token", re
 section("Paged serving: continuous batching and prefix sharing", "serving", "paged serving",
         render_serving)
 section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
+section("Presses: kvjax vs kvpress", "press_speed", "press speed", render_press_speed)
 def side_by_side():
   """SmolLM2-135M beside Gemma 3 270M: decode speed (each from its own peers run) and cache bytes."""
   runs = {"smollm2-135m": load("peers"), "gemma3-270m": load("peers_gemma3-270m")}

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 # cache of the run. sharding (8 devices), batch1_limits (native code and thread pools) and peers
 # (peer processes) keep a process of their own.
 IN_PROCESS = {"speedup", "memory", "quality", "streaming", "speculative", "lowrank", "needles",
-              "serving", "fp8", "hybrid"}
+              "serving", "fp8", "hybrid", "press_speed"}
 
 
 def run_script(name, out, *extra, env=None):
@@ -111,8 +111,8 @@ def test_memory_quick_and_report(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
   # speedup, quality, streaming, peers, batch1_limits, sharding, needles, speculative, lowrank,
-  # serving, fp8, Gemma 3's peers, hybrid and window pools
-  assert md.count("*Not run yet.*") == 14
+  # serving, fp8, press_speed, Gemma 3's peers, hybrid and window pools
+  assert md.count("*Not run yet.*") == 15
 
 
 def test_quality_quick(tmp_path):
@@ -185,6 +185,37 @@ def test_peers_with_hf(tmp_path):
   assert d["hf"] is not None, d["hf_note"]
   assert d["ratios"]["kvjax_over_hf_batch1"] > 0
   assert d["greedy_tokens_agree"] == d["settings"]["new_tokens"]  # same model, same greedy tokens
+
+
+def test_press_speed_quick(tmp_path):
+  # The tiny model (no GGUF, so no kvpress): compiles in seconds; the timed runs never compile.
+  run_script("press_speed", tmp_path, "--quick", "--model", "tiny")
+  d = json.loads((tmp_path / "press_speed.json").read_text())
+  check_common(d, "press_speed")
+  n = d["settings"]["prompts"]
+  assert {(r["press"], r["batch"]) for r in d["rows"]} == {
+      (p, b) for p in ("none", "knorm", "streaming_llm", "snapkv") for b in (1, n)}
+  for r in d["rows"]:
+    assert r["framework"] == "kvjax" and r["timed_compiles"] == 0
+    assert r["prefill_s"] > 0 and r["decode_s"] > 0
+  assert set(d["compress_cost"]) == {f"{p}_kvjax_b{b}" for p in ("knorm", "streaming_llm", "snapkv")
+                                     for b in (1, n)}
+  assert d["kvpress"] is None and d["kvpress_note"].startswith("skipped")
+
+
+@pytest.mark.skipif(not os.environ.get("KVJAX_KVPRESS_PYTHON"),
+                    reason="set KVJAX_KVPRESS_PYTHON to kvpress's python (torch + kvpress 0.5.5)")
+def test_press_speed_with_kvpress(tmp_path):
+  run_script("press_speed", tmp_path, "--quick", "--presses", "knorm", "--threads", "1",
+             env={"KVJAX_KVPRESS_PYTHON": os.environ["KVJAX_KVPRESS_PYTHON"]})
+  d = json.loads((tmp_path / "press_speed.json").read_text())
+  check_common(d, "press_speed")
+  assert d["kvpress"]["kvpress"] == "0.5.5" and d["kvpress"]["torch_threads"] == 1
+  assert {(r["press"], r["framework"]) for r in d["rows"] if r["batch"] == 1} == {
+      (p, f) for p in ("none", "knorm") for f in ("kvjax", "kvpress")}
+  # The same ids and weights: the first greedy token comes from the same uncompressed prefill.
+  toks = d["tokens"]
+  assert all(a[0] == b[0] for a, b in zip(toks["knorm/kvjax/b1"], toks["knorm/kvpress/b1"]))
 
 
 def test_sharding_quick(tmp_path):
