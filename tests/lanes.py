@@ -16,6 +16,14 @@ groups were measured with the earlier ones already moved).
 from __future__ import annotations
 
 FULL_LANE = {
+    # presses/: each press keeps its NumPy-oracle tests in the fast lane; end-to-end runs through
+    # the model (the kit on tiny, Gemma's hybrid layout, the decoding loop) are full-lane, where
+    # the kit also runs on every press (measured cold, one process, loaded box).
+    "tests/presses/test_compress.py::test_kit_end_to_end_on_tiny": 20.2,
+    "tests/presses/test_compress.py::test_hybrid_model_presses_its_global_layers_only": 14.5,
+    "tests/presses/test_decoding.py::test_a_target_that_never_binds_generates_like_a_full_cache": 10.2,
+    "tests/presses/test_more.py::test_compactor_blends_leverage_and_non_causal_attention_between_sinks": 5.9,
+    "tests/presses/test_more.py::test_kit": 7.8,
     # caches/: model-level equivalences and extra oracle variants; each kind keeps its quick
     # conformance run and its own policy-vs-oracle test in the fast lane.
     "tests/caches/test_adakv.py::test_bytes_and_full_equivalence": 4.1,
