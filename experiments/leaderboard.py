@@ -89,6 +89,9 @@ parser.add_argument("--max-new-tokens", type=int, default=None,
 parser.add_argument("--seed", type=int, default=SEED)
 parser.add_argument("--noise", action="store_true",
                     help="hide niah needles in noise sentences, not tinyshakespeare's lines")
+parser.add_argument("--time-limit", type=float, default=None,
+                    help="minutes: start no configuration after this; the rest is listed under "
+                         "not_run in the JSON")
 parser.add_argument("--strict", action="store_true", help="raise on a failing press")
 parser.add_argument("--replot", action="store_true",
                     help="only redraw leaderboard.svg from the leaderboard.json in --out")
@@ -393,6 +396,7 @@ for length in lengths:
 
 outcomes = common.Outcomes(strict=args.strict)
 results = []
+not_run = []  # configurations past --time-limit
 started = time.perf_counter()
 
 
@@ -431,13 +435,17 @@ def payload() -> dict:
                                          question_tokens=len(s.question_ids),
                                          answers=list(s.answers), max_new_tokens=max_new(s))
                                     for s in ss] for length, ss in samples.items()},
-          **outcomes.summary(), "wall_s": round(time.perf_counter() - started, 1),
+          **outcomes.summary(), "not_run": not_run,
+          "wall_s": round(time.perf_counter() - started, 1),
           "averages": averages_of(results), "results": results}
 
 
 for length, label, spec, ratio, setting in common.progress(configs, desc="leaderboard"):
   key = f"{label}@{ratio}/{setting}/{length}"
   if not samples[length] or not outcomes.ok(f"{label}/{setting}"):
+    continue
+  if args.time_limit is not None and time.perf_counter() - started > 60 * args.time_limit:
+    not_run.append(key)
     continue
   with outcomes.guard(f"{label}/{setting}"):
     t0 = time.perf_counter()

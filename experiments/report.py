@@ -421,6 +421,10 @@ def render_leaderboard(d):
   if st.get("presses_left_out"):
     lines.append("Presses left out: " + "; ".join(f"`{k}` ({v})" for k, v in
                                                   st["presses_left_out"].items()) + ".\n")
+  if d.get("not_run"):
+    lines.append(f"Not run ({d.get('stopped', 'past --time-limit')}): {len(d['not_run'])} "
+                 "configurations, " + ", ".join(f"`{k}`" for k in d["not_run"][:12])
+                 + (", ..." if len(d["not_run"]) > 12 else "") + ".\n")
   if st.get("tasks_left_out"):
     lines.append("Tasks left out: " + "; ".join(f"`{k}` ({v[:90]})" for k, v in
                                                 st["tasks_left_out"].items()) + ".\n")
