@@ -441,6 +441,69 @@ def render_press_speed(d):
   return lines
 
 
+def render_leaderboard(d):
+  """Average score per press and ratio (query-agnostic / query-aware), then every task at one
+  ratio; the full cache (ratio 0) is the ceiling of both settings."""
+  st = d["settings"]
+  samples = {length: len(ss) for length, ss in d["samples"].items()}
+  lines = [f"{st['model']}, RULER-style tasks ({', '.join(st['tasks'])}), {st['n_per_task']} "
+           f"sample(s) per task ({', '.join(f'{n} at {k} tokens' for k, n in samples.items())}), "
+           f"greedy, max_new_tokens capped at {st['max_new_tokens_cap'] or 'the task default'}; "
+           f"{d['wall_s'] / 60:.0f} min of wall time. Cells: average score over the tasks, "
+           "**query-agnostic** (context compressed alone, then asked) / **query-aware** (context "
+           "and question compressed together). each_key: every key of the multikey/multiquery "
+           f"contexts asked on its own ({st['each_key']} per context) of one query-agnostic "
+           "compressed cache.\n"]
+  if st.get("presses_left_out"):
+    lines.append("Presses left out: " + "; ".join(f"`{k}` ({v})" for k, v in
+                                                  st["presses_left_out"].items()) + ".\n")
+  if d.get("not_run"):
+    lines.append(f"Not run ({d.get('stopped', 'past --time-limit')}): {len(d['not_run'])} "
+                 "configurations, " + ", ".join(f"`{k}`" for k in d["not_run"][:12])
+                 + (", ..." if len(d["not_run"]) > 12 else "") + ".\n")
+  if st.get("tasks_left_out"):
+    lines.append("Tasks left out: " + "; ".join(f"`{k}` ({v[:90]})" for k, v in
+                                                st["tasks_left_out"].items()) + ".\n")
+  for length in map(str, st["lengths"]):
+    rows = [r for r in d["results"] if str(r["length"]) == length]
+    if not rows:
+      continue
+    ratios = sorted({r["ratio"] for r in rows if r["press"] != "full"})
+    by = {(r["press"], r["ratio"], r["setting"]): r for r in rows}
+    full = next((r for r in rows if r["press"] == "full"), None)
+    cell = lambda r: "-" if r is None or r["average"] is None else f"{r['average']:.2f}"  # noqa
+    table_rows = []
+    if full is not None:
+      each = "-" if full["each_key"] is None else f"{full['each_key']:.2f}"
+      table_rows.append(["full cache", f"**{full['average']:.2f}**"] + [""] * len(ratios)
+                        + [each])
+    for press in dict.fromkeys(r["press"] for r in rows if r["press"] != "full"):
+      cells = [f"{cell(by.get((press, q, 'query_agnostic')))} / "
+               f"{cell(by.get((press, q, 'query_aware')))}" for q in ratios]
+      half = by.get((press, 0.5, "query_agnostic"))
+      each = "-" if half is None or half["each_key"] is None else f"{half['each_key']:.2f}"
+      table_rows.append([f"`{press}`", ""] + cells + [each])
+    lines += [f"\n**{length} tokens**, average score (agnostic / aware) by compression ratio:\n",
+              table(["press", "0 (full)"] + [f"{q:g}" for q in ratios] + ["each_key at 0.5"],
+                    table_rows)]
+    at = 0.5 if 0.5 in ratios else (ratios[0] if ratios else None)
+    tasks = [t for t in st["tasks"] if any(t in r["scores"] for r in rows)]
+    task_rows = []
+    if full is not None:
+      task_rows.append(["full cache", "both"] + [num(full["scores"].get(t)) for t in tasks]
+                       + [num(full["average"])])
+    for r in rows:
+      if r["press"] != "full" and r["ratio"] == at:
+        task_rows.append([f"`{r['press']}`", r["setting"].replace("_", "-")]
+                         + [num(r["scores"].get(t)) for t in tasks] + [num(r["average"])])
+    if at is not None:
+      lines += [f"\nPer task at ratio {at:g}:\n",
+                table(["press", "setting"] + tasks + ["average"], task_rows)]
+  if (docs / "leaderboard.svg").is_file():
+    lines.append("\n![average score vs compression ratio](leaderboard.svg)")
+  return lines
+
+
 section("Cached vs uncached decoding", "speedup", "per-token latency and total time", render_speedup)
 section("Cache memory: formulas vs measured arrays", "memory", "cache bytes vs tokens", render_memory)
 section("Quality vs memory", "quality", "quality vs cache memory", render_quality)
@@ -456,6 +519,8 @@ section("Paged serving: continuous batching and prefix sharing", "serving", "pag
         render_serving)
 section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
 section("Presses: kvjax vs kvpress", "press_speed", "press speed", render_press_speed)
+section("Press leaderboard: RULER-style tasks, query-agnostic and query-aware", "leaderboard",
+        "score vs compression ratio", render_leaderboard)
 def side_by_side():
   """SmolLM2-135M beside Gemma 3 270M: decode speed (each from its own peers run) and cache bytes."""
   runs = {"smollm2-135m": load("peers"), "gemma3-270m": load("peers_gemma3-270m")}

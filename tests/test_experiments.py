@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 # cache of the run. sharding (8 devices), batch1_limits (native code and thread pools) and peers
 # (peer processes) keep a process of their own.
 IN_PROCESS = {"speedup", "memory", "quality", "streaming", "speculative", "lowrank", "needles",
-              "serving", "fp8", "hybrid", "press_speed"}
+              "serving", "fp8", "hybrid", "press_speed",
+              "leaderboard"}
 
 
 def run_script(name, out, *extra, env=None):
@@ -111,8 +112,8 @@ def test_memory_quick_and_report(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "2048*T floats" in md and "Quick (smoke) run" in md
   # speedup, quality, streaming, peers, batch1_limits, sharding, needles, speculative, lowrank,
-  # serving, fp8, press_speed, Gemma 3's peers, hybrid and window pools
-  assert md.count("*Not run yet.*") == 15
+  # serving, fp8, press_speed, the press leaderboard, Gemma 3's peers, hybrid and window pools
+  assert md.count("*Not run yet.*") == 16
 
 
 def test_quality_quick(tmp_path):
@@ -239,6 +240,18 @@ def test_needles_quick(tmp_path):
     assert 0 <= r["retrieval"] <= 1 and r["bytes_per_row"] > 0
   assert {r["kind"] for r in d["ppl_rows"]} >= {"full", "snapkv"}
   maybe_png(tmp_path, "needles")
+
+
+def test_leaderboard_quick(tmp_path):
+  run_script("leaderboard", tmp_path, "--quick", "--strict")
+  d = json.loads((tmp_path / "leaderboard.json").read_text())
+  check_common(d, "leaderboard")
+  got = {(r["press"], r["ratio"], r["setting"]) for r in d["results"]}
+  assert got == {("full", 0.0, "both")} | {(p, q, s) for p in ("knorm", "snapkv")
+                                           for q in (0.5, 0.75)
+                                           for s in ("query_agnostic", "query_aware")}
+  assert all(0 <= r["average"] <= 1 for r in d["results"])
+  assert (tmp_path / "leaderboard.svg").is_file()
 
 
 def test_speculative_quick(tmp_path):

@@ -1,0 +1,465 @@
+"""RULER-style leaderboard of KV-cache presses, query-agnostic and query-aware, as kvpress reports it.
+
+For each press (`kvjax.presses.press_names()` by default; a wrapper gets a default inner press,
+e.g. "adakv(snapkv)") at each compression ratio (share of the prompt dropped, kvpress's
+`compression_ratio`), on RULER-style samples (`kvjax.evals.ruler`: niah single / multikey /
+multivalue / multiquery, vt, cwe, fwe) at each context length, two settings:
+
+  query_agnostic  the context alone is compressed (`kvjax.compress`), then the question is asked
+                  of the compressed cache (`kvjax.generate(..., cache=cache)`). Several questions
+                  are asked of one compressed context (KVzip's point): besides the sample's own
+                  question, each needle key of the niah_multikey / niah_multiquery contexts is
+                  asked on its own (`cache.reorder` replicates the row), scored as "each_key".
+  query_aware     context + question are compressed together; the first answer token is the
+                  argmax of the uncompressed prefill's last logits (`details=True`), the rest is
+                  generated from the compressed cache.
+
+The full cache (ratio 0, every token kept) is the ceiling; it is the same for both settings and is
+run once (through `compress` at ratio 0, so it takes the same path as the presses). Scores are
+RULER's string match (`ruler.score`), per task the mean over samples; "average" is the mean over
+tasks (each_key is reported beside it, not in it). Greedy decoding, the task's max_new_tokens
+(capped by --max-new-tokens), stopping at EOS.
+
+Outputs (in --out): leaderboard.json (written after every configuration, so an interrupted run
+keeps what it measured), leaderboard.svg (average score vs compression ratio, one line per press,
+one panel per setting and length; hand-made SVG, no matplotlib needed).
+
+  python experiments/leaderboard.py                       # SmolLM2-135M at 4k, every press
+  python experiments/leaderboard.py --presses snapkv knorm --ratios 0.5 --n-per-task 2
+  python experiments/leaderboard.py --quick               # tiny random model (numbers meaningless)
+  python experiments/leaderboard.py --replot              # redraw the SVG from the JSON
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import time
+
+import numpy as np
+
+import common
+
+MODEL = "smollm2-135m"
+LENGTHS = [4096]
+RATIOS = [0.25, 0.5, 0.75, 0.875]
+N_PER_TASK = 1
+SEED = 0
+BATCH = 8  # samples per compress call
+EACH_KEY = 4  # needle keys asked one at a time per multikey / multiquery context (0: none)
+# Wrappers need an inner press: the one kvpress's leaderboard pairs them with (snapkv where it
+# has none); when that inner press is not registered, snapkv is used.
+DEFAULT_INNER = {"adakv": "snapkv", "chunkkv": "snapkv", "criticalkv": "snapkv",
+                 "block": "keydiff", "key_rerotation": "knorm"}
+FALLBACK_INNER = "snapkv"
+SKIP = {  # not a prompt-compression press on its own, or not comparable at a ratio
+    "per_layer": "wraps a press per layer (needs one press per layer)",
+    "composed": "composes several presses (needs a list of presses)",
+    "decoding": "compresses during decoding, not the prompt",
+    "think": "prunes key channels, not tokens (no token ratio to compare)",
+}
+QUICK = dict(model="tiny", lengths=[1024], ratios=[0.5, 0.75], presses=["knorm", "snapkv"],
+             n_per_task=1, each_key=2, max_new_tokens=8,
+             tasks=["niah_single", "niah_multiquery", "vt", "fwe"])
+QUICK_SMOLLM2_LENGTH = 1024
+NEEDLE = re.compile(r"One of the special magic (number|word|uuid)s for ([a-z]+-[a-z]+) is: "
+                    r"(\S+?)\.(?=\s|$)")
+SETTINGS = ("query_agnostic", "query_aware")
+FULL = "full"
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--quick", action="store_true",
+                    help="tiny model, 1024 tokens, 2 presses, 2 ratios, 4 tasks, 1 sample each")
+parser.add_argument("--out", default=str(common.DOCS), help="output folder (default docs/)")
+parser.add_argument("--model", default=None, help=f"default {MODEL} (--quick: tiny)")
+parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                    help="context lengths in tokens (default 4096; 8192 is SmolLM2's limit)")
+parser.add_argument("--ratios", nargs="+", type=float, default=None,
+                    help=f"compression ratios (default {RATIOS})")
+parser.add_argument("--presses", nargs="+", default=None,
+                    help="press names or specs (default: every registered press)")
+parser.add_argument("--tasks", nargs="+", default=None, help="ruler tasks (default: all)")
+parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+parser.add_argument("--n-per-task", type=int, default=None, help=f"samples per task ({N_PER_TASK})")
+parser.add_argument("--batch", type=int, default=BATCH, help="samples per compress call")
+parser.add_argument("--each-key", type=int, default=None,
+                    help=f"keys asked one at a time per multi-key context ({EACH_KEY}; 0: none)")
+parser.add_argument("--max-new-tokens", type=int, default=None,
+                    help="cap on each task's max_new_tokens (default: the task's own)")
+parser.add_argument("--seed", type=int, default=SEED)
+parser.add_argument("--noise", action="store_true",
+                    help="hide niah needles in noise sentences, not tinyshakespeare's lines")
+parser.add_argument("--time-limit", type=float, default=None,
+                    help="minutes: start no configuration after this; the rest is listed under "
+                         "not_run in the JSON")
+parser.add_argument("--strict", action="store_true", help="raise on a failing press")
+parser.add_argument("--replot", action="store_true",
+                    help="only redraw leaderboard.svg from the leaderboard.json in --out")
+args = parser.parse_args()
+
+
+# ---- the plot ----------------------------------------------------------------------------------
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+          "#e6550d", "#31a354", "#756bb1", "#636363", "#9c9ede", "#cedb9c", "#e7ba52", "#e7969c"]
+
+
+def svg_plot(payload: dict, path) -> None:
+  """leaderboard.svg: average score vs compression ratio, a panel per (length, setting), a line
+  per press starting at the full cache's score (ratio 0), the full cache dashed."""
+  averages = payload["averages"]
+  panels = [(length, s) for length in averages for s in SETTINGS if s in averages[length]]
+  presses = list(dict.fromkeys(p for length in averages for s in averages[length]
+                               for p in averages[length][s] if p != FULL))
+  if not panels:
+    return
+  values = [v for length in averages for s in averages[length]
+            for p in averages[length][s].values() for v in p.values()]
+  top = max(0.1, float(np.ceil(max(values + [0.0]) * 10 + 0.5) / 10))
+  top = min(top, 1.0) if max(values + [0.0]) <= 1.0 else top
+  pw, ph, left, right, upper, lower = 330, 240, 55, 15, 35, 45
+  legend_w = 190
+  width = len(panels) * (pw + left + right) + legend_w
+  height = max(ph + upper + lower, 30 + 16 * (len(presses) + 1))
+  x_max = 1.0
+  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>']
+  color = {p: COLORS[i % len(COLORS)] for i, p in enumerate(presses)}
+  for i, (length, setting) in enumerate(panels):
+    x0 = i * (pw + left + right) + left
+    sx = lambda r: x0 + pw * r / x_max  # noqa: E731
+    sy = lambda v: upper + ph * (1 - v / top)  # noqa: E731
+    parts.append(f'<text x="{x0 + pw / 2}" y="20" text-anchor="middle" font-size="13">'
+                 f'{setting.replace("_", "-")}, {length} tokens</text>')
+    parts.append(f'<rect x="{x0}" y="{upper}" width="{pw}" height="{ph}" fill="none" '
+                 f'stroke="#444"/>')
+    for k in range(6):
+      v = top * k / 5
+      parts.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" '
+                   f'stroke="#ddd"/><text x="{x0 - 5}" y="{sy(v) + 4:.1f}" '
+                   f'text-anchor="end">{v:.2f}</text>')
+    for r in (0.0, 0.25, 0.5, 0.75, 0.875):
+      parts.append(f'<line x1="{sx(r):.1f}" x2="{sx(r):.1f}" y1="{upper}" y2="{upper + ph}" '
+                   f'stroke="#eee"/><text x="{sx(r):.1f}" y="{upper + ph + 15}" '
+                   f'text-anchor="middle">{r:g}</text>')
+    parts.append(f'<text x="{x0 + pw / 2}" y="{upper + ph + 32}" text-anchor="middle">'
+                 'compression ratio (share of the prompt dropped)</text>')
+    parts.append(f'<text x="{x0 - 40}" y="{upper + ph / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 {x0 - 40} {upper + ph / 2})">average score</text>')
+    lines = averages[length][setting]
+    full = lines.get(FULL, {}).get("0.0")
+    if full is not None:
+      parts.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{sy(full):.1f}" y2="{sy(full):.1f}" '
+                   'stroke="black" stroke-dasharray="5,4"/>')
+    for press in presses:
+      points = sorted((float(r), v) for r, v in lines.get(press, {}).items())
+      if full is not None:
+        points = [(0.0, full)] + points
+      if not points:
+        continue
+      xy = " ".join(f"{sx(r):.1f},{sy(v):.1f}" for r, v in points)
+      parts.append(f'<polyline points="{xy}" fill="none" stroke="{color[press]}" '
+                   'stroke-width="1.8"/>')
+      parts += [f'<circle cx="{sx(r):.1f}" cy="{sy(v):.1f}" r="2.8" fill="{color[press]}"/>'
+                for r, v in points]
+  lx = len(panels) * (pw + left + right) + 5
+  parts.append(f'<text x="{lx}" y="{upper - 8}" font-size="12">{payload["settings"]["model"]}'
+               '</text>')
+  entries = [(FULL + " cache", "black", True)] + [(color_key, color[color_key], False)
+                                                 for color_key in presses]
+  for j, (label, c, dashed) in enumerate(entries):
+    y = upper + 8 + 16 * j
+    dash = ' stroke-dasharray="5,4"' if dashed else ""
+    parts.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{y}" y2="{y}" stroke="{c}" '
+                 f'stroke-width="1.8"{dash}/><text x="{lx + 28}" y="{y + 4}">{_xml(label)}</text>')
+  parts.append("</svg>")
+  path.write_text("\n".join(parts) + "\n")
+  print(f"wrote {path}")
+
+
+def _xml(text: str) -> str:
+  return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+if args.replot:
+  out = common.out_dir(args.out)
+  svg_plot(json.loads((out / "leaderboard.json").read_text()), out / "leaderboard.svg")
+  raise SystemExit(0)
+
+
+import kvjax  # noqa: E402
+from kvjax.evals import ruler  # noqa: E402
+from kvjax.presses import make_press, press_class, press_names  # noqa: E402
+
+
+# ---- which presses, with which specs -----------------------------------------------------------
+def is_wrapper(name: str) -> bool:
+  """True when the registered press `name` wraps another (its first field is a press)."""
+  from kvjax.presses import wrappers
+
+  try:
+    cls = press_class(name)
+  except kvjax.SpecError:
+    return False
+  if isinstance(cls, type) and issubclass(cls, wrappers.Wrapper):
+    return True
+  try:
+    make_press(name)
+  except (TypeError, ValueError) as e:  # SpecError is a ValueError
+    return "wrap" in str(e).lower() or "press" in str(e).lower()
+  return False
+
+
+def press_specs(requested, notes: dict) -> dict:
+  """{label: spec} for the presses to run; `notes` gets {name: why} for those left out."""
+  names = requested or press_names()
+  known = set(press_names())
+  specs = {}
+  for name in names:
+    if "(" in name:  # a full spec given by the user
+      specs[name] = name
+      continue
+    if name in SKIP and not requested:
+      notes[name] = SKIP[name]
+      continue
+    if name not in known:
+      notes[name] = "not registered in this build"
+      continue
+    if is_wrapper(name):
+      inner = DEFAULT_INNER.get(name, FALLBACK_INNER)
+      inner = inner if inner in known else FALLBACK_INNER
+      specs[f"{name}({inner})"] = f"{name}({inner})"
+    else:
+      specs[name] = name
+  for label, spec in list(specs.items()):
+    try:
+      make_press(spec)
+    except Exception as e:  # noqa: BLE001  (recorded: the run goes on without it)
+      notes[label] = f"cannot build {spec!r}: {type(e).__name__}: {e}"
+      del specs[label]
+  return specs
+
+
+# ---- samples and questions ---------------------------------------------------------------------
+@dataclasses.dataclass
+class Question:
+  """One question asked of one sample's compressed context: the sample index in its batch, the
+  ids to feed after the context, what is scored, and under which task label."""
+
+  sample: int
+  task: str
+  ids: list
+  answers_of: ruler.Sample  # the sample carrying answers / metric / max_new_tokens
+
+
+def each_key_questions(sample: ruler.Sample, tokenizer, limit: int) -> list[ruler.Sample]:
+  """A multi-key niah context asked about each of its first `limit` keys, one key at a time."""
+  if limit <= 0 or sample.task not in ("niah_multikey", "niah_multiquery"):
+    return []
+  values: dict[str, list[str]] = {}
+  kind = None
+  for m in NEEDLE.finditer(sample.context):
+    kind = m.group(1)
+    values.setdefault(m.group(2), []).append(m.group(3))
+  if len(values) < 2:
+    return []
+  out = []
+  for key in list(values)[:limit]:
+    question = ruler.NIAH_QUESTION.format(kind=kind, keys=key)
+    out.append(dataclasses.replace(sample, task="each_key", question=question,
+                                   question_ids=tuple(tokenizer.encode(question)),
+                                   answers=tuple(values[key])))
+  return out
+
+
+def make_samples(tokenizer, length: int, tasks, n_per_task: int, seed: int, haystack_text,
+                 notes: dict) -> list[ruler.Sample]:
+  """ruler.suite task by task; a task that does not fit the length is left out with a note."""
+  samples = []
+  for task in tasks:
+    try:
+      samples += ruler.suite(tokenizer, length, n_per_task, seed, tasks=[task],
+                             haystack_text=haystack_text)
+    except ValueError as e:
+      notes[f"{task}@{length}"] = str(e)
+  return samples
+
+
+def max_new(sample: ruler.Sample) -> int:
+  cap = args.max_new_tokens
+  return sample.max_new_tokens if cap is None else min(cap, sample.max_new_tokens)
+
+
+# ---- one configuration -------------------------------------------------------------------------
+def answer_texts(tokens_rows, questions) -> list[str]:
+  """Each question's generated text, cut at its task's max_new_tokens."""
+  return [tok.decode([int(t) for t in row[:max_new(q.answers_of)]])
+          for row, q in zip(tokens_rows, questions)]
+
+
+def run_agnostic(samples, spec: str, ratio: float) -> list[tuple[Question, str]]:
+  """Compress each batch's contexts, then ask every question of the compressed cache."""
+  done = []
+  for start in range(0, len(samples), args.batch):
+    batch = samples[start:start + args.batch]
+    cache = kvjax.compress(model, [list(s.ids) for s in batch], spec, ratio=ratio)
+    questions = []
+    for i, s in enumerate(batch):
+      questions.append(Question(i, s.task, list(s.question_ids), s))
+      questions += [Question(i, "each_key", list(q.question_ids), q)
+                    for q in each_key_questions(s, tok, each_key)]
+    rows = cache.reorder(np.array([q.sample for q in questions], np.int32))
+    del cache
+    g = kvjax.generate(model, [q.ids for q in questions], cache=rows,
+                       max_new_tokens=max(max_new(q.answers_of) for q in questions))
+    done += list(zip(questions, answer_texts(g.rows(), questions)))
+  return done
+
+
+def run_aware(samples, spec: str, ratio: float) -> list[tuple[Question, str]]:
+  """Compress context + question together; first token from the prefill's logits, then generate."""
+  done = []
+  eos = getattr(tok, "eos_id", None)
+  for start in range(0, len(samples), args.batch):
+    batch = samples[start:start + args.batch]
+    cache, info = kvjax.compress(model, [list(s.ids) + list(s.question_ids) for s in batch], spec,
+                                 ratio=ratio, details=True)
+    first = np.asarray(np.argmax(np.asarray(info.logits), axis=-1), np.int64)
+    questions = [Question(i, s.task, [int(first[i])], s) for i, s in enumerate(batch)]
+    longest = max(max_new(s) for s in batch)
+    rest = [[] for _ in batch]
+    if longest > 1:
+      g = kvjax.generate(model, [q.ids for q in questions], cache=cache, max_new_tokens=longest - 1)
+      rest = g.rows()
+    texts = []
+    for q, r in zip(questions, rest):
+      ids = [] if eos is not None and q.ids[0] == eos else q.ids + [int(t) for t in r]
+      texts.append(tok.decode(ids[:max_new(q.answers_of)]))
+    done += list(zip(questions, texts))
+  return done
+
+
+def summarize(answered) -> dict:
+  """Per-task mean scores, counts, the average over the RULER tasks and each_key."""
+  by_task: dict[str, list[float]] = {}
+  for q, text in answered:
+    by_task.setdefault(q.task, []).append(ruler.score(q.answers_of, text))
+  scores = {t: float(np.mean(v)) for t, v in by_task.items()}
+  main = [v for t, v in scores.items() if t != "each_key"]
+  return dict(scores={t: v for t, v in scores.items() if t != "each_key"},
+              n={t: len(v) for t, v in by_task.items()},
+              average=float(np.mean(main)) if main else None,
+              each_key=scores.get("each_key"),
+              answers=[dict(task=q.task, text=text[:160], answers=list(q.answers_of.answers),
+                            score=ruler.score(q.answers_of, text)) for q, text in answered])
+
+
+# ---- the run -----------------------------------------------------------------------------------
+quick = args.quick
+model_name = args.model or (QUICK["model"] if quick else MODEL)
+if args.lengths:
+  lengths = args.lengths
+elif quick:
+  lengths = QUICK["lengths"] if model_name == QUICK["model"] else [QUICK_SMOLLM2_LENGTH]
+else:
+  lengths = LENGTHS
+ratios = args.ratios or (QUICK["ratios"] if quick else RATIOS)
+n_per_task = args.n_per_task or (QUICK["n_per_task"] if quick else N_PER_TASK)
+each_key = args.each_key if args.each_key is not None else (QUICK["each_key"] if quick
+                                                            else EACH_KEY)
+if quick and args.max_new_tokens is None:
+  args.max_new_tokens = QUICK["max_new_tokens"]
+tasks = args.tasks or (QUICK["tasks"] if quick else list(ruler.TASKS))
+out = common.out_dir(args.out)
+info = common.run_info(args)
+press_notes: dict[str, str] = {}
+specs = press_specs(args.presses or (QUICK["presses"] if quick else None), press_notes)
+for name, why in press_notes.items():
+  print(f"  skip press {name}: {why}", flush=True)
+model = common.load_model(model_name)
+tok = model.tokenizer
+haystack, haystack_source = (None, "noise") if args.noise else common.load_text(None, quick)
+sample_notes: dict[str, str] = {}
+samples = {length: make_samples(tok, length, tasks, n_per_task, args.seed, haystack, sample_notes)
+           for length in lengths}
+for what, why in sample_notes.items():
+  print(f"  skip task {what}: {why}", flush=True)
+
+# Ratio by ratio (in the order given), so an interrupted run holds every press at the first ratios.
+configs = []  # (length, label, spec, ratio, setting)
+for length in lengths:
+  configs.append((length, FULL, "knorm", 0.0, "both"))
+  for ratio in ratios:
+    for label, spec in specs.items():
+      configs += [(length, label, spec, ratio, s) for s in args.settings]
+
+outcomes = common.Outcomes(strict=args.strict)
+results = []
+not_run = []  # configurations past --time-limit
+started = time.perf_counter()
+
+
+def averages_of(results) -> dict:
+  """{length: {setting: {press: {ratio: average}}}} (the full cache under both settings)."""
+  table: dict = {}
+  for r in results:
+    if r["average"] is None:
+      continue
+    settings = args.settings if r["setting"] == "both" else [r["setting"]]
+    for s in settings:
+      table.setdefault(str(r["length"]), {}).setdefault(s, {}).setdefault(r["press"], {})[
+          str(r["ratio"])] = r["average"]
+  return table
+
+
+def payload() -> dict:
+  return {"experiment": "leaderboard", "quick": quick, **info,
+          "settings": {"model": model_name, "lengths": lengths, "ratios": ratios, "tasks": tasks,
+                       "n_per_task": n_per_task, "seed": args.seed, "batch": args.batch,
+                       "each_key": each_key, "max_new_tokens_cap": args.max_new_tokens,
+                       "haystack": haystack_source, "settings": args.settings,
+                       "presses": specs, "presses_left_out": press_notes,
+                       "tasks_left_out": sample_notes, "full_cache": "compress(..., 'knorm', "
+                       "ratio=0): every token kept, asked like query_agnostic",
+                       "room": 256},
+          "notes": ["score: RULER string match (fraction of the answers found in the greedy "
+                    "answer), per task the mean over samples; average: mean over tasks",
+                    "query_agnostic: context compressed alone, then asked; each_key: every key "
+                    "of a multikey/multiquery context asked on its own of one compressed cache",
+                    "query_aware: context + question compressed together, first token from the "
+                    "uncompressed prefill's logits",
+                    "full cache (ratio 0) run once: its numbers are the ceiling of both settings",
+                    "small model: absolute scores are low; compare presses to the full cache"],
+          "samples": {str(length): [dict(task=s.task, context_tokens=len(s.ids),
+                                         question_tokens=len(s.question_ids),
+                                         answers=list(s.answers), max_new_tokens=max_new(s))
+                                    for s in ss] for length, ss in samples.items()},
+          **outcomes.summary(), "not_run": not_run,
+          "wall_s": round(time.perf_counter() - started, 1),
+          "averages": averages_of(results), "results": results}
+
+
+for length, label, spec, ratio, setting in common.progress(configs, desc="leaderboard"):
+  key = f"{label}@{ratio}/{setting}/{length}"
+  if not samples[length] or not outcomes.ok(f"{label}/{setting}"):
+    continue
+  if args.time_limit is not None and time.perf_counter() - started > 60 * args.time_limit:
+    not_run.append(key)
+    continue
+  with outcomes.guard(f"{label}/{setting}"):
+    t0 = time.perf_counter()
+    run = run_aware if setting == "query_aware" else run_agnostic
+    answered = run(samples[length], spec, ratio)
+    row = dict(length=length, press=label, spec=spec, ratio=ratio, setting=setting,
+               **summarize(answered), wall_s=round(time.perf_counter() - t0, 1))
+    results.append(row)
+    each = "" if row["each_key"] is None else f", each_key {row['each_key']:.2f}"
+    print(f"  {key:40s} average {row['average']:.3f}{each}  ({row['wall_s']:.0f} s)", flush=True)
+    common.write_json(out / "leaderboard.json", payload())
+  kvjax.clear_caches()  # each (press, ratio) compiles its own programs: keep memory bounded
+
+final = payload()
+common.write_json(out / "leaderboard.json", final)
+svg_plot(final, out / "leaderboard.svg")
+print(f"done in {final['wall_s']:.0f} s")
