@@ -256,6 +256,16 @@ def topk_per_head(scores, n_kept, valid):
   return keep & valid[:, None, :]
 
 
+def row_zscore(s, valid):
+  """s [B, K, T] z-scored over each row's valid (K, T) entries (unbiased std, at least 1e-6);
+  0 where not valid. valid: bool [B, K, T]."""
+  count = jnp.sum(valid, axis=(1, 2), keepdims=True) * 1.0
+  mean = jnp.sum(jnp.where(valid, s, 0.0), axis=(1, 2), keepdims=True) / jnp.maximum(count, 1)
+  var = jnp.sum(jnp.where(valid, jnp.square(s - mean), 0.0), axis=(1, 2), keepdims=True) \
+      / jnp.maximum(count - 1, 1)
+  return jnp.where(valid, (s - mean) / jnp.maximum(jnp.sqrt(var), 1e-6), 0.0)
+
+
 def protect(scores, where):
   """scores [B, ...] with `where` (broadcastable bool) raised above every other score of the
   row's layer: kvpress's `max + 1` for windows and sinks (its max is over one row's layer)."""

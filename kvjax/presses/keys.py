@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.caches.terms import SpecError
-from kvjax.presses.base import LayerInputs, Press, register_press
+from kvjax.presses.base import LayerInputs, Press, register_press, row_zscore
 
 
 @register_press
@@ -261,12 +261,7 @@ class LeverageScorePress(Press):
     solved = jax.vmap(jax.vmap(lambda f, xs: jax.scipy.linalg.cho_solve((f, True), xs.T)))(
         factor, sketched)  # [B, K, S, T]
     lev = jnp.maximum(jnp.sum(sketched * solved.swapaxes(-1, -2), axis=-1), 0.0)  # [B, K, T]
-    valid = x.valid[:, None, :]
-    count = (x.n_valid * x.kv_heads).astype(jnp.float32)[:, None, None]
-    mean = jnp.sum(jnp.where(valid, lev, 0.0), axis=(1, 2), keepdims=True) / count
-    var = jnp.sum(jnp.where(valid, jnp.square(lev - mean), 0.0), axis=(1, 2), keepdims=True) \
-        / jnp.maximum(count - 1, 1)
-    return jnp.where(valid, (lev - mean) / jnp.maximum(jnp.sqrt(var), 1e-6), 0.0)
+    return row_zscore(lev, jnp.broadcast_to(x.valid[:, None, :], lev.shape))
 
 
 @register_press

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.presses.attention import ExpectedAttentionPress, pool
-from kvjax.presses.base import LayerInputs, Press, register_press, topk_per_head
+from kvjax.presses.base import LayerInputs, Press, register_press, row_zscore, topk_per_head
 from kvjax.presses.keys import LeverageScorePress
 from kvjax.presses.wrappers import ChunkKVPress, Wrapper, restrict, unrestrict
 
@@ -247,15 +247,6 @@ def non_causal_column_sums(x: LayerInputs, chunk: int):
   return jnp.sum(probs, axis=-2).reshape(b, n, m * chunk)[:, :, :x.tokens]
 
 
-def _row_zscore(s, valid):
-  """s [B, K, T] z-scored over each row's valid (K, T) entries (unbiased std, at least 1e-6)."""
-  count = jnp.sum(valid, axis=(1, 2), keepdims=True) * 1.0
-  mean = jnp.sum(jnp.where(valid, s, 0.0), axis=(1, 2), keepdims=True) / jnp.maximum(count, 1)
-  var = jnp.sum(jnp.where(valid, jnp.square(s - mean), 0.0), axis=(1, 2), keepdims=True) \
-      / jnp.maximum(count - 1, 1)
-  return jnp.where(valid, (s - mean) / jnp.maximum(jnp.sqrt(var), 1e-6), 0.0)
-
-
 @register_press
 @dataclasses.dataclass(frozen=True)
 class NonCausalAttnPress(Press):
@@ -282,7 +273,7 @@ class NonCausalAttnPress(Press):
     valid = x.valid[:, None, :]
     a = x.group_mean(non_causal_column_sums(x, self.chunk_size))  # [B, K, T]
     s = jnp.where(valid, a * jnp.linalg.norm(x.v.astype(jnp.float32), axis=-1), 0.0)
-    return _row_zscore(pool(s, 3, "avg"), jnp.broadcast_to(valid, s.shape))
+    return row_zscore(pool(s, 3, "avg"), jnp.broadcast_to(valid, s.shape))
 
 
 # ---- compactor -----------------------------------------------------------------------------------
