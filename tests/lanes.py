@@ -24,6 +24,12 @@ FULL_LANE = {
     "tests/presses/test_decoding.py::test_a_target_that_never_binds_generates_like_a_full_cache": 10.2,
     "tests/presses/test_more.py::test_compactor_blends_leverage_and_non_causal_attention_between_sinks": 5.9,
     "tests/presses/test_more.py::test_kit": 7.8,
+    "tests/presses/test_decoding.py::test_streaming_llm_keeps_the_sinks_and_the_most_recent": 15.9,
+    "tests/presses/test_more.py::test_merging_changes_only_the_stored_values": 12.1,
+    "tests/presses/test_rerotation.py::test_equals_a_full_cache_of_the_kept_tokens[key_rerotation(knorm)]": 9.2,
+    "tests/presses/test_kvzip.py::test_ratio_zero_keeps_the_context_and_decodes_like_a_full_cache": 8.6,
+    "tests/presses/test_compress.py::test_pyramid_budgets_make_a_layered_cache": 4.6,
+    "tests/presses/test_compress.py::test_a_user_press_end_to_end": 10.0,
     # caches/: model-level equivalences and extra oracle variants; each kind keeps its quick
     # conformance run and its own policy-vs-oracle test in the fast lane.
     "tests/caches/test_adakv.py::test_bytes_and_full_equivalence": 4.1,

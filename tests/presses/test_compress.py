@@ -155,10 +155,18 @@ class KeepsPadding(ValueNormPress):
     return jnp.ones(scores.shape, bool)
 
 
-def test_a_user_press_registers_and_composes(tiny):
+def test_a_user_press_end_to_end(tiny):
   presses.register_press(ValueNormPress)
   try:
     check_press("value_norm", model=tiny)
+  finally:
+    presses.unregister_press("value_norm")
+
+
+def test_a_user_press_registers_and_composes():
+  presses.register_press(ValueNormPress)
+  try:
+    check_press("value_norm")
     check_press("adakv(value_norm)")
     x = synthetic_inputs()
     keep = presses.make_press("value_norm").select(x, jnp.linalg.norm(x.v, axis=-1),
