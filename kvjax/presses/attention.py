@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from kvjax import attention as attn
+from kvjax.caches.scored.scorers import pool
 from kvjax.presses.base import LayerInputs, Press, protect, register_press
 
 
@@ -49,19 +49,6 @@ class SnapKVPress(Press):
     mass = jnp.where(in_window[:, None, :], 0.0, mass)
     scores = x.group_mean(pool(mass, self.option("kernel_size", 7), self.option("pooling", "max")))
     return protect(scores, in_window[:, None, :])
-
-
-def pool(x, kernel: int, how: str):
-  """[..., T] smoothed along T by a centred window of `kernel` with zero padding ('avg' divides
-  by kernel everywhere, as torch's avg_pool1d counting the padding; scores are >= 0, so zeros pad
-  'max' neutrally)."""
-  if kernel <= 1:
-    return x
-  dims, strides = (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim
-  pad = [(0, 0)] * (x.ndim - 1) + [(kernel // 2, kernel // 2)]
-  if how == "max":
-    return jax.lax.reduce_window(x, 0.0, jax.lax.max, dims, strides, pad)
-  return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pad) / kernel
 
 
 @register_press

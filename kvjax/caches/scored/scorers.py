@@ -122,10 +122,21 @@ class SnapKV(H2O):
     return mass[..., :s], self._pool(mass[..., s:])
 
   def _pool(self, mass):
-    """[B, K, T] scores smoothed along T. Scores are >= 0, so 0 pads both pools neutrally."""
-    reduce = jax.lax.max if self.pooling == "max" else jax.lax.add
-    pooled = jax.lax.reduce_window(mass, 0.0, reduce, (1, 1, self.kernel), (1, 1, 1), "SAME")
-    return pooled / self.kernel if self.pooling == "avg" else pooled
+    """[B, K, T] scores smoothed along T (`pool`)."""
+    return pool(mass, self.kernel, self.pooling)
+
+
+def pool(x, kernel: int, how: str):
+  """[..., T] smoothed along T by a centred window of `kernel` with zero padding ('avg' divides
+  by kernel everywhere, as torch's avg_pool1d counting the padding; scores are >= 0, so zeros pad
+  'max' neutrally). SnapKV's scorer and the presses (kvjax.presses) share it."""
+  if kernel <= 1:
+    return x
+  dims, strides = (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim
+  pad = [(0, 0)] * (x.ndim - 1) + [(kernel // 2, kernel // 2)]
+  if how == "max":
+    return jax.lax.reduce_window(x, 0.0, jax.lax.max, dims, strides, pad)
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pad) / kernel
 
 
 def named(name: str, **options) -> Scorer:
