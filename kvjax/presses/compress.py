@@ -19,6 +19,10 @@ kv head) are re-rotated to positions 0..n-1 (`rerotation.rerotate`) and the cach
 n, so decoding continues at n; with `extend` the prefill runs over the extended rows and only each
 row's first `n_context` tokens are scored, kept and counted (`lengths` = the context's length).
 
+Sweeps: `prefill(model, ids)` runs the model once and keeps every layer's queries, keys and values
+(`Prefilled`); `compress(model, prefilled, press, ...)` then replays only the pressing (score,
+select, write) per layer, so N presses x M ratios cost one prefill instead of N x M.
+
 Budgets: `ratio` r keeps n_kept = max(1, floor(n * (1 - r))) tokens of a row of n (kvpress's rule,
 per row, so ragged rows each lose the same share); `budget` keeps min(budget, n). A press may give
 layers different budgets (PyramidKV, `Press.layer_kept`) or pool a layer's heads (AdaKV); the cache
@@ -124,16 +128,26 @@ class _Pressing:
         return out, self
       out, target = self.target.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
       return out, self.replace(target=target)
-    b, t, _, h = q.shape
+    b, t, _, _ = q.shape
     n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
+    x = self.inputs(layer, q, k, v, n_valid, rope, scale)
+    out = _causal(x.q, x.k.swapaxes(1, 2), v, n_valid, scale)
+    return out, self.press_layer(x)
+
+  def inputs(self, layer: int, q, k, v, n_valid, rope, scale) -> LayerInputs:
+    """The press's view of one layer: q [B, T, N, H], k/v [B, T, K, H] un-rotated at 0..T-1."""
+    b, t, _, h = q.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    qr = attn.apply_rope(rope, q, positions)
     kr = attn.apply_rope(rope, k, positions)
-    out = _causal(qr, kr, v, n_valid, scale)
-    x = LayerInputs(q=qr, q_raw=q, k=kr.swapaxes(1, 2), k_raw=k.swapaxes(1, 2),
-                    v=v.swapaxes(1, 2), n_valid=n_valid, n_context=self.context,
-                    wo=None if self.wo is None else self.wo[layer], layer=layer,
-                    n_layers=self.n_layers, scale=h**-0.5 if scale is None else scale, rope=rope)
+    return LayerInputs(q=attn.apply_rope(rope, q, positions), q_raw=q, k=kr.swapaxes(1, 2),
+                       k_raw=k.swapaxes(1, 2), v=v.swapaxes(1, 2), n_valid=n_valid,
+                       n_context=self.context, wo=None if self.wo is None else self.wo[layer],
+                       layer=layer, n_layers=self.n_layers,
+                       scale=h**-0.5 if scale is None else scale, rope=rope)
+
+  def press_layer(self, x: LayerInputs) -> "_Pressing":
+    """Scores layer x.layer, selects, and writes the kept tokens to the target (and the record)."""
+    layer = x.layer
     n_kept = self.n_kept[layer]
     scores = self.press.score(x, n_kept).astype(jnp.float32)
     sink, window = self.protected
@@ -147,10 +161,10 @@ class _Pressing:
       kept_k = self.press.prune_keys(x)  # x.k unless the press thins keys (ThinK)
       kept_v = self.press.merge_values(x, keep)  # x.v unless the press merges (merging)
       new = new.replace(target=_fill(self.target, layer, keep, scores, kept_k, kept_v,
-                                     rope if self.press.rerotates else None))
+                                     x.rope if self.press.rerotates else None))
     if self.record:
       new = new.replace(scores=self.scores + (scores,), kept=self.kept + (keep,))
-    return out, new
+    return new
 
   def advance(self, n_valid):
     if self.target is None:
@@ -159,6 +173,108 @@ class _Pressing:
     if self.press.rerotates:  # decoding continues right after the last kept token
       target = _contiguous_lengths(target)
     return self.replace(target=target)
+
+
+@struct.dataclass
+class _Capturing:
+  """The model's cache during `prefill`: attends causally over the prompt like `_Pressing` (a
+  hybrid model's sliding layers over their window) and keeps every layer's un-rotated q [B, T, N,
+  H], k and v [B, T, K, H], with each layer's (rope, scale) as static facts."""
+
+  q: tuple = ()
+  k: tuple = ()
+  v: tuple = ()
+  batch: int = struct.field(pytree_node=False, default=1)
+  sliding: tuple | None = struct.field(pytree_node=False, default=None)
+  meta: tuple = struct.field(pytree_node=False, default=())  # per layer: (rope, scale)
+
+  @property
+  def lengths(self):
+    return jnp.zeros((self.batch,), jnp.int32)
+
+  def token_positions(self, tokens: int):
+    return jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (self.batch, tokens))
+
+  def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
+    b, t = q.shape[:2]
+    n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
+    positions = self.token_positions(t)
+    window = None if self.sliding is None else self.sliding[layer]
+    out = attn.causal_attention(attn.apply_rope(rope, q, positions),
+                                attn.apply_rope(rope, k, positions), v, positions, n_valid,
+                                scale=scale, window=window) if window is not None else \
+        _causal(attn.apply_rope(rope, q, positions), attn.apply_rope(rope, k, positions), v,
+                n_valid, scale)
+    return out, self.replace(q=self.q + (q,), k=self.k + (k,), v=self.v + (v,),
+                             meta=self.meta + ((rope, scale),))
+
+  def advance(self, n_valid):
+    return self
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prefilled:
+  """One prefill of prompt rows, kept so that many presses and ratios compress it without running
+  the model again (`prefill`; pass it to `compress` or `score_prompt` in place of the ids).
+
+  rows: the prompt rows (token ids). n_valid: int [B] their lengths.
+  logits: float32 [B, V] at each row's last token.
+  q: per layer [B, T, N, H]; k, v: per layer [B, T, K, H] (un-rotated, T = the longest row).
+  meta: per layer (rope, scale), as the model handed them to its cache.
+  """
+
+  rows: tuple
+  n_valid: np.ndarray
+  logits: jax.Array
+  q: tuple
+  k: tuple
+  v: tuple
+  meta: tuple
+
+  @property
+  def n_layers(self) -> int:
+    return len(self.q)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes the kept layer inputs take (what holding a Prefilled costs)."""
+    return sum(x.size * x.dtype.itemsize for x in self.q + self.k + self.v)
+
+
+def prefill(model, ids) -> Prefilled:
+  """Runs the model once over the prompt rows `ids` and keeps what every layer saw, so that
+  `compress(model, prefilled, press, ratio=...)` for any number of presses and ratios gives the
+  same cache as `compress(model, ids, press, ratio=...)` without another prefill (research sweeps,
+  experiments/leaderboard.py). Memory: every layer's queries, keys and values of every row
+  (`Prefilled.nbytes`; SmolLM2 at 4096 tokens: about 0.5 GB per row in fp32).
+  Presses that extend the prompt (kvzip) need their own prefill and refuse a Prefilled."""
+  check_model(model, "prefill")
+  rows = _rows(model, ids)
+  if min(len(r) for r in rows) < 1:
+    raise ValueError("prefill: every row needs at least one token")
+  tokens, n_valid = _tokens(rows)
+  windows = layer_windows(model.config)
+  sliding = windows if any(w is not None for w in windows) else None
+  logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
+                          jnp.asarray(n_valid, jnp.int32),
+                          _Capturing(batch=len(rows), sliding=sliding))
+  return Prefilled(rows=tuple(tuple(r) for r in rows), n_valid=n_valid, logits=logits,
+                   q=done.q, k=done.k, v=done.v, meta=done.meta)
+
+
+@functools.partial(jax.jit, static_argnames=("meta",))
+def _replay(pressing, q, k, v, n_valid, meta):
+  """What the compressing prefill does at each layer, from a Prefilled's layer inputs."""
+  for layer, (rope, scale) in enumerate(meta):
+    if pressing.sliding is not None and pressing.sliding[layer] is not None:
+      if pressing.target is not None:  # the window cache keeps its last tokens (output unused)
+        _, target = pressing.target.attend(layer, q[layer], k[layer], v[layer], n_valid,
+                                           rope=rope, scale=scale)
+        pressing = pressing.replace(target=target)
+      continue
+    x = pressing.inputs(layer, q[layer], k[layer], v[layer], n_valid, rope, scale)
+    pressing = pressing.press_layer(x)
+  return pressing.advance(n_valid)
 
 
 def _causal(q, k, v, n_valid, scale):
@@ -191,15 +307,6 @@ def _fill(target, layer: int, keep, scores, k, v, rope=None):
     st = _fill_shared(target, st, keep, scores, k, v)
   else:
     st = _fill_heads(target, st, keep, scores, k, v, rope)
-  return admission.put_layer(target, layer, st)
-  if isinstance(target, LayeredCache):
-    one = _fill(target.layers[layer], 0, keep, scores, k, v)
-    return target.replace(layers=target.layers[:layer] + (one,) + target.layers[layer + 1:])
-  st = admission.take_layer(target, layer)
-  if target.shared_heads:
-    st = _fill_shared(target, st, keep, scores, k, v)
-  else:
-    st = _fill_heads(target, st, keep, scores, k, v)
   return admission.put_layer(target, layer, st)
 
 
@@ -298,7 +405,8 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
   Args:
     model: a kvjax model (`kvjax.load(...)`, or your own: params, config, step).
     ids: token ids, one row ([n]) or several (list of lists, ragged; or [B, T] with every row
-      full). Text is tokenized with the model's tokenizer.
+      full). Text is tokenized with the model's tokenizer. Or a `Prefilled` (`prefill(model,
+      ids)`): the same cache without running the model again.
     press: a press spec string ("snapkv", "adakv(snapkv)", ...) or a `kvjax.presses.Press`.
     ratio: the share of each row's tokens to drop; budget: tokens to keep (one of the two; neither
       for a press that sizes its layers itself, `Press.takes_budget` False: simlayerkv, decoding).
@@ -321,7 +429,8 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     raise SpecError(f"compress: room must be an int >= 1, got {room!r}")
   dtype = model_dtype(model)
   target = _target(press, model.config, kept, room, codec_lib.parse(storage, dtype, group), dtype)
-  done, info = _run(model, rows, lengths, press, kept, target, details, _protected(sink, window))
+  done, info = _run(model, rows, lengths, press, kept, target, details, _protected(sink, window),
+                    _prefilled(ids))
   return (done.target, info) if details else done.target
 
 
@@ -334,7 +443,12 @@ def score_prompt(model, ids, press, *, ratio: float | None = None, budget: int |
   tests/presses/test_kvpress_oracle.py)."""
   press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
                                         "score_prompt")
-  return _run(model, rows, lengths, press, kept, None, True, _protected(sink, window))[1]
+  return _run(model, rows, lengths, press, kept, None, True, _protected(sink, window),
+              _prefilled(ids))[1]
+
+
+def _prefilled(ids) -> Prefilled | None:
+  return ids if isinstance(ids, Prefilled) else None
 
 
 def _protected(sink, window) -> tuple[int, int]:
@@ -348,10 +462,18 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   """(press resolved, rows, lengths [B], budgets int [L, B]) after checking the arguments."""
   check_model(model, what)
   press = make_press(press, **options).resolve(compat)
-  rows = _rows(model, ids)
+  if isinstance(ids, Prefilled):
+    _check_prefilled(model, ids, what)
+    rows = [list(r) for r in ids.rows]
+  else:
+    rows = _rows(model, ids)
   if min(len(r) for r in rows) < 1:
     raise ValueError(f"{what}: every row needs at least one token")
-  rows, context = press.extend(rows, getattr(model, "tokenizer", None))
+  extended, context = press.extend(rows, getattr(model, "tokenizer", None))
+  if isinstance(ids, Prefilled) and [list(r) for r in extended] != rows:
+    raise SpecError(f"{what}: {press} scores an extended prompt ({press.name} adds to each row), "
+                    "which needs its own prefill; pass the ids, not a Prefilled")
+  rows = extended
   lengths = np.array(context, np.int64)  # what is scored, kept and budgeted
   if not press.takes_budget:
     if ratio is not None or budget is not None:
@@ -372,13 +494,29 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   return press, rows, lengths, kept
 
 
-def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0)):
-  """The compressing prefill: (the final _Pressing, Compressed or None). lengths: each row's
-  context (rows may be longer when the press extended them)."""
+def _check_prefilled(model, prefilled: Prefilled, what: str) -> None:
+  config = model.config
+  k = prefilled.k[0] if prefilled.k else None
+  if (prefilled.n_layers != config.n_layers or k is None or k.shape[2] != config.n_kv_heads
+      or k.shape[3] != config.head_dim):
+    raise SpecError(f"{what}: this Prefilled was made by another model ({prefilled.n_layers} "
+                    f"layers, keys {None if k is None else k.shape}); this one has "
+                    f"{config.n_layers} layers of {config.n_kv_heads} kv heads x {config.head_dim}")
+
+
+def _tokens(rows) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 [B, T] right-padded, n_valid int [B]) of ragged rows."""
   n_valid = np.array([len(r) for r in rows], np.int64)
   tokens = np.zeros((len(rows), int(n_valid.max())), np.int32)
   for b, r in enumerate(rows):
     tokens[b, :len(r)] = r
+  return tokens, n_valid
+
+
+def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0), prefilled=None):
+  """The compressing prefill, or its replay from `prefilled`: (the final _Pressing, Compressed or
+  None). lengths: each row's context (rows may be longer when the press extended them)."""
+  tokens, n_valid = _tokens(rows)
   wo = _output_projections(model) if press.needs_wo else None
   windows = layer_windows(model.config)
   sliding = windows if any(w is not None for w in windows) else None
@@ -386,8 +524,13 @@ def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0)):
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
                        n_layers=model.config.n_layers, record=record, sliding=sliding,
                        protected=protected, context=context)
-  logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
-                          jnp.asarray(n_valid, jnp.int32), pressing)
+  if prefilled is None:
+    logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
+                            jnp.asarray(n_valid, jnp.int32), pressing)
+  else:
+    logits = prefilled.logits
+    done = _replay(pressing, prefilled.q, prefilled.k, prefilled.v,
+                   jnp.asarray(n_valid, jnp.int32), prefilled.meta)
   if not record:
     return done, None
   pressed = tuple(i for i in range(model.config.n_layers) if sliding is None or sliding[i] is None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -196,6 +197,9 @@ def test_hybrid_model_presses_its_global_layers_only():
   info = presses.score_prompt(gemma, rows, "snapkv", ratio=0.5)
   assert info.layers == (5,) and info.scores.shape[0] == 1
   np.testing.assert_array_equal(np.asarray(info.n_kept), [[20, 12]])
+  # one prefill replayed: the sliding layers' outputs come from another (equal) attention
+  # program there, so the global layer's inputs agree to fp32 rounding, not bit for bit
+  _same_compression(gemma, rows, presses.prefill(gemma, rows), "snapkv", ratio=0.5, atol=1e-4)
 
 
 def test_sink_and_window_are_kept_whatever_the_press(tiny):
@@ -208,3 +212,41 @@ def test_sink_and_window_are_kept_whatever_the_press(tiny):
     assert all({0, 1, n - 3, n - 2, n - 1} <= s for s in held)
   with pytest.raises(SpecError, match="sink must be"):
     kvjax.compress(tiny, rows, "random", ratio=0.5, sink=-1)
+
+
+def _same_compression(model, rows, prefilled, spec, atol=1e-5, **kw):
+  """compress from the ids and from a Prefilled give the same kept sets, scores and cache."""
+  a, da = kvjax.compress(model, rows, spec, details=True, **kw)
+  b, db = kvjax.compress(model, prefilled, spec, details=True, **kw)
+  np.testing.assert_array_equal(np.asarray(da.kept), np.asarray(db.kept))
+  np.testing.assert_allclose(np.asarray(da.scores), np.asarray(db.scores), rtol=1e-5, atol=atol)
+  np.testing.assert_allclose(np.asarray(da.logits), np.asarray(db.logits), rtol=1e-5, atol=atol)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol)
+  return a, b
+
+
+def test_one_prefill_compresses_like_the_ids_for_every_press_and_ratio(tiny):
+  rows = _rows(tiny, (20, 13))
+  prefilled = presses.prefill(tiny, rows)
+  assert prefilled.n_layers == tiny.config.n_layers and prefilled.nbytes > 0
+  for spec, kw in [("snapkv", dict(ratio=0.5)), ("snapkv", dict(ratio=0.25)),
+                   ("adakv(knorm)", dict(ratio=0.5)), ("pyramidkv", dict(budget=6)),
+                   ("key_rerotation(knorm)", dict(ratio=0.5))]:
+    a, b = _same_compression(tiny, rows, prefilled, spec, **kw)
+  rest = [[5, 9], [7, 4]]
+  np.testing.assert_array_equal(np.asarray(kvjax.generate(tiny, rest, cache=a, max_new_tokens=4).tokens),
+                                np.asarray(kvjax.generate(tiny, rest, cache=b, max_new_tokens=4).tokens))
+  score = presses.score_prompt(tiny, prefilled, "knorm", ratio=0.5)
+  np.testing.assert_array_equal(np.asarray(score.kept),
+                                np.asarray(presses.score_prompt(tiny, rows, "knorm",
+                                                                ratio=0.5).kept))
+
+
+def test_a_prefilled_refuses_what_it_cannot_replay(tiny):
+  prefilled = presses.prefill(tiny, _rows(tiny))
+  with pytest.raises(SpecError, match="own prefill"):
+    kvjax.compress(tiny, prefilled, "kvzip", ratio=0.5)  # scores a longer (repeated) prompt
+  other = kvjax.load("tiny-gemma3")
+  with pytest.raises(SpecError, match="another model"):
+    kvjax.compress(other, prefilled, "knorm", ratio=0.5)
