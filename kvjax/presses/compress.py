@@ -217,13 +217,16 @@ class Prefilled:
   """One prefill of prompt rows, kept so that many presses and ratios compress it without running
   the model again (`prefill`; pass it to `compress` or `score_prompt` in place of the ids).
 
-  rows: the prompt rows (token ids). n_valid: int [B] their lengths.
-  logits: float32 [B, V] at each row's last token.
+  rows: the prompt rows (token ids): what a press scores and keeps.
+  run: the rows as the model ran them: `rows`, or their extension by a press (`Press.extend`,
+    kvzip's repeated context). n_valid: int [B] their lengths.
+  logits: float32 [B, V] at each run row's last token.
   q: per layer [B, T, N, H]; k, v: per layer [B, T, K, H] (un-rotated, T = the longest row).
   meta: per layer (rope, scale), as the model handed them to its cache.
   """
 
   rows: tuple
+  run: tuple
   n_valid: np.ndarray
   logits: jax.Array
   q: tuple
@@ -241,24 +244,30 @@ class Prefilled:
     return sum(x.size * x.dtype.itemsize for x in self.q + self.k + self.v)
 
 
-def prefill(model, ids) -> Prefilled:
+def prefill(model, ids, press=None) -> Prefilled:
   """Runs the model once over the prompt rows `ids` and keeps what every layer saw, so that
   `compress(model, prefilled, press, ratio=...)` for any number of presses and ratios gives the
   same cache as `compress(model, ids, press, ratio=...)` without another prefill (research sweeps,
   experiments/leaderboard.py). Memory: every layer's queries, keys and values of every row
   (`Prefilled.nbytes`; SmolLM2 at 4096 tokens: about 0.5 GB per row in fp32).
-  Presses that extend the prompt (kvzip) need their own prefill and refuse a Prefilled."""
+
+  A press that extends the prompt (kvzip: `Press.extend`) scores a longer run than the rows: pass
+  it as `press` and the prefill runs over its extension; that Prefilled then serves the presses
+  with the same extension (any ratio), and the plain one every other press."""
   check_model(model, "prefill")
   rows = _rows(model, ids)
   if min(len(r) for r in rows) < 1:
     raise ValueError("prefill: every row needs at least one token")
-  tokens, n_valid = _tokens(rows)
+  run = rows if press is None else make_press(press).extend(rows, getattr(model, "tokenizer",
+                                                                          None))[0]
+  tokens, n_valid = _tokens(run)
   windows = layer_windows(model.config)
   sliding = windows if any(w is not None for w in windows) else None
   logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
                           jnp.asarray(n_valid, jnp.int32),
                           _Capturing(batch=len(rows), sliding=sliding))
-  return Prefilled(rows=tuple(tuple(r) for r in rows), n_valid=n_valid, logits=logits,
+  return Prefilled(rows=tuple(tuple(r) for r in rows), run=tuple(tuple(r) for r in run),
+                   n_valid=n_valid, logits=logits,
                    q=done.q, k=done.k, v=done.v, meta=done.meta)
 
 
@@ -470,9 +479,13 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   if min(len(r) for r in rows) < 1:
     raise ValueError(f"{what}: every row needs at least one token")
   extended, context = press.extend(rows, getattr(model, "tokenizer", None))
-  if isinstance(ids, Prefilled) and [list(r) for r in extended] != rows:
-    raise SpecError(f"{what}: {press} scores an extended prompt ({press.name} adds to each row), "
-                    "which needs its own prefill; pass the ids, not a Prefilled")
+  if isinstance(ids, Prefilled) and [tuple(r) for r in extended] != list(ids.run):
+    raise SpecError(f"{what}: {press} scores " + (
+        f"an extended prompt ({press.name} adds to each row): make its Prefilled with "
+        f"prefill(model, ids, press={press.name!r}), or pass the ids"
+        if [list(r) for r in extended] != rows else
+        "the rows as given, but this Prefilled ran an extension of them (another press's "
+        "prefill); use a plain prefill(model, ids)"))
   rows = extended
   lengths = np.array(context, np.int64)  # what is scored, kept and budgeted
   if not press.takes_budget:

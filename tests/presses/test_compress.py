@@ -244,9 +244,14 @@ def test_one_prefill_compresses_like_the_ids_for_every_press_and_ratio(tiny):
 
 
 def test_a_prefilled_refuses_what_it_cannot_replay(tiny):
-  prefilled = presses.prefill(tiny, _rows(tiny))
-  with pytest.raises(SpecError, match="own prefill"):
+  rows = _rows(tiny)
+  prefilled = presses.prefill(tiny, rows)
+  with pytest.raises(SpecError, match="press='kvzip'"):
     kvjax.compress(tiny, prefilled, "kvzip", ratio=0.5)  # scores a longer (repeated) prompt
+  repeated = presses.prefill(tiny, rows, press="kvzip")
+  _same_compression(tiny, rows, repeated, "kvzip", ratio=0.5)
+  with pytest.raises(SpecError, match="another press's prefill"):
+    kvjax.compress(tiny, repeated, "knorm", ratio=0.5)
   other = kvjax.load("tiny-gemma3")
   with pytest.raises(SpecError, match="another model"):
     kvjax.compress(other, prefilled, "knorm", ratio=0.5)
