@@ -56,6 +56,32 @@ def on_accelerator() -> bool:
   return jax.default_backend() != "cpu"
 
 
+class _Counter:
+  """progress_bar's stand-in without tqdm: prints every ~10% of `total`."""
+
+  def __init__(self, total: int, desc: str):
+    self.total, self.desc, self.n = total, desc, 0
+    self.step = max(1, total // 10)
+
+  def update(self, n: int = 1) -> None:
+    for _ in range(n):
+      self.n += 1
+      if self.n % self.step == 0 or self.n == self.total:
+        print(f"  {self.desc} {self.n}/{self.total}", flush=True)
+
+  def close(self) -> None:
+    pass
+
+
+def progress_bar(total: int, desc: str = ""):
+  """An object with update(n) and close(): tqdm if installed, else a plain counter."""
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return _Counter(total, desc)
+  return tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+
 def progress(iterable, desc: str = "", total: int | None = None):
   """tqdm if installed, else a plain counter printed every ~10%."""
   try:

@@ -20,6 +20,12 @@ RULER's string match (`ruler.score`), per task the mean over samples; "average" 
 tasks (each_key is reported beside it, not in it). Greedy decoding, the task's max_new_tokens
 (capped by --max-new-tokens), stopping at EOS.
 
+Cost: the model runs once per batch of samples and setting (`kvjax.presses.prefill`: every
+layer's queries, keys and values kept), and every (press, ratio) compresses that prefill
+(`kvjax.compress(model, prefilled, ...)`, which only scores, selects and writes); kvzip, which
+scores a longer run, gets its own prefill. `--resume` keeps the rows of an earlier run's JSON and
+runs only the missing configurations (a long grid in several sittings).
+
 Outputs (in --out): leaderboard.json (written after every configuration, so an interrupted run
 keeps what it measured), leaderboard.svg (average score vs compression ratio, one line per press,
 one panel per setting and length; hand-made SVG, no matplotlib needed).
@@ -93,6 +99,9 @@ parser.add_argument("--time-limit", type=float, default=None,
                     help="minutes: start no configuration after this; the rest is listed under "
                          "not_run in the JSON")
 parser.add_argument("--strict", action="store_true", help="raise on a failing press")
+parser.add_argument("--resume", action="store_true",
+                    help="keep the rows of --out's leaderboard.json (same model) and run only the "
+                         "missing configurations")
 parser.add_argument("--replot", action="store_true",
                     help="only redraw leaderboard.svg from the leaderboard.json in --out")
 args = parser.parse_args()
@@ -298,12 +307,25 @@ def answer_texts(tokens_rows, questions) -> list[str]:
           for row, q in zip(tokens_rows, questions)]
 
 
-def run_agnostic(samples, spec: str, ratio: float) -> list[tuple[Question, str]]:
+def batches(samples):
+  return [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)]
+
+
+def prefills(samples, setting: str, press=None) -> list:
+  """One `kvjax.presses.prefill` per batch of samples: the contexts (query_agnostic) or context +
+  question (query_aware), run once and compressed by every press and ratio (a press that extends
+  the prompt, kvzip, gets its own: `press`)."""
+  rows = lambda batch: [list(s.ids) + (list(s.question_ids) if setting == "query_aware" else [])
+                        for s in batch]
+  return [(batch, kvjax.presses.prefill(model, rows(batch), press=press))
+          for batch in batches(samples)]
+
+
+def run_agnostic(prefilled, spec: str, ratio: float) -> list[tuple[Question, str]]:
   """Compress each batch's contexts, then ask every question of the compressed cache."""
   done = []
-  for start in range(0, len(samples), args.batch):
-    batch = samples[start:start + args.batch]
-    cache = kvjax.compress(model, [list(s.ids) for s in batch], spec, ratio=ratio)
+  for batch, pre in prefilled:
+    cache = kvjax.compress(model, pre, spec, ratio=ratio)
     questions = []
     for i, s in enumerate(batch):
       questions.append(Question(i, s.task, list(s.question_ids), s))
@@ -317,14 +339,12 @@ def run_agnostic(samples, spec: str, ratio: float) -> list[tuple[Question, str]]
   return done
 
 
-def run_aware(samples, spec: str, ratio: float) -> list[tuple[Question, str]]:
+def run_aware(prefilled, spec: str, ratio: float) -> list[tuple[Question, str]]:
   """Compress context + question together; first token from the prefill's logits, then generate."""
   done = []
   eos = getattr(tok, "eos_id", None)
-  for start in range(0, len(samples), args.batch):
-    batch = samples[start:start + args.batch]
-    cache, info = kvjax.compress(model, [list(s.ids) + list(s.question_ids) for s in batch], spec,
-                                 ratio=ratio, details=True)
+  for batch, pre in prefilled:
+    cache, info = kvjax.compress(model, pre, spec, ratio=ratio, details=True)
     first = np.asarray(np.argmax(np.asarray(info.logits), axis=-1), np.int64)
     questions = [Question(i, s.task, [int(first[i])], s) for i, s in enumerate(batch)]
     longest = max(max_new(s) for s in batch)
@@ -386,13 +406,28 @@ samples = {length: make_samples(tok, length, tasks, n_per_task, args.seed, hayst
 for what, why in sample_notes.items():
   print(f"  skip task {what}: {why}", flush=True)
 
-# Ratio by ratio (in the order given), so an interrupted run holds every press at the first ratios.
-configs = []  # (length, label, spec, ratio, setting)
+def extends(spec: str) -> bool:
+  """True for a press that scores an extension of the prompt (kvzip): it gets its own prefill."""
+  probe = [[1, 2, 3]]
+  return make_press(spec).extend(probe, tok)[0] != probe
+
+
+# One prefill per (length, setting[, extending press]) serves every (press, ratio). Both settings'
+# prefills are held together and the configurations go ratio by ratio (in the order given), press
+# by press, setting by setting: an interrupted run holds every press at the first ratios.
+plan = []  # (length, extending spec or None, [(label, spec, ratio, setting), ...])
+ceiling_setting = "query_agnostic" if "query_agnostic" in args.settings else args.settings[0]
 for length in lengths:
-  configs.append((length, FULL, "knorm", 0.0, "both"))
-  for ratio in ratios:
-    for label, spec in specs.items():
-      configs += [(length, label, spec, ratio, s) for s in args.settings]
+  plain = [(FULL, "knorm", 0.0, ceiling_setting)]  # the full cache (ratio 0), once
+  plain += [(label, spec, ratio, setting) for ratio in ratios for label, spec in specs.items()
+            if not extends(spec) for setting in args.settings]
+  plan.append((length, None, plain))
+  for label, spec in specs.items():
+    if extends(spec):
+      plan.append((length, spec, [(label, spec, ratio, setting) for ratio in ratios
+                                  for setting in args.settings]))
+configs = [(length, label, spec, ratio, setting) for length, _, todo in plan
+           for label, spec, ratio, setting in todo]
 
 outcomes = common.Outcomes(strict=args.strict)
 results = []
@@ -440,24 +475,59 @@ def payload() -> dict:
           "averages": averages_of(results), "results": results}
 
 
-for length, label, spec, ratio, setting in common.progress(configs, desc="leaderboard"):
-  key = f"{label}@{ratio}/{setting}/{length}"
-  if not samples[length] or not outcomes.ok(f"{label}/{setting}"):
+done_keys = set()
+if args.resume and (out / "leaderboard.json").is_file():  # merge: keep what an earlier run measured
+  earlier = json.loads((out / "leaderboard.json").read_text())
+  if earlier.get("settings", {}).get("model") == model_name:
+    results += earlier["results"]
+    done_keys = {(r["length"], r["setting"], r["press"], r["ratio"]) for r in results}
+    print(f"  resume: {len(results)} rows kept from {out / 'leaderboard.json'}", flush=True)
+
+bar = common.progress_bar(len(configs), desc="leaderboard")
+for length, extending, todo in plan:
+  todo = [(label, spec, ratio, setting) for label, spec, ratio, setting in todo
+          if (length, "both" if label == FULL else setting, label, ratio) not in done_keys
+          and outcomes.ok(f"{label}/{setting}")]
+  if not samples[length] or not todo:
+    bar.update(len(todo))
     continue
   if args.time_limit is not None and time.perf_counter() - started > 60 * args.time_limit:
-    not_run.append(key)
+    not_run += [f"{label}@{ratio}/{setting}/{length}" for label, _, ratio, setting in todo]
     continue
-  with outcomes.guard(f"{label}/{setting}"):
+  prefilled = {}
+  for setting in dict.fromkeys(setting for *_, setting in todo):
     t0 = time.perf_counter()
-    run = run_aware if setting == "query_aware" else run_agnostic
-    answered = run(samples[length], spec, ratio)
-    row = dict(length=length, press=label, spec=spec, ratio=ratio, setting=setting,
-               **summarize(answered), wall_s=round(time.perf_counter() - t0, 1))
-    results.append(row)
-    each = "" if row["each_key"] is None else f", each_key {row['each_key']:.2f}"
-    print(f"  {key:40s} average {row['average']:.3f}{each}  ({row['wall_s']:.0f} s)", flush=True)
-    common.write_json(out / "leaderboard.json", payload())
-  kvjax.clear_caches()  # each (press, ratio) compiles its own programs: keep memory bounded
+    with outcomes.guard(f"prefill/{setting}/{extending or 'plain'}"):
+      prefilled[setting] = prefills(samples[length], setting, extending)
+      print(f"  prefill {setting} {extending or ''} ({time.perf_counter() - t0:.0f} s)",
+            flush=True)
+  last_ratio = None
+  for label, spec, ratio, setting in todo:
+    bar.update(1)
+    key = f"{label}@{ratio}/{setting}/{length}"
+    if setting not in prefilled or (
+        args.time_limit is not None and time.perf_counter() - started > 60 * args.time_limit):
+      not_run.append(key)
+      continue
+    if ratio != last_ratio:  # each ratio's cache sizes compile their own programs: bound memory
+      kvjax.clear_caches()
+      last_ratio = ratio
+    with outcomes.guard(f"{label}/{setting}"):
+      t0 = time.perf_counter()
+      both = label == FULL
+      run = run_aware if setting == "query_aware" else run_agnostic
+      answered = run(prefilled[setting], spec, ratio)
+      row = dict(length=length, press=label, spec=spec, ratio=ratio,
+                 setting="both" if both else setting,
+                 **summarize(answered), wall_s=round(time.perf_counter() - t0, 1))
+      results.append(row)
+      each = "" if row["each_key"] is None else f", each_key {row['each_key']:.2f}"
+      print(f"  {key:40s} average {row['average']:.3f}{each}  ({row['wall_s']:.0f} s)",
+            flush=True)
+      common.write_json(out / "leaderboard.json", payload())
+  del prefilled
+  kvjax.clear_caches()
+bar.close()
 
 final = payload()
 common.write_json(out / "leaderboard.json", final)

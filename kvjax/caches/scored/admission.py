@@ -104,30 +104,70 @@ def admit(cache, st: Layer, k_t, v_t, pos_t, valid_t, now) -> Layer:
   else:
     cand_k, cand_v, cand_pos, cand_score = k_t, v_t, new_pos, new_score
 
-  cand = (append_encoded(ks, cand_k[:, :, None]), append_encoded(vs, cand_v[:, :, None]))
-  c_pos = jnp.concatenate([pos[..., :p], cand_pos[..., None]], axis=-1)
-  c_score = jnp.concatenate([score[..., :p], cand_score[..., None]], axis=-1)
   # The pool's "recent" part is the window minus the ring's newest R tokens.
-  c_pos, c_score, (ks, vs) = evict_topk(c_pos, c_score, cand, now - r, heavy=cache.heavy,
-                                        window=cache.window - r, sink=cache.sink)
-  pos = jnp.concatenate([c_pos, pos[..., p:]], axis=-1)
-  score = jnp.concatenate([c_score, score[..., p:]], axis=-1)
+  ks, vs, pool_pos, pool_score, _ = replace_weakest(
+      ks, vs, pos[..., :p], score[..., :p], cand_k, cand_v, cand_pos, cand_score, now - r,
+      window=cache.window - r, sink=cache.sink)
+  pos = jnp.concatenate([pool_pos, pos[..., p:]], axis=-1)
+  score = jnp.concatenate([pool_score, score[..., p:]], axis=-1)
   return Layer(ks, vs, rk, rv, pos, score, hd)
+
+
+def replace_weakest(ks, vs, pos, score, k, v, c_pos, c_score, lengths, *, window: int, sink: int,
+                    heads=None, head=None, n_heads: int = 1):
+  """One candidate per (row, head) against a full or partly empty pool: `evict_topk` of the pool
+  plus the candidate, written as a scatter. Keeping the best P of P + 1 means dropping the weakest
+  one, so the candidate takes the weakest pool slot's place when it outranks it, and nothing else
+  moves: no copy of the pool per token (the slot order differs from `evict_topk`'s, the held set
+  and scores do not).
+
+  ks, vs: TokenStore [B, K, P, H]; pos int32 / score float32 [B, K, P]; k, v [B, K, H]; c_pos
+  int32 / c_score float32 [B, K]; lengths int32 [B]. Rank: protected (sink or the recent window)
+  above every score, empty below everything, equal ranks to the lower position (as `evict_topk`
+  puts the lower candidate first). heads int32 [B, 1, P] / head / n_heads: a pool shared by the
+  n_heads kv heads, the candidate of kv head `head` (positions repeat across heads; equal
+  positions rank the lower head first).
+  Returns (ks, vs, pos, score, heads) (heads None without a shared pool)."""
+  lengths = jnp.asarray(lengths, jnp.int32)[:, None, None]
+  rank = lambda p, s: jnp.where((p >= 0) & ((p < sink) | (p >= lengths - window)), jnp.inf,
+                                jnp.where(p >= 0, s.astype(jnp.float32), -jnp.inf))
+  held = rank(pos, score)  # [B, K, P]
+  order = pos if heads is None else pos * n_heads + heads  # the tie-break: higher goes first
+  order = jnp.where(pos >= 0, order, -1 - jnp.arange(pos.shape[-1]))  # empty: the first one
+  weakest = jnp.min(held, axis=-1, keepdims=True)
+  slot = jnp.argmax(jnp.where(held == weakest, order, jnp.iinfo(jnp.int32).min), axis=-1)
+  c_rank = rank(c_pos[..., None], c_score[..., None])[..., 0]
+  c_order = c_pos if heads is None else c_pos * n_heads + head
+  at = (jnp.arange(pos.shape[0])[:, None], jnp.arange(pos.shape[1])[None, :], slot)
+  wins = (c_rank > weakest[..., 0]) | ((c_rank == weakest[..., 0]) & (c_order < order[at]))
+  wins = wins & (c_pos >= 0)
+  put = lambda old, new: old.at[at].set(jnp.where(
+      wins.reshape(wins.shape + (1,) * (new.ndim - wins.ndim)), new, old[at]))
+  return (stores_map(put, ks, _squeeze_slot(ks.codec.encode(k[:, :, None]))),
+          stores_map(put, vs, _squeeze_slot(vs.codec.encode(v[:, :, None]))),
+          put(pos, c_pos), put(score, jnp.where(c_pos >= 0, c_score, 0.0)),
+          put(heads, jnp.full(c_pos.shape, head, jnp.int32)) if heads is not None else None)
+
+
+def _squeeze_slot(store):
+  """A TokenStore of one slot [B, K, 1, ...] as [B, K, ...]."""
+  return jax.tree_util.tree_map(lambda a: a[:, :, 0], store)
 
 
 def _admit_shared(cache, st: Layer, k_t, v_t, pos_t, valid_t, now) -> Layer:
   """`admit` for a pool shared by the kv heads (`adakv`): the new token brings one candidate per
   head; every head keeps its sinks and window, and all heads compete for the kv_heads x heavy
   scored slots."""
-  b, kh = st.positions.shape[0], cache.n_kv
-  new_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None, None], (b, 1, kh))
-  c_pos = jnp.concatenate([st.positions, new_pos], axis=-1)
-  c_score = jnp.concatenate([st.scores, cache.scoring.admit(k_t)[:, None]], axis=-1)
-  c_heads = jnp.concatenate(
-      [st.heads, jnp.broadcast_to(jnp.arange(kh, dtype=jnp.int32), (b, 1, kh))], axis=-1)
-  payload = (append_encoded(st.k, k_t[:, None]), append_encoded(st.v, v_t[:, None]), c_heads)
-  pos, score, (ks, vs, hd) = evict_topk(c_pos, c_score, payload, now, heavy=cache.heavy,
-                                        window=cache.window, sink=cache.sink, slots=cache.pool)
+  kh = cache.n_kv
+  c_pos = jnp.where(valid_t, pos_t, -1)[:, None]  # [B, 1]
+  c_score = cache.scoring.admit(k_t)  # [B, K]
+  ks, vs, pos, score, hd = st.k, st.v, st.positions, st.scores, st.heads
+  # Keeping the best P of P + K candidates = letting them in one at a time, each replacing the
+  # weakest (the order of a strict ranking does not change the winners).
+  for h in range(kh):
+    ks, vs, pos, score, hd = replace_weakest(
+        ks, vs, pos, score, k_t[:, h:h + 1], v_t[:, h:h + 1], c_pos, c_score[:, h:h + 1], now,
+        window=cache.window, sink=cache.sink, heads=hd, head=h, n_heads=kh)
   return Layer(ks, vs, st.ring_k, st.ring_v, pos, score, hd)
 
 
