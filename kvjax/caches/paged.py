@@ -300,16 +300,17 @@ class PagedCache(base.Limited):
     choice = self.choice(q.shape[1], layer)
     if choice.is_jnp:
       return jnp_path(), cache
-    keys, values = _halves(tuple(a[layer] for a in cache.pool))
-    return kernels.paged_decode(choice, qg, keys[0], values[0], cache.table, kv_len,
-                                jnp_path), cache
+    keys, values = _halves(tuple(a[layer] for a in cache.pool))  # (data[, scale [K, N, P, 1]])
+    scales = (keys[1][..., 0], values[1][..., 0]) if self.codec.kind == "fp8" else None
+    return kernels.paged_decode(choice, qg, keys[0], values[0], cache.table, kv_len, jnp_path,
+                                scales), cache
 
   def choice(self, queries: int, layer: int = 0, on: str | None = None) -> kernels.Choice:
     """The kernel `attend` runs for `queries` tokens per row at `layer` (`kvjax.kernels.choose`;
     on: the platform, default the current one)."""
     return kernels.choose(self.kernel, "paged", queries=queries, head_dim=self.head_dim,
                           window=base.layer_sliding(self.sliding, layer),
-                          float_storage=self.codec.is_float, pages_per_row=self.max_pages,
+                          storage=self.codec.kind, pages_per_row=self.max_pages,
                           page_size=self.page_size, on=on)
 
   # ---- capacity -------------------------------------------------------------------------------

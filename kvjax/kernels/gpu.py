@@ -63,16 +63,22 @@ def decode_blocks(slots, head_dim: int) -> tuple[int, int] | None:
   return None
 
 
-def paged_decode(q, k_pages, v_pages, table, lengths, *, interpret: bool = False) -> jax.Array:
+def paged_decode(q, k_pages, v_pages, table, lengths, scales=None, *,
+                 interpret: bool = False) -> jax.Array:
   """Attention of one query per row over its pages.
 
   q: [B, N, H] scaled queries. k_pages, v_pages: [K, pages, page_size, H]. table: int32 [B, M],
   every entry a page in range (kvjax's "no page" marker clamped: those pages lie at or past the
   row's length and are masked). lengths: int32 [B] keys each row sees (its first ones).
+  scales: None (float pages), or (key, value) scales [K, pages, page_size] of fp8 code pages
+  (a key or value is code x its token's scale, kvjax's fp8 codec); the kernel casts the codes to
+  q's dtype and applies the scales to the logits and the probabilities.
   Returns [B, N, H] in q's dtype (zeros for a row of length 0).
   """
   splits, per_block = paged_blocks(table.shape[1], k_pages.shape[2], q.shape[-1])
-  out = _paged.paged_attention(q.astype(k_pages.dtype), k_pages, v_pages, table, lengths,
+  k_scales, v_scales = (None, None) if scales is None else scales
+  q_in = q.astype(k_pages.dtype) if scales is None else q
+  out = _paged.paged_attention(q_in, k_pages, v_pages, table, lengths, k_scales, v_scales,
                                k_splits=splits, pages_per_compute_block=per_block,
                                interpret=interpret)
   return out.astype(q.dtype)

@@ -33,15 +33,22 @@ def _flat(qg) -> jax.Array:
   return qg.reshape(b, kh * g, h)
 
 
-def paged_decode(choice: Choice, qg, k_pages, v_pages, table, lengths, fallback: Callable):
+def paged_decode(choice: Choice, qg, k_pages, v_pages, table, lengths, fallback: Callable,
+                 scales=None):
   """Decode attention over a paged pool. k_pages, v_pages: [K, pages, page_size, H] (one layer);
-  table: int32 [B, M] (out-of-range "no page" entries are clamped here); lengths: int32 [B]."""
+  table: int32 [B, M] (out-of-range "no page" entries are clamped here); lengths: int32 [B];
+  scales: None, or (key, value) scales [K, pages, page_size] of fp8 codes (GPU route only)."""
   table = jnp.minimum(table, k_pages.shape[1] - 1)
   q = _flat(qg)
 
   def branch(route):
-    kernel = {GPU_PAGED: gpu.paged_decode, TPU_PAGED: tpu.paged_decode}[route.removesuffix(INTERPRET)]
-    out = kernel(q, k_pages, v_pages, table, lengths, interpret=route.endswith(INTERPRET))
+    interpret = route.endswith(INTERPRET)
+    if route.removesuffix(INTERPRET) == GPU_PAGED:
+      out = gpu.paged_decode(q, k_pages, v_pages, table, lengths, scales, interpret=interpret)
+    elif route.removesuffix(INTERPRET) == TPU_PAGED and scales is None:
+      out = tpu.paged_decode(q, k_pages, v_pages, table, lengths, interpret=interpret)
+    else:
+      raise ValueError(f"no paged decode route {route!r}{' with scales' if scales else ''}")
     return out[:, None]
 
   return _dispatch(choice, branch, fallback)

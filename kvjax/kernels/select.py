@@ -17,8 +17,10 @@ Where no kernel applies the route is jnp and the `Choice` says why (`reason`):
   T axis; `ragged_paged_attention` (TPU) wants a [pages, page_size, 2K, H] pool with keys and
   values interleaved, not kvjax's [K, pages, page_size, H] per stream (a per-step conversion would
   copy the pool), and splash / `dot_product_attention` see no cached prefix;
-* kvjax's own quantized storage (intN codes with group scales and zero points, fp8 codes): no
-  kernel takes those scales;
+* kvjax's intN pages (codes with group scales and zero points): no kernel takes those. fp8 pages
+  (float8 codes, one scale per token) go to the GPU paged kernel, whose `k_scales_pages` /
+  `v_scales_pages` are exactly per-token scales; the TPU kernel's scales are for int8 codes, so
+  fp8 stays on jnp there;
 * a sliding window on the paged kind (the paged kernels mask by length only; the contiguous GPU
   kernel takes the window as its `start_idx`), and slots split over devices;
 * block constraints: GPU (Triton) blocks must be powers of two of at least 16 tokens, TPU (Mosaic)
@@ -72,12 +74,12 @@ def platform() -> str:
   return "cuda" if backend in ("gpu", "cuda", "rocm") else backend
 
 
-def _shared_reason(kind: str, queries: int, window, float_storage: bool, split_slots: bool) -> str:
+def _shared_reason(kind: str, queries: int, window, storage: str, split_slots: bool) -> str:
   """Why no platform's kernel applies to this call ("" when one may)."""
   if queries != 1:
     return f"{queries} queries per row: the decode kernels take one (prefill and verification stay on jnp)"
-  if not float_storage:
-    return "kvjax's own quantized pages (intN group scales, fp8 codes): no kernel takes them"
+  if storage not in ("float", "fp8") or (storage == "fp8" and kind != "paged"):
+    return f"kvjax's own {storage} codes (group scales and zero points): no kernel takes them"
   if split_slots:
     return "slots split over devices: the sharded step combines jnp statistics"
   if kind == "paged" and window is not None:
@@ -87,7 +89,8 @@ def _shared_reason(kind: str, queries: int, window, float_storage: bool, split_s
   return ""
 
 
-def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_size) -> tuple:
+def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_size,
+           storage: str) -> tuple:
   """(route, reason) of one platform ("cuda", "tpu") for a call every kernel could take."""
   if target == "cuda":
     if kind == "paged":
@@ -102,6 +105,8 @@ def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_
   if target == "tpu":
     if kind == "full":
       return JNP, "TPU: JAX has no contiguous decode kernel"
+    if storage == "fp8":
+      return JNP, "TPU: the paged kernel's scales are for int8 codes, not fp8"
     if tpu.paged_blocks(pages_per_row, page_size, head_dim) is None:
       return JNP, f"TPU: head dim {head_dim} is not a multiple of 128 (the lane width)"
     return TPU_PAGED, ""
@@ -109,23 +114,25 @@ def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_
 
 
 def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
-           float_storage: bool = True, split_slots: bool = False, slots: int | None = None,
+           storage: str = "float", split_slots: bool = False, slots: int | None = None,
            pages_per_row: int | None = None, page_size: int | None = None,
            on: str | None = None) -> Choice:
   """The kernel of one attention call.
 
   kernel: "auto" | "jnp" | "pallas" (the cache's setting). kind: "paged" or "full" (others: jnp).
   queries: T, query tokens per row of this call. head_dim: H. window: the layer's sliding window
-  (None: causal). float_storage: keys/values stored as floats (not kvjax's quantized codes).
+  (None: causal). storage: how keys/values are stored: "float", "fp8" (float8 codes with a scale
+  per token) or "int" (kvjax's intN codes).
   split_slots: slots split over devices. slots: S of a contiguous buffer. pages_per_row: M, and
   page_size: P, of a paged pool. on: the platform deciding "auto" and naming the choice (default
   `platform()`).
   """
   check_kernel(kernel)
   on = on or platform()
-  facts = dict(head_dim=head_dim, slots=slots, pages_per_row=pages_per_row, page_size=page_size)
-  shared = "kernel='jnp'" if kernel == "jnp" else _shared_reason(kind, queries, window,
-                                                                  float_storage, split_slots)
+  facts = dict(head_dim=head_dim, slots=slots, pages_per_row=pages_per_row, page_size=page_size,
+               storage=storage)
+  shared = "kernel='jnp'" if kernel == "jnp" else _shared_reason(kind, queries, window, storage,
+                                                                  split_slots)
   if shared:
     return Choice(routes=((on, JNP),), name=JNP, reason=shared)
   if kernel == "auto":

@@ -1,7 +1,7 @@
 """`kvjax.kernels.gpu`: JAX's Pallas GPU decode kernels, run in Pallas interpret mode on the CPU,
 equal kvjax's jnp attention.
 
-Tolerances: float32 inputs, 2e-5 absolute (the kernels' online softmax sums in another order;
+Tolerances: float32 inputs (and fp8 pages against the jnp path over their decoded values), 2e-5 absolute (the kernels' online softmax sums in another order;
 measured differences are below 1e-6); bfloat16 inputs, 2e-2 (one bf16 rounding of the output and
 of the probabilities fed to the value product). Fast lane: one small GQA case per kernel; the MQA,
 bf16 and multi-split variants are slow.
@@ -107,3 +107,22 @@ def test_contiguous_stats_combine_like_kvjax_statistics():
                                      interpret=True)
   out = attn.finish_stats(attn.combine_stats(low, high), jnp.float32)[:, 0]
   np.testing.assert_allclose(out, helpers.reference(qg, k, v, lengths), atol=F32_TOL)
+
+
+def test_paged_fp8_pages_with_token_scales_equal_jnp_over_decoded_pages():
+  # kvjax's fp8 codec: a code per channel, one scale per token; the kernel takes the scales
+  from kvjax.caches import codec as codec_lib
+
+  rng = np.random.default_rng(4)
+  codec = codec_lib.Codec(format="fp8_e4m3")
+  q, qg = helpers.queries(rng, 2, 2, 2, 16)
+  k_pages, v_pages = helpers.pool(rng, 2, 9, 4, 16)
+  ks, vs = codec.encode(k_pages), codec.encode(v_pages)
+  table = helpers.table_of(rng, 2, 4, 9)
+  lengths = jnp.asarray([6, 16], jnp.int32)
+  out = gpu.paged_decode(q, ks.data, vs.data, table, lengths, (ks.scale[..., 0], vs.scale[..., 0]),
+                         interpret=True)
+  k, v = codec.decode(ks), codec.decode(vs)
+  want = helpers.reference(qg, helpers.dense_of_pages(k, table), helpers.dense_of_pages(v, table),
+                           lengths)
+  np.testing.assert_allclose(out, want, atol=F32_TOL)

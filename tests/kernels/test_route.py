@@ -16,6 +16,7 @@ import pytest
 
 import kvjax
 from kvjax import kernels
+from kvjax.caches import codec as codec_lib
 from kvjax.caches.full import FullCache
 from kvjax.caches.paged import PagedCache
 from kvjax.kernels import route
@@ -67,6 +68,14 @@ def test_paged_decode_steps_equal_jnp():
 def test_full_window_decode_steps_equal_jnp():
   cache = FullCache.init(n_layers=1, batch=2, kv_heads=2, head_dim=16, capacity=32, sliding=6)
   _assert_kernel_equals_jnp(cache)
+
+
+@pytest.mark.slow
+def test_fp8_paged_decode_steps_equal_jnp():
+  # fp8 pages (a scale per token) run the GPU kernel with its scale inputs
+  fp8 = codec_lib.Codec(format="fp8_e4m3")
+  _assert_kernel_equals_jnp(PagedCache.init(n_layers=1, batch=2, kv_heads=2, head_dim=16,
+                                            capacity=32, page_size=4, codec=fp8))
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_auto_on_cpu_is_jnp_and_pallas_routes_every_platform():
 
 @pytest.mark.parametrize("kind,facts,why", [
     ("paged", dict(queries=4), "queries per row"),
-    ("paged", dict(queries=1, float_storage=False), "quantized"),
+    ("paged", dict(queries=1, storage="int"), "codes"),
     ("paged", dict(queries=1, window=8), "sliding window"),
     ("full", dict(queries=1, split_slots=True), "split"),
     ("window", dict(queries=1), "window kind"),
@@ -56,6 +56,12 @@ def test_platform_limits_are_per_route():
   # a window is the contiguous kernel's start index
   assert routes(kernels.choose("pallas", "full", queries=1, head_dim=64, slots=64,
                                window=8))["cuda"] == GPU_DECODE
+
+
+def test_fp8_pages_go_to_the_gpu_kernel_only():
+  choice = kernels.choose("pallas", "paged", queries=1, storage="fp8", **PAGED)
+  assert routes(choice) == {"cpu": GPU_PAGED + "+interpret", "cuda": GPU_PAGED, "tpu": JNP}
+  assert "int8" in choice.reason
 
 
 @pytest.mark.parametrize("bad", ["triton", "Pallas", None, 1])
