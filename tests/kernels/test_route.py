@@ -114,3 +114,28 @@ def test_generate_on_tiny_auto_is_jnp_and_pallas_equals_it(spec):
   np.testing.assert_array_equal(runs["pallas"].tokens, runs["jnp"].tokens)
   assert kernels.describe(runs["pallas"].cache)["decode"].endswith(INTERPRET)
   assert runs["auto"].cache.kernel == "auto"
+
+
+@pytest.mark.slow
+def test_engine_perplexity_and_a_hybrid_cache_take_the_setting():
+  from kvjax.engine import Engine, Request, collect
+
+  model = kvjax.load("tiny")
+  reqs = [Request(ids=[5, 6, 7, 8, 9], max_new_tokens=4, id=0), Request(ids=[3, 4], max_new_tokens=5, id=1)]
+  runs = {}
+  for kernel in ("jnp", "pallas"):
+    engine = Engine(model, rows=2, capacity=32, cache="paged:16", kernel=kernel)
+    assert kernels.describe(engine.cache)["kernel"] == kernel
+    runs[kernel] = collect(engine.run(reqs))
+  assert runs["pallas"] == runs["jnp"]
+  # perplexity one token a chunk: every step is a decode step, through the kernel
+  ids = list(range(3, 20))
+  nll = {k: kvjax.perplexity(model, ids, cache="paged:16", chunk=1, kernel=k).token_nll
+         for k in ("jnp", "pallas")}
+  np.testing.assert_allclose(nll["pallas"], nll["jnp"], atol=1e-4)
+  # a hybrid cache (sliding and global layers): every cache inside with a setting gets it
+  gemma = kvjax.load("tiny-gemma3")
+  hybrid = kvjax.make_cache("full", gemma, 1, 64, kernel="pallas")
+  inner = [c for c in jax.tree_util.tree_leaves(hybrid, is_leaf=lambda x: hasattr(x, "kernel"))
+           if hasattr(c, "kernel")]
+  assert inner and all(c.kernel == "pallas" for c in inner)
