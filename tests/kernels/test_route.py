@@ -139,3 +139,14 @@ def test_engine_perplexity_and_a_hybrid_cache_take_the_setting():
   inner = [c for c in jax.tree_util.tree_leaves(hybrid, is_leaf=lambda x: hasattr(x, "kernel"))
            if hasattr(c, "kernel")]
   assert inner and all(c.kernel == "pallas" for c in inner)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["paged:8", "paged:8+fp8", "full"])
+def test_conformance_kit_with_pallas(spec):
+  # the kit's attention and model-forward invariants decode one token at a time, so the kernel
+  # runs (interpreted) against the kit's oracle; the kit has no sliding-window oracle (a window is
+  # checked against jnp above)
+  from kvjax.testing import check_cache_kind
+
+  check_cache_kind(spec, options={"kernel": "pallas"}, head_dim=16, capacity=16, quick=True)
