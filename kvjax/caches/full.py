@@ -108,7 +108,8 @@ class FullCache(base.Limited):
     if self.slot_sharding is not None:
       qg = attn.prepare_queries(q, self.kv_heads, scale)
       out = slot_sharded.attend(cache.k, cache.v, layer, qg, positions, kv_len,
-                                cache.slot_sharding, cache.block_size, window)
+                                cache.slot_sharding, cache.block_size, window,
+                                self.choice(q.shape[1], layer))
       return out.astype(q.dtype), cache
     bs = self.block_size
     shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
@@ -132,9 +133,10 @@ class FullCache(base.Limited):
   def choice(self, queries: int, layer: int = 0, on: str | None = None) -> kernels.Choice:
     """The kernel `attend` runs for `queries` tokens per row at `layer` (`kvjax.kernels.choose`;
     on: the platform, default the current one)."""
+    shards = 1 if self.slot_sharding is None else self.slot_sharding.shards()
     return kernels.choose(self.kernel, "full", queries=queries, head_dim=self.head_dim,
                           window=base.layer_sliding(self.sliding, layer),
-                          split_slots=self.slot_sharding is not None, slots=self.capacity, on=on)
+                          slots=self.capacity // shards, on=on)  # a device's slots
 
   def view(self) -> base.CacheView:
     return base.prefix_view(self, self.k, self.v)

@@ -16,7 +16,7 @@ table of what runs where and why the rest stays on jnp.
 
 from kvjax.kernels.select import (KERNELS, Choice, check_kernel, choose, describe, platform,
                                   with_kernel)
-from kvjax.kernels.route import contiguous_decode, paged_decode
+from kvjax.kernels.route import contiguous_decode, contiguous_decode_stats, paged_decode
 
-__all__ = ["KERNELS", "Choice", "check_kernel", "choose", "contiguous_decode", "describe",
-           "paged_decode", "platform", "with_kernel"]
+__all__ = ["KERNELS", "Choice", "check_kernel", "choose", "contiguous_decode",
+           "contiguous_decode_stats", "describe", "paged_decode", "platform", "with_kernel"]

@@ -65,3 +65,17 @@ def contiguous_decode(choice: Choice, qg, k, v, lengths, start, fallback: Callab
     return gpu.contiguous_decode(q, k, v, lengths, start, interpret=route.endswith(INTERPRET))[:, None]
 
   return _dispatch(choice, branch, fallback)
+
+
+def contiguous_decode_stats(choice: Choice, qg, k, v, lengths, start, fallback: Callable):
+  """As `contiguous_decode`, but the unnormalized statistics (peak, total [B, K, G, 1], acc
+  [B, K, G, 1, H], fp32) that `attention.combine_stats` merges (slot sharding); `fallback()`
+  returns the jnp path's statistics."""
+  q = _flat(qg)
+
+  def branch(route):
+    if route.removesuffix(INTERPRET) != GPU_DECODE:
+      raise ValueError(f"no contiguous decode route {route!r}")
+    return gpu.contiguous_decode_stats(q, k, v, lengths, start, interpret=route.endswith(INTERPRET))
+
+  return _dispatch(choice, branch, fallback)

@@ -22,7 +22,8 @@ Where no kernel applies the route is jnp and the `Choice` says why (`reason`):
   `v_scales_pages` are exactly per-token scales; the TPU kernel's scales are for int8 codes, so
   fp8 stays on jnp there;
 * a sliding window on the paged kind (the paged kernels mask by length only; the contiguous GPU
-  kernel takes the window as its `start_idx`), and slots split over devices;
+  kernel takes the window as its `start_idx`). Slots split over devices do take the contiguous
+  GPU kernel: each device's statistics come from its residuals;
 * block constraints: GPU (Triton) blocks must be powers of two of at least 16 tokens, TPU (Mosaic)
   wants a head dim that is a multiple of 128 (its lane width); the TPU has no contiguous decode
   kernel in JAX.
@@ -74,14 +75,12 @@ def platform() -> str:
   return "cuda" if backend in ("gpu", "cuda", "rocm") else backend
 
 
-def _shared_reason(kind: str, queries: int, window, storage: str, split_slots: bool) -> str:
+def _shared_reason(kind: str, queries: int, window, storage: str) -> str:
   """Why no platform's kernel applies to this call ("" when one may)."""
   if queries != 1:
     return f"{queries} queries per row: the decode kernels take one (prefill and verification stay on jnp)"
   if storage not in ("float", "fp8") or (storage == "fp8" and kind != "paged"):
     return f"kvjax's own {storage} codes (group scales and zero points): no kernel takes them"
-  if split_slots:
-    return "slots split over devices: the sharded step combines jnp statistics"
   if kind == "paged" and window is not None:
     return "sliding window: the paged kernels mask by length only"
   if kind not in ("paged", "full"):
@@ -114,7 +113,7 @@ def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_
 
 
 def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
-           storage: str = "float", split_slots: bool = False, slots: int | None = None,
+           storage: str = "float", slots: int | None = None,
            pages_per_row: int | None = None, page_size: int | None = None,
            on: str | None = None) -> Choice:
   """The kernel of one attention call.
@@ -122,8 +121,8 @@ def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
   kernel: "auto" | "jnp" | "pallas" (the cache's setting). kind: "paged" or "full" (others: jnp).
   queries: T, query tokens per row of this call. head_dim: H. window: the layer's sliding window
   (None: causal). storage: how keys/values are stored: "float", "fp8" (float8 codes with a scale
-  per token) or "int" (kvjax's intN codes).
-  split_slots: slots split over devices. slots: S of a contiguous buffer. pages_per_row: M, and
+  per token) or "int" (kvjax's intN codes). slots: S of a contiguous buffer (a device's share
+  when its slots are split over devices). pages_per_row: M, and
   page_size: P, of a paged pool. on: the platform deciding "auto" and naming the choice (default
   `platform()`).
   """
@@ -131,8 +130,7 @@ def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
   on = on or platform()
   facts = dict(head_dim=head_dim, slots=slots, pages_per_row=pages_per_row, page_size=page_size,
                storage=storage)
-  shared = "kernel='jnp'" if kernel == "jnp" else _shared_reason(kind, queries, window, storage,
-                                                                  split_slots)
+  shared = "kernel='jnp'" if kernel == "jnp" else _shared_reason(kind, queries, window, storage)
   if shared:
     return Choice(routes=((on, JNP),), name=JNP, reason=shared)
   if kernel == "auto":

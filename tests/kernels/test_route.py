@@ -150,3 +150,34 @@ def test_conformance_kit_with_pallas(spec):
   from kvjax.testing import check_cache_kind
 
   check_cache_kind(spec, options={"kernel": "pallas"}, head_dim=16, capacity=16, quick=True)
+
+
+SLOT_SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+import numpy as np, kvjax
+from kvjax import sharding as ks
+model = kvjax.load("tiny")
+mesh = ks.make_mesh("model=2")
+rules = ks.AxisRules(batch=(), kv_heads=(), slots=("model",))
+runs = {k: kvjax.generate(model, [[5, 6, 7, 8, 9, 10, 11], [3, 4]], max_new_tokens=5, cache="full",
+                          capacity=64, mesh=mesh, rules=rules, kernel=k) for k in ("jnp", "pallas")}
+cache = runs["pallas"].cache
+assert cache.slot_sharding is not None, "the slots should be split"
+assert not cache.choice(1).is_jnp, cache.choice(1)
+np.testing.assert_array_equal(runs["pallas"].tokens, runs["jnp"].tokens)
+print("ok", cache.choice(1).name)
+"""
+
+
+@pytest.mark.slow
+def test_slot_sharded_decode_combines_the_kernel_residuals():
+  # two CPU devices (a subprocess: this process has one), slots split over them; each device's
+  # statistics come from the interpreted GPU decode kernel's residuals, merged across devices
+  import subprocess
+  import sys
+
+  proc = subprocess.run([sys.executable, "-c", SLOT_SHARDED], capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0 and "ok pallas.gpu.decode_attention+interpret" in proc.stdout, (
+      proc.stdout[-2000:] + proc.stderr[-4000:])

@@ -37,7 +37,6 @@ def test_auto_on_cpu_is_jnp_and_pallas_routes_every_platform():
     ("paged", dict(queries=4), "queries per row"),
     ("paged", dict(queries=1, storage="int"), "codes"),
     ("paged", dict(queries=1, window=8), "sliding window"),
-    ("full", dict(queries=1, split_slots=True), "split"),
     ("window", dict(queries=1), "window kind"),
 ])
 def test_what_stays_on_jnp_says_why(kind, facts, why):
