@@ -63,7 +63,7 @@ def test_fp8_pages_go_to_the_gpu_kernel_only():
   assert "int8" in choice.reason
 
 
-@pytest.mark.parametrize("bad", ["triton", "Pallas", None, 1])
+@pytest.mark.parametrize("bad", ["triton", None])
 def test_bad_kernel_values_name_the_allowed_ones(bad):
   with pytest.raises(ValueError, match="'auto', 'jnp', 'pallas'"):
     kernels.check_kernel(bad)
