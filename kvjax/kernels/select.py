@@ -43,7 +43,6 @@ GPU_PAGED = "pallas.gpu.paged_attention"
 GPU_DECODE = "pallas.gpu.decode_attention"
 TPU_PAGED = "pallas.tpu.paged_attention"
 INTERPRET = "+interpret"
-PALLAS_PLATFORMS = ("cpu", "cuda", "tpu")  # the platforms a "pallas" choice routes for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +121,8 @@ def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
   queries: T, query tokens per row of this call. head_dim: H. window: the layer's sliding window
   (None: causal). storage: how keys/values are stored: "float", "fp8" (float8 codes with a scale
   per token) or "int" (kvjax's intN codes). slots: S of a contiguous buffer (a device's share
-  when its slots are split over devices). pages_per_row: M, and
-  page_size: P, of a paged pool. on: the platform deciding "auto" and naming the choice (default
-  `platform()`).
+  when its slots are split over devices). pages_per_row: M, and page_size: P, of a paged pool.
+  on: the platform deciding "auto" and naming the choice (default `platform()`).
   """
   check_kernel(kernel)
   on = on or platform()
