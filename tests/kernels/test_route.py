@@ -139,6 +139,13 @@ def test_engine_perplexity_and_a_hybrid_cache_take_the_setting():
   inner = [c for c in jax.tree_util.tree_leaves(hybrid, is_leaf=lambda x: hasattr(x, "kernel"))
            if hasattr(c, "kernel")]
   assert inner and all(c.kernel == "pallas" for c in inner)
+  # the Engine's window pool and global pool on Gemma: the window pool stays on jnp, and says why
+  engine = Engine(gemma, rows=2, capacity=32, cache="paged:16", kernel="pallas")
+  pools = [c for c in jax.tree_util.tree_leaves(engine.cache, is_leaf=lambda x: hasattr(x, "kernel"))
+           if hasattr(c, "kernel")]
+  names = sorted(c.choice(1).name for c in pools)
+  assert names == ["jnp.blockwise", "pallas.gpu.paged_attention+interpret"]
+  assert any("sliding window" in c.choice(1).reason for c in pools)
 
 
 @pytest.mark.slow

@@ -110,3 +110,12 @@ def test_auto_on_cpu_is_exactly_the_jnp_program(make):
   assert auto == _lowered(cache, "jnp")
   assert auto != _lowered(cache, "pallas")
   np.testing.assert_equal(kernels.describe(cache)["decode"], JNP)
+
+
+def test_a_given_cache_takes_the_setting_through_resolve():
+  from kvjax import runtime
+
+  model = kvjax.load("tiny")
+  cache = kvjax.make_cache("full", model, 1, 64)
+  kv, _ = runtime.resolve(model, cache, lengths=[3], options={"kernel": "pallas"})
+  assert kv.kernel == "pallas" and cache.kernel == "auto"
