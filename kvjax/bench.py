@@ -6,7 +6,7 @@ import resource
 
 import numpy as np
 
-from kvjax import decode, sharding
+from kvjax import decode, kernels, sharding
 from kvjax.models.protocol import model_dtype
 from kvjax.sampling import GREEDY
 
@@ -34,11 +34,14 @@ def peak_rss_bytes() -> int:
 
 def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 128,
               capacity: int | None = None, cache: str = "full", repeats: int = 2, mesh=None,
-              rules=None, draft: str | None = None, draft_tokens: int = 4) -> dict:
+              rules=None, draft: str | None = None, draft_tokens: int = 4,
+              kernel: str = "auto") -> dict:
   """Runs generate `repeats` times (the first compiles) and reports the best decode run
   (`draft`: self-speculative decoding over that cache spec, `draft_tokens` per round).
 
-  model: any model of `kvjax.models.protocol` (a tokenizer is optional)."""
+  model: any model of `kvjax.models.protocol` (a tokenizer is optional). kernel: the decode
+  attention kernel setting (`kvjax.kernels`); the result names the kernels that ran
+  ("kernel_decode", "kernel_prefill")."""
   prompt = bench_prompt(getattr(model, "tokenizer", None), prompt_len, model.config.vocab_size)
   prompts = [prompt] * batch
   before = decode.compile_stats()
@@ -46,16 +49,19 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
   for _ in range(repeats):
     result = decode.generate(model, prompts, max_new_tokens=new_tokens, cache=cache,
                              capacity=capacity, sampler=GREEDY, stop_at_eos=False, mesh=mesh,
-                             rules=rules, draft=draft, draft_tokens=draft_tokens)
+                             rules=rules, draft=draft, draft_tokens=draft_tokens, kernel=kernel)
     if best is None or result.decode_tok_per_s > best.decode_tok_per_s:
       best = result
   after = decode.compile_stats()
   cache_bytes, plan = best.cache_bytes, best.cache_plan  # plan: how `kvjax.runtime` sized it
+  chosen = kernels.describe(best.cache)
   return {
       "model": getattr(model, "name", type(model).__name__), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
       "capacity": plan.capacity if plan else None, "pages": plan.pages if plan else None,
       "cache": cache,
       "dtype": str(np.dtype(model_dtype(model))),
+      "kernel": kernel,
+      "kernel_decode": chosen["decode"], "kernel_prefill": chosen["prefill"],
       "decode_tok_per_s": best.decode_tok_per_s,
       "decode_s": best.decode_s,
       "prefill_s": best.prefill_s,

@@ -25,6 +25,10 @@ def _add_model(p):
                  help="cache spec, e.g. full, dynamic, none, int8, sink:4+window:1020, a "
                       "registered kind, or a layout such as 'int4@global; window:256@sliding' "
                       "(`kvjax specs` lists every term)")
+  p.add_argument("--kernel", choices=["auto", "jnp", "pallas"], default="auto",
+                 help="decode attention kernel of the full and paged kinds: auto (jnp on CPU, "
+                      "JAX's Pallas kernels on GPU/TPU where they apply), jnp, or pallas (on CPU "
+                      "in Pallas interpret mode: slow, for checking)")
   p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
   p.add_argument("--mesh", default=None, metavar="AXES",
                  help="run over a device mesh, e.g. data=2,model=4 (-1: the remaining devices)")
@@ -144,7 +148,7 @@ def _cmd_generate(args) -> dict:
   result = decode.generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, cache=args.cache,
                            capacity=args.capacity, sampler=sampler, seed=args.seed,
                            on_tokens=on_tokens if stream else None, mesh=mesh, rules=rules,
-                           draft=args.draft, draft_tokens=args.draft_tokens)
+                           draft=args.draft, draft_tokens=args.draft_tokens, kernel=args.kernel)
   ids = [int(t) for t in result.tokens[0, : result.n_generated[0]]]
   out_text = model.tokenizer.decode([t for t in ids if t != model.tokenizer.eos_id])
   if stream:
@@ -174,7 +178,8 @@ def _cmd_perplexity(args) -> dict:
     raise ValueError(f"cannot read {args.file}: {e.strerror}") from None
   ids = model.tokenizer.encode(text)[: args.max_tokens]
   mesh, rules = _mesh(args)
-  result = perplexity(model, ids, cache=args.cache, chunk=args.chunk, mesh=mesh, rules=rules)
+  result = perplexity(model, ids, cache=args.cache, chunk=args.chunk, mesh=mesh, rules=rules,
+                      kernel=args.kernel)
   if not args.json:
     print(f"ppl {result.ppl:.4f}  nll {result.nll:.4f}  tokens {result.tokens}  "
           f"cache {sum(result.cache_bytes.values())} bytes  ({result.seconds:.1f}s)")
@@ -190,7 +195,8 @@ def _cmd_bench(args) -> dict:
   mesh, rules = _mesh(args)
   out = run_bench(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   capacity=args.capacity, cache=args.cache, repeats=args.repeats, mesh=mesh,
-                  rules=rules, draft=args.draft, draft_tokens=args.draft_tokens)
+                  rules=rules, draft=args.draft, draft_tokens=args.draft_tokens,
+                  kernel=args.kernel)
   if not args.json:
     if args.draft:
       print(f"draft {args.draft} x{args.draft_tokens}: acceptance {out['draft_acceptance']:.2f}")

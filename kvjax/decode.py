@@ -37,7 +37,7 @@ import numpy as np
 from flax import struct
 
 from kvjax import prompts as prompts_lib
-from kvjax import layouts, runtime, sharding, speculative
+from kvjax import kernels, layouts, runtime, sharding, speculative
 from kvjax.caches import base
 from kvjax.caches.base import CapacityError  # noqa: F401  (decode.CapacityError, kept public)
 from kvjax.models.protocol import check_model, static_step
@@ -321,7 +321,7 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
              stop_at_eos: bool = True, on_tokens: Callable[[np.ndarray], None] | None = None,
              stream_chunk: int = 1, cache_options: dict | None = None, mesh=None,
              rules=None, draft=None, draft_tokens: int = 4,
-             draft_options: dict | None = None) -> GenerateResult:
+             draft_options: dict | None = None, kernel: str = "auto") -> GenerateResult:
   """Generates up to `max_new_tokens` per row.
 
   Args:
@@ -351,6 +351,9 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
       (`"int8@global"`, `"window:8@all"`) is a draft too. The main cache's window rings (sliding
       layers) keep draft_tokens + 1 slack slots so cropping rejected drafts loses nothing.
       draft_options: keyword arguments for the draft's `make_cache`.
+    kernel: the main cache's decode attention kernel (`kvjax.kernels`): "auto" (the platform's
+      choice; jnp on CPU; a given cache keeps its own setting), "jnp", or "pallas" (JAX's Pallas
+      kernels where they apply; interpret mode on CPU, slow: for checking).
 
   The cache is built and placed by `kvjax.runtime.resolve`; `GenerateResult.cache_plan` says how.
   """
@@ -359,6 +362,8 @@ def generate(model, prompts, *, max_new_tokens: int, cache="full", capacity: int
   if given:
     base.check_cache(cache, "generate")  # before the prompts: a wrong object is the first error
   spec = None if given else layouts.parse_request(cache)
+  if kernels.check_kernel(kernel) != "auto":
+    cache_options = {**(cache_options or {}), "kernel": kernel}
   opts = GenerateOptions.build(
       model, spec, max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
       stop_at_eos=stop_at_eos, draft=draft, draft_tokens=draft_tokens, mesh=mesh,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import prompts, runtime, sharding
+from kvjax import kernels, prompts, runtime, sharding
 from kvjax import layouts
 from kvjax import spec as spec_lib
 from kvjax.caches import base
@@ -86,7 +86,7 @@ def _probe_capacity(spec) -> int:
 
 
 def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: int | None = None,
-               cache_options: dict | None = None, mesh=None, rules=None):
+               cache_options: dict | None = None, mesh=None, rules=None, kernel: str = "auto"):
   """Perplexity of `model` on token ids, fed through a cache.
 
   ids: one document (1-D ids) -> a `PerplexityResult`; several (a list of 1-D id sequences,
@@ -99,6 +99,8 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   cache_options: keyword arguments for `make_cache` (e.g. `maps=` for share:G:cal; a paged:P
     pool otherwise holds the pages the documents fill).
   mesh, rules: run over a device mesh (documents split over the batch axes); see `kvjax.sharding`.
+  kernel: the decode attention kernel, as for `kvjax.generate` (scoring feeds chunks of several
+    tokens, which stay on jnp; a chunk of 1 uses the decode kernels).
   The cache is built and placed by `kvjax.runtime.resolve`.
   """
   check_model(model, "perplexity")
@@ -110,6 +112,8 @@ def perplexity(model, ids, *, cache="full", chunk: int | None = None, capacity: 
   if runtime.is_cache(cache):
     base.check_cache(cache, "perplexity")
     cache = jax.tree_util.tree_map(jnp.copy, cache)  # fed (donated) instead of the caller's
+  if kernels.check_kernel(kernel) != "auto":
+    cache_options = {**(cache_options or {}), "kernel": kernel}
   sizes = np.array([d.size for d in docs], np.int32)
   kv_cache, plan = runtime.resolve(model, cache, lengths=sizes, capacity=capacity, mesh=mesh,
                                    rules=rules, options=cache_options, what="perplexity",

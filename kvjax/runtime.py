@@ -36,7 +36,7 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import layouts, sharding
+from kvjax import kernels, layouts, sharding
 from kvjax import spec as spec_lib
 from kvjax.caches import base, hybrid, paged, registry
 from kvjax.caches.base import CapacityError
@@ -114,7 +114,8 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
     given; its rows must equal the rows of `lengths`).
   lengths: int [B] tokens each row is given first; batch: rows, when there are no lengths.
   extra: tokens every row takes after its first ones.  capacity: slots per row (default: the
-    kind's choice).  options: `make_cache` keyword arguments (`pages=` overrides the pool size).
+    kind's choice).  options: `make_cache` keyword arguments (`pages=` overrides the pool size;
+    `kernel=` sets the decode kernel, on a given cache too).
   check: what must fit: "all" (the whole need), "fixed" (the whole need unless the cache is
     growable: the caller grows it when it fills) or "prompt" (the first tokens only: the caller
     makes room or checks later).
@@ -129,8 +130,12 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
   lengths = None if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
   n_rows = int(lengths.size if lengths is not None else batch)
   prompt = 0 if lengths is None else int(lengths.max())
+  options = dict(options or {})
+  kernel = kernels.check_kernel(options.pop("kernel", "auto"))
   if is_cache(cache):
     kv, spec, padded = _given(cache, n_rows, what, row), None, n_rows
+    if kernel != "auto":
+      kv = kernels.with_kernel(kv, kernel)
     needed = prompt + extra + int(jnp.max(kv.lengths))
   else:
     spec = layouts.parse_request(cache)
@@ -139,6 +144,7 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
     padded = n_rows if mesh is None else sharding.padded_batch(mesh, n_rows, rules)
     needed = prompt + extra
     kv = _build(model, spec, lengths, padded, extra, capacity, dtype, options, spare_pages)
+    kv = kv if kernel == "auto" else kernels.with_kernel(kv, kernel)
     if lengths is not None and not kv.fits(prompt):
       raise CapacityError(f"{what}: a {prompt}-token {row} does not fit a cache of capacity "
                           f"{kv.capacity}")
@@ -215,6 +221,8 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
     if it has one, else fp32 on CPU and bf16 on accelerators.
   mesh, rules: place the arrays over a `jax.sharding.Mesh` by logical axis rules (see
     `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
+  kernel: "auto" (default) | "jnp" | "pallas": the decode attention kernel of the kinds that have
+    a Pallas path (full, paged; `kvjax.kernels`); "pallas" on CPU runs it in interpret mode.
   options: kind-specific extras (e.g. calibration maps for share:G:cal), each read by the kinds
     that declare it (`registry.register_kind(options=)`); in a layout, only the groups that read
     an option get it, per-layer ones (maps) cut to the group's layers. `slack=n` goes to the kinds
@@ -226,6 +234,7 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   in a `HybridCache` (bounded groups sized by their budget, the others by `capacity`); a spec
   without `@` on a model without layer types builds the plain cache, exactly as before.
   """
+  kernel = kernels.check_kernel(options.pop("kernel", "auto"))
   spec = layouts.parse_request(spec)
   if hasattr(config, "config") and hasattr(config, "params"):  # a model
     dtype = dtype if dtype is not None else model_dtype(config)
@@ -242,6 +251,8 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   else:
     cache = hybrid.build(plan, config, batch=batch, capacity=capacity, dtype=dtype,
                          build_one=registry.build, **options)
+  if kernel != "auto":
+    cache = kernels.with_kernel(cache, kernel)
   if mesh is not None:
     plan_ = sharding.plan_cache(mesh, config, cache, rules=rules)
     for note in plan_.notes:

@@ -101,6 +101,24 @@ def test_bench_json(capsys):
   assert out["decode_tok_per_s"] > 0 and out["cache_bytes"] > 0 and out["peak_rss_bytes"] > 0
   assert out["n_compiles"] >= 0 and out["compile_s"] >= 0
   assert out["batch"] == 1 and out["new_tokens"] == 8 and out["capacity"] == 64
+  assert out["kernel"] == "auto" and out["kernel_decode"] == "jnp.blockwise"  # CPU: jnp
+
+
+@pytest.mark.slow
+def test_bench_json_names_the_pallas_kernel(capsys):
+  code, out, _ = run_cli(capsys, "bench", "--model", "tiny", "--new-tokens", "4", "--json",
+                         "--prompt-len", "8", "--capacity", "64", "--cache", "paged:16",
+                         "--kernel", "pallas", "--repeats", "1")
+  assert code == 0
+  assert out["kernel"] == "pallas"
+  assert out["kernel_decode"] == "pallas.gpu.paged_attention+interpret"
+  assert out["kernel_prefill"] == "jnp.blockwise"
+
+
+def test_bad_kernel_flag_exits_2(capsys):
+  with pytest.raises(SystemExit) as exit_:  # argparse refuses it, naming the choices
+    cli.main(["bench", "--model", "tiny", "--kernel", "cuda", "--json"])
+  assert exit_.value.code == 2 and "'auto', 'jnp', 'pallas'" in capsys.readouterr().err
 
 
 def test_perplexity_json(capsys, tmp_path, tiny):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax import attention as attn
+from kvjax import kernels
 from kvjax.caches import base, registry, slot_sharded, terms
 from kvjax.caches.terms import SpecError
 from kvjax.caches import codec as codec_lib
@@ -44,6 +45,8 @@ class FullCache(base.Limited):
   slot_sharding (static): set by `kvjax.sharding.shard_cache` when the slots are split over
   devices: writes and attention then run per device under `jax.shard_map` and combine their
   softmax statistics across the slot axes (flash-decoding); None otherwise.
+  kernel (static): "auto" | "jnp" | "pallas", the decode kernel (`kvjax.kernels`; `choice` says
+  which runs).
   """
 
   k: jax.Array
@@ -53,6 +56,7 @@ class FullCache(base.Limited):
   growable: bool = struct.field(pytree_node=False, default=False)
   slot_sharding: Any = struct.field(pytree_node=False, default=None)
   sliding: int | tuple | None = struct.field(pytree_node=False, default=None)
+  kernel: str = struct.field(pytree_node=False, default="auto")
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -104,7 +108,8 @@ class FullCache(base.Limited):
     if self.slot_sharding is not None:
       qg = attn.prepare_queries(q, self.kv_heads, scale)
       out = slot_sharded.attend(cache.k, cache.v, layer, qg, positions, kv_len,
-                                cache.slot_sharding, cache.block_size, window)
+                                cache.slot_sharding, cache.block_size, window,
+                                self.choice(q.shape[1], layer))
       return out.astype(q.dtype), cache
     bs = self.block_size
     shape = (1, self.batch, self.kv_heads, bs, self.head_dim)
@@ -114,7 +119,24 @@ class FullCache(base.Limited):
       return jax.lax.dynamic_slice(cache.k, idx, shape)[0], jax.lax.dynamic_slice(cache.v, idx, shape)[0]
 
     qg = attn.prepare_queries(q, self.kv_heads, scale)
-    return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs, window), cache
+
+    def jnp_path():
+      return attn.attend_prefix_blocks(qg, load_block, positions, kv_len, bs, window)
+
+    choice = self.choice(q.shape[1], layer)
+    if choice.is_jnp:
+      return jnp_path(), cache
+    start = None if window is None else jnp.maximum(positions[:, 0] - window + 1, 0)
+    return kernels.contiguous_decode(choice, qg, cache.k[layer], cache.v[layer], kv_len, start,
+                                     jnp_path), cache
+
+  def choice(self, queries: int, layer: int = 0, on: str | None = None) -> kernels.Choice:
+    """The kernel `attend` runs for `queries` tokens per row at `layer` (`kvjax.kernels.choose`;
+    on: the platform, default the current one)."""
+    shards = 1 if self.slot_sharding is None else self.slot_sharding.shards()
+    return kernels.choose(self.kernel, "full", queries=queries, head_dim=self.head_dim,
+                          window=base.layer_sliding(self.sliding, layer),
+                          slots=self.capacity // shards, on=on)  # a device's slots
 
   def view(self) -> base.CacheView:
     return base.prefix_view(self, self.k, self.v)

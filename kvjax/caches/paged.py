@@ -50,6 +50,7 @@ import numpy as np
 from flax import struct
 
 from kvjax import attention as attn
+from kvjax import kernels
 from kvjax.caches import base, page_table, registry, terms
 from kvjax.caches import codec as codec_lib
 from kvjax.caches import paged_rows
@@ -109,6 +110,8 @@ class PagedCache(base.Limited):
   # With an int `sliding` W: rows give back their pages wholly before position length - W + 1
   # (no later query sees them) on every write, so a row holds about W / P pages, not all it saw.
   window_only: bool = struct.field(pytree_node=False, default=False)
+  # "auto" | "jnp" | "pallas": the decode kernel (`kvjax.kernels`; `choice` says which runs)
+  kernel: str = struct.field(pytree_node=False, default="auto")
 
   # ---- construction -------------------------------------------------------------------------
   @classmethod
@@ -289,9 +292,26 @@ class PagedCache(base.Limited):
     kv_len = jnp.where(cache.failed, 0, jnp.minimum(self.lengths + n_valid, self.capacity))
     qg = attn.prepare_queries(q, self.kv_heads, scale)
     bs = self.pages_per_block * self.page_size
-    out = attn.attend_prefix_blocks(qg, lambda start: cache._load_block(layer, start), positions,
-                                    kv_len, bs, base.layer_sliding(self.sliding, layer))
-    return out, cache
+
+    def jnp_path():
+      return attn.attend_prefix_blocks(qg, lambda start: cache._load_block(layer, start),
+                                       positions, kv_len, bs, base.layer_sliding(self.sliding, layer))
+
+    choice = self.choice(q.shape[1], layer)
+    if choice.is_jnp:
+      return jnp_path(), cache
+    keys, values = _halves(tuple(a[layer] for a in cache.pool))  # (data[, scale [K, N, P, 1]])
+    scales = (keys[1][..., 0], values[1][..., 0]) if self.codec.kind == "fp8" else None
+    return kernels.paged_decode(choice, qg, keys[0], values[0], cache.table, kv_len, jnp_path,
+                                scales), cache
+
+  def choice(self, queries: int, layer: int = 0, on: str | None = None) -> kernels.Choice:
+    """The kernel `attend` runs for `queries` tokens per row at `layer` (`kvjax.kernels.choose`;
+    on: the platform, default the current one)."""
+    return kernels.choose(self.kernel, "paged", queries=queries, head_dim=self.head_dim,
+                          window=base.layer_sliding(self.sliding, layer),
+                          storage=self.codec.kind, pages_per_row=self.max_pages,
+                          page_size=self.page_size, on=on)
 
   # ---- capacity -------------------------------------------------------------------------------
   def has_room(self, n: int) -> jax.Array:

@@ -8,7 +8,9 @@ names (`FullCache.with_slot_sharding`); its writes and attention then come here.
           slot is its position, as in the full cache).
   attend  each device attends over its own filled blocks, keeping the softmax statistics (running
           max, sum of weights, weighted values); the statistics are merged across the slot axes
-          (max, then rescaled sums), so the result equals attention over the whole row.
+          (max, then rescaled sums), so the result equals attention over the whole row. A decode
+          step under a Pallas `kernel` takes each device's statistics from the GPU decode
+          kernel's residuals (`kvjax.kernels.gpu.contiguous_decode_stats`) instead.
 
 Both run under `jax.shard_map` over the cache's mesh; buffers are [L, B, K, S, H].
 """
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import attention as attn
+from kvjax import kernels
 from kvjax.caches import base
 
 
@@ -40,11 +43,12 @@ def write(k_buf, v_buf, lengths, layer: int, k, v, ss):
 
 
 def attend(k_buf, v_buf, layer: int, qg, positions, kv_len, ss, block_size: int,
-           window: int | None = None):
+           window: int | None = None, choice=None):
   """Attention of queries qg [B, T, K, G, H] (at `positions` [B, T]) over the first kv_len [B]
   slots of `layer`, merged across devices; with a sliding `window` W a query also sees only its
   W most recent positions (slot = position, so the local mask just shifts both by the device's
-  offset). Returns [B, T, N, H] in fp32."""
+  offset). choice: a `kvjax.kernels.Choice` for the local statistics of a decode step (the GPU
+  kernel's residuals), or None / a jnp choice (blockwise). Returns [B, T, N, H] in fp32."""
   part = ss._part
   q_spec = jax.sharding.PartitionSpec(part(ss.batch), None, part(ss.kv_heads), None, None)
   pos_spec = jax.sharding.PartitionSpec(part(ss.batch), None)
@@ -59,9 +63,17 @@ def attend(k_buf, v_buf, layer: int, qg, positions, kv_len, ss, block_size: int,
       idx = (layer, 0, 0, start, 0)
       return jax.lax.dynamic_slice(kbuf, idx, shape)[0], jax.lax.dynamic_slice(vbuf, idx, shape)[0]
 
-    peak, total, acc = attn.blockwise_stats(
-        q_l, load_block, attn.causal_visibility(pos - offset, local_len, window),
-        attn.n_filled_blocks(local_len, block_size), block_size)
+    def jnp_stats():
+      return attn.blockwise_stats(
+          q_l, load_block, attn.causal_visibility(pos - offset, local_len, window),
+          attn.n_filled_blocks(local_len, block_size), block_size)
+
+    if choice is None or choice.is_jnp:
+      peak, total, acc = jnp_stats()
+    else:  # one query per row: slots [start, local_len) of this device
+      start = None if window is None else jnp.clip(pos[:, 0] - window + 1 - offset, 0, s_loc)
+      peak, total, acc = kernels.contiguous_decode_stats(choice, q_l, kbuf[layer], vbuf[layer],
+                                                         local_len, start, jnp_stats)
     top = jax.lax.pmax(peak, ss.slots)
     weight = jnp.exp(peak - top)
     total = jax.lax.psum(total * weight, ss.slots)

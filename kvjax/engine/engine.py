@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import decode, runtime
+from kvjax import decode, kernels, runtime
 from kvjax import prompts as prompts_lib
 from kvjax import spec as spec_lib
 from kvjax.caches import page_table
@@ -99,13 +99,15 @@ class Engine:
     prefix_cache: keep full prompt pages in a `PageIndex` for later prompts.
     window_pins: on a model with sliding layers, pages of each sliding pool kept for the prefix
       cache beyond what the rows hold (default `pools.window_budget`: a window's pages per row).
+    kernel: the pages' decode attention kernel, "auto" | "jnp" | "pallas" (`kvjax.kernels`).
   """
 
   def __init__(self, model, *, rows: int = 8, capacity: int = 2048, cache: str = "paged:16",
                pages: int | None = None, sampler: Sampler = GREEDY, seed: int = 0,
                eos_id: int | None = None, stop_at_eos: bool = True, prefix_cache: bool = True,
-               window_pins: int | None = None):
+               window_pins: int | None = None, kernel: str = "auto"):
     check_model(model, "Engine")
+    kernels.check_kernel(kernel)
     spec = _paged_spec(cache, capacity)
     self.tokenizer = getattr(model, "tokenizer", None)
     if eos_id is None and stop_at_eos and self.tokenizer is not None:
@@ -119,11 +121,13 @@ class Engine:
     if parts is None:
       cache, self.cache_plan = runtime.resolve(model, pools.one_pool_layout(spec, model.config),
                                                batch=rows, capacity=capacity,
-                                               options={"pages": pages}, what="Engine")
+                                               options={"pages": pages, "kernel": kernel},
+                                               what="Engine")
     else:
       cache, self._windows = pools.build(parts, spec, model.config, rows=rows, capacity=capacity,
                                          dtype=model_dtype(model), pages=pages,
                                          window_pins=window_pins, chunk=max(self._chunks))
+      cache = kernels.with_kernel(cache, kernel)
       self.cache_plan = None
     self.cache: PagedCache | HybridCache = cache
     self._global = next(g for g, c in enumerate(steps.groups(cache)) if not c.window_only)
