@@ -19,8 +19,11 @@ When a token arrives, the candidates are the held tokens plus the new one; the c
   * the W most recent tokens (the new one included),
   * among the other candidates, the K with the largest accumulated score,
 
-and forgets the rest for good (`evict_topk`, a `lax.top_k` over fixed shapes; ties go to the
-lower candidate index). Then the new token's query attends over exactly what is held (S + W + K
+and forgets the rest for good. One token at a time that is one scatter: the token takes the
+weakest held slot's place if it outranks it (`admission.replace_weakest`; ties keep the lower
+position), so a decode step writes one slot per (row, layer, kv head) and never copies the pool.
+A whole chunk at once (SnapKV's prompt) goes through `evict_topk`, a `lax.top_k` over fixed
+shapes (ties to the lower candidate index). Then the new token's query attends over exactly what is held (S + W + K
 keys at most, itself included), and every held token's score grows by the attention it got.
 Different kv heads and layers keep different tokens.
 
