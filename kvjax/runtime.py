@@ -131,7 +131,7 @@ def resolve(model, cache="full", *, lengths=None, batch: int | None = None, extr
   n_rows = int(lengths.size if lengths is not None else batch)
   prompt = 0 if lengths is None else int(lengths.max())
   options = dict(options or {})
-  kernel = kernels.check_kernel(options.pop("kernel", "auto"))
+  kernel = _attention_kernel(options)
   if is_cache(cache):
     kv, spec, padded = _given(cache, n_rows, what, row), None, n_rows
     if kernel != "auto":
@@ -206,6 +206,16 @@ def _build(model, spec, lengths, padded: int, extra: int, capacity, dtype, optio
   return make_cache(spec, model, padded, int(capacity), dtype, **options)
 
 
+def _attention_kernel(options: dict) -> str:
+  """Pops the attention kernel ("auto" | "jnp" | "pallas") from `options`. An int `kernel` is
+  not one: it is SnapKV's pooling kernel size (`snapkv`'s own option), left in `options`."""
+  kernel = options.get("kernel", "auto")
+  if isinstance(kernel, (int, np.integer)) and not isinstance(kernel, bool):
+    return "auto"
+  options.pop("kernel", None)
+  return kernels.check_kernel(kernel)
+
+
 def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None, *, mesh=None,
                rules=None, **options):
   """Builds an empty cache of the kind `spec` names, for `batch` rows.
@@ -223,6 +233,7 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
     `kvjax.sharding`; the plan's fallbacks are logged to the 'kvjax' logger).
   kernel: "auto" (default) | "jnp" | "pallas": the decode attention kernel of the kinds that have
     a Pallas path (full, paged; `kvjax.kernels`); "pallas" on CPU runs it in interpret mode.
+    (An int `kernel` is SnapKV's pooling kernel size, snapkv's own option, as before.)
   options: kind-specific extras (e.g. calibration maps for share:G:cal), each read by the kinds
     that declare it (`registry.register_kind(options=)`); in a layout, only the groups that read
     an option get it, per-layer ones (maps) cut to the group's layers. `slack=n` goes to the kinds
@@ -234,7 +245,7 @@ def make_cache(spec, config, batch: int, capacity: int | None = None, dtype=None
   in a `HybridCache` (bounded groups sized by their budget, the others by `capacity`); a spec
   without `@` on a model without layer types builds the plain cache, exactly as before.
   """
-  kernel = kernels.check_kernel(options.pop("kernel", "auto"))
+  kernel = _attention_kernel(options)
   spec = layouts.parse_request(spec)
   if hasattr(config, "config") and hasattr(config, "params"):  # a model
     dtype = dtype if dtype is not None else model_dtype(config)
