@@ -13,10 +13,16 @@ A cache's `kernel` field (static) is one of `KERNELS`:
 
 Where no kernel applies the route is jnp and the `Choice` says why (`reason`):
 
-* several queries per row (prefill chunks, speculative verification): the decode kernels take no
-  T axis; `ragged_paged_attention` (TPU) wants a [pages, page_size, 2K, H] pool with keys and
+* several queries per row (prefill chunks, speculative verification) go to
+  `jax.nn.dot_product_attention` for the full kind on cuda (and its "xla" implementation under
+  "pallas" on CPU): a full cache's layer buffer holds the cached prefix and the chunk, so the whole
+  buffer is the keys under a boolean mask. The paged kind stays on jnp: the decode kernels take no
+  T axis, `dot_product_attention` wants contiguous keys (a row's pages would have to be gathered
+  first), and `ragged_paged_attention` (TPU) wants a [pages, page_size, 2K, H] pool with keys and
   values interleaved, not kvjax's [K, pages, page_size, H] per stream (a per-step conversion would
-  copy the pool), and splash / `dot_product_attention` see no cached prefix;
+  copy the pool). TPU stays on jnp for prefill (splash attention wants 128-token blocks and
+  128-wide heads, and its masks are static); slots split over devices too (each device would need
+  its softmax statistics, which the API does not return in kvjax's form);
 * kvjax's intN pages (codes with group scales and zero points): no kernel takes those. fp8 pages
   (float8 codes, one scale per token) go to the GPU paged kernel, whose `k_scales_pages` /
   `v_scales_pages` are exactly per-token scales; the TPU kernel's scales are for int8 codes, so
@@ -42,6 +48,8 @@ KERNELS = ("auto", "jnp", "pallas")
 GPU_PAGED = "pallas.gpu.paged_attention"
 GPU_DECODE = "pallas.gpu.decode_attention"
 TPU_PAGED = "pallas.tpu.paged_attention"
+DPA = "jax.nn.dot_product_attention"  # prefill on a full cache (implementation=None)
+XLA = "+xla"  # the same with implementation="xla" (the CPU check route)
 INTERPRET = "+interpret"
 
 
@@ -50,7 +58,7 @@ class Choice:
   """One attention call's kernel: `routes` ((platform, route name), ...); `name`: the route of
   the platform it was chosen on (what `kvjax bench --json` reports); `reason`: why the jnp path,
   when a route is jnp. A route name ending in "+interpret" runs that kernel in Pallas interpret
-  mode."""
+  mode; "jax.nn.dot_product_attention+xla" runs that API with implementation="xla"."""
 
   routes: tuple
   name: str
@@ -74,10 +82,18 @@ def platform() -> str:
   return "cuda" if backend in ("gpu", "cuda", "rocm") else backend
 
 
-def _shared_reason(kind: str, queries: int, window, storage: str) -> str:
+def _shared_reason(kind: str, queries: int, window, storage: str, sharded: bool = False) -> str:
   """Why no platform's kernel applies to this call ("" when one may)."""
   if queries != 1:
-    return f"{queries} queries per row: the decode kernels take one (prefill and verification stay on jnp)"
+    if kind != "full":
+      return (f"{queries} queries per row: the decode kernels take one and "
+              "dot_product_attention wants contiguous keys (prefill stays on jnp)")
+    if storage != "float":
+      return f"{queries} queries per row over {storage} codes: no kernel takes them"
+    if sharded:
+      return (f"{queries} queries per row with slots split over devices: dot_product_attention "
+              "returns no softmax statistics to merge")
+    return ""
   if storage not in ("float", "fp8") or (storage == "fp8" and kind != "paged"):
     return f"kvjax's own {storage} codes (group scales and zero points): no kernel takes them"
   if kind == "paged" and window is not None:
@@ -87,9 +103,15 @@ def _shared_reason(kind: str, queries: int, window, storage: str) -> str:
   return ""
 
 
-def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_size,
-           storage: str) -> tuple:
+def _route(target: str, kind: str, *, queries: int, head_dim: int, slots, pages_per_row,
+           page_size, storage: str) -> tuple:
   """(route, reason) of one platform ("cuda", "tpu") for a call every kernel could take."""
+  if queries != 1:  # a full cache's prefill chunk (the only kind `_shared_reason` lets through)
+    if target == "cuda":
+      return DPA, ""
+    if target == "tpu":
+      return JNP, "TPU: splash attention wants 128-token blocks, 128-wide heads and static masks"
+    return JNP, f"{target}: jnp"
   if target == "cuda":
     if kind == "paged":
       if gpu.paged_blocks(pages_per_row, page_size, head_dim) is None:
@@ -114,7 +136,7 @@ def _route(target: str, kind: str, *, head_dim: int, slots, pages_per_row, page_
 def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
            storage: str = "float", slots: int | None = None,
            pages_per_row: int | None = None, page_size: int | None = None,
-           on: str | None = None) -> Choice:
+           sharded: bool = False, on: str | None = None) -> Choice:
   """The kernel of one attention call.
 
   kernel: "auto" | "jnp" | "pallas" (the cache's setting). kind: "paged" or "full" (others: jnp).
@@ -122,13 +144,14 @@ def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
   (None: causal). storage: how keys/values are stored: "float", "fp8" (float8 codes with a scale
   per token) or "int" (kvjax's intN codes). slots: S of a contiguous buffer (a device's share
   when its slots are split over devices). pages_per_row: M, and page_size: P, of a paged pool.
-  on: the platform deciding "auto" and naming the choice (default `platform()`).
+  sharded: the buffer's slots are split over devices (its prefill stays on jnp). on: the platform deciding "auto" and naming the choice (default `platform()`).
   """
   check_kernel(kernel)
   on = on or platform()
-  facts = dict(head_dim=head_dim, slots=slots, pages_per_row=pages_per_row, page_size=page_size,
-               storage=storage)
-  shared = "kernel='jnp'" if kernel == "jnp" else _shared_reason(kind, queries, window, storage)
+  facts = dict(queries=queries, head_dim=head_dim, slots=slots, pages_per_row=pages_per_row,
+               page_size=page_size, storage=storage)
+  shared = ("kernel='jnp'" if kernel == "jnp"
+            else _shared_reason(kind, queries, window, storage, sharded))
   if shared:
     return Choice(routes=((on, JNP),), name=JNP, reason=shared)
   if kernel == "auto":
@@ -139,7 +162,7 @@ def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
   # "pallas": every platform's own kernel; CPU interprets the GPU kernel
   cuda, cuda_reason = _route("cuda", kind, **facts)
   tpu_, tpu_reason = _route("tpu", kind, **facts)
-  cpu = JNP if cuda == JNP else cuda + INTERPRET
+  cpu = JNP if cuda == JNP else cuda + (XLA if cuda == DPA else INTERPRET)
   routes = (("cpu", cpu), ("cuda", cuda), ("tpu", tpu_))
   name = dict(routes).get(on, JNP)
   reason = "; ".join(r for r in (cuda_reason, tpu_reason) if r)
