@@ -5,11 +5,12 @@ A cache's `kernel` field (static) is one of `KERNELS`:
 * "auto" (default): the kernel kvjax picks for the platform the step is traced on
   (`jax.default_backend()`): on CPU always the jnp path (measured fastest there; the program is
   exactly the one kvjax built before the kernel layer existed), on GPU and TPU the Pallas kernel
-  where one applies;
+  where one applies (and on GPU `jax.nn.dot_product_attention` for a full cache's prefill);
 * "jnp": today's jnp kernels everywhere;
 * "pallas": the Pallas kernel for each platform the step is lowered for (a
   `lax.platform_dependent`: `jax.export` for `cuda` or `tpu` lowers the real kernel), and on CPU the
-  GPU kernel in Pallas interpret mode (slow: for checking that the kernel equals the jnp path).
+  GPU kernel in Pallas interpret mode (slow: for checking that the kernel equals the jnp path),
+  and a full cache's prefill through `dot_product_attention(implementation="xla")`.
 
 Where no kernel applies the route is jnp and the `Choice` says why (`reason`):
 

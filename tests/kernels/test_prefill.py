@@ -62,6 +62,9 @@ def test_prefill_route_names():
   paged = kernels.choose("pallas", "paged", queries=16, head_dim=64, pages_per_row=4,
                          page_size=16, on="cuda")
   assert paged.is_jnp and "contiguous" in paged.reason
+  cache = FullCache.init(n_layers=1, batch=1, kv_heads=2, head_dim=16, capacity=32)
+  assert kernels.describe(cache.replace(kernel="pallas"), on="cuda") == {
+      "kernel": "pallas", "decode": "pallas.gpu.decode_attention", "prefill": DPA}
 
 
 @pytest.mark.slow
