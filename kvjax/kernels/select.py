@@ -51,6 +51,10 @@ GPU_DECODE = "pallas.gpu.decode_attention"
 TPU_PAGED = "pallas.tpu.paged_attention"
 DPA = "jax.nn.dot_product_attention"  # prefill on a full cache (implementation=None)
 XLA = "+xla"  # the same with implementation="xla" (the CPU check route)
+# dot_product_attention's XLA implementation (what implementation=None is in this JAX) builds the
+# [B, N, T, S] logits at once; above T * S = 2**22 (16 MiB of fp32 per row and head) a chunk stays
+# on the jnp path, which holds one block of slots at a time. Not measured on a GPU: a guard.
+PREFILL_MAX_LOGITS = 2**22
 INTERPRET = "+interpret"
 
 
@@ -108,6 +112,9 @@ def _route(target: str, kind: str, *, queries: int, head_dim: int, slots, pages_
            page_size, storage: str) -> tuple:
   """(route, reason) of one platform ("cuda", "tpu") for a call every kernel could take."""
   if queries != 1:  # a full cache's prefill chunk (the only kind `_shared_reason` lets through)
+    if slots and queries * slots > PREFILL_MAX_LOGITS:
+      return JNP, (f"{queries} queries x {slots} slots: dot_product_attention (XLA) would hold "
+                   f"[B, N, {queries}, {slots}] logits at once; the blockwise jnp path does not")
     if target == "cuda":
       return DPA, ""
     if target == "tpu":

@@ -57,6 +57,8 @@ def test_prefill_route_names():
   assert kernels.choose("auto", "full", on="cuda", **full).name == DPA
   assert kernels.choose("auto", "full", on="cpu", **full).is_jnp
   assert kernels.choose("auto", "full", window=8, on="cuda", **full).name == DPA
+  big = kernels.choose("auto", "full", queries=8192, head_dim=64, slots=8192, on="cuda")
+  assert big.is_jnp and "logits" in big.reason  # a long prompt keeps the blockwise jnp path
   sharded = kernels.choose("pallas", "full", sharded=True, on="cuda", **full)
   assert sharded.is_jnp and "statistics" in sharded.reason
   paged = kernels.choose("pallas", "paged", queries=16, head_dim=64, pages_per_row=4,
