@@ -21,4 +21,5 @@ from kvjax.kernels.route import (contiguous_decode, contiguous_decode_stats, con
                                  paged_decode)
 
 __all__ = ["KERNELS", "Choice", "check_kernel", "choose", "contiguous_decode",
-           "contiguous_decode_stats", "contiguous_prefill", "describe", "paged_decode", "platform", "with_kernel"]
+           "contiguous_decode_stats", "contiguous_prefill", "describe", "paged_decode", "platform",
+           "with_kernel"]

@@ -1,4 +1,4 @@
-"""GPU decode attention through JAX's Pallas (Triton) kernels.
+"""GPU attention: the Pallas (Triton) decode kernels, and `jax.nn.dot_product_attention` for prefill.
 
 * `paged_decode`: `jax.experimental.pallas.ops.gpu.paged_attention` over kvjax's paged pool, which
   is already the kernel's layout ([K, pages, page_size, H] per layer and stream);
@@ -11,10 +11,10 @@
 cache's whole layer buffer through `jax.nn.dot_product_attention` with a boolean mask (the chunk is
 written before attention, so the buffer holds the cached prefix and the chunk).
 
-The decode kernels take one query per row, already scaled (kvjax's `prepare_queries`): the kernels are called
-with a softmax scale of 1. Triton wants power-of-two blocks of at least 16 tokens; `paged_blocks`
-and `decode_blocks` pick them or return None (the resolver then keeps the jnp path). With
-`interpret=True` the kernel runs in Pallas interpret mode (any platform, CPU included).
+The decode kernels take one query per row, already scaled (kvjax's `prepare_queries`): the kernels
+are called with a softmax scale of 1. Triton wants power-of-two blocks of at least 16 tokens;
+`paged_blocks` and `decode_blocks` pick them or return None (the resolver then keeps the jnp path).
+With `interpret=True` the kernel runs in Pallas interpret mode (any platform, CPU included).
 """
 
 from __future__ import annotations

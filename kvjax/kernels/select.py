@@ -152,7 +152,8 @@ def choose(kernel: str, kind: str, *, queries: int, head_dim: int, window=None,
   (None: causal). storage: how keys/values are stored: "float", "fp8" (float8 codes with a scale
   per token) or "int" (kvjax's intN codes). slots: S of a contiguous buffer (a device's share
   when its slots are split over devices). pages_per_row: M, and page_size: P, of a paged pool.
-  sharded: the buffer's slots are split over devices (its prefill stays on jnp). on: the platform deciding "auto" and naming the choice (default `platform()`).
+  sharded: the buffer's slots are split over devices (its prefill stays on jnp).
+  on: the platform deciding "auto" and naming the choice (default `platform()`).
   """
   check_kernel(kernel)
   on = on or platform()
