@@ -1,4 +1,4 @@
-"""GPU attention: the Pallas (Triton) decode kernels, and `jax.nn.dot_product_attention` for prefill.
+"""GPU attention: Pallas (Triton) decode kernels; `jax.nn.dot_product_attention` for prefill.
 
 * `paged_decode`: `jax.experimental.pallas.ops.gpu.paged_attention` over kvjax's paged pool, which
   is already the kernel's layout ([K, pages, page_size, H] per layer and stream);
