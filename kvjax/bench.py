@@ -39,7 +39,7 @@ def run_bench(model, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
   """Runs generate `repeats` times (the first compiles) and reports the best decode run
   (`draft`: self-speculative decoding over that cache spec, `draft_tokens` per round).
 
-  model: any model of `kvjax.models.protocol` (a tokenizer is optional). kernel: the decode
+  model: any model of `kvjax.models.protocol` (a tokenizer is optional). kernel: the
   attention kernel setting (`kvjax.kernels`); the result names the kernels that ran
   ("kernel_decode", "kernel_prefill")."""
   prompt = bench_prompt(getattr(model, "tokenizer", None), prompt_len, model.config.vocab_size)

@@ -45,8 +45,8 @@ class FullCache(base.Limited):
   slot_sharding (static): set by `kvjax.sharding.shard_cache` when the slots are split over
   devices: writes and attention then run per device under `jax.shard_map` and combine their
   softmax statistics across the slot axes (flash-decoding); None otherwise.
-  kernel (static): "auto" | "jnp" | "pallas", the decode kernel (`kvjax.kernels`; `choice` says
-  which runs).
+  kernel (static): "auto" | "jnp" | "pallas", the attention kernel of decode steps (Pallas) and
+  of prefill chunks (`jax.nn.dot_product_attention`) (`kvjax.kernels`; `choice` says which runs).
   """
 
   k: jax.Array
@@ -126,6 +126,9 @@ class FullCache(base.Limited):
     choice = self.choice(q.shape[1], layer)
     if choice.is_jnp:
       return jnp_path(), cache
+    if q.shape[1] > 1:  # a chunk: the layer's whole buffer (prefix + chunk) under a mask
+      return kernels.contiguous_prefill(choice, qg, cache.k[layer], cache.v[layer], positions,
+                                        kv_len, window, jnp_path), cache
     start = None if window is None else jnp.maximum(positions[:, 0] - window + 1, 0)
     return kernels.contiguous_decode(choice, qg, cache.k[layer], cache.v[layer], kv_len, start,
                                      jnp_path), cache
@@ -136,7 +139,8 @@ class FullCache(base.Limited):
     shards = 1 if self.slot_sharding is None else self.slot_sharding.shards()
     return kernels.choose(self.kernel, "full", queries=queries, head_dim=self.head_dim,
                           window=base.layer_sliding(self.sliding, layer),
-                          slots=self.capacity // shards, on=on)  # a device's slots
+                          slots=self.capacity // shards,  # a device's slots
+                          sharded=self.slot_sharding is not None, on=on)
 
   def view(self) -> base.CacheView:
     return base.prefix_view(self, self.k, self.v)

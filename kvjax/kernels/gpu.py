@@ -1,4 +1,4 @@
-"""GPU decode attention through JAX's Pallas (Triton) kernels.
+"""GPU attention: Pallas (Triton) decode kernels; `jax.nn.dot_product_attention` for prefill.
 
 * `paged_decode`: `jax.experimental.pallas.ops.gpu.paged_attention` over kvjax's paged pool, which
   is already the kernel's layout ([K, pages, page_size, H] per layer and stream);
@@ -7,10 +7,14 @@
   the kernel's partial softmax statistics (`return_residuals`) in kvjax's (peak, total, acc) form,
   which `attention.combine_stats` merges (the statistics slot sharding combines).
 
-Both take one query per row, already scaled (kvjax's `prepare_queries`): the kernels are called
-with a softmax scale of 1. Triton wants power-of-two blocks of at least 16 tokens; `paged_blocks`
-and `decode_blocks` pick them or return None (the resolver then keeps the jnp path). With
-`interpret=True` the kernel runs in Pallas interpret mode (any platform, CPU included).
+`contiguous_prefill` is no Pallas kernel: several queries per row (a prefill chunk) over a full
+cache's whole layer buffer through `jax.nn.dot_product_attention` with a boolean mask (the chunk is
+written before attention, so the buffer holds the cached prefix and the chunk).
+
+The decode kernels take one query per row, already scaled (kvjax's `prepare_queries`): the kernels
+are called with a softmax scale of 1. Triton wants power-of-two blocks of at least 16 tokens;
+`paged_blocks` and `decode_blocks` pick them or return None (the resolver then keeps the jnp path).
+With `interpret=True` the kernel runs in Pallas interpret mode (any platform, CPU included).
 """
 
 from __future__ import annotations
@@ -112,3 +116,34 @@ def contiguous_decode_stats(q, k, v, lengths, start=None, *, interpret: bool = F
   shape = (b, kh, n // kh, 1)
   return (peak.reshape(shape), total.reshape(shape),
           acc.astype(jnp.float32).reshape(shape + (h,)))
+
+
+def prefill_mask(positions, lengths, slots: int, window=None) -> jax.Array:
+  """bool [B, T, S]: slot s (position s) is visible to query (b, t) iff s <= positions[b, t] and
+  s < lengths[b] (and s > positions[b, t] - window with a sliding `window`): the jnp path's
+  `attention.causal_visibility` over the whole buffer."""
+  s = jnp.arange(slots, dtype=jnp.int32)[None, None, :]
+  mask = (s <= positions[:, :, None]) & (s < lengths[:, None, None])
+  if window is not None:
+    mask &= s > positions[:, :, None] - window
+  return mask
+
+
+def contiguous_prefill(q, k, v, positions, lengths, window=None, *,
+                       implementation=None) -> jax.Array:
+  """Attention of several queries per row over a full cache's whole buffer (prefix and chunk).
+
+  q: [B, T, N, H] scaled queries (query head n reads kv head n // (N // K)). k, v: [B, K, S, H]
+  (slot s holds position s; the chunk already written). positions: int32 [B, T] of the queries.
+  lengths: int32 [B] filled slots per row after the chunk. window: the layer's sliding window or
+  None. implementation: `jax.nn.dot_product_attention`'s (None: JAX's default, "xla": XLA's
+  einsum-softmax, the CPU check route). GQA / MQA go in as K < N heads (nothing repeated);
+  softmax scale 1 (q is scaled). Returns [B, T, N, H] in q's dtype; a query that sees no slot
+  (an empty row) gets zeros, as on the jnp path (the API would give it the mean of every value).
+  """
+  mask = prefill_mask(positions, lengths, k.shape[2], window)  # [B, T, S]
+  out = jax.nn.dot_product_attention(
+      q.astype(k.dtype), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask[:, None],
+      scale=1.0, implementation=implementation)  # [B, T, N, H]; mask broadcast over heads
+  seen = jnp.any(mask, axis=-1)[:, :, None, None]
+  return jnp.where(seen, out, 0).astype(q.dtype)

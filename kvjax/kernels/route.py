@@ -1,9 +1,9 @@
 """Runs a `Choice`: each platform's route, under `lax.platform_dependent` when there are several
 (so `jax.export` for `cuda` or `tpu` lowers that platform's kernel and nothing else).
 
-Both entry points take kvjax's grouped, scaled queries [B, 1, K, G, H] and a `fallback()` that
-computes the jnp path (run for a jnp route and for a platform the choice names no route for), and
-return [B, 1, N, H] in the queries' dtype.
+Every entry point takes kvjax's grouped, scaled queries [B, T, K, G, H] (T = 1 for the decode
+ones) and a `fallback()` that computes the jnp path (run for a jnp route and for a platform the
+choice names no route for), and returns [B, T, N, H] in the queries' dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jax import lax
 
 from kvjax.kernels import gpu, tpu
 from kvjax.kernels.jnp import NAME as JNP
-from kvjax.kernels.select import GPU_DECODE, GPU_PAGED, INTERPRET, TPU_PAGED, Choice
+from kvjax.kernels.select import DPA, GPU_DECODE, GPU_PAGED, INTERPRET, TPU_PAGED, XLA, Choice
 
 
 def _dispatch(choice: Choice, branch: Callable, fallback: Callable) -> jax.Array:
@@ -77,5 +77,22 @@ def contiguous_decode_stats(choice: Choice, qg, k, v, lengths, start, fallback: 
     if route.removesuffix(INTERPRET) != GPU_DECODE:
       raise ValueError(f"no contiguous decode route {route!r}")
     return gpu.contiguous_decode_stats(q, k, v, lengths, start, interpret=route.endswith(INTERPRET))
+
+  return _dispatch(choice, branch, fallback)
+
+
+def contiguous_prefill(choice: Choice, qg, k, v, positions, lengths, window, fallback: Callable):
+  """Attention of T queries per row (a prefill chunk) over a full cache's contiguous buffer k, v
+  [B, K, S, H] (one layer, the chunk already written): slot s is visible to query (b, t) iff
+  s <= positions[b, t] (int32 [B, T]) and s < lengths[b] (int32 [B]), and within the sliding
+  `window` (None: no window)."""
+  b, t, kh, g, h = qg.shape
+  q = qg.reshape(b, t, kh * g, h)  # query head n = k * G + g, as dot_product_attention groups them
+
+  def branch(route):
+    if route not in (DPA, DPA + XLA):
+      raise ValueError(f"no contiguous prefill route {route!r}")
+    return gpu.contiguous_prefill(q, k, v, positions, lengths, window,
+                                  implementation="xla" if route.endswith(XLA) else None)
 
   return _dispatch(choice, branch, fallback)

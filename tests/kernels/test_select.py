@@ -93,10 +93,10 @@ def test_make_cache_sets_the_field_and_describe_names_the_kernel():
   assert kernels.describe(kvjax.make_cache("int8", config, 1, 64))["kernel"] == "jnp"
 
 
-def _lowered(cache, kernel):
+def _lowered(cache, kernel, queries=1):
   cache = kernels.with_kernel(cache, kernel)
-  q = jnp.zeros((cache.batch, 1, 2 * cache.kv_heads, cache.head_dim), jnp.float32)
-  k = jnp.zeros((cache.batch, 1, cache.kv_heads, cache.head_dim), jnp.float32)
+  q = jnp.zeros((cache.batch, queries, 2 * cache.kv_heads, cache.head_dim), jnp.float32)
+  k = jnp.zeros((cache.batch, queries, cache.kv_heads, cache.head_dim), jnp.float32)
   return jax.jit(lambda c, q, k: c.attend(0, q, k, k)).lower(cache, q, k).as_text()
 
 
@@ -110,6 +110,16 @@ def test_auto_on_cpu_is_exactly_the_jnp_program(make):
   assert auto == _lowered(cache, "jnp")
   assert auto != _lowered(cache, "pallas")
   np.testing.assert_equal(kernels.describe(cache)["decode"], JNP)
+
+
+def test_auto_on_cpu_is_exactly_the_jnp_program_for_a_full_cache_prefill():
+  # a chunk of 4 queries per row: "pallas" takes dot_product_attention(implementation="xla") on
+  # CPU, "auto" stays the jnp program
+  cache = FullCache.init(n_layers=1, batch=2, kv_heads=2, head_dim=16, capacity=32)
+  auto = _lowered(cache, "auto", 4)
+  assert auto == _lowered(cache, "jnp", 4)
+  assert auto != _lowered(cache, "pallas", 4)
+  assert kernels.describe(cache)["prefill"] == JNP
 
 
 def test_a_given_cache_takes_the_setting_through_resolve():
