@@ -16,7 +16,8 @@ import kvjax
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "research.md"
 
 
-def test_research_page_runs():
+def run_page() -> dict:
+  """Every python block of the page, top to bottom, in one namespace (returned)."""
   blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
   assert len(blocks) >= 4
   namespace: dict = {}
@@ -25,6 +26,11 @@ def test_research_page_runs():
       exec(compile(block, f"docs/research.md block {i}", "exec"), namespace)
   finally:
     kvjax.unregister_kind("halfprec")
+  return namespace
+
+
+def test_research_page_runs():
+  namespace = run_page()
   mine, out = namespace["mine"], namespace["out"]
   np.testing.assert_array_equal(out.tokens, np.asarray(mine))
   assert np.isfinite(namespace["full"].ppl) and np.isfinite(namespace["windowed"].ppl)
@@ -35,14 +41,7 @@ def test_research_page_runs():
 def test_a_press_compresses_the_pages_own_model():
   """kvjax.compress takes the page's GPT-2-style model as it is (no RoPE, MHA, its own step): a
   budget above the prompt decodes exactly as the full cache, and a Prefilled replays the same."""
-  blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
-  namespace: dict = {}
-  try:
-    for i, block in enumerate(blocks):
-      exec(compile(block, f"docs/research.md block {i}", "exec"), namespace)
-  finally:
-    kvjax.unregister_kind("halfprec")
-  model = namespace["model"]
+  model = run_page()["model"]
   rows = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 12)).tolist()
   rest = [[5], [7]]
   want = kvjax.generate(model, [r + s for r, s in zip(rows, rest)], max_new_tokens=4,
