@@ -254,14 +254,43 @@ class LeverageScorePress(Press):
     gram = jnp.einsum("bkts,bktr->bksr", sketched, sketched)
     gram = (gram + gram.swapaxes(-1, -2)) / 2
     eye = jnp.eye(self.sketch_dimension, dtype=jnp.float32)
-    factors = jnp.stack([jnp.linalg.cholesky(gram + j * eye) for j in self.JITTERS])
+    factors = jnp.stack([cholesky(gram + j * eye) for j in self.JITTERS])
     ok = jnp.all(jnp.isfinite(factors), axis=(2, 3, 4))  # [J, B]: every head of the row
     first_ok = jnp.argmax(ok, axis=0)  # the smallest jitter that worked, per row
     factor = factors[first_ok, jnp.arange(x.batch)]  # [B, K, S, S]
-    solved = jax.vmap(jax.vmap(lambda f, xs: jax.scipy.linalg.cho_solve((f, True), xs.T)))(
-        factor, sketched)  # [B, K, S, T]
-    lev = jnp.maximum(jnp.sum(sketched * solved.swapaxes(-1, -2), axis=-1), 0.0)  # [B, K, T]
+    # x^T (L L^T)^-1 x = |L^-1 x|^2
+    lev = jnp.sum(forward_substitute(factor, sketched) ** 2, axis=-1)  # [B, K, T]
     return row_zscore(lev, jnp.broadcast_to(x.valid[:, None, :], lev.shape))
+
+
+# Small dense linear algebra in plain jnp. On CPU, jnp.linalg.cholesky and triangular solves call
+# LAPACK/BLAS (through SciPy's OpenBLAS), and several such calls running at once from XLA's
+# threads were seen to hang a process for good (2026-12-07: every XLA thread idle, the caller
+# waiting on the result). The sketches here are 48 x 48: a column loop costs nothing.
+def cholesky(a):
+  """Lower Cholesky factor of a [..., n, n] (symmetric); NaN where a is not positive definite."""
+  n = a.shape[-1]
+  index = jnp.arange(n)
+
+  def column(j, low):
+    row = low[..., j, :]  # [..., n]: the factor's row j (columns < j filled)
+    pivot = jnp.sqrt(a[..., j, j] - jnp.sum(row * row, axis=-1))
+    col = (a[..., :, j] - jnp.einsum("...ik,...k->...i", low, row)) / pivot[..., None]
+    col = jnp.where(index > j, col, jnp.where(index == j, pivot[..., None], 0.0))
+    return low.at[..., :, j].set(col)
+
+  return jax.lax.fori_loop(0, n, column, jnp.zeros_like(a))
+
+
+def forward_substitute(low, x):
+  """y with low y_t = x_t for every row x_t of x [..., T, n] (low [..., n, n] lower triangular)."""
+  n = low.shape[-1]
+
+  def step(i, y):
+    done = jnp.einsum("...tk,...k->...t", y, low[..., i, :])  # sum_k<i L_ik y_k (y_k = 0, k >= i)
+    return y.at[..., i].set((x[..., i] - done) / low[..., i, i][..., None])
+
+  return jax.lax.fori_loop(0, n, step, jnp.zeros_like(x))
 
 
 @register_press

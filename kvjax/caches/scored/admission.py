@@ -119,10 +119,9 @@ def replace_weakest(ks, vs, pos, score, k, v, c_pos, c_score, lengths, *, window
   plus the candidate, written as a scatter. Keeping the best P of P + 1 means dropping the weakest
   one, so the candidate takes the weakest pool slot's place when it outranks it, and nothing else
   moves: no copy of the pool per token (the slot order differs from `evict_topk`'s, the held set
-  and scores do not). Measured on CPU (SmolLM2, 8 rows, 768 slots, 2026-12-07): a decode step
-  takes what it took with `evict_topk` (0.22 vs 0.21 s), so the step's cost lies elsewhere: each
-  layer's state is sliced out of and written back into the [L, ...] buffers (`take_layer` /
-  `put_layer`) and attention reads every slot of the pool.
+  and scores do not). Measured on CPU (SmolLM2, 8 rows, 768 slots, 2026-12-07): this alone did
+  not change a decode step (0.22 vs 0.21 s); slicing each layer's state out of the [L, ...]
+  buffers and writing it back did cost, which `decode_step` avoids (0.105 vs 0.126 s).
 
   ks, vs: TokenStore [B, K, P, H]; pos int32 / score float32 [B, K, P]; k, v [B, K, H]; c_pos
   int32 / c_score float32 [B, K]; lengths int32 [B]. Rank: protected (sink or the recent window)
@@ -131,25 +130,69 @@ def replace_weakest(ks, vs, pos, score, k, v, c_pos, c_score, lengths, *, window
   n_heads kv heads, the candidate of kv head `head` (positions repeat across heads; equal
   positions rank the lower head first).
   Returns (ks, vs, pos, score, heads) (heads None without a shared pool)."""
-  lengths = jnp.asarray(lengths, jnp.int32)[:, None, None]
-  rank = lambda p, s: jnp.where((p >= 0) & ((p < sink) | (p >= lengths - window)), jnp.inf,
-                                jnp.where(p >= 0, s.astype(jnp.float32), -jnp.inf))
-  held = rank(pos, score)  # [B, K, P]
-  order = pos if heads is None else pos * n_heads + heads  # the tie-break: higher goes first
-  order = jnp.where(pos >= 0, order, -1 - jnp.arange(pos.shape[-1]))  # empty: the first one
-  weakest = jnp.min(held, axis=-1, keepdims=True)
-  slot = jnp.argmax(jnp.where(held == weakest, order, jnp.iinfo(jnp.int32).min), axis=-1)
-  c_rank = rank(c_pos[..., None], c_score[..., None])[..., 0]
-  c_order = c_pos if heads is None else c_pos * n_heads + head
+  slot, wins = weakest_slot(pos, score, c_pos, c_score, lengths, window=window, sink=sink,
+                            heads=heads, head=head, n_heads=n_heads)
   at = (jnp.arange(pos.shape[0])[:, None], jnp.arange(pos.shape[1])[None, :], slot)
-  wins = (c_rank > weakest[..., 0]) | ((c_rank == weakest[..., 0]) & (c_order < order[at]))
-  wins = wins & (c_pos >= 0)
   put = lambda old, new: old.at[at].set(jnp.where(
       wins.reshape(wins.shape + (1,) * (new.ndim - wins.ndim)), new, old[at]))
   return (stores_map(put, ks, _squeeze_slot(ks.codec.encode(k[:, :, None]))),
           stores_map(put, vs, _squeeze_slot(vs.codec.encode(v[:, :, None]))),
           put(pos, c_pos), put(score, jnp.where(c_pos >= 0, c_score, 0.0)),
           put(heads, jnp.full(c_pos.shape, head, jnp.int32)) if heads is not None else None)
+
+
+def weakest_slot(pos, score, c_pos, c_score, lengths, *, window: int, sink: int, heads=None,
+                 head=None, n_heads: int = 1):
+  """(slot int [B, K], wins bool [B, K]): the weakest held slot of each (row, head) and whether
+  the candidate outranks it (`replace_weakest`'s decision; same arguments)."""
+  lengths = jnp.asarray(lengths, jnp.int32)[:, None, None]
+  rank = lambda p, s: jnp.where((p >= 0) & ((p < sink) | (p >= lengths - window)), jnp.inf,
+                                jnp.where(p >= 0, s.astype(jnp.float32), -jnp.inf))
+  held = rank(pos, score)  # [B, K, P]
+  order = pos if heads is None else pos * n_heads + heads  # the tie-break: higher goes first
+  order = jnp.where(pos >= 0, order, -1 - jnp.arange(pos.shape[-1]))  # empty: the first one
+  weakest = jnp.min(held, axis=-1)
+  slot = jnp.argmax(jnp.where(held == weakest[..., None], order, jnp.iinfo(jnp.int32).min),
+                    axis=-1)
+  c_rank = rank(c_pos[..., None], c_score[..., None])[..., 0]
+  c_order = c_pos if heads is None else c_pos * n_heads + head
+  held_order = jnp.take_along_axis(order, slot[..., None], axis=-1)[..., 0]
+  wins = (c_rank > weakest) | ((c_rank == weakest) & (c_order < held_order))
+  return slot, wins & (c_pos >= 0)
+
+
+def decode_step(cache, layer: int, q_t, k_t, v_t, pos_t, valid_t, now):
+  """`step` for a cache without a ring or a shared pool, on its [L, B, K, P, ...] buffers in
+  place: the new token is scattered into layer `layer`'s weakest slot (`weakest_slot`) and the
+  query reads that layer's slice, so no layer state is copied out and back. Returns (cache, out
+  [B, N, H])."""
+  b, kh = cache.positions.shape[1:3]
+  pos, score = cache.positions[layer], cache.scores[layer]  # [B, K, P]
+  c_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None], (b, kh))
+  c_score = jnp.where(c_pos >= 0, cache.scoring.admit(k_t), 0.0)
+  slot, wins = weakest_slot(pos, score, c_pos, c_score, now, window=cache.window,
+                            sink=cache.sink)
+  rows, heads = jnp.arange(b)[:, None], jnp.arange(kh)[None, :]
+
+  def put(store, x):  # store [L, B, K, P, ...] at (layer, row, head, slot)
+    at = (layer, rows, heads, slot)
+    return store.at[at].set(jnp.where(wins.reshape(wins.shape + (1,) * (x.ndim - 2)), x,
+                                      store[at]))
+
+  ks = stores_map(put, cache.k, _squeeze_slot(cache.k.codec.encode(k_t[:, :, None])))
+  vs = stores_map(put, cache.v, _squeeze_slot(cache.v.codec.encode(v_t[:, :, None])))
+  at = (rows, heads, slot)
+  pos = pos.at[at].set(jnp.where(wins, c_pos, pos[at]))
+  score = score.at[at].set(jnp.where(wins, c_score, score[at]))
+  keys = ks.map(lambda a: a[layer]).decode(q_t.dtype)
+  values = vs.map(lambda a: a[layer]).decode(q_t.dtype)
+  out, probs = attn.dense_attention(q_t[:, None], keys, values, (pos >= 0)[:, :, None, :],
+                                    return_probs=True)
+  gain = cache.scoring.gain(probs, valid_t)
+  if gain is not None:
+    score = score + gain
+  return cache.replace(k=ks, v=vs, positions=cache.positions.at[layer].set(pos),
+                       scores=cache.scores.at[layer].set(score)), out[:, 0]
 
 
 def _squeeze_slot(store):
