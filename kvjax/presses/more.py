@@ -24,7 +24,7 @@ import numpy as np
 
 from kvjax.presses.attention import ExpectedAttentionPress, pool
 from kvjax.presses.base import LayerInputs, Press, register_press, row_zscore, topk_per_head
-from kvjax.presses.keys import LeverageScorePress
+from kvjax.presses.keys import LeverageScorePress, cholesky, forward_substitute
 from kvjax.presses.wrappers import ChunkKVPress, Wrapper, restrict, unrestrict
 
 
@@ -384,8 +384,8 @@ class CapPress(Press):
     w = jnp.where(live[:, None, :], jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
     vw = v * jnp.sqrt(jnp.where(live[:, None, :], w + self.epsilon, 0.0))[..., None]
     capacity = jnp.eye(x.head_dim, dtype=jnp.float32) + jnp.einsum("bnti,bntj->bnij", vw, vw)
-    solved = jnp.linalg.solve(capacity, v.swapaxes(-1, -2))  # [B, N, H, T]
-    lev = jnp.sum(v.swapaxes(-1, -2) * solved, axis=-2)  # [B, N, T]
+    # v^T C^-1 v = |L^-1 v|^2 (C = L L^T, symmetric positive definite; plain jnp, keys.cholesky)
+    lev = jnp.sum(forward_substitute(cholesky(capacity), v) ** 2, axis=-1)  # [B, N, T]
     s = jnp.where(live[:, None, :], x.group_mean(w * lev), 0.0)
     best = jnp.max(s, axis=(1, 2), keepdims=True) + 1.0  # scores are >= 0
     return jnp.where((x.valid & ~live)[:, None, :], best, s)
