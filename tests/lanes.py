@@ -31,6 +31,7 @@ FULL_LANE = {
     "tests/presses/test_compress.py::test_pyramid_budgets_make_a_layered_cache": 4.6,
     "tests/presses/test_compress.py::test_a_user_press_end_to_end": 10.0,
     "tests/test_research_doc.py::test_a_press_compresses_the_pages_own_model": 15.0,
+    "tests/presses/test_compress.py::test_a_prefilled_refuses_what_it_cannot_replay": 6.0,
     # caches/: model-level equivalences and extra oracle variants; each kind keeps its quick
     # conformance run and its own policy-vs-oracle test in the fast lane.
     "tests/caches/test_adakv.py::test_bytes_and_full_equivalence": 4.1,
