@@ -121,11 +121,7 @@ class _Pressing:
     A hybrid model's sliding layers go to their window cache unpressed."""
     if self.sliding is not None and self.sliding[layer] is not None:
       if self.target is None:  # score_prompt: the layer's outputs only
-        positions = self.token_positions(q.shape[1])
-        out = attn.causal_attention(attn.apply_rope(rope, q, positions),
-                                    attn.apply_rope(rope, k, positions), v, positions, n_valid,
-                                    scale=scale, window=self.sliding[layer])
-        return out, self
+        return _prompt_attention(q, k, v, n_valid, rope, scale, self.sliding[layer]), self
       out, target = self.target.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
       return out, self.replace(target=target)
     b, t, _, _ = q.shape
@@ -198,13 +194,8 @@ class _Capturing:
   def attend(self, layer: int, q, k, v, n_valid=None, *, rope=None, scale=None):
     b, t = q.shape[:2]
     n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
-    positions = self.token_positions(t)
     window = None if self.sliding is None else self.sliding[layer]
-    out = attn.causal_attention(attn.apply_rope(rope, q, positions),
-                                attn.apply_rope(rope, k, positions), v, positions, n_valid,
-                                scale=scale, window=window) if window is not None else \
-        _causal(attn.apply_rope(rope, q, positions), attn.apply_rope(rope, k, positions), v,
-                n_valid, scale)
+    out = _prompt_attention(q, k, v, n_valid, rope, scale, window)
     return out, self.replace(q=self.q + (q,), k=self.k + (k,), v=self.v + (v,),
                              meta=self.meta + ((rope, scale),))
 
@@ -261,8 +252,7 @@ def prefill(model, ids, press=None) -> Prefilled:
   run = rows if press is None else make_press(press).extend(rows, getattr(model, "tokenizer",
                                                                           None))[0]
   tokens, n_valid = _tokens(run)
-  windows = layer_windows(model.config)
-  sliding = windows if any(w is not None for w in windows) else None
+  sliding = _sliding(model.config)
   logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
                           jnp.asarray(n_valid, jnp.int32),
                           _Capturing(batch=len(rows), sliding=sliding))
@@ -284,6 +274,23 @@ def _replay(pressing, q, k, v, n_valid, meta):
     x = pressing.inputs(layer, q[layer], k[layer], v[layer], n_valid, rope, scale)
     pressing = pressing.press_layer(x)
   return pressing.advance(n_valid)
+
+
+def _sliding(config) -> tuple | None:
+  """Each layer's sliding window (None: global), or None when the model has no sliding layer."""
+  windows = layer_windows(config)
+  return windows if any(w is not None for w in windows) else None
+
+
+def _prompt_attention(q, k, v, n_valid, rope, scale, window):
+  """One layer's causal attention over a prompt from an empty cache, q [B, T, N, H] and k, v
+  [B, T, K, H] un-rotated at positions 0..T-1: within `window` tokens when it is not None."""
+  b, t = q.shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  qr, kr = attn.apply_rope(rope, q, positions), attn.apply_rope(rope, k, positions)
+  if window is None:
+    return _causal(qr, kr, v, n_valid, scale)
+  return attn.causal_attention(qr, kr, v, positions, n_valid, scale=scale, window=window)
 
 
 def _causal(q, k, v, n_valid, scale):
@@ -531,8 +538,7 @@ def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0), pr
   None). lengths: each row's context (rows may be longer when the press extended them)."""
   tokens, n_valid = _tokens(rows)
   wo = _output_projections(model) if press.needs_wo else None
-  windows = layer_windows(model.config)
-  sliding = windows if any(w is not None for w in windows) else None
+  sliding = _sliding(model.config)
   context = None if np.array_equal(n_valid, lengths) else jnp.asarray(lengths, jnp.int32)
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
                        n_layers=model.config.n_layers, record=record, sliding=sliding,

@@ -133,8 +133,7 @@ def replace_weakest(ks, vs, pos, score, k, v, c_pos, c_score, lengths, *, window
   slot, wins = weakest_slot(pos, score, c_pos, c_score, lengths, window=window, sink=sink,
                             heads=heads, head=head, n_heads=n_heads)
   at = (jnp.arange(pos.shape[0])[:, None], jnp.arange(pos.shape[1])[None, :], slot)
-  put = lambda old, new: old.at[at].set(jnp.where(
-      wins.reshape(wins.shape + (1,) * (new.ndim - wins.ndim)), new, old[at]))
+  put = lambda old, new: _put_where(old, at, wins, new)
   return (stores_map(put, ks, _squeeze_slot(ks.codec.encode(k[:, :, None]))),
           stores_map(put, vs, _squeeze_slot(vs.codec.encode(v[:, :, None]))),
           put(pos, c_pos), put(score, jnp.where(c_pos >= 0, c_score, 0.0)),
@@ -174,16 +173,11 @@ def decode_step(cache, layer: int, q_t, k_t, v_t, pos_t, valid_t, now):
                             sink=cache.sink)
   rows, heads = jnp.arange(b)[:, None], jnp.arange(kh)[None, :]
 
-  def put(store, x):  # store [L, B, K, P, ...] at (layer, row, head, slot)
-    at = (layer, rows, heads, slot)
-    return store.at[at].set(jnp.where(wins.reshape(wins.shape + (1,) * (x.ndim - 2)), x,
-                                      store[at]))
-
+  put = lambda store, x: _put_where(store, (layer, rows, heads, slot), wins, x)  # [L, B, K, P, ..]
   ks = stores_map(put, cache.k, _squeeze_slot(cache.k.codec.encode(k_t[:, :, None])))
   vs = stores_map(put, cache.v, _squeeze_slot(cache.v.codec.encode(v_t[:, :, None])))
-  at = (rows, heads, slot)
-  pos = pos.at[at].set(jnp.where(wins, c_pos, pos[at]))
-  score = score.at[at].set(jnp.where(wins, c_score, score[at]))
+  pos = _put_where(pos, (rows, heads, slot), wins, c_pos)
+  score = _put_where(score, (rows, heads, slot), wins, c_score)
   keys = ks.map(lambda a: a[layer]).decode(q_t.dtype)
   values = vs.map(lambda a: a[layer]).decode(q_t.dtype)
   out, probs = attn.dense_attention(q_t[:, None], keys, values, (pos >= 0)[:, :, None, :],
@@ -193,6 +187,12 @@ def decode_step(cache, layer: int, q_t, k_t, v_t, pos_t, valid_t, now):
     score = score + gain
   return cache.replace(k=ks, v=vs, positions=cache.positions.at[layer].set(pos),
                        scores=cache.scores.at[layer].set(score)), out[:, 0]
+
+
+def _put_where(old, at, wins, new):
+  """old with old[at] = new where wins (bool [B, K]; new [B, K, ...] per (row, head))."""
+  keep = wins.reshape(wins.shape + (1,) * (new.ndim - wins.ndim))
+  return old.at[at].set(jnp.where(keep, new, old[at]))
 
 
 def _squeeze_slot(store):
