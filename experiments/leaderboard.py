@@ -28,10 +28,13 @@ runs only the missing configurations (a long grid in several sittings).
 
 Outputs (in --out): leaderboard.json (written after every configuration, so an interrupted run
 keeps what it measured), leaderboard.svg (average score vs compression ratio, one line per press,
-one panel per setting and length; hand-made SVG, no matplotlib needed).
+one panel per setting and length; hand-made SVG, no matplotlib needed). A model other than
+SmolLM2 (or --quick's tiny one) writes leaderboard_<model>.json and .svg: each model's board
+resumes on its own.
 
   python experiments/leaderboard.py                       # SmolLM2-135M at 4k, every press
   python experiments/leaderboard.py --presses snapkv knorm --ratios 0.5 --n-per-task 2
+  python experiments/leaderboard.py --model gemma3-270m   # Gemma 3 270M (leaderboard_gemma3-270m.*)
   python experiments/leaderboard.py --quick               # tiny random model (numbers meaningless)
   python experiments/leaderboard.py --replot              # redraw the SVG from the JSON
 """
@@ -100,10 +103,10 @@ parser.add_argument("--time-limit", type=float, default=None,
                          "not_run in the JSON")
 parser.add_argument("--strict", action="store_true", help="raise on a failing press")
 parser.add_argument("--resume", action="store_true",
-                    help="keep the rows of --out's leaderboard.json (same model) and run only the "
+                    help="keep the rows of the model's JSON in --out and run only the "
                          "missing configurations")
 parser.add_argument("--replot", action="store_true",
-                    help="only redraw leaderboard.svg from the leaderboard.json in --out")
+                    help="only redraw the model's SVG from its JSON in --out")
 args = parser.parse_args()
 
 
@@ -191,9 +194,16 @@ def _xml(text: str) -> str:
   return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def stem(model_name: str) -> str:
+  """The output files' name: leaderboard for SmolLM2 (and --quick's tiny model),
+  leaderboard_<model> for any other model."""
+  return "leaderboard" if model_name in (MODEL, QUICK["model"]) else f"leaderboard_{model_name}"
+
+
 if args.replot:
   out = common.out_dir(args.out)
-  svg_plot(json.loads((out / "leaderboard.json").read_text()), out / "leaderboard.svg")
+  name = stem(args.model or MODEL)
+  svg_plot(json.loads((out / f"{name}.json").read_text()), out / f"{name}.svg")
   raise SystemExit(0)
 
 
@@ -392,6 +402,7 @@ if quick and args.max_new_tokens is None:
   args.max_new_tokens = QUICK["max_new_tokens"]
 tasks = args.tasks or (QUICK["tasks"] if quick else list(ruler.TASKS))
 out = common.out_dir(args.out)
+json_path, svg_path = out / f"{stem(model_name)}.json", out / f"{stem(model_name)}.svg"
 info = common.run_info(args)
 press_notes: dict[str, str] = {}
 specs = press_specs(args.presses or (QUICK["presses"] if quick else None), press_notes)
@@ -449,7 +460,7 @@ def averages_of(results) -> dict:
 
 
 def payload() -> dict:
-  return {"experiment": "leaderboard", "quick": quick, **info,
+  return {"experiment": "leaderboard", "quick": quick, **info, "figure": svg_path.name,
           "settings": {"model": model_name, "lengths": lengths, "ratios": ratios, "tasks": tasks,
                        "n_per_task": n_per_task, "seed": args.seed, "batch": args.batch,
                        "each_key": each_key, "max_new_tokens_cap": args.max_new_tokens,
@@ -476,12 +487,12 @@ def payload() -> dict:
 
 
 done_keys = set()
-if args.resume and (out / "leaderboard.json").is_file():  # merge: keep what an earlier run measured
-  earlier = json.loads((out / "leaderboard.json").read_text())
+if args.resume and json_path.is_file():  # merge: keep what an earlier run measured
+  earlier = json.loads(json_path.read_text())
   if earlier.get("settings", {}).get("model") == model_name:
     results += earlier["results"]
     done_keys = {(r["length"], r["setting"], r["press"], r["ratio"]) for r in results}
-    print(f"  resume: {len(results)} rows kept from {out / 'leaderboard.json'}", flush=True)
+    print(f"  resume: {len(results)} rows kept from {json_path}", flush=True)
 
 bar = common.progress_bar(len(configs), desc="leaderboard")
 for length, extending, todo in plan:
@@ -524,12 +535,12 @@ for length, extending, todo in plan:
       each = "" if row["each_key"] is None else f", each_key {row['each_key']:.2f}"
       print(f"  {key:40s} average {row['average']:.3f}{each}  ({row['wall_s']:.0f} s)",
             flush=True)
-      common.write_json(out / "leaderboard.json", payload())
+      common.write_json(json_path, payload())
   del prefilled
   kvjax.clear_caches()
 bar.close()
 
 final = payload()
-common.write_json(out / "leaderboard.json", final)
-svg_plot(final, out / "leaderboard.svg")
+common.write_json(json_path, final)
+svg_plot(final, svg_path)
 print(f"done in {final['wall_s']:.0f} s")

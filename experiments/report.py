@@ -499,8 +499,9 @@ def render_leaderboard(d):
     if at is not None:
       lines += [f"\nPer task at ratio {at:g}:\n",
                 table(["press", "setting"] + tasks + ["average"], task_rows)]
-  if (docs / "leaderboard.svg").is_file():
-    lines.append("\n![average score vs compression ratio](leaderboard.svg)")
+  svg = d.get("figure", "leaderboard.svg")  # the plot leaderboard.py wrote beside the JSON
+  if (docs / svg).is_file():
+    lines.append(f"\n![average score vs compression ratio]({svg})")
   return lines
 
 
@@ -521,6 +522,9 @@ section("fp8 vs int8", "fp8", "fp8 vs int8", render_fp8)
 section("Presses: kvjax vs kvpress", "press_speed", "press speed", render_press_speed)
 section("Press leaderboard: RULER-style tasks, query-agnostic and query-aware", "leaderboard",
         "score vs compression ratio", render_leaderboard)
+if load("leaderboard_gemma3-270m") is not None:
+  section("Press leaderboard on Gemma 3 270M", "leaderboard_gemma3-270m",
+          "score vs compression ratio", render_leaderboard, script="leaderboard")
 def side_by_side():
   """SmolLM2-135M beside Gemma 3 270M: decode speed (each from its own peers run) and cache bytes."""
   runs = {"smollm2-135m": load("peers"), "gemma3-270m": load("peers_gemma3-270m")}
