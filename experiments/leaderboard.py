@@ -66,6 +66,7 @@ SKIP = {  # not a prompt-compression press on its own, or not comparable at a ra
     "composed": "composes several presses (needs a list of presses)",
     "decoding": "compresses during decoding, not the prompt",
     "think": "prunes key channels, not tokens (no token ratio to compare)",
+    "simlayerkv": "chooses each layer's budget itself (lazy layers keep a window): no ratio",
 }
 QUICK = dict(model="tiny", lengths=[1024], ratios=[0.5, 0.75], presses=["knorm", "snapkv"],
              n_per_task=1, each_key=2, max_new_tokens=8,
@@ -416,6 +417,12 @@ samples = {length: make_samples(tok, length, tasks, n_per_task, args.seed, hayst
            for length in lengths}
 for what, why in sample_notes.items():
   print(f"  skip task {what}: {why}", flush=True)
+# finch scores the tokens against a question of window_size tokens at the end of each row: the
+# shortest question, so that in the query-aware setting the window holds question tokens only
+# (query-agnostic: the context's last tokens, as snapkv's window).
+shortest = min((len(s.question_ids) for ss in samples.values() for s in ss), default=0)
+specs = {label: f"finch(window_size={shortest})" if spec == "finch" and shortest else spec
+         for label, spec in specs.items()}
 
 def extends(spec: str) -> bool:
   """True for a press that scores an extension of the prompt (kvzip): it gets its own prefill."""

@@ -356,10 +356,19 @@ def _parse(text: str, whole: str):
         text = text[1:]
       elif not text.startswith(")"):
         raise SpecError(f"press spec {whole!r}: expected ',' or ')' at {text!r}")
+  if positional and not _wraps(cls):
+    raise SpecError(f"press spec {whole!r}: {m.group(1)} does not wrap a press; its options go "
+                    f"by name, e.g. {m.group(1)}(option=value)")
   try:
     return cls(*positional, **kwargs), text
   except TypeError as e:
     raise SpecError(f"press spec {whole!r}: {e}") from None
+
+
+def _wraps(cls) -> bool:
+  """True when the press class's first field holds presses (a wrapper: adakv, composed, ...)."""
+  fields = [f for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+  return bool(fields) and fields[0].name in ("press", "presses")
 
 
 def _literal(text: str, whole: str):

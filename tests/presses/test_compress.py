@@ -116,6 +116,7 @@ def test_spec_strings_and_compat():
     ("snapkv(pooling='median')", "pooling"),
     ("adakv", "wraps a press"),
     ("snapkv) ", "unexpected"),
+    ("think(knorm)", "think does not wrap a press"),
 ])
 def test_bad_specs_name_the_problem(spec, words):
   with pytest.raises((SpecError, ValueError), match=words.replace("(", r"\(")):
