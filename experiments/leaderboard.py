@@ -75,6 +75,7 @@ QUICK_SMOLLM2_LENGTH = 1024
 NEEDLE = re.compile(r"One of the special magic (number|word|uuid)s for ([a-z]+-[a-z]+) is: "
                     r"(\S+?)\.(?=\s|$)")
 SETTINGS = ("query_agnostic", "query_aware")
+MAPS_ABOVE = 30000  # memory maps (of vm.max_map_count's 65530) past which compiled code is dropped
 FULL = "full"
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -543,6 +544,10 @@ for length, extending, todo in plan:
       print(f"  {key:40s} average {row['average']:.3f}{each}  ({row['wall_s']:.0f} s)",
             flush=True)
       common.write_json(json_path, payload())
+    # Each press compiles its own replay (and a cache layout its own decode): at 4096 tokens the
+    # executables of one ratio's presses ran out of the process's memory maps (LLVM: "Cannot
+    # allocate memory" with RAM free), so they are dropped whenever the maps pile up.
+    kvjax.clear_caches(maps_above=MAPS_ABOVE)
   del prefilled
   kvjax.clear_caches()
 bar.close()

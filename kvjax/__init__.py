@@ -7,7 +7,7 @@ The public names, by purpose (each group's module says more):
   Decoding     generate(model, prompts, max_new_tokens=, cache=, sampler=, draft=, ...),
                GenerateResult, Sampler, GREEDY, perplexity(model, ids, cache=), beam_search,
                accept_drafts (speculative), generate_with_prefix / PrefixStore (prefix caching),
-               clear_caches, compile_stats
+               clear_caches(maps_above=), memory_maps, compile_stats
   Serving      Engine / serve / Request / Event / collect: continuous batching on paged:P
   Caches       make_cache(spec, config, batch, capacity, dtype), parse_spec, CacheSpec, SpecError;
                parse_layout, Layout (a spec per group of layers: "int4@global; window:256@sliding");
@@ -32,7 +32,7 @@ from kvjax.models.protocol import DecoderModel, static_step
 # Decoding
 from kvjax import bench  # noqa: F401  (kvjax.bench.run_bench is public)
 from kvjax.beam import beam_search
-from kvjax.decode import GenerateResult, clear_caches, compile_stats, generate
+from kvjax.decode import GenerateResult, clear_caches, compile_stats, generate, memory_maps
 from kvjax.perplexity import perplexity
 from kvjax.prefix import PrefixStore, generate_with_prefix
 from kvjax.sampling import GREEDY, Sampler
@@ -79,7 +79,8 @@ __all__ = [
     "Model", "load", "SMOLLM2_135M", "TINY", "LlamaConfig", "Gemma3Config", "GEMMA3_270M",
     "TINY_GEMMA3", "DecoderModel", "static_step",
     # Decoding
-    "beam_search", "GenerateResult", "clear_caches", "compile_stats", "generate", "perplexity",
+    "beam_search", "GenerateResult", "clear_caches", "compile_stats", "generate", "memory_maps",
+    "perplexity",
     "PrefixStore", "generate_with_prefix", "GREEDY", "Sampler", "accept_drafts",
     # Serving
     "Engine", "Event", "Request", "collect", "serve",

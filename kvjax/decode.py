@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import os
 import time
 from typing import Any, Callable
 
@@ -88,13 +89,32 @@ class Stopwatch:
     self.seconds += max(time.perf_counter() - self._start - compiling, 0.0)
 
 
-def clear_caches() -> None:
+def memory_maps() -> int | None:
+  """How many memory regions this process maps (Linux; None elsewhere). Every XLA:CPU executable
+  maps about 9, and the kernel allows 65530 (vm.max_map_count): past that, LLVM fails mid-compile
+  with "Cannot allocate memory" whatever RAM is free."""
+  try:
+    with open(f"/proc/{os.getpid()}/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+def clear_caches(*, maps_above: int | None = None) -> bool:
   """Drops every compiled executable (JAX's caches) and collects the garbage that still holds
   them, so their memory maps are returned now; the next call compiles again. Long sweeps in one
   process (many specs, meshes or test modules) call this between cases: every XLA:CPU executable
-  keeps memory maps, and a process that runs out of them aborts inside LLVM."""
+  keeps memory maps, and a process that runs out of them aborts inside LLVM.
+
+  maps_above: clear only when the process maps more than this many regions (`memory_maps`), so a
+  sweep can call it after every case and rebuild only when it must. Returns whether it cleared."""
+  if maps_above is not None:
+    maps = memory_maps()
+    if maps is not None and maps <= maps_above:
+      return False
   jax.clear_caches()
   gc.collect()
+  return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import kvjax  # noqa: E402
 
+
 jax.config.update("jax_enable_x64", False)
 
 
@@ -107,14 +108,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 # rebuild the tiny model's step and every shared helper), and the maps left after a clear must stay
 # near what the first clear left: anything that keeps compiled code alive across modules (a table
 # of executables, a cache keyed by models) fails here, in CI, long before the limit.
-def _memory_maps() -> int | None:
-  try:
-    with open(f"/proc/{os.getpid()}/maps") as f:
-      return sum(1 for _ in f)
-  except OSError:  # not Linux
-    return None
-
-
 _RESIDUAL: dict = {}
 _CLEAR_ABOVE = 20000  # about 2000 live executables, a third of what the kernel allows
 _GROWTH_LIMIT = 6000  # ~650 executables kept alive across modules
@@ -123,11 +116,9 @@ _GROWTH_LIMIT = 6000  # ~650 executables kept alive across modules
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_code(request):
   yield
-  maps = _memory_maps()
-  if maps is not None and maps < _CLEAR_ABOVE:
+  if not kvjax.clear_caches(maps_above=_CLEAR_ABOVE):
     return
-  kvjax.clear_caches()
-  maps = _memory_maps()
+  maps = kvjax.memory_maps()
   if maps is None:
     return
   first = _RESIDUAL.setdefault("first", maps)

@@ -364,3 +364,13 @@ def test_compiles_are_shared_by_models_of_one_config_and_freed_with_the_model(li
   del twin
   gc.collect()
   assert ref() is None, "the compiled executables keep the model (and its params) alive"
+
+
+def test_clear_caches_only_past_a_count_of_memory_maps():
+  maps = kvjax.memory_maps()
+  if maps is None:  # not Linux: nothing to count, so it always clears
+    assert kvjax.clear_caches(maps_above=10**9)
+    return
+  assert maps > 0
+  assert not kvjax.clear_caches(maps_above=10**9)  # far below: nothing dropped (the conftest's
+  # module fixture clears past its own count: the other branch runs there)
