@@ -26,7 +26,6 @@ skipped with a note. Output: batch1_limits.json in --out (default docs/).
 import argparse
 import ctypes
 import json
-import os
 import pathlib
 import shutil
 import statistics

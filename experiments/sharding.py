@@ -23,7 +23,6 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 
