@@ -404,7 +404,7 @@ if quick and args.max_new_tokens is None:
   args.max_new_tokens = QUICK["max_new_tokens"]
 tasks = args.tasks or (QUICK["tasks"] if quick else list(ruler.TASKS))
 out = common.out_dir(args.out)
-json_path, svg_path = out / f"{stem(model_name)}.json", out / f"{stem(model_name)}.svg"
+json_path, svg_path = (out / f"{stem(model_name)}{ext}" for ext in (".json", ".svg"))
 info = common.run_info(args)
 press_notes: dict[str, str] = {}
 specs = press_specs(args.presses or (QUICK["presses"] if quick else None), press_notes)

@@ -62,7 +62,6 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import kvjax  # noqa: E402
 
-
 jax.config.update("jax_enable_x64", False)
 
 

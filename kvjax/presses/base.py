@@ -367,7 +367,7 @@ def _parse(text: str, whole: str):
 
 def _wraps(cls) -> bool:
   """True when the press class's first field holds presses (a wrapper: adakv, composed, ...)."""
-  fields = [f for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+  fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
   return bool(fields) and fields[0].name in ("press", "presses")
 
 
