@@ -136,13 +136,18 @@ class LayerInputs:
     q = self.q_raw if raw else self.q
     return jnp.take_along_axis(q, at[:, :, None, None], axis=1), at, seen
 
-  def attention_of(self, q, q_positions):
+  def attention_of(self, q, q_positions, n_keys: int | None = None):
     """Softmax attention (fp32) of rotated queries q [B, W, N, H] at q_positions [B, W] over the
-    row's real keys up to their own position: [B, N, W, T] (query head n reads kv head n // G)."""
+    row's real keys up to their own position: [B, N, W, T] (query head n reads kv head n // G).
+    With `n_keys` (static) only the first n_keys keys are read, [B, N, W, n_keys]: the caller
+    knows no query reaches past them."""
+    k, valid = self.k, self.valid
+    if n_keys is not None:
+      k, valid = k[:, :, :n_keys], valid[:, :n_keys]
     qg = attn.prepare_queries(q, self.kv_heads, self.scale)  # [B, W, K, G, H]
-    mask = (jnp.arange(self.tokens)[None, None, :] <= q_positions[:, :, None]) \
-        & self.valid[:, None, :]  # [B, W, T]
-    probs = attn.masked_softmax(attn.scores_of(qg, self.k), mask[:, None, None])  # [B,K,G,W,T]
+    mask = (jnp.arange(k.shape[2])[None, None, :] <= q_positions[:, :, None]) \
+        & valid[:, None, :]  # [B, W, T]
+    probs = attn.masked_softmax(attn.scores_of(qg, k), mask[:, None, None])  # [B,K,G,W,T]
     b, kh, g, w, t = probs.shape
     return probs.reshape(b, kh * g, w, t)
 
@@ -151,23 +156,33 @@ class LayerInputs:
     q, at, seen = self.last_queries(w)
     return self.attention_of(q, at), seen
 
-  def attention_column_sums(self, block: int = 256):
+  def attention_column_sums(self, block: int = 256, parts: int = 4):
     """float32 [B, N, T]: the attention each key gets summed over every real query of the row
-    (causal), computed `block` queries at a time so [T, T] is never held at once."""
+    (causal), computed `block` queries at a time so [T, T] is never held at once.
+
+    The query blocks are cut into `parts` runs; a run reads only the keys its last query can see,
+    so the masked upper triangle is mostly skipped: (parts + 1) / (2 parts) of the full [T, T]
+    work (5/8 for 4), at the price of one compiled loop per run."""
     t = self.tokens
     n_blocks = -(-t // block)
     pad = n_blocks * block - t
     q = jnp.pad(self.q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     pos = jnp.arange(n_blocks * block, dtype=jnp.int32)
+    edges = sorted({round(n_blocks * i / parts) for i in range(parts + 1)})
+    sums = jnp.zeros((self.batch, self.q.shape[2], t), jnp.float32)
+    for first, end in zip(edges[:-1], edges[1:]):
+      n_keys = min(end * block, t)
 
-    def one(i):
-      qb = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)
-      pb = jax.lax.dynamic_slice_in_dim(pos, i * block, block)
-      probs = self.attention_of(qb, jnp.broadcast_to(pb, (self.batch, block)))
-      real = pb[None, :] < self.n_valid[:, None]  # [B, block]
-      return jnp.einsum("bnwt,bw->bnt", probs, real.astype(probs.dtype))
+      def one(i, n_keys=n_keys):
+        qb = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)
+        pb = jax.lax.dynamic_slice_in_dim(pos, i * block, block)
+        probs = self.attention_of(qb, jnp.broadcast_to(pb, (self.batch, block)), n_keys)
+        real = pb[None, :] < self.n_valid[:, None]  # [B, block]
+        return jnp.einsum("bnwt,bw->bnt", probs, real.astype(probs.dtype))
 
-    return jnp.sum(jax.lax.map(one, jnp.arange(n_blocks)), axis=0)
+      run = jnp.sum(jax.lax.map(one, jnp.arange(first, end)), axis=0)  # [B, N, n_keys]
+      sums = sums.at[:, :, :n_keys].add(run)
+    return sums
 
 
 # ---- the protocol ---------------------------------------------------------------------------------
