@@ -58,14 +58,23 @@ def put_layer(cache, layer: int, st: Layer):
 def held(cache, st: Layer, dtype):
   """What one layer's queries read: keys, values [B, K, S, H] (a shared pool broadcast to every
   head) and the mask [B, K, 1, S] of live slots (of the query's own head)."""
-  keys = jnp.concatenate([st.k.decode(dtype), st.ring_k.astype(dtype)], axis=2)
-  values = jnp.concatenate([st.v.decode(dtype), st.ring_v.astype(dtype)], axis=2)
-  live = st.positions >= 0
+  keys, values = _stored(st, dtype)
   if st.heads is None:
-    return keys, values, live[:, :, None, :]
+    return keys, values, (st.positions >= 0)[:, :, None, :]
   shape = (keys.shape[0], cache.n_kv) + keys.shape[2:]
-  mine = live & (st.heads == jnp.arange(cache.n_kv)[None, :, None])  # [B, K, S]
-  return jnp.broadcast_to(keys, shape), jnp.broadcast_to(values, shape), mine[:, :, None, :]
+  return (jnp.broadcast_to(keys, shape), jnp.broadcast_to(values, shape),
+          _pool_mask(cache, st)[:, :, None, :])
+
+
+def _stored(st: Layer, dtype):
+  """The layer's keys and values [B, K or 1, S, H]: the store's slots, then the ring's."""
+  return (jnp.concatenate([st.k.decode(dtype), st.ring_k.astype(dtype)], axis=2),
+          jnp.concatenate([st.v.decode(dtype), st.ring_v.astype(dtype)], axis=2))
+
+
+def _pool_mask(cache, st: Layer):
+  """bool [B, K, S]: the live slots of a shared pool that belong to each kv head."""
+  return (st.positions >= 0) & (st.heads == jnp.arange(cache.n_kv)[None, :, None])
 
 
 def fold(cache, mass):
@@ -221,12 +230,28 @@ def step(cache, st: Layer, q_t, k_t, v_t, pos_t, valid_t, now):
   """One token per row: admit it (evicting), let its query q_t [B, K, G, H] attend over what is
   held, and grow the held scores by the scorer's `gain`. Returns (state, out [B, N, H])."""
   st = admit(cache, st, k_t, v_t, pos_t, valid_t, now)
-  keys, values, mask = held(cache, st, q_t.dtype)  # [B, K, S, H], [B, K, 1, S]
-  out, probs = attn.dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
+  if cache.shared_heads:
+    out, probs = _attend_pool(cache, st, q_t)
+  else:
+    keys, values, mask = held(cache, st, q_t.dtype)  # [B, K, S, H], [B, K, 1, S]
+    out, probs = attn.dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
   gain = cache.scoring.gain(probs, valid_t)
   if gain is not None:
     st = st._replace(scores=st.scores + fold(cache, gain))
   return st, out[:, 0]
+
+
+def _attend_pool(cache, st: Layer, q_t):
+  """One query step over a shared pool without copying it per kv head: the N = K*G query heads
+  stand on the query axis of a single-kv-head attention, each masked to its own kv head's slots.
+  q_t [B, K, G, H] -> (out [B, 1, N, H], probs [B, K, G, 1, S]) as `dense_attention` gives them
+  over the broadcast pool."""
+  b, kh, g, h = q_t.shape
+  keys, values = _stored(st, q_t.dtype)  # [B, 1, S, H]
+  mask = jnp.repeat(_pool_mask(cache, st), g, axis=1)[:, None]  # [B, 1, N, S]
+  out, probs = attn.dense_attention(q_t.reshape(b, kh * g, 1, 1, h), keys, values, mask,
+                                    return_probs=True)  # [B, N, 1, H], [B, 1, 1, N, S]
+  return out.reshape(b, 1, kh * g, h), probs.reshape(b, kh, g, 1, probs.shape[-1])
 
 
 # ---- a whole prompt at once (scorers with compresses_prompt) ---------------------------------
