@@ -211,27 +211,10 @@ if args.replot:
 
 import kvjax  # noqa: E402
 from kvjax.evals import ruler  # noqa: E402
-from kvjax.presses import make_press, press_class, press_names  # noqa: E402
+from kvjax.presses import make_press, press_names, wraps_presses  # noqa: E402
 
 
 # ---- which presses, with which specs -----------------------------------------------------------
-def is_wrapper(name: str) -> bool:
-  """True when the registered press `name` wraps another (its first field is a press)."""
-  from kvjax.presses import wrappers
-
-  try:
-    cls = press_class(name)
-  except kvjax.SpecError:
-    return False
-  if isinstance(cls, type) and issubclass(cls, wrappers.Wrapper):
-    return True
-  try:
-    make_press(name)
-  except (TypeError, ValueError) as e:  # SpecError is a ValueError
-    return "wrap" in str(e).lower() or "press" in str(e).lower()
-  return False
-
-
 def press_specs(requested, notes: dict) -> dict:
   """{label: spec} for the presses to run; `notes` gets {name: why} for those left out."""
   names = requested or press_names()
@@ -247,7 +230,7 @@ def press_specs(requested, notes: dict) -> dict:
     if name not in known:
       notes[name] = "not registered in this build"
       continue
-    if is_wrapper(name):
+    if wraps_presses(name):
       inner = DEFAULT_INNER.get(name, FALLBACK_INNER)
       inner = inner if inner in known else FALLBACK_INNER
       specs[f"{name}({inner})"] = f"{name}({inner})"

@@ -24,7 +24,7 @@ Every press is checked against kvpress 0.5.5's own scores and selections
 
 from kvjax.presses.base import (LayerInputs, Press, example_spec, make_press, press_class,
                                 press_names, protect, register_press, topk_per_head,
-                                unregister_press)
+                                unregister_press, wraps_presses)
 from kvjax.presses import keys, attention, wrappers  # noqa: F401  (register the built-ins)
 from kvjax.presses import kvzip, rerotation, simlayerkv  # noqa: F401
 from kvjax.presses import more  # noqa: F401
@@ -34,5 +34,5 @@ from kvjax.presses.decoding import decode
 
 __all__ = ["Press", "LayerInputs", "make_press", "press_class", "press_names", "example_spec",
            "register_press",
-           "unregister_press", "topk_per_head", "protect", "compress", "Compressed", "row_budgets",
+           "unregister_press", "wraps_presses", "topk_per_head", "protect", "compress", "Compressed", "row_budgets",
            "score_prompt", "prefill", "Prefilled", "decode"]

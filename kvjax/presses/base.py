@@ -380,6 +380,12 @@ def _parse(text: str, whole: str):
     raise SpecError(f"press spec {whole!r}: {e}") from None
 
 
+def wraps_presses(name: str) -> bool:
+  """True when the registered press `name` is built around other presses (its first option is
+  a press or a list of them: adakv, criticalkv, composed, ...), as in "adakv(snapkv)"."""
+  return _wraps(press_class(name))
+
+
 def _wraps(cls) -> bool:
   """True when the press class's first field holds presses (a wrapper: adakv, composed, ...)."""
   fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()

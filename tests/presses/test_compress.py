@@ -123,6 +123,13 @@ def test_bad_specs_name_the_problem(spec, words):
     presses.make_press(spec)
 
 
+def test_wraps_presses_tells_wrappers_from_scorers():
+  assert presses.wraps_presses("adakv") and presses.wraps_presses("composed")
+  assert not presses.wraps_presses("snapkv") and not presses.wraps_presses("think")
+  with pytest.raises(SpecError, match="unknown press"):
+    presses.wraps_presses("nope")
+
+
 def test_bad_arguments_name_the_problem(tiny):
   rows = _rows(tiny, (8,))
   with pytest.raises(SpecError, match="exactly one of ratio"):
