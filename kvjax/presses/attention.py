@@ -114,7 +114,8 @@ class ObservedAttentionPress(Press):
   over every query that sees it and divided by how many do (n - t for position t of a row of n),
   averaged over each kv head's query heads. H2O's heavy hitters (Zhang et al. 2023, "H2O:
   Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"), as kvpress's
-  ObservedAttentionPress. Costs a full causal attention pass (in blocks of queries)."""
+  ObservedAttentionPress. Costs a causal attention pass over the prompt (in blocks of queries,
+  most of the masked triangle skipped: `LayerInputs.attention_column_sums`)."""
 
   name: ClassVar[str] = "observed_attention"
   doc: ClassVar[str] = "mean attention each key receives from the prompt (H2O, Zhang et al. 2023)"
