@@ -63,7 +63,7 @@ def held(cache, st: Layer, dtype):
     return keys, values, (st.positions >= 0)[:, :, None, :]
   shape = (keys.shape[0], cache.n_kv) + keys.shape[2:]
   return (jnp.broadcast_to(keys, shape), jnp.broadcast_to(values, shape),
-          _pool_mask(cache, st)[:, :, None, :])
+          _pool_mask(cache.n_kv, st.positions, st.heads)[:, :, None, :])
 
 
 def _stored(st: Layer, dtype):
@@ -72,9 +72,10 @@ def _stored(st: Layer, dtype):
           jnp.concatenate([st.v.decode(dtype), st.ring_v.astype(dtype)], axis=2))
 
 
-def _pool_mask(cache, st: Layer):
-  """bool [B, K, S]: the live slots of a shared pool that belong to each kv head."""
-  return (st.positions >= 0) & (st.heads == jnp.arange(cache.n_kv)[None, :, None])
+def _pool_mask(n_kv: int, positions, heads):
+  """bool [B, K, S]: the live slots of a shared pool (positions, heads [B, 1, S]) that belong to
+  each of the n_kv kv heads."""
+  return (positions >= 0) & (heads == jnp.arange(n_kv)[None, :, None])
 
 
 def fold(cache, mass):
@@ -170,32 +171,47 @@ def weakest_slot(pos, score, c_pos, c_score, lengths, *, window: int, sink: int,
 
 
 def decode_step(cache, layer: int, q_t, k_t, v_t, pos_t, valid_t, now):
-  """`step` for a cache without a ring or a shared pool, on its [L, B, K, P, ...] buffers in
-  place: the new token is scattered into layer `layer`'s weakest slot (`weakest_slot`) and the
-  query reads that layer's slice, so no layer state is copied out and back. Returns (cache, out
-  [B, N, H])."""
-  b, kh = cache.positions.shape[1:3]
-  pos, score = cache.positions[layer], cache.scores[layer]  # [B, K, P]
-  c_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None], (b, kh))
-  c_score = jnp.where(c_pos >= 0, cache.scoring.admit(k_t), 0.0)
-  slot, wins = weakest_slot(pos, score, c_pos, c_score, now, window=cache.window,
-                            sink=cache.sink)
-  rows, heads = jnp.arange(b)[:, None], jnp.arange(kh)[None, :]
-
-  put = lambda store, x: _put_where(store, (layer, rows, heads, slot), wins, x)  # [L, B, K, P, ..]
-  ks = stores_map(put, cache.k, _squeeze_slot(cache.k.codec.encode(k_t[:, :, None])))
-  vs = stores_map(put, cache.v, _squeeze_slot(cache.v.codec.encode(v_t[:, :, None])))
-  pos = _put_where(pos, (rows, heads, slot), wins, c_pos)
-  score = _put_where(score, (rows, heads, slot), wins, c_score)
+  """`step` for a cache without a ring, on its [L, B, K, P, ...] buffers in place: the new token
+  is scattered into layer `layer`'s weakest slot (`weakest_slot`; a shared pool lets each kv
+  head's candidate in in turn, as `_admit_shared`) and the query reads that layer's slice, so no
+  layer state is copied out and back. Returns (cache, out [B, N, H])."""
+  b, kh = q_t.shape[:2]
+  pos, score = cache.positions[layer], cache.scores[layer]  # [B, K or 1, P]
+  hd = None if cache.heads is None else cache.heads[layer]  # [B, 1, P]
+  admitted = cache.scoring.admit(k_t)  # [B, K]
+  if cache.shared_heads:
+    c_pos = jnp.where(valid_t, pos_t, -1)[:, None]  # [B, 1]
+    candidates = [(h, k_t[:, h:h + 1], v_t[:, h:h + 1], admitted[:, h:h + 1]) for h in range(kh)]
+  else:
+    c_pos = jnp.broadcast_to(jnp.where(valid_t, pos_t, -1)[:, None], (b, kh))
+    candidates = [(None, k_t, v_t, admitted)]
+  rows, heads = jnp.arange(b)[:, None], jnp.arange(pos.shape[1])[None, :]
+  ks, vs = cache.k, cache.v
+  for head, k, v, c_score in candidates:
+    c_score = jnp.where(c_pos >= 0, c_score, 0.0)
+    slot, wins = weakest_slot(pos, score, c_pos, c_score, now, window=cache.window,
+                              sink=cache.sink, heads=hd, head=head, n_heads=kh)
+    put = lambda store, x: _put_where(store, (layer, rows, heads, slot), wins, x)  # [L, B, K, P..]
+    ks = stores_map(put, ks, _squeeze_slot(ks.codec.encode(k[:, :, None])))
+    vs = stores_map(put, vs, _squeeze_slot(vs.codec.encode(v[:, :, None])))
+    pos = _put_where(pos, (rows, heads, slot), wins, c_pos)
+    score = _put_where(score, (rows, heads, slot), wins, c_score)
+    if hd is not None:
+      hd = _put_where(hd, (rows, heads, slot), wins, jnp.full(c_pos.shape, head, jnp.int32))
   keys = ks.map(lambda a: a[layer]).decode(q_t.dtype)
   values = vs.map(lambda a: a[layer]).decode(q_t.dtype)
-  out, probs = attn.dense_attention(q_t[:, None], keys, values, (pos >= 0)[:, :, None, :],
-                                    return_probs=True)
+  if hd is None:
+    out, probs = attn.dense_attention(q_t[:, None], keys, values, (pos >= 0)[:, :, None, :],
+                                      return_probs=True)
+  else:
+    out, probs = _attend_pool(q_t, keys, values, _pool_mask(kh, pos, hd))
   gain = cache.scoring.gain(probs, valid_t)
   if gain is not None:
-    score = score + gain
-  return cache.replace(k=ks, v=vs, positions=cache.positions.at[layer].set(pos),
-                       scores=cache.scores.at[layer].set(score)), out[:, 0]
+    score = score + fold(cache, gain)
+  return cache.replace(
+      k=ks, v=vs, positions=cache.positions.at[layer].set(pos),
+      scores=cache.scores.at[layer].set(score),
+      heads=None if hd is None else cache.heads.at[layer].set(hd)), out[:, 0]
 
 
 def _put_where(old, at, wins, new):
@@ -231,7 +247,8 @@ def step(cache, st: Layer, q_t, k_t, v_t, pos_t, valid_t, now):
   held, and grow the held scores by the scorer's `gain`. Returns (state, out [B, N, H])."""
   st = admit(cache, st, k_t, v_t, pos_t, valid_t, now)
   if cache.shared_heads:
-    out, probs = _attend_pool(cache, st, q_t)
+    out, probs = _attend_pool(q_t, *_stored(st, q_t.dtype), _pool_mask(cache.n_kv, st.positions,
+                                                                          st.heads))
   else:
     keys, values, mask = held(cache, st, q_t.dtype)  # [B, K, S, H], [B, K, 1, S]
     out, probs = attn.dense_attention(q_t[:, None], keys, values, mask, return_probs=True)
@@ -241,14 +258,13 @@ def step(cache, st: Layer, q_t, k_t, v_t, pos_t, valid_t, now):
   return st, out[:, 0]
 
 
-def _attend_pool(cache, st: Layer, q_t):
+def _attend_pool(q_t, keys, values, mine):
   """One query step over a shared pool without copying it per kv head: the N = K*G query heads
   stand on the query axis of a single-kv-head attention, each masked to its own kv head's slots.
-  q_t [B, K, G, H] -> (out [B, 1, N, H], probs [B, K, G, 1, S]) as `dense_attention` gives them
-  over the broadcast pool."""
+  q_t [B, K, G, H]; keys, values [B, 1, S, H]; mine bool [B, K, S] -> (out [B, 1, N, H], probs
+  [B, K, G, 1, S]) as `dense_attention` gives them over the pool broadcast to every kv head."""
   b, kh, g, h = q_t.shape
-  keys, values = _stored(st, q_t.dtype)  # [B, 1, S, H]
-  mask = jnp.repeat(_pool_mask(cache, st), g, axis=1)[:, None]  # [B, 1, N, S]
+  mask = jnp.repeat(mine, g, axis=1)[:, None]  # [B, 1, N, S]
   out, probs = attn.dense_attention(q_t.reshape(b, kh * g, 1, 1, h), keys, values, mask,
                                     return_probs=True)  # [B, N, 1, H], [B, 1, 1, N, S]
   return out.reshape(b, 1, kh * g, h), probs.reshape(b, kh, g, 1, probs.shape[-1])

@@ -244,7 +244,7 @@ class ScoredCache(base.Evicting):
       return admission.step(self, st, q_t, k_t, v_t, pos_t, valid_t, now)
 
     xs = (q, k, v, positions, valid)
-    if t == 1 and not self.residual and not self.shared_heads:  # decode: in place, no layer copy
+    if t == 1 and not self.residual:  # decode: in place, no layer copy
       now = jnp.where(valid[:, 0], positions[:, 0] + 1, final)
       cache, out = admission.decode_step(self, layer, *(a[:, 0] for a in xs), now)
       return out[:, None], cache
