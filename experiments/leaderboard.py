@@ -24,7 +24,10 @@ Cost: the model runs once per batch of samples and setting (`kvjax.presses.prefi
 layer's queries, keys and values kept), and every (press, ratio) compresses that prefill
 (`kvjax.compress(model, prefilled, ...)`, which only scores, selects and writes); kvzip, which
 scores a longer run, gets its own prefill. `--resume` keeps the rows of an earlier run's JSON and
-runs only the missing configurations (a long grid in several sittings).
+runs only the missing configurations (a long grid in several sittings); `--prefill-dir` keeps the
+prefills too (`kvjax.presses.save_prefilled`, ~0.5 GB per 4096-token row on SmolLM2), named by a
+digest of the model, its weights, kvjax's version and the rows, so a later sitting loads them
+instead of running the model again.
 
 Outputs (in --out): leaderboard.json (written after every configuration, so an interrupted run
 keeps what it measured), leaderboard.svg (average score vs compression ratio, one line per press,
@@ -41,7 +44,10 @@ resumes on its own.
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
+import pathlib
 import re
 import time
 
@@ -107,6 +113,8 @@ parser.add_argument("--strict", action="store_true", help="raise on a failing pr
 parser.add_argument("--resume", action="store_true",
                     help="keep the rows of the model's JSON in --out and run only the "
                          "missing configurations")
+parser.add_argument("--prefill-dir", default=None,
+                    help="keep each prefill here and load it in later sittings (several GB)")
 parser.add_argument("--replot", action="store_true",
                     help="only redraw the model's SVG from its JSON in --out")
 args = parser.parse_args()
@@ -209,6 +217,7 @@ if args.replot:
   raise SystemExit(0)
 
 
+import jax  # noqa: E402
 import kvjax  # noqa: E402
 from kvjax.evals import ruler  # noqa: E402
 from kvjax.presses import make_press, press_names, wraps_presses  # noqa: E402
@@ -312,8 +321,33 @@ def prefills(samples, setting: str, press=None) -> list:
   the prompt, kvzip, gets its own: `press`)."""
   rows = lambda batch: [list(s.ids) + (list(s.question_ids) if setting == "query_aware" else [])
                         for s in batch]
-  return [(batch, kvjax.presses.prefill(model, rows(batch), press=press))
-          for batch in batches(samples)]
+  return [(batch, kept_prefill(rows(batch), press)) for batch in batches(samples)]
+
+
+def kept_prefill(rows, press):
+  """`kvjax.presses.prefill` of the rows, or with --prefill-dir the one an earlier sitting saved
+  for the same model, weights, kvjax and rows (saved here when there is none)."""
+  if args.prefill_dir is None:
+    return kvjax.presses.prefill(model, rows, press=press)
+  key = json.dumps([model_name, weights_digest(), kvjax.__version__, press, rows])
+  folder = pathlib.Path(args.prefill_dir) / hashlib.sha256(key.encode()).hexdigest()[:20]
+  if (folder / "prefilled.pkl").is_file():
+    return kvjax.presses.load_prefilled(folder)
+  prefilled = kvjax.presses.prefill(model, rows, press=press)
+  kvjax.presses.save_prefilled(prefilled, folder)
+  return prefilled
+
+
+@functools.cache
+def weights_digest() -> str:
+  """A digest of the model's weights: every array's shape and dtype and a strided sample of
+  its values (enough to tell checkpoints apart; cheap on 135M parameters)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(model.params):
+    a = np.asarray(leaf).reshape(-1)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(np.ascontiguousarray(a[::max(1, a.size // 4096)]).tobytes())
+  return h.hexdigest()
 
 
 def run_agnostic(prefilled, spec: str, ratio: float) -> list[tuple[Question, str]]:

@@ -9,6 +9,7 @@
   compress.py   `compress`: the jitted prefill that hands every layer to the press and writes the
                 kept tokens into a `ScoredCache`; budgets (ratio or token count, per row);
                 `prefill`: run the model once, then compress that prefill many ways
+                (`save_prefilled` / `load_prefilled`: across sittings)
   keys.py       presses that read keys/values only (knorm, streaming_llm, ...)
   attention.py  presses that read attention (snapkv, pyramidkv, ...)
   wrappers.py   presses around presses (adakv, ...)
@@ -28,11 +29,11 @@ from kvjax.presses.base import (LayerInputs, Press, example_spec, make_press, pr
 from kvjax.presses import keys, attention, wrappers  # noqa: F401  (register the built-ins)
 from kvjax.presses import kvzip, rerotation, simlayerkv  # noqa: F401
 from kvjax.presses import more  # noqa: F401
-from kvjax.presses.compress import (Compressed, Prefilled, compress, prefill, row_budgets,
-                                    score_prompt)
+from kvjax.presses.compress import (Compressed, Prefilled, compress, load_prefilled, prefill,
+                                    row_budgets, save_prefilled, score_prompt)
 from kvjax.presses.decoding import decode
 
 __all__ = ["Press", "LayerInputs", "make_press", "press_class", "press_names", "example_spec",
            "register_press",
            "unregister_press", "wraps_presses", "topk_per_head", "protect", "compress", "Compressed", "row_budgets",
-           "score_prompt", "prefill", "Prefilled", "decode"]
+           "score_prompt", "prefill", "Prefilled", "save_prefilled", "load_prefilled", "decode"]

@@ -21,7 +21,8 @@ row's first `n_context` tokens are scored, kept and counted (`lengths` = the con
 
 Sweeps: `prefill(model, ids)` runs the model once and keeps every layer's queries, keys and values
 (`Prefilled`); `compress(model, prefilled, press, ...)` then replays only the pressing (score,
-select, write) per layer, so N presses x M ratios cost one prefill instead of N x M.
+select, write) per layer, so N presses x M ratios cost one prefill instead of N x M;
+`save_prefilled` / `load_prefilled` keep it across sittings.
 
 Budgets: `ratio` r keeps n_kept = max(1, floor(n * (1 - r))) tokens of a row of n (kvpress's rule,
 per row, so ragged rows each lose the same share); `budget` keeps min(budget, n). A press may give
@@ -265,6 +266,43 @@ def prefill(model, ids, press=None) -> Prefilled:
   return Prefilled(rows=tuple(tuple(r) for r in rows), run=tuple(tuple(r) for r in run),
                    n_valid=n_valid, logits=logits,
                    q=done.q, k=done.k, v=done.v, meta=done.meta)
+
+
+def save_prefilled(prefilled: Prefilled, path) -> None:
+  """Writes `prefilled` to the folder `path` (created; a file per layer input, `.npy`, and the
+  rows and per-layer meta pickled), so a sweep spread over several sittings runs the model once:
+  `load_prefilled(path)` gives it back, bit for bit. A saved prefill belongs to the model, weights
+  and kvjax that made it (nothing checks that on loading); load only folders you wrote (pickle)."""
+  import pathlib
+  import pickle
+
+  folder = pathlib.Path(path)
+  folder.mkdir(parents=True, exist_ok=True)
+  for name in ("q", "k", "v"):
+    for layer, a in enumerate(getattr(prefilled, name)):
+      np.save(folder / f"{name}{layer}.npy", np.asarray(a))
+  np.save(folder / "logits.npy", np.asarray(prefilled.logits))
+  rest = dict(rows=prefilled.rows, run=prefilled.run, n_valid=np.asarray(prefilled.n_valid),
+              meta=prefilled.meta, n_layers=prefilled.n_layers)
+  (folder / "prefilled.pkl").write_bytes(pickle.dumps(rest))
+
+
+def load_prefilled(path) -> Prefilled:
+  """The Prefilled `save_prefilled` wrote to the folder `path` (each array read memory-mapped and
+  copied to the device once)."""
+  import pathlib
+  import pickle
+
+  folder = pathlib.Path(path)
+  index = folder / "prefilled.pkl"
+  if not index.is_file():
+    raise FileNotFoundError(f"load_prefilled: {folder} holds no saved prefill (no {index.name})")
+  rest = pickle.loads(index.read_bytes())
+  read = lambda name: jnp.asarray(np.load(folder / f"{name}.npy", mmap_mode="r"))
+  layers = lambda name: tuple(read(f"{name}{layer}") for layer in range(rest["n_layers"]))
+  return Prefilled(rows=rest["rows"], run=rest["run"], n_valid=rest["n_valid"],
+                   logits=read("logits"), q=layers("q"), k=layers("k"), v=layers("v"),
+                   meta=rest["meta"])
 
 
 @functools.partial(jax.jit, static_argnames=("meta",))

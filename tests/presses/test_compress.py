@@ -250,6 +250,23 @@ def test_one_prefill_compresses_like_the_ids_for_every_press_and_ratio(tiny):
                                                                 ratio=0.5).kept))
 
 
+def test_a_saved_prefill_loads_back_bit_for_bit(tiny, tmp_path):
+  rows = _rows(tiny, (20, 13))
+  prefilled = presses.prefill(tiny, rows)
+  presses.save_prefilled(prefilled, tmp_path / "pre")
+  loaded = presses.load_prefilled(tmp_path / "pre")
+  assert (loaded.rows, loaded.run, loaded.meta) == (prefilled.rows, prefilled.run, prefilled.meta)
+  for x, y in zip(jax.tree.leaves((prefilled.q, prefilled.k, prefilled.v, prefilled.logits)),
+                  jax.tree.leaves((loaded.q, loaded.k, loaded.v, loaded.logits))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  a = kvjax.compress(tiny, prefilled, "snapkv", ratio=0.5)
+  b = kvjax.compress(tiny, loaded, "snapkv", ratio=0.5)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(FileNotFoundError, match="holds no saved prefill"):
+    presses.load_prefilled(tmp_path)
+
+
 def test_a_prefilled_refuses_what_it_cannot_replay(tiny):
   rows = _rows(tiny)
   prefilled = presses.prefill(tiny, rows)
