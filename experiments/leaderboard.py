@@ -484,6 +484,19 @@ def averages_of(results) -> dict:
   return table
 
 
+def pressed_layers() -> str:
+  """Which layers a press compresses: all, or a hybrid model's global ones (its sliding layers
+  keep their own window whatever the ratio)."""
+  from kvjax.models.config import layer_windows
+
+  windows = layer_windows(model.config)
+  sliding = [w for w in windows if w is not None]
+  if not sliding:
+    return f"all {len(windows)}"
+  return (f"the {len(windows) - len(sliding)} global layers of {len(windows)}; the "
+          f"{len(sliding)} sliding layers keep their {max(sliding)}-token window at any ratio")
+
+
 def payload() -> dict:
   return {"experiment": "leaderboard", "quick": quick, **info, "figure": svg_path.name,
           "settings": {"model": model_name, "lengths": lengths, "ratios": ratios, "tasks": tasks,
@@ -493,7 +506,7 @@ def payload() -> dict:
                        "presses": specs, "presses_left_out": press_notes,
                        "tasks_left_out": sample_notes, "full_cache": "compress(..., 'knorm', "
                        "ratio=0): every token kept, asked like query_agnostic",
-                       "room": 256},
+                       "room": 256, "pressed_layers": pressed_layers()},
           "notes": ["score: RULER string match (fraction of the answers found in the greedy "
                     "answer), per task the mean over samples; average: mean over tasks",
                     "query_agnostic: context compressed alone, then asked; each_key: every key "

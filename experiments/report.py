@@ -456,6 +456,8 @@ def render_leaderboard(d):
            "and question compressed together). each_key: every key of the multikey/multiquery "
            f"contexts asked on its own ({st['each_key']} per context) of one query-agnostic "
            "compressed cache.\n"]
+  if st.get("pressed_layers", "all").split()[0] != "all":
+    lines.append(f"Pressed layers: {st['pressed_layers']}.\n")
   if st.get("presses_left_out"):
     lines.append("Presses left out: " + "; ".join(f"`{k}` ({v})" for k, v in
                                                   st["presses_left_out"].items()) + ".\n")
