@@ -160,11 +160,13 @@ class ExpectedAttentionPress(Press):
     sink = pos < self.n_sink  # [1, T]
     live = x.valid & ~sink  # [B, T]: the queries fitted and the keys scored
     mean, cov = self.query_statistics(x, live)  # [B, N, H], [B, N, H, H] or None
-    k = x.k.astype(jnp.float32)
-    kg = jnp.repeat(k, x.groups, axis=1)  # [B, N, T, H]: query head n reads kv head n // G
-    logits = x.scale * jnp.einsum("bnh,bnth->bnt", mean, kg)
+    k = x.k.astype(jnp.float32)  # [B, K, T, H]: query head n = k G + g reads kv head k
+    b, kh, g, h, t = x.batch, x.kv_heads, x.groups, x.head_dim, x.tokens
+    logits = x.scale * jnp.einsum("bkgh,bkth->bkgt", mean.reshape(b, kh, g, h), k)
     if cov is not None:
-      logits += 0.5 * x.scale**2 * jnp.einsum("bnth,bnhi,bnti->bnt", kg, cov, kg)
+      logits += 0.5 * x.scale**2 * jnp.einsum("bkth,bkghi,bkti->bkgt", k,
+                                              cov.reshape(b, kh, g, h, h), k)
+    logits = logits.reshape(b, kh * g, t)
     probs = x.group_mean(attn.masked_softmax(logits, live[:, None, :]))  # [B, K, T]
     if self.use_vnorm:
       probs = (probs + self.epsilon) * jnp.linalg.norm(x.v.astype(jnp.float32), axis=-1)

@@ -229,12 +229,12 @@ def non_causal_column_sums(x: LayerInputs, chunk: int):
   """
   m = -(-x.tokens // chunk)
   pad = m * chunk - x.tokens
-  b, n, h = x.batch, x.heads, x.head_dim
+  b, n, h, kh, g = x.batch, x.heads, x.head_dim, x.kv_heads, x.groups
   q = jnp.pad(x.q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))  # [B, T', N, H]
-  q = q.reshape(b, m, chunk, n, h)
-  k = jnp.repeat(x.k.astype(jnp.float32), x.groups, axis=1)  # [B, N, T, H]
-  k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, n, m, chunk, h)
-  logits = jnp.einsum("bmqnh,bnmkh->bnmqk", q, k)  # [B, N, M, c, c]
+  q = q.reshape(b, m, chunk, kh, g, h)  # query head n = k G + g reads kv head k
+  k = jnp.pad(x.k.astype(jnp.float32), ((0, 0), (0, 0), (0, pad), (0, 0)))  # [B, K, T', H]
+  k = k.reshape(b, kh, m, chunk, h)
+  logits = jnp.einsum("bmqkgh,bkmch->bkgmqc", q, k).reshape(b, n, m, chunk, chunk)  # [B,N,M,c,c]
   pos = jnp.arange(m * chunk).reshape(1, m, chunk)
   real = pos < x.n_valid[:, None, None]  # [B, M, c]
   padded_to = -(-x.n_valid // chunk) * chunk
