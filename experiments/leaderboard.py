@@ -486,7 +486,7 @@ def averages_of(results) -> dict:
   return table
 
 
-def pressed_layers() -> str:
+def describe_pressed_layers() -> str:
   """Which layers a press compresses: all, or a hybrid model's global ones (its sliding layers
   keep their own window whatever the ratio)."""
   from kvjax.models.config import layer_windows
@@ -499,6 +499,9 @@ def pressed_layers() -> str:
           f"{len(sliding)} sliding layers keep their {max(sliding)}-token window at any ratio")
 
 
+PRESSED_LAYERS = describe_pressed_layers()
+
+
 def payload() -> dict:
   return {"experiment": "leaderboard", "quick": quick, **info, "figure": svg_path.name,
           "settings": {"model": model_name, "lengths": lengths, "ratios": ratios, "tasks": tasks,
@@ -508,7 +511,7 @@ def payload() -> dict:
                        "presses": specs, "presses_left_out": press_notes,
                        "tasks_left_out": sample_notes, "full_cache": "compress(..., 'knorm', "
                        "ratio=0): every token kept, asked like query_agnostic",
-                       "room": 256, "pressed_layers": pressed_layers()},
+                       "room": 256, "pressed_layers": PRESSED_LAYERS},
           "notes": ["score: RULER string match (fraction of the answers found in the greedy "
                     "answer), per task the mean over samples; average: mean over tasks",
                     "query_agnostic: context compressed alone, then asked; each_key: every key "

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
+import pickle
 from typing import Any, ClassVar
 
 import jax
@@ -273,9 +275,6 @@ def save_prefilled(prefilled: Prefilled, path) -> None:
   rows and per-layer meta pickled), so a sweep spread over several sittings runs the model once:
   `load_prefilled(path)` gives it back, bit for bit. A saved prefill belongs to the model, weights
   and kvjax that made it (nothing checks that on loading); load only folders you wrote (pickle)."""
-  import pathlib
-  import pickle
-
   folder = pathlib.Path(path)
   folder.mkdir(parents=True, exist_ok=True)
   for name in ("q", "k", "v"):
@@ -283,23 +282,20 @@ def save_prefilled(prefilled: Prefilled, path) -> None:
       np.save(folder / f"{name}{layer}.npy", np.asarray(a))
   np.save(folder / "logits.npy", np.asarray(prefilled.logits))
   rest = dict(rows=prefilled.rows, run=prefilled.run, n_valid=np.asarray(prefilled.n_valid),
-              meta=prefilled.meta, n_layers=prefilled.n_layers)
+              meta=prefilled.meta)
   (folder / "prefilled.pkl").write_bytes(pickle.dumps(rest))
 
 
 def load_prefilled(path) -> Prefilled:
   """The Prefilled `save_prefilled` wrote to the folder `path` (each array read memory-mapped and
   copied to the device once)."""
-  import pathlib
-  import pickle
-
   folder = pathlib.Path(path)
   index = folder / "prefilled.pkl"
   if not index.is_file():
     raise FileNotFoundError(f"load_prefilled: {folder} holds no saved prefill (no {index.name})")
   rest = pickle.loads(index.read_bytes())
   read = lambda name: jnp.asarray(np.load(folder / f"{name}.npy", mmap_mode="r"))
-  layers = lambda name: tuple(read(f"{name}{layer}") for layer in range(rest["n_layers"]))
+  layers = lambda name: tuple(read(f"{name}{layer}") for layer in range(len(rest["meta"])))
   return Prefilled(rows=rest["rows"], run=rest["run"], n_valid=rest["n_valid"],
                    logits=read("logits"), q=layers("q"), k=layers("k"), v=layers("v"),
                    meta=rest["meta"])
