@@ -344,6 +344,40 @@ def blockwise_attention(q, k_buf, v_buf, q_positions, kv_lengths, *, block_size:
                               kv_lengths, block_size)
 
 
+def prompt_attention(q, k, v, n_valid, *, scale: float | None = None, window: int | None = None,
+                     block_size: int = 256, chunk: int = 1024):
+  """Causal attention of a prompt over itself, from nothing held: q [B, T, N, H], k, v [B, T, K, H]
+  rotated at positions 0..T-1, the first n_valid[b] tokens of row b real. Returns [B, T, N, H].
+
+  Queries go `chunk` at a time and each chunk reads only the key blocks it can see: those below
+  its last query, and with a sliding `window` none older than its first query's window. Without a
+  window that is (n + 1) / 2n of the [T, T] work for n chunks (a single blockwise pass reads the
+  masked upper triangle too: 2x at long prompts); with one, a band of width ~window + chunk. No
+  [T, T] array is ever held (`causal_attention` builds one: fine for short prompts only)."""
+  b, t, _, _ = q.shape
+  block = min(block_size, t)
+  kb, vb = (jnp.pad(x.swapaxes(1, 2), ((0, 0), (0, 0), (0, -t % block), (0, 0))) for x in (k, v))
+  qg = prepare_queries(q, k.shape[2], scale)  # [B, T, K, G, H]
+
+  def load_block(start):
+    return (lax.dynamic_slice_in_dim(kb, start, block, axis=2),
+            lax.dynamic_slice_in_dim(vb, start, block, axis=2))
+
+  def run(qc, first):  # queries first..first + len(qc) - 1
+    positions = jnp.broadcast_to(first + jnp.arange(qc.shape[1], dtype=jnp.int32), (b, qc.shape[1]))
+    seen = jnp.minimum(n_valid, first + qc.shape[1])  # no key past the chunk's last query
+    return attend_prefix_blocks(qc, load_block, positions, seen, block, window)
+
+  chunk = min(chunk, t)
+  n_chunks = -(-t // chunk)
+  if n_chunks == 1:
+    return run(qg, 0)
+  qg = jnp.pad(qg, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0), (0, 0)))
+  out = lax.map(lambda i: run(lax.dynamic_slice_in_dim(qg, i * chunk, chunk, axis=1), i * chunk),
+                jnp.arange(n_chunks, dtype=jnp.int32))  # [n_chunks, B, chunk, N, H]
+  return out.swapaxes(0, 1).reshape(b, n_chunks * chunk, *out.shape[3:])[:, :t]
+
+
 # ---------------------------------------------------------------------------------------------
 # Ring buffers
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ Invariants checked:
     (an empty row included), T > 1 queries at causal positions, GQA; key s is visible to query
     (b, t) iff s < kv_lengths[b] and s <= q_positions[b, t];
   * it never reads blocks at or past the last block any row has filled (NaN there changes nothing),
-    and a custom `load_block` is what it reads.
+    and a custom `load_block` is what it reads;
+  * `prompt_attention` (queries a chunk at a time, each reading only the key blocks it can see)
+    equals the oracle's causal attention, with and without a sliding window, over ragged rows, for
+    chunks that divide the prompt, do not, or hold all of it.
 
 Shapes: B batch, T queries, S slots, K kv heads, G query heads per kv head, N = K * G, H head dim.
 """
@@ -23,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvjax.attention import (RoPE, blockwise_attention, causal_attention, dense_attention,
-                             group_queries)
+                             group_queries, prompt_attention)
 from kvjax.testing import oracle
 from tests.helpers import examples
 
@@ -141,6 +144,33 @@ def test_causal_attention_first_token_is_its_value():
   v = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), jnp.float32)
   out = causal_attention(q, k, v, jnp.arange(4)[None])
   np.testing.assert_allclose(np.asarray(out[0, 0]), np.asarray(v[0, 0])[[0, 0, 1, 1]], atol=1e-6)
+
+
+_prompt = jax.jit(prompt_attention, static_argnames=("window", "block_size", "chunk"))
+
+
+@pytest.mark.parametrize("kv,g,t,window,chunk,block", [
+    (1, 2, 37, None, 16, 8), (2, 2, 37, 5, 16, 8), (3, 3, 40, None, 8, 8), (1, 4, 40, 12, 64, 16),
+    (2, 1, 33, 9, 8, 32)])
+@given(seed=st.integers(0, 2**16))
+@examples(4)
+def test_prompt_attention_matches_oracle(kv, g, t, window, chunk, block, seed):
+  rng = np.random.default_rng(seed)
+  b, h = 3, 8
+  q = rng.standard_normal((b, t, kv * g, h)).astype(np.float32)
+  k = rng.standard_normal((b, t, kv, h)).astype(np.float32)
+  v = rng.standard_normal((b, t, kv, h)).astype(np.float32)
+  n_valid = np.array([t, rng.integers(1, t + 1), 1])
+  got = np.asarray(_prompt(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                           jnp.asarray(n_valid, jnp.int32), window=window, chunk=chunk,
+                           block_size=block))
+  i = np.arange(t)
+  mask = (i[None, :, None] >= i[None, None, :]) & (i[None, None, :] < n_valid[:, None, None])
+  if window is not None:
+    mask &= i[None, None, :] > i[None, :, None] - window
+  want = oracle_batched(q, k, v, mask)
+  for row, n in enumerate(n_valid):  # padding queries' outputs are unspecified
+    np.testing.assert_allclose(got[row, :n], want[row, :n], atol=ATOL)
 
 
 # ---- blockwise ----------------------------------------------------------------------------------

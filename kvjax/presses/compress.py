@@ -131,7 +131,7 @@ class _Pressing:
     b, t, _, _ = q.shape
     n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
     x = self.inputs(layer, q, k, v, n_valid, rope, scale)
-    out = _causal(x.q, x.k.swapaxes(1, 2), v, n_valid, scale)
+    out = attn.prompt_attention(x.q, x.k.swapaxes(1, 2), v, n_valid, scale=scale, block_size=_BLOCK)
     return out, self.press_layer(x)
 
   def inputs(self, layer: int, q, k, v, n_valid, rope, scale) -> LayerInputs:
@@ -337,21 +337,7 @@ def _prompt_attention(q, k, v, n_valid, rope, scale, window):
   b, t = q.shape[:2]
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   qr, kr = attn.apply_rope(rope, q, positions), attn.apply_rope(rope, k, positions)
-  if window is None:
-    return _causal(qr, kr, v, n_valid, scale)
-  return attn.causal_attention(qr, kr, v, positions, n_valid, scale=scale, window=window)
-
-
-def _causal(q, k, v, n_valid, scale):
-  """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (rotated), key blocks at a time."""
-  b, t, _, h = q.shape
-  block = min(_BLOCK, t)
-  pad = -t % block
-  kb = jnp.pad(k.swapaxes(1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
-  vb = jnp.pad(v.swapaxes(1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
-  qg = attn.prepare_queries(q, k.shape[2], scale)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  return attn.blockwise_attention(qg, kb, vb, positions, n_valid, block_size=block)
+  return attn.prompt_attention(qr, kr, v, n_valid, scale=scale, window=window, block_size=_BLOCK)
 
 
 # ---- writing the kept tokens -------------------------------------------------------------------
