@@ -126,13 +126,24 @@ class _Pressing:
     if self.sliding is not None and self.sliding[layer] is not None:
       if self.target is None:  # score_prompt: the layer's outputs only
         return _prompt_attention(q, k, v, n_valid, rope, scale, self.sliding[layer]), self
-      out, target = self.target.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
-      return out, self.replace(target=target)
+      if self.context is None:
+        out, target = self.target.attend(layer, q, k, v, n_valid, rope=rope, scale=scale)
+        return out, self.replace(target=target)
+      out = _prompt_attention(q, k, v, n_valid, rope, scale, self.sliding[layer])
+      return out, self.fill_window(layer, q, k, v, n_valid, rope, scale)
     b, t, _, _ = q.shape
     n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
     x = self.inputs(layer, q, k, v, n_valid, rope, scale)
     out = attn.prompt_attention(x.q, x.k.swapaxes(1, 2), v, n_valid, scale=scale, block_size=_BLOCK)
     return out, self.press_layer(x)
+
+  def fill_window(self, layer: int, q, k, v, n_valid, rope, scale) -> "_Pressing":
+    """A sliding layer's window cache written with the prompt's last tokens (its output unused).
+    When the press extended the rows (kvzip) only the context goes in: the extension is read by
+    the prefill, and decoding continues after the context."""
+    ends = n_valid if self.context is None else self.context
+    _, target = self.target.attend(layer, q, k, v, ends, rope=rope, scale=scale)
+    return self.replace(target=target)
 
   def inputs(self, layer: int, q, k, v, n_valid, rope, scale) -> LayerInputs:
     """The press's view of one layer: q [B, T, N, H], k/v [B, T, K, H] un-rotated at 0..T-1."""
@@ -316,9 +327,8 @@ def _replay(pressing, q, k, v, n_valid, meta):
     after = lambda a: a + pressing.done.astype(a.dtype)  # exactly a: done is 0, never NaN
     q_l, k_l, v_l = after(q[layer]), after(k[layer]), after(v[layer])
     if pressing.sliding is not None and pressing.sliding[layer] is not None:
-      if pressing.target is not None:  # the window cache keeps its last tokens (output unused)
-        _, target = pressing.target.attend(layer, q_l, k_l, v_l, n_valid, rope=rope, scale=scale)
-        pressing = pressing.replace(target=target)
+      if pressing.target is not None:
+        pressing = pressing.fill_window(layer, q_l, k_l, v_l, n_valid, rope, scale)
       continue
     x = pressing.inputs(layer, q_l, k_l, v_l, n_valid, rope, scale)
     pressing = pressing.press_layer(x)

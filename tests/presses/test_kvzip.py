@@ -3,8 +3,9 @@ context token scores the most attention the repetition's queries give it.
 
 Checked: the extension (kvpress's prompt and chat-template suffix), the scores against a NumPy
 transcription of kvpress's score_kvzip on random inputs, ratio 0 keeps every context token and
-decodes exactly like a full cache of the context, the pooled per-layer budget with its sinks, and
-ragged rows equal each row alone.
+decodes exactly like a full cache of the context (and on a hybrid layout, like a plain compress:
+the sliding layers' windows hold the context, not its repetition), the pooled per-layer budget
+with its sinks, and ragged rows equal each row alone.
 """
 
 from __future__ import annotations
@@ -93,6 +94,22 @@ def test_ratio_zero_keeps_the_context_and_decodes_like_a_full_cache(tiny):
   nxt, n = jnp.asarray([[40, 41], [50, 51]], jnp.int32), jnp.asarray([2, 2], jnp.int32)
   got, _ = _step(static_step(tiny), tiny.params, nxt, cache, n)
   want, _ = _step(static_step(tiny), tiny.params, nxt, full, n)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["ids", "prefilled"])
+def test_hybrid_window_layers_hold_the_context_not_its_repetition(tiny_gemma3, replay):
+  """On Gemma 3's layout the sliding layers keep their window of the context (the extension is
+  read by the prefill only): at ratio 0 kvzip decodes exactly like a plain compress at ratio 0.
+  The longer row (21 tokens) overflows the 16-token window."""
+  model, spec = tiny_gemma3, f"kvzip(prompt_ids={IDS})"
+  ids = presses.prefill(model, ROWS, press=spec) if replay else ROWS
+  cache = kvjax.compress(model, ids, spec, ratio=0.0, room=4)
+  plain = kvjax.compress(model, ROWS, "knorm", ratio=0.0, room=4)
+  np.testing.assert_array_equal(np.asarray(cache.lengths), [len(r) for r in ROWS])
+  nxt, n = jnp.asarray([[40, 41], [50, 51]], jnp.int32), jnp.asarray([2, 2], jnp.int32)
+  got, _ = _step(static_step(model), model.params, nxt, cache, n)
+  want, _ = _step(static_step(model), model.params, nxt, plain, n)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
 
 
