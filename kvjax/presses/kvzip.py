@@ -94,7 +94,10 @@ class KVzipPress(Press):
       repeat = (pb[None, :] >= x.n_context[:, None]) & (pb[None, :] < x.n_valid[:, None])
       return jnp.max(jnp.where(repeat[:, None, :, None], probs, 0.0), axis=2)  # [B, N, T]
 
-    best = jnp.max(jax.lax.map(one, jnp.arange(n_blocks)), axis=0)  # [B, N, T]
+    # Blocks wholly inside every row's context hold no repetition query: start past them.
+    first = jnp.min(x.n_context) // block
+    best = jax.lax.fori_loop(first, n_blocks, lambda i, m: jnp.maximum(m, one(i)),
+                             jnp.zeros((x.batch, x.q.shape[2], t), jnp.float32))  # [B, N, T]
     scores = jnp.max(best.reshape(x.batch, x.kv_heads, x.groups, t), axis=2)  # [B, K, T]
     scores = jnp.where(x.context[:, None, :], scores, 0.0)
     return protect(scores, (jnp.arange(t) < self.n_sink)[None, None, :])
