@@ -17,7 +17,8 @@ Invariants checked (each failure names its invariant):
   jit          jit(score/select) equals eager
   layer_kept   layer budgets are ints in [1, tokens] for every layer
   end_to_end   (with a model) compress(..., budget >= prompt) then generate equals the full cache's
-               generation, and the kept positions in `cache.view()` are score_prompt's kept mask
+               generation, and the kept positions in `cache.view()` are score_prompt's kept mask;
+               on a model with sliding layers (tiny-gemma3) one prompt row overflows the window
 
 The synthetic layer (`synthetic_inputs`) is GQA (4 query heads over 2 kv heads), head_dim 8, two
 rows of 24 and 17 tokens, with RoPE at theta 10000 and a random output projection.
@@ -140,13 +141,22 @@ def _extends(press: Press) -> bool:
   return rows != [[3, 4, 5]]
 
 
+def _end_to_end_lengths(model) -> tuple[int, int]:
+  """The two prompt rows' lengths: 12 and 7 tokens, and on a model with sliding layers one row
+  past the widest window and one inside it, so that the windows' eviction is checked too."""
+  from kvjax.models.config import layer_windows
+
+  windows = [w for w in layer_windows(model.config) if w is not None]
+  return (12, 7) if not windows else (max(windows) + 8, max(windows) // 2 + 3)
+
+
 def _end_to_end(press: Press, model) -> None:
   from kvjax.decode import generate
   from kvjax.presses.compress import compress, score_prompt
 
   rng = np.random.default_rng(1)
   vocab = model.config.vocab_size
-  rows = [rng.integers(3, vocab, size=n).tolist() for n in (12, 7)]
+  rows = [rng.integers(3, vocab, size=n).tolist() for n in _end_to_end_lengths(model)]
   rest = [[int(rng.integers(3, vocab))] for _ in rows]
   sized = press.takes_budget  # else the press sizes each layer itself (simlayerkv)
   cache = compress(model, rows, press, room=8, **({"budget": 64} if sized else {}))
@@ -162,8 +172,9 @@ def _end_to_end(press: Press, model) -> None:
   info = score_prompt(model, rows, press, **budget)
   cache = compress(model, rows, press, room=8, **budget)
   view = cache.view()
-  pos, mask = np.asarray(view.positions), np.asarray(view.mask)
-  kept = np.asarray(info.kept)  # [L, B, K, T]
+  pressed = list(info.layers)  # a hybrid model's sliding layers keep their window, unpressed
+  pos, mask = np.asarray(view.positions)[pressed], np.asarray(view.mask)[pressed]
+  kept = np.asarray(info.kept)  # [L pressed, B, K, T]
   if press.rerotates:  # positions were renumbered 0..n-1: compare how many each head holds
     _require((mask.sum(-1) == kept.sum(-1)).all(), "end_to_end",
              "the cache holds another number of tokens than score_prompt's kept mask")
