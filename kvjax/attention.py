@@ -15,6 +15,9 @@ Each piece exists once here and the cache kinds compose them:
 * `blockwise_stats` / `blockwise_attention`: walk a preallocated buffer block by block and stop
   after the last block any row has filled, so a step's cost follows the tokens held, not the
   buffer's capacity.
+* `prompt_attention`: a prompt over itself from nothing held, queries a chunk at a time so each
+  chunk reads only the key blocks it can see (compression's prefill: ~2x fewer key blocks at long
+  prompts, and no [T, T] array for a sliding window).
 * `ring_slot` / `ring_position`: the index math of every ring buffer (window, tiers, H2O's
   residual ring, offload's device ring).
 """
