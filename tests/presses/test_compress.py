@@ -34,7 +34,16 @@ def test_builtin_presses_pass_the_kit(spec):
   check_press(spec)
 
 
+@pytest.fixture
+def drop_compiled_code():
+  """Each press compiles its own programs: the two every-press runs (~60 of them, in one module)
+  would pile up past the process's memory maps, so they are dropped once many are held."""
+  yield
+  kvjax.clear_caches(maps_above=20000)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("drop_compiled_code")
 @pytest.mark.parametrize("name", [n for n in presses.press_names() if presses.example_spec(n)])
 def test_every_press_passes_the_kit_end_to_end(name, tiny):
   check_press(presses.example_spec(name), model=tiny)
@@ -52,6 +61,7 @@ def test_kit_end_to_end_on_a_hybrid_model(spec, tiny_gemma3):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("drop_compiled_code")
 @pytest.mark.parametrize("name", [n for n in presses.press_names() if presses.example_spec(n)
                                   and not presses.make_press(presses.example_spec(n)).rerotates])
 def test_every_press_passes_the_kit_end_to_end_on_a_hybrid_model(name, tiny_gemma3):
