@@ -54,18 +54,14 @@ def test_kit_end_to_end_on_tiny(tiny):
   check_press("adakv(knorm)", model=tiny)
 
 
-@pytest.mark.parametrize("spec", ["snapkv", "kvzip(prompt_ids=(200, 201))"])
-def test_kit_end_to_end_on_a_hybrid_model(spec, tiny_gemma3):
-  """Sliding layers beside the pressed global one; a prompt row overflows the 16-token window."""
-  check_press(spec, model=tiny_gemma3)
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("drop_compiled_code")
 @pytest.mark.parametrize("name", [n for n in presses.press_names() if presses.example_spec(n)
                                   and not presses.make_press(presses.example_spec(n)).rerotates])
 def test_every_press_passes_the_kit_end_to_end_on_a_hybrid_model(name, tiny_gemma3):
-  """Every press but the re-rotating ones (which refuse hybrid models: a clear SpecError)."""
+  """Every press but the re-rotating ones (which refuse hybrid models: a clear SpecError), with
+  sliding layers beside the pressed global one and a prompt row past the 16-token window (the
+  fast lane checks kvzip's windows in tests/presses/test_kvzip.py)."""
   check_press(presses.example_spec(name), model=tiny_gemma3)
 
 
