@@ -22,8 +22,13 @@ tasks (each_key is reported beside it, not in it). Greedy decoding, the task's m
 
 Cost: the model runs once per batch of samples and setting (`kvjax.presses.prefill`: every
 layer's queries, keys and values kept), and every (press, ratio) compresses that prefill
-(`kvjax.compress(model, prefilled, ...)`, which only scores, selects and writes); kvzip, which
-scores a longer run, gets its own prefill. `--resume` keeps the rows of an earlier run's JSON and
+(`kvjax.compress(model, prefilled, ...)`, which only scores, selects and writes). A press whose
+scores ignore the budget (`Press.budget_free`: all but a few) scores once per setting: its first
+ratio keeps the scores and the later ones pass them back (`compress(..., scores=)`), so they only
+select and write. kvzip, which scores an extension of the prompt, scores it once per setting
+(`kvjax.presses.score_prompt`, with --prefill-dir kept on disk) and compresses the plain prefill
+like every other press; its query-aware first token is the plain prefill's, as for every press.
+`--resume` keeps the rows of an earlier run's JSON and
 runs only the missing configurations (a long grid in several sittings); `--prefill-dir` keeps the
 prefills too (`kvjax.presses.save_prefilled`, ~0.5 GB per 4096-token row on SmolLM2), named by a
 digest of the model, its weights, kvjax's version and the rows, so a later sitting loads them
@@ -315,27 +320,66 @@ def batches(samples):
   return [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)]
 
 
-def prefills(samples, setting: str, press=None) -> list:
+def prefills(samples, setting: str) -> list:
   """One `kvjax.presses.prefill` per batch of samples: the contexts (query_agnostic) or context +
-  question (query_aware), run once and compressed by every press and ratio (a press that extends
-  the prompt, kvzip, gets its own: `press`)."""
+  question (query_aware), run once and compressed by every press and ratio."""
   rows = lambda batch: [list(s.ids) + (list(s.question_ids) if setting == "query_aware" else [])
                         for s in batch]
-  return [(batch, kept_prefill(rows(batch), press)) for batch in batches(samples)]
+  return [(batch, kept_prefill(rows(batch))) for batch in batches(samples)]
 
 
-def kept_prefill(rows, press):
+def kept_folder(*key) -> pathlib.Path | None:
+  """--prefill-dir's folder for `key` and this model, weights and kvjax (None without one)."""
+  if args.prefill_dir is None:
+    return None
+  key = json.dumps([model_name, weights_digest(), kvjax.__version__, *key])
+  return pathlib.Path(args.prefill_dir) / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def kept_prefill(rows):
   """`kvjax.presses.prefill` of the rows, or with --prefill-dir the one an earlier sitting saved
   for the same model, weights, kvjax and rows (saved here when there is none)."""
-  if args.prefill_dir is None:
-    return kvjax.presses.prefill(model, rows, press=press)
-  key = json.dumps([model_name, weights_digest(), kvjax.__version__, press, rows])
-  folder = pathlib.Path(args.prefill_dir) / hashlib.sha256(key.encode()).hexdigest()[:20]
-  if (folder / "prefilled.pkl").is_file():
+  folder = kept_folder(None, rows)
+  if folder is not None and (folder / "prefilled.pkl").is_file():
     return kvjax.presses.load_prefilled(folder)
-  prefilled = kvjax.presses.prefill(model, rows, press=press)
-  kvjax.presses.save_prefilled(prefilled, folder)
+  prefilled = kvjax.presses.prefill(model, rows)
+  if folder is not None:
+    kvjax.presses.save_prefilled(prefilled, folder)
   return prefilled
+
+
+def extension_scores(rows, spec: str) -> np.ndarray:
+  """float32 [L, B, K, T]: the scores of a press that extends the rows (kvzip), from one run of
+  the extension (`score_prompt`), or with --prefill-dir the ones an earlier sitting kept."""
+  folder = kept_folder("scores", spec, rows)
+  if folder is not None and (folder / "scores.npy").is_file():
+    return np.load(folder / "scores.npy")
+  t0 = time.perf_counter()
+  scores = np.asarray(kvjax.presses.score_prompt(model, rows, spec, ratio=0.5).scores)
+  print(f"  {spec} scored its extension of {len(rows)} rows ({time.perf_counter() - t0:.0f} s)",
+        flush=True)
+  if folder is not None:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "scores.npy", scores)
+  return scores
+
+
+# Scores of the presses with `budget_free` scores, per (press, setting, batch), kept over the
+# ratios of one length: the first ratio scores, the later ones only select and write.
+scored: dict = {}
+
+
+def compress_batch(pre, i: int, label: str, spec: str, ratio: float, setting: str):
+  """(cache, Compressed) of batch i's prefill `pre`, scoring only where no scores are kept."""
+  key = (label, setting, i)
+  free = make_press(spec).budget_free
+  if free and key not in scored and extends(spec):
+    scored[key] = extension_scores([list(r) for r in pre.rows], spec)
+  cache, info = kvjax.compress(model, pre, spec, ratio=ratio, details=True,
+                               scores=scored.get(key) if free else None)
+  if free and key not in scored:
+    scored[key] = info.scores
+  return cache, info
 
 
 @functools.cache
@@ -350,11 +394,11 @@ def weights_digest() -> str:
   return h.hexdigest()
 
 
-def run_agnostic(prefilled, spec: str, ratio: float) -> list[tuple[Question, str]]:
+def run_agnostic(prefilled, label: str, spec: str, ratio: float) -> list[tuple[Question, str]]:
   """Compress each batch's contexts, then ask every question of the compressed cache."""
   done = []
-  for batch, pre in prefilled:
-    cache = kvjax.compress(model, pre, spec, ratio=ratio)
+  for i, (batch, pre) in enumerate(prefilled):
+    cache, _ = compress_batch(pre, i, label, spec, ratio, "query_agnostic")
     questions = []
     for i, s in enumerate(batch):
       questions.append(Question(i, s.task, list(s.question_ids), s))
@@ -368,12 +412,12 @@ def run_agnostic(prefilled, spec: str, ratio: float) -> list[tuple[Question, str
   return done
 
 
-def run_aware(prefilled, spec: str, ratio: float) -> list[tuple[Question, str]]:
+def run_aware(prefilled, label: str, spec: str, ratio: float) -> list[tuple[Question, str]]:
   """Compress context + question together; first token from the prefill's logits, then generate."""
   done = []
   eos = getattr(tok, "eos_id", None)
-  for batch, pre in prefilled:
-    cache, info = kvjax.compress(model, pre, spec, ratio=ratio, details=True)
+  for i, (batch, pre) in enumerate(prefilled):
+    cache, info = compress_batch(pre, i, label, spec, ratio, "query_aware")
     first = np.asarray(np.argmax(np.asarray(info.logits), axis=-1), np.int64)
     questions = [Question(i, s.task, [int(first[i])], s) for i, s in enumerate(batch)]
     longest = max(max_new(s) for s in batch)
@@ -443,28 +487,22 @@ specs = {label: f"finch(window_size={shortest})" if spec == "finch" and shortest
          for label, spec in specs.items()}
 
 def extends(spec: str) -> bool:
-  """True for a press that scores an extension of the prompt (kvzip): it gets its own prefill."""
+  """True for a press that scores an extension of the prompt (kvzip): `extension_scores`."""
   probe = [[1, 2, 3]]
   return make_press(spec).extend(probe, tok)[0] != probe
 
 
-# One prefill per (length, setting[, extending press]) serves every (press, ratio). Both settings'
-# prefills are held together and the configurations go ratio by ratio (in the order given), press
-# by press, setting by setting: an interrupted run holds every press at the first ratios. A press
-# that extends the prompt (kvzip: the context twice) goes setting by setting instead, one prefill
-# held at a time (at 4096 tokens both of SmolLM2's were ~13 GB).
-plan = []  # (length, extending spec or None, [(label, spec, ratio, setting), ...])
+# One prefill per (length, setting) serves every (press, ratio). Both settings' prefills are held
+# together and the configurations go ratio by ratio (in the order given), press by press, setting
+# by setting: an interrupted run holds every press at the first ratios.
+plan = []  # (length, [(label, spec, ratio, setting), ...])
 ceiling_setting = "query_agnostic" if "query_agnostic" in args.settings else args.settings[0]
 for length in lengths:
-  plain = [(FULL, "knorm", 0.0, ceiling_setting)]  # the full cache (ratio 0), once
-  plain += [(label, spec, ratio, setting) for ratio in ratios for label, spec in specs.items()
-            if not extends(spec) for setting in args.settings]
-  plan.append((length, None, plain))
-  for label, spec in specs.items():
-    if extends(spec):
-      plan += [(length, spec, [(label, spec, ratio, setting) for ratio in ratios])
-               for setting in args.settings]
-configs = [(length, label, spec, ratio, setting) for length, _, todo in plan
+  todo = [(FULL, "knorm", 0.0, ceiling_setting)]  # the full cache (ratio 0), once
+  todo += [(label, spec, ratio, setting) for ratio in ratios for label, spec in specs.items()
+           for setting in args.settings]
+  plan.append((length, todo))
+configs = [(length, label, spec, ratio, setting) for length, todo in plan
            for label, spec, ratio, setting in todo]
 
 outcomes = common.Outcomes(strict=args.strict)
@@ -538,7 +576,7 @@ if args.resume and json_path.is_file():  # merge: keep what an earlier run measu
     print(f"  resume: {len(results)} rows kept from {json_path}", flush=True)
 
 bar = common.progress_bar(len(configs), desc="leaderboard")
-for length, extending, todo in plan:
+for length, todo in plan:
   todo = [(label, spec, ratio, setting) for label, spec, ratio, setting in todo
           if (length, "both" if label == FULL else setting, label, ratio) not in done_keys
           and outcomes.ok(f"{label}/{setting}")]
@@ -551,10 +589,9 @@ for length, extending, todo in plan:
   prefilled = {}
   for setting in dict.fromkeys(setting for *_, setting in todo):
     t0 = time.perf_counter()
-    with outcomes.guard(f"prefill/{setting}/{extending or 'plain'}"):
-      prefilled[setting] = prefills(samples[length], setting, extending)
-      print(f"  prefill {setting} {extending or ''} ({time.perf_counter() - t0:.0f} s)",
-            flush=True)
+    with outcomes.guard(f"prefill/{setting}"):
+      prefilled[setting] = prefills(samples[length], setting)
+      print(f"  prefill {setting} ({time.perf_counter() - t0:.0f} s)", flush=True)
   last_ratio = None
   for label, spec, ratio, setting in todo:
     bar.update(1)
@@ -570,7 +607,7 @@ for length, extending, todo in plan:
       t0 = time.perf_counter()
       both = label == FULL
       run = run_aware if setting == "query_aware" else run_agnostic
-      answered = run(prefilled[setting], spec, ratio)
+      answered = run(prefilled[setting], label, spec, ratio)
       row = dict(length=length, press=label, spec=spec, ratio=ratio,
                  setting="both" if both else setting,
                  **summarize(answered), wall_s=round(time.perf_counter() - t0, 1))
@@ -584,6 +621,7 @@ for length, extending, todo in plan:
     # allocate memory" with RAM free), so they are dropped whenever the maps pile up.
     kvjax.clear_caches(maps_above=MAPS_ABOVE)
   del prefilled
+  scored.clear()
   kvjax.clear_caches()
 bar.close()
 

@@ -26,6 +26,7 @@ class SnapKVPress(Press):
   and average pooling (compat="kvpress")."""
 
   name: ClassVar[str] = "snapkv"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "attention of the last prompt queries, pooled (Li et al. 2024)"
   kvpress: ClassVar[dict] = {"window_size": 64, "kernel_size": 5, "pooling": "avg"}
   window_size: int | None = None
@@ -97,6 +98,7 @@ class TOVAPress(Press):
   "Transformers are Multi-State RNNs"). As kvpress's TOVAPress."""
 
   name: ClassVar[str] = "tova"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "attention of the last prompt query, all heads alike (Oren et al. 2024)"
 
   def score(self, x: LayerInputs, n_kept):
@@ -118,6 +120,7 @@ class ObservedAttentionPress(Press):
   most of the masked triangle skipped: `LayerInputs.attention_column_sums`)."""
 
   name: ClassVar[str] = "observed_attention"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "mean attention each key receives from the prompt (H2O, Zhang et al. 2023)"
 
   def score(self, x: LayerInputs, n_kept):
@@ -143,6 +146,7 @@ class ExpectedAttentionPress(Press):
   """
 
   name: ClassVar[str] = "expected_attention"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "attention expected from a Gaussian model of future queries (Devoto 2025)"
   n_future_positions: int = 512
   n_sink: int = 4

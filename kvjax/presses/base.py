@@ -7,7 +7,9 @@ and shapes) with two hooks, both pure functions of one layer's `LayerInputs`:
   score(x, n_kept) -> float32 [B, K, T]
       How much each prompt token of each kv head is worth keeping (higher keeps). n_kept int32 [B]
       is the row's budget for this layer; most presses ignore it (StreamingLLM and CriticalKV use
-      it). Positions t >= x.n_valid[b] are padding: their scores are ignored.
+      it) and say so with `budget_free = True`: one scoring then serves every budget
+      (`compress(..., scores=)`, a ratio sweep scores once). Positions t >= x.n_valid[b] are
+      padding: their scores are ignored.
   select(x, scores, n_kept) -> bool [B, K, T]
       Which tokens are kept. Default (`topk_per_head`): the n_kept[b] best of each (row, kv head),
       kvpress's ScorerPress rule. Wrappers override it (AdaKV pools a layer's heads, ChunkKV keeps
@@ -200,6 +202,7 @@ class Press:
   changes_keys: ClassVar[bool] = False  # stored keys differ from the prefill's (think, rerotation)
   rerotates: ClassVar[bool] = False  # kept keys move to positions 0..n-1 (module docstring)
   takes_budget: ClassVar[bool] = True  # False: no ratio/budget, the press sizes each layer
+  budget_free: ClassVar[bool] = False  # True: score() never reads n_kept (the kit checks it)
 
   def score(self, x: LayerInputs, n_kept) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} has no score()")

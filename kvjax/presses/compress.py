@@ -22,7 +22,11 @@ row's first `n_context` tokens are scored, kept and counted (`lengths` = the con
 Sweeps: `prefill(model, ids)` runs the model once and keeps every layer's queries, keys and values
 (`Prefilled`); `compress(model, prefilled, press, ...)` then replays only the pressing (score,
 select, write) per layer, so N presses x M ratios cost one prefill instead of N x M;
-`save_prefilled` / `load_prefilled` keep it across sittings.
+`save_prefilled` / `load_prefilled` keep it across sittings. A press whose scores ignore the
+budget (`Press.budget_free`) scores once per sweep: `compress(..., details=True)` (or
+`score_prompt`) returns every layer's scores, and `compress(..., ratio=r, scores=those)` only
+selects and writes; kvzip's extended run is then needed once, and every ratio compresses a plain
+`prefill(model, ids)` of the context.
 
 Budgets: `ratio` r keeps n_kept = max(1, floor(n * (1 - r))) tokens of a row of n (kvpress's rule,
 per row, so ragged rows each lose the same share); `budget` keeps min(budget, n). A press may give
@@ -102,6 +106,7 @@ class _Pressing:
   scores: tuple = ()
   kept: tuple = ()
   context: jax.Array | None = None  # int32 [B] context lengths when the press extended the rows
+  given: tuple | None = None  # per layer float32 [B, K, T] scores to use (None: sliding layers)
   done: jax.Array | None = None  # float32 [] in a replay: depends on all of the last layer's work
   press: Press = struct.field(pytree_node=False, default=None)
   n_layers: int = struct.field(pytree_node=False, default=1)
@@ -160,7 +165,11 @@ class _Pressing:
     """Scores layer x.layer, selects, and writes the kept tokens to the target (and the record)."""
     layer = x.layer
     n_kept = self.n_kept[layer]
-    scores = self.press.score(x, n_kept).astype(jnp.float32)
+    if self.given is None:
+      scores = self.press.score(x, n_kept).astype(jnp.float32)
+    else:  # compress(scores=): over the context; an extended run's tail is not a context position
+      given = self.given[layer]
+      scores = jnp.pad(given, ((0, 0), (0, 0), (0, x.tokens - given.shape[-1])))
     sink, window = self.protected
     if sink or window:  # compress(sink=, window=): kept whatever the press says
       pos = jnp.arange(x.tokens)[None, :]
@@ -459,8 +468,8 @@ def layer_budgets(press: Press, lengths, rows, n_layers: int, ratio=None) -> np.
 # ---- the entry point ----------------------------------------------------------------------------
 def compress(model, ids, press, *, ratio: float | None = None, budget: int | None = None,
              compat: str | None = None, room: int = ROOM, storage: str | None = None,
-             sink: int = 0, window: int = 0,
-             group: int = 32, details: bool = False, **options):
+             sink: int = 0, window: int = 0, group: int = 32, details: bool = False,
+             scores=None, **options):
   """Prefills the prompt rows `ids` and keeps what `press` chooses; returns the cache.
 
   Args:
@@ -477,6 +486,12 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     sink, window: the first `sink` and last `window` prompt tokens of each row outrank every
       other score, whatever the press (they count in the budget).
     details: also return a `Compressed` (first-token logits, every layer's scores and kept mask).
+    scores: float32 [L, B, K, T], the `Compressed.scores` of an earlier `compress(details=True)`
+      or `score_prompt` of the same rows and press at any budget: used instead of scoring again,
+      so a ratio sweep scores once. Only for presses whose scores ignore the budget
+      (`Press.budget_free`). A press that extends the rows (kvzip) then runs over the rows alone
+      (ids, or a plain `prefill(model, ids)`): the scores already saw the extension, and the
+      logits of details=True are the prompt's own.
     options: the press's own options (e.g. window_size=32 for snapkv).
 
   Returns:
@@ -485,13 +500,14 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
     kv head). With details=True: (cache, Compressed).
   """
   press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
-                                        "compress")
+                                        "compress", given=scores is not None)
+  given = None if scores is None else _given_scores(model, press, scores, lengths)
   if not isinstance(room, (int, np.integer)) or room < 1:
     raise SpecError(f"compress: room must be an int >= 1, got {room!r}")
   dtype = model_dtype(model)
   target = _target(press, model.config, kept, room, codec_lib.parse(storage, dtype, group), dtype)
   done, info = _run(model, rows, lengths, press, kept, target, details, _protected(sink, window),
-                    _prefilled(ids))
+                    _prefilled(ids), given)
   return (done.target, info) if details else done.target
 
 
@@ -519,10 +535,15 @@ def _protected(sink, window) -> tuple[int, int]:
   return int(sink), int(window)
 
 
-def _prepare(model, ids, press, ratio, budget, compat, options, what):
-  """(press resolved, rows, lengths [B], budgets int [L, B]) after checking the arguments."""
+def _prepare(model, ids, press, ratio, budget, compat, options, what, given=False):
+  """(press resolved, rows, lengths [B], budgets int [L, B]) after checking the arguments.
+  given: scores were passed in, so an extending press need not run its extension."""
   check_model(model, what)
   press = make_press(press, **options).resolve(compat)
+  if given and not press.budget_free:
+    raise SpecError(f"{what}: {press}'s scores depend on the budget (Press.budget_free is False), "
+                    "so scores made at another budget are not its scores here; compress without "
+                    "scores=")
   if isinstance(ids, Prefilled):
     _check_prefilled(model, ids, what)
     rows = [list(r) for r in ids.rows]
@@ -531,6 +552,8 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   if min(len(r) for r in rows) < 1:
     raise ValueError(f"{what}: every row needs at least one token")
   extended, context = press.extend(rows, getattr(model, "tokenizer", None))
+  if given and not (isinstance(ids, Prefilled) and [tuple(r) for r in extended] == list(ids.run)):
+    extended, context = rows, [len(r) for r in rows]  # the given scores saw the extension
   if isinstance(ids, Prefilled) and [tuple(r) for r in extended] != list(ids.run):
     raise SpecError(f"{what}: {press} scores " + (
         f"an extended prompt ({press.name} adds to each row): make its Prefilled with "
@@ -559,6 +582,24 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what):
   return press, rows, lengths, kept
 
 
+def _given_scores(model, press, scores, lengths) -> tuple:
+  """compress(scores=) as one float32 [B, K, T] per layer (None for a sliding layer), checked
+  against what this call's press scores: [pressed layers, rows, kv heads, longest row]."""
+  windows = layer_windows(model.config)
+  pressed = [i for i, w in enumerate(windows) if w is None]
+  want = (len(pressed), len(lengths), model.config.n_kv_heads, int(lengths.max()))
+  shape = tuple(getattr(scores, "shape", ()))
+  if shape != want:
+    raise SpecError(f"compress: scores has shape {shape}; {press} scores these rows as {want} "
+                    "([pressed layers, rows, kv heads, longest row]: the Compressed.scores of a "
+                    "compress(details=True) or score_prompt of the same rows)")
+  scores = jnp.asarray(scores, jnp.float32)
+  per_layer = [None] * len(windows)
+  for i, layer in enumerate(pressed):
+    per_layer[layer] = scores[i]
+  return tuple(per_layer)
+
+
 def _check_prefilled(model, prefilled: Prefilled, what: str) -> None:
   config = model.config
   k = prefilled.k[0] if prefilled.k else None
@@ -578,16 +619,18 @@ def _tokens(rows) -> tuple[np.ndarray, np.ndarray]:
   return tokens, n_valid
 
 
-def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0), prefilled=None):
+def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0), prefilled=None,
+         given=None):
   """The compressing prefill, or its replay from `prefilled`: (the final _Pressing, Compressed or
-  None). lengths: each row's context (rows may be longer when the press extended them)."""
+  None). lengths: each row's context (rows may be longer when the press extended them); given:
+  per-layer scores to use instead of the press's (`_given_scores`)."""
   tokens, n_valid = _tokens(rows)
   wo = _output_projections(model) if press.needs_wo else None
   sliding = _sliding(model.config)
   context = None if np.array_equal(n_valid, lengths) else jnp.asarray(lengths, jnp.int32)
   pressing = _Pressing(target=target, n_kept=jnp.asarray(kept, jnp.int32), wo=wo, press=press,
                        n_layers=model.config.n_layers, record=record, sliding=sliding,
-                       protected=protected, context=context)
+                       protected=protected, context=context, given=given)
   if prefilled is None:
     logits, done = _prefill(static_step(model), model.params, jnp.asarray(tokens),
                             jnp.asarray(n_valid, jnp.int32), pressing)

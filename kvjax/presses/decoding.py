@@ -60,6 +60,7 @@ class DecodingPress(Wrapper):
   example: ClassVar[str | None] = "decoding(knorm)"
   doc: ClassVar[str] = "the inner press every compression_interval decoded tokens (kvpress)"
   takes_budget: ClassVar[bool] = False
+  budget_free: ClassVar[bool] = False
   compression_interval: int = 512
   target_size: int = 2048
 

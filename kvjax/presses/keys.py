@@ -27,6 +27,7 @@ class KnormPress(Press):
   Strategy for KV Cache Compression")."""
 
   name: ClassVar[str] = "knorm"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "smallest key L2 norm (Devoto et al. 2024)"
 
   def score(self, x: LayerInputs, n_kept):
@@ -72,6 +73,7 @@ class KeyDiffPress(Press):
   Environments"). The paper's block-wise variant is block(keydiff)."""
 
   name: ClassVar[str] = "keydiff"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "keys least like the mean key direction (Park et al. 2025)"
 
   def score(self, x: LayerInputs, n_kept):
@@ -99,6 +101,7 @@ class LagKVPress(Press):
   StreamingLLM). Options and defaults are kvpress's."""
 
   name: ClassVar[str] = "lagkv"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "spread relative to the next partition's range (Liang et al. 2025)"
   n_sink: int = 4
   lag_size: int = 128
@@ -157,6 +160,7 @@ class CURPress(Press):
   use_random_leverage (a torch.randn projection first) is not reproduced and is refused."""
 
   name: ClassVar[str] = "cur"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "approximate CUR leverage of keys x values (Sengupta et al. 2025)"
   num_sinks: int = 4
   leverage_type: str = "kv_product"
@@ -204,6 +208,7 @@ class RandomPress(Press):
   torch.rand: the two are not comparable token for token, only in distribution."""
 
   name: ClassVar[str] = "random"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "uniformly random tokens, seeded (baseline)"
   seed: int = 0
 
@@ -230,6 +235,7 @@ class LeverageScorePress(Press):
   every row."""
 
   name: ClassVar[str] = "leverage"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "approximate leverage of pre-RoPE keys, sketched (Chari & Van Durme 2025)"
   sketch_dimension: int = 48
   seed: int = 0

@@ -5,7 +5,9 @@ context]: the model is asked to reproduce its context, and a context token's sco
 attention any of the repetition's queries gives it (max over those queries and over the kv head's
 query heads). `compress` prefills the extended rows in one pass (the context's own hidden states
 are those of a plain prefill, causality) and keeps only context positions; the cache's `lengths`
-are the context lengths, so decoding continues right after the context.
+are the context lengths, so decoding continues right after the context. Its scores ignore the
+budget: a sweep scores the extension once (`score_prompt`) and compresses a plain prefill of the
+context at every ratio (`compress(..., scores=)`).
 
 kvpress 0.5.5 (KVzipPress) and kvjax, where they differ:
   * kvpress prefills the context, then runs the repetition against that cache, one pass per
@@ -50,6 +52,7 @@ class KVzipPress(Press):
   """
 
   name: ClassVar[str] = "kvzip"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "max attention while the model repeats the context (Kim et al. 2025)"
   shared_heads: ClassVar[bool] = True  # a layer's kv heads compete for its budget
   n_sink: int = 4

@@ -262,6 +262,7 @@ class NonCausalAttnPress(Press):
   """
 
   name: ClassVar[str] = "non_causal_attn"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "non-causal attention within chunks, z-scored (Compactor, Chari 2025)"
   chunk_size: int = 256
 
@@ -355,6 +356,7 @@ class CapPress(Press):
   """
 
   name: ClassVar[str] = "cap"
+  budget_free: ClassVar[bool] = True
   doc: ClassVar[str] = "query-weighted leverage of values, sinks kept (CAPKV, arXiv:2604.25975)"
   tau: float = 5.0
   n_future_positions: int = 512

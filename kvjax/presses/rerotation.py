@@ -82,6 +82,7 @@ class FinchPress(Press):
   """
 
   name: ClassVar[str] = "finch"
+  budget_free: ClassVar[bool] = True
   example: ClassVar[str | None] = "finch(window_size=8)"
   doc: ClassVar[str] = "question-window attention, keys re-rotated (Corallo & Papotti 2024)"
   window_size: int | None = None

@@ -50,6 +50,10 @@ class Wrapper(Press):
   def takes_budget(self) -> bool:
     return self.press.takes_budget
 
+  @property
+  def budget_free(self) -> bool:
+    return self.press.budget_free
+
   def extend(self, rows, tokenizer):
     return self.press.extend(rows, tokenizer)
 
@@ -133,6 +137,7 @@ class CriticalKVPress(Wrapper):
   Wrap a press that does not scale by ||v|| itself: expected_attention(use_vnorm=False)."""
 
   name: ClassVar[str] = "criticalkv"
+  budget_free: ClassVar[bool] = False  # the first stage keeps a share of n_kept
   example: ClassVar[str | None] = "criticalkv(snapkv)"
   doc: ClassVar[str] = "scores rescaled by each value's effect on the output (Feng et al. 2025)"
   epsilon: float = 1e-4

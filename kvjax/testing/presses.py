@@ -20,6 +20,8 @@ Invariants checked (each failure names its invariant):
                generation, score_prompt's scores equal compress's, and the kept positions in
                `cache.view()` are the ones compress says it kept (`details=True`);
                on a model with sliding layers (tiny-gemma3) one prompt row overflows the window
+  budget_free  (with a model, for a press with `budget_free`) its scores are the same at two
+               budgets, and compress(..., scores=) with compress's own scores keeps what it kept
 
 The synthetic layer (`synthetic_inputs`) is GQA (4 query heads over 2 kv heads), head_dim 8, two
 rows of 24 and 17 tokens, with RoPE at theta 10000 and a random output projection.
@@ -142,6 +144,19 @@ def _extends(press: Press) -> bool:
   return rows != [[3, 4, 5]]
 
 
+def _same_tokens(a, b) -> bool:
+  """Two caches hold the same positions, with keys and values equal to rounding (a press that
+  extends the rows, kvzip, computes the context's keys in a longer run when it scores itself)."""
+  va, vb = a.view(), b.view()
+  ma, mb = np.asarray(va.mask), np.asarray(vb.mask)
+  if ma.shape != mb.shape or (ma != mb).any():
+    return False
+  if not np.array_equal(np.asarray(va.positions)[ma], np.asarray(vb.positions)[mb]):
+    return False
+  return all(np.allclose(np.asarray(x)[ma], np.asarray(y)[mb], rtol=1e-4, atol=1e-5)
+             for x, y in ((va.keys, vb.keys), (va.values, vb.values)))
+
+
 def _end_to_end_lengths(model) -> tuple[int, int]:
   """The two prompt rows' lengths: 12 and 7 tokens, and on a model with sliding layers one row
   past the widest window and one inside it, so that the windows' eviction is checked too."""
@@ -180,6 +195,14 @@ def _end_to_end(press: Press, model) -> None:
   scale = float(np.max(np.abs(b[np.isfinite(b)]), initial=1.0))
   _require(np.allclose(a, b, rtol=1e-3, atol=1e-4 * scale, equal_nan=True), "end_to_end",
            "score_prompt's scores differ from compress's")
+  if press.budget_free and sized:
+    other = score_prompt(model, rows, press, ratio=0.25 if ratio else 0.5)
+    _require(np.array_equal(np.asarray(other.scores), a, equal_nan=True), "budget_free",
+             f"{press} says its scores ignore the budget (budget_free), but score_prompt's "
+             "differ between two ratios: set budget_free = False")
+    again = compress(model, rows, press, room=8, scores=done.scores, **budget)
+    _require(_same_tokens(again, cache), "budget_free",
+             "compress(..., scores=) with compress's own scores keeps other tokens than compress")
   view = cache.view()
   pressed = list(done.layers)  # a hybrid model's sliding layers keep their window, unpressed
   pos, mask = np.asarray(view.positions)[pressed], np.asarray(view.mask)[pressed]

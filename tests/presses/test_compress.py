@@ -270,6 +270,26 @@ def test_one_prefill_compresses_like_the_ids_for_every_press_and_ratio(tiny):
                                                                 ratio=0.5).kept))
 
 
+def test_one_scoring_serves_every_ratio(tiny):
+  """compress(scores=) with the scores of another ratio keeps what compress keeps by itself (a
+  ratio sweep scores once), from the ids or a Prefilled; presses whose scores read the budget, and
+  scores of the wrong shape, are refused."""
+  rows = _rows(tiny, (20, 13))
+  prefilled = presses.prefill(tiny, rows)
+  for spec in ("snapkv", "pyramidkv", "adakv(knorm)"):  # one ScoredCache, layered, a shared pool
+    scores = presses.score_prompt(tiny, rows, spec, ratio=0.25).scores
+    want, info = kvjax.compress(tiny, rows, spec, ratio=0.75, details=True)
+    for ids in (rows, prefilled):
+      got, given = kvjax.compress(tiny, ids, spec, ratio=0.75, scores=scores, details=True)
+      np.testing.assert_array_equal(np.asarray(given.kept), np.asarray(info.kept))
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=1e-5)
+  with pytest.raises(SpecError, match="depend on the budget"):
+    kvjax.compress(tiny, rows, "streaming_llm", ratio=0.5, scores=scores)
+  with pytest.raises(SpecError, match=r"scores has shape \(4, 1, 4, 20\)"):
+    kvjax.compress(tiny, rows, "snapkv", ratio=0.5, scores=scores[:, :1])
+
+
 def test_a_saved_prefill_loads_back_bit_for_bit(tiny, tmp_path):
   rows = _rows(tiny, (20, 13))
   prefilled = presses.prefill(tiny, rows)

@@ -113,6 +113,25 @@ def test_hybrid_window_layers_hold_the_context_not_its_repetition(tiny_gemma3, r
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny_gemma3"])
+def test_scored_once_it_compresses_a_plain_prefill(request, name):
+  """kvzip's scores from one run of the extension serve any ratio over a plain prefill of the
+  context (no extended Prefilled): the same kept tokens, the same decoding, and the context's own
+  first-token logits."""
+  model, spec = request.getfixturevalue(name), f"kvzip(prompt_ids={IDS})"
+  scores = presses.score_prompt(model, ROWS, spec, ratio=0.25).scores
+  plain = presses.prefill(model, ROWS)
+  want, info = kvjax.compress(model, ROWS, spec, ratio=0.5, room=4, details=True)
+  got, given = kvjax.compress(model, plain, spec, ratio=0.5, room=4, details=True, scores=scores)
+  np.testing.assert_array_equal(np.asarray(given.kept), np.asarray(info.kept))
+  np.testing.assert_array_equal(np.asarray(got.lengths), [len(r) for r in ROWS])
+  np.testing.assert_array_equal(np.asarray(given.logits), np.asarray(plain.logits))
+  nxt, n = jnp.asarray([[40, 41], [50, 51]], jnp.int32), jnp.asarray([2, 2], jnp.int32)
+  a, _ = _step(static_step(model), model.params, nxt, got, n)
+  b, _ = _step(static_step(model), model.params, nxt, want, n)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+
+
 def test_ragged_rows_equal_each_row_alone(tiny):
   """The short row (padded in the batch) scores and keeps what it does alone."""
   spec = f"kvzip(prompt_ids={IDS})"
