@@ -254,6 +254,23 @@ def test_leaderboard_quick(tmp_path):
   assert (tmp_path / "leaderboard.svg").is_file()
 
 
+def test_leaderboard_scores_kvzip_once_and_keeps_the_scores(tmp_path, capsys):
+  """kvzip's extension is scored once per setting, before the plain prefills; with --prefill-dir
+  a second sitting loads those scores and the prefills and measures the same answers."""
+  extra = ("--quick", "--strict", "--presses", "kvzip", "--ratios", "0.5", "0.75",
+           "--prefill-dir", str(tmp_path / "kept"))
+  runs = []
+  for name in ("first", "second"):
+    run_script("leaderboard", tmp_path / name, *extra)
+    runs.append(json.loads((tmp_path / name / "leaderboard.json").read_text()))
+    runs[-1]["log"] = capsys.readouterr().out
+  assert runs[0]["log"].count("kvzip scored its extension") == 2  # once per setting
+  assert "scored its extension" not in runs[1]["log"]
+  answers = [{(r["press"], r["ratio"], r["setting"]): r["answers"] for r in d["results"]}
+             for d in runs]
+  assert answers[0] == answers[1] and len(answers[0]) == 5
+
+
 def test_speculative_quick(tmp_path):
   run_script("speculative", tmp_path, "--quick")
   d = json.loads((tmp_path / "speculative.json").read_text())
