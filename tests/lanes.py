@@ -28,6 +28,7 @@ FULL_LANE = {
     "tests/presses/test_more.py::test_merging_changes_only_the_stored_values": 12.1,
     "tests/presses/test_rerotation.py::test_equals_a_full_cache_of_the_kept_tokens[key_rerotation(knorm)]": 9.2,
     "tests/presses/test_kvzip.py::test_ratio_zero_keeps_the_context_and_decodes_like_a_full_cache": 8.6,
+    "tests/presses/test_kvzip.py::test_scored_once_it_compresses_a_plain_prefill[tiny_gemma3]": 13.7,
     "tests/presses/test_compress.py::test_pyramid_budgets_make_a_layered_cache": 4.6,
     "tests/presses/test_compress.py::test_a_user_press_end_to_end": 10.0,
     "tests/test_research_doc.py::test_a_press_compresses_the_pages_own_model": 15.0,

@@ -276,10 +276,11 @@ def test_one_scoring_serves_every_ratio(tiny):
   scores of the wrong shape, are refused."""
   rows = _rows(tiny, (20, 13))
   prefilled = presses.prefill(tiny, rows)
-  for spec in ("snapkv", "pyramidkv", "adakv(knorm)"):  # one ScoredCache, layered, a shared pool
-    scores = presses.score_prompt(tiny, rows, spec, ratio=0.25).scores
-    want, info = kvjax.compress(tiny, rows, spec, ratio=0.75, details=True)
-    for ids in (rows, prefilled):
+  for spec, sources in [("snapkv", (rows, prefilled)), ("pyramidkv", (prefilled,)),
+                        ("adakv(knorm)", (prefilled,))]:  # one ScoredCache, layered, shared pool
+    scores = presses.score_prompt(tiny, prefilled, spec, ratio=0.25).scores
+    want, info = kvjax.compress(tiny, sources[0], spec, ratio=0.75, details=True)
+    for ids in sources:
       got, given = kvjax.compress(tiny, ids, spec, ratio=0.75, scores=scores, details=True)
       np.testing.assert_array_equal(np.asarray(given.kept), np.asarray(info.kept))
       for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

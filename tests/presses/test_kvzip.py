@@ -130,6 +130,9 @@ def test_scored_once_it_compresses_a_plain_prefill(request, name):
   a, _ = _step(static_step(model), model.params, nxt, got, n)
   b, _ = _step(static_step(model), model.params, nxt, want, n)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+  extended = presses.prefill(model, ROWS, press=spec)  # scores given to the extended run: the same
+  _, again = kvjax.compress(model, extended, spec, ratio=0.5, room=4, details=True, scores=scores)
+  np.testing.assert_array_equal(np.asarray(again.kept), np.asarray(info.kept))
 
 
 def test_ragged_rows_equal_each_row_alone(tiny):
