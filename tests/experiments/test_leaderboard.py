@@ -1,7 +1,8 @@
 """experiments/leaderboard.py: the quick mode on the tiny model writes a leaderboard.json of the
 promised shape, the SVG, and a results.md section.
 
-Fast lane, cut down from --quick (one press, one ratio, two tasks): every (press, ratio, setting)
+Cut down from --quick (one press, one ratio, two tasks; full lane since 2026-12-07, for the fast
+lane's budget): every (press, ratio, setting)
 row holds per-task scores in [0, 1], their average and the sample counts; the query-agnostic row
 asks each key of the niah_multiquery context on its own (each_key); the full cache (ratio 0) is
 recorded once and shows under both settings in `averages`. The numbers of a random model mean
