@@ -114,6 +114,9 @@ parser.add_argument("--noise", action="store_true",
 parser.add_argument("--time-limit", type=float, default=None,
                     help="minutes: start no configuration after this; the rest is listed under "
                          "not_run in the JSON")
+parser.add_argument("--defer", nargs="+", default=[], metavar="PRESS",
+                    help="presses (labels) left for a later sitting: listed under not_run, like "
+                         "--time-limit's (kvzip at 8192 tokens scores for an hour per setting)")
 parser.add_argument("--strict", action="store_true", help="raise on a failing press")
 parser.add_argument("--resume", action="store_true",
                     help="keep the rows of the model's JSON in --out and run only the "
@@ -488,6 +491,9 @@ for what, why in sample_notes.items():
 shortest = min((len(s.question_ids) for ss in samples.values() for s in ss), default=0)
 specs = {label: f"finch(window_size={shortest})" if spec == "finch" and shortest else spec
          for label, spec in specs.items()}
+if set(args.defer) - set(specs):
+  parser.error(f"--defer: {sorted(set(args.defer) - set(specs))} are not among this run's presses "
+               f"({', '.join(specs)})")
 
 def extends(spec: str) -> bool:
   """True for a press that scores an extension of the prompt (kvzip): `extension_scores`."""
@@ -583,6 +589,10 @@ for length, todo in plan:
   todo = [(label, spec, ratio, setting) for label, spec, ratio, setting in todo
           if (length, "both" if label == FULL else setting, label, ratio) not in done_keys
           and outcomes.ok(f"{label}/{setting}")]
+  deferred = [c for c in todo if c[0] in args.defer]
+  not_run += [f"{label}@{ratio}/{setting}/{length}" for label, _, ratio, setting in deferred]
+  todo = [c for c in todo if c[0] not in args.defer]
+  bar.update(len(deferred))
   if not samples[length] or not todo:
     bar.update(len(todo))
     continue
