@@ -462,7 +462,8 @@ def render_leaderboard(d):
     lines.append("Presses left out: " + "; ".join(f"`{k}` ({v})" for k, v in
                                                   st["presses_left_out"].items()) + ".\n")
   if d.get("not_run"):
-    lines.append(f"Not run ({d.get('stopped', 'past --time-limit, or left by --defer')}): {len(d['not_run'])} "
+    why = d.get("stopped", "past --time-limit, or left by --defer")
+    lines.append(f"Not run ({why}): {len(d['not_run'])} "
                  "configurations, " + ", ".join(f"`{k}`" for k in d["not_run"][:12])
                  + (", ..." if len(d["not_run"]) > 12 else "") + ".\n")
   if st.get("tasks_left_out"):
