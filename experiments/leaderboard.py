@@ -376,11 +376,10 @@ scored: dict = {}
 
 
 def compress_batch(pre, i: int, label: str, spec: str, ratio: float, setting: str):
-  """(cache, Compressed) of batch i's prefill `pre`, scoring only where no scores are kept."""
+  """(cache, Compressed) of batch i's prefill `pre`, scoring only where no scores are kept (an
+  extending press's were kept before the prefills were loaded: `extension_scores`)."""
   key = (label, setting, i)
   free = make_press(spec).budget_free
-  if free and key not in scored and extends(spec):
-    scored[key] = extension_scores([list(r) for r in pre.rows], spec)
   cache, info = kvjax.compress(model, pre, spec, ratio=ratio, details=True,
                                scores=scored.get(key) if free else None)
   if free and key not in scored:
@@ -601,11 +600,10 @@ for length, todo in plan:
     continue
   # A press that extends the prompt (kvzip) scores its extension before the plain prefills are
   # held (at 8192 tokens the two of them take ~13 GB): its later ratios reuse the scores.
-  for label, spec, _, setting in todo:
-    for i, batch in enumerate(batches(samples[length])):
-      if extends(spec) and (label, setting, i) not in scored and outcomes.ok(f"{label}/{setting}"):
-        with outcomes.guard(f"{label}/{setting}"):
-          scored[(label, setting, i)] = extension_scores(prompt_rows(batch, setting), spec)
+  for label, spec, setting in dict.fromkeys((c[0], c[1], c[3]) for c in todo if extends(c[1])):
+    with outcomes.guard(f"{label}/{setting}"):
+      for i, batch in enumerate(batches(samples[length])):
+        scored[(label, setting, i)] = extension_scores(prompt_rows(batch, setting), spec)
   prefilled = {}
   for setting in dict.fromkeys(setting for *_, setting in todo):
     t0 = time.perf_counter()

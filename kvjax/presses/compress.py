@@ -344,6 +344,11 @@ def _replay(pressing, q, k, v, n_valid, meta):
   return pressing.replace(done=None).advance(n_valid)
 
 
+def _pressed_layers(config) -> tuple:
+  """The layers a press compresses: all of them, or a hybrid model's global (unwindowed) ones."""
+  return tuple(i for i, w in enumerate(layer_windows(config)) if w is None)
+
+
 def _sliding(config) -> tuple | None:
   """Each layer's sliding window (None: global), or None when the model has no sliding layer."""
   windows = layer_windows(config)
@@ -585,8 +590,7 @@ def _prepare(model, ids, press, ratio, budget, compat, options, what, given=Fals
 def _given_scores(model, press, scores, lengths) -> tuple:
   """compress(scores=) as one float32 [B, K, T] per layer (None for a sliding layer), checked
   against what this call's press scores: [pressed layers, rows, kv heads, longest row]."""
-  windows = layer_windows(model.config)
-  pressed = [i for i, w in enumerate(windows) if w is None]
+  pressed = _pressed_layers(model.config)
   want = (len(pressed), len(lengths), model.config.n_kv_heads, int(lengths.max()))
   shape = tuple(getattr(scores, "shape", ()))
   if shape != want:
@@ -594,7 +598,7 @@ def _given_scores(model, press, scores, lengths) -> tuple:
                     "([pressed layers, rows, kv heads, longest row]: the Compressed.scores of a "
                     "compress(details=True) or score_prompt of the same rows)")
   scores = jnp.asarray(scores, jnp.float32)
-  per_layer = [None] * len(windows)
+  per_layer = [None] * model.config.n_layers
   for i, layer in enumerate(pressed):
     per_layer[layer] = scores[i]
   return tuple(per_layer)
@@ -640,7 +644,7 @@ def _run(model, rows, lengths, press, kept, target, record, protected=(0, 0), pr
                    jnp.asarray(n_valid, jnp.int32), prefilled.meta)
   if not record:
     return done, None
-  pressed = tuple(i for i in range(model.config.n_layers) if sliding is None or sliding[i] is None)
+  pressed = _pressed_layers(model.config)
   t = int(lengths.max())
   return done, Compressed(logits=logits, scores=jnp.stack(done.scores)[..., :t],
                           kept=jnp.stack(done.kept)[..., :t],
@@ -657,7 +661,7 @@ def _target(press, config, kept, room, codec, dtype):
   the pressed layers (a LayeredCache when their budgets differ), and on a hybrid model (Gemma 3)
   a window cache per sliding window beside it, in a HybridCache."""
   windows = layer_windows(config)
-  pressed = [i for i, w in enumerate(windows) if w is None]
+  pressed = list(_pressed_layers(config))
   if not pressed:
     raise SpecError("compress: every layer of this model slides over a window, so there is no "
                     "global layer to press")
