@@ -37,7 +37,9 @@ Presses that need more than one layer's view of the prompt say so with three mor
 key_rerotation, finch), `takes_budget = False` (the press sizes every layer itself, so `compress`
 takes no ratio or budget: simlayerkv) and `extend(rows, tokenizer)` (the prefill runs over a longer
 prompt than the one compressed, e.g. kvzip's "repeat the context"; the keys scored and kept are
-the first `n_context` of each row).
+the first `n_context` of each row). A press that scores with model passes of its own (kvzip's
+chunked repetition of long rows) returns its scores from `own_scores(model, rows, prefilled)`;
+`compress` then only selects and writes, as with given scores.
 
 Everything else — running the prefill, budgets from a ratio or a token count, ragged rows, storage
 (intN/fp8), the cache the kept tokens land in — is shared machinery (`kvjax.presses.compress`).
@@ -216,6 +218,13 @@ class Press:
     of each row are scored, kept and counted in the budget. Host-side, once per call; `tokenizer`
     is the model's (or None). Default: the rows unchanged."""
     return rows, [len(r) for r in rows]
+
+  def own_scores(self, model, rows: list[list[int]], prefilled: Callable[[], Any]):
+    """float32 [pressed layers, B, K, T] from model passes of the press's own, or None (default):
+    the press scores inside the prefill (`score`). `prefilled()` returns the rows' plain
+    `prefill` (every layer's q, k, v; run at the first call, then kept): kvzip repeats long
+    contexts chunk by chunk after it. Only for `budget_free` presses (no budget is given)."""
+    return None
 
   def prune_keys(self, x: LayerInputs) -> jax.Array:
     """The keys [B, K, T, H] (rotated) the cache stores for this layer; default x.k as is."""

@@ -17,7 +17,9 @@ ones compete with the prompt's by score).
 Presses that look past one layer (base.py): with `rerotates` the kept keys of each (row, layer,
 kv head) are re-rotated to positions 0..n-1 (`rerotation.rerotate`) and the cache's `lengths` say
 n, so decoding continues at n; with `extend` the prefill runs over the extended rows and only each
-row's first `n_context` tokens are scored, kept and counted (`lengths` = the context's length).
+row's first `n_context` tokens are scored, kept and counted (`lengths` = the context's length); a
+press with `own_scores` (kvzip on rows over its chunk size) scores by model passes of its own
+after a plain prefill, and the compress then only selects and writes, as with given scores.
 
 Sweeps: `prefill(model, ids)` runs the model once and keeps every layer's queries, keys and values
 (`Prefilled`); `compress(model, prefilled, press, ...)` then replays only the pressing (score,
@@ -25,7 +27,7 @@ select, write) per layer, so N presses x M ratios cost one prefill instead of N 
 `save_prefilled` / `load_prefilled` keep it across sittings. A press whose scores ignore the
 budget (`Press.budget_free`) scores once per sweep: `compress(..., details=True)` (or
 `score_prompt`) returns every layer's scores, and `compress(..., ratio=r, scores=those)` only
-selects and writes; kvzip's extended run is then needed once, and every ratio compresses a plain
+selects and writes; kvzip's repetition then runs once, and every ratio compresses a plain
 `prefill(model, ids)` of the context.
 
 Budgets: `ratio` r keeps n_kept = max(1, floor(n * (1 - r))) tokens of a row of n (kvpress's rule,
@@ -506,6 +508,8 @@ def compress(model, ids, press, *, ratio: float | None = None, budget: int | Non
   """
   press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
                                         "compress", given=scores is not None)
+  if scores is None:
+    scores, ids = _own_scores(model, ids, press, rows, lengths)
   given = None if scores is None else _given_scores(model, press, scores, lengths)
   if not isinstance(room, (int, np.integer)) or room < 1:
     raise SpecError(f"compress: room must be an int >= 1, got {room!r}")
@@ -525,12 +529,29 @@ def score_prompt(model, ids, press, *, ratio: float | None = None, budget: int |
   tests/presses/test_kvpress_oracle.py)."""
   press, rows, lengths, kept = _prepare(model, ids, press, ratio, budget, compat, options,
                                         "score_prompt")
+  scores, ids = _own_scores(model, ids, press, rows, lengths)
+  given = None if scores is None else _given_scores(model, press, scores, lengths)
   return _run(model, rows, lengths, press, kept, None, True, _protected(sink, window),
-              _prefilled(ids))[1]
+              _prefilled(ids), given)[1]
 
 
 def _prefilled(ids) -> Prefilled | None:
   return ids if isinstance(ids, Prefilled) else None
+
+
+def _own_scores(model, ids, press, rows, lengths) -> tuple:
+  """(scores or None, ids): a press that scores by model passes of its own (`Press.own_scores`,
+  kvzip's chunked repetition) gets the rows' plain prefill, which the compress then replays
+  (a Prefilled passed in serves as it is; from ids it is run once here)."""
+  held, rows = [], [list(r[:n]) for r, n in zip(rows, lengths)]  # the context of each row
+
+  def plain():
+    if not held:
+      held.append(ids if isinstance(ids, Prefilled) else prefill(model, rows))
+    return held[0]
+
+  scores = press.own_scores(model, rows, plain)
+  return scores, (held[0] if held else ids)
 
 
 def _protected(sink, window) -> tuple[int, int]:

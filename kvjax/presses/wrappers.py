@@ -57,6 +57,15 @@ class Wrapper(Press):
   def extend(self, rows, tokenizer):
     return self.press.extend(rows, tokenizer)
 
+  def own_scores(self, model, rows, prefilled):
+    if type(self).score is not Wrapper.score:  # this wrapper rescores inside the prefill
+      def refuse():
+        raise SpecError(f"{self.name} rescores {self.press}'s scores inside the prefill, but "
+                        f"{self.press} scores these rows by model passes of its own "
+                        "(Press.own_scores); use a wrapper that only selects (adakv, pyramidkv)")
+      return self.press.own_scores(model, rows, refuse)
+    return self.press.own_scores(model, rows, prefilled)
+
   def score(self, x: LayerInputs, n_kept):
     return self.press.score(x, n_kept)
 

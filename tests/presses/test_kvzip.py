@@ -5,7 +5,9 @@ Checked: the extension (kvpress's prompt and chat-template suffix), the scores a
 transcription of kvpress's score_kvzip on random inputs, ratio 0 keeps every context token and
 decodes exactly like a full cache of the context (and on a hybrid layout, like a plain compress:
 the sliding layers' windows hold the context, not its repetition), the pooled per-layer budget
-with its sinks, and ragged rows equal each row alone.
+with its sinks, and ragged rows equal each row alone. Rows over `chunk` tokens are repeated chunk
+by chunk after a plain prefill: checked against a NumPy kvpress score_kvzip over uncached runs of
+[context, repetition] (and against kvpress itself in test_kvpress_oracle.py, full lane).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax import attention as attn
 from kvjax import presses
 from kvjax.caches.full import FullCache
 from kvjax.caches.terms import SpecError
+from kvjax.models.config import layer_windows
 from kvjax.models.protocol import static_step
+from kvjax.presses.kvzip import chunked_scores
 from tests.presses import synthetic
 
 ROWS = [[(7 * i + 3) % 250 + 5 for i in range(21)], [(11 * i + 1) % 250 + 5 for i in range(14)]]
@@ -147,3 +152,97 @@ def test_ragged_rows_equal_each_row_alone(tiny):
     np.testing.assert_array_equal(np.asarray(both.kept[:, b, :, :n]),
                                   np.asarray(alone.kept[:, 0]))
     assert not np.asarray(both.kept[:, b, :, n:]).any()
+
+
+# ---- the chunked repetition (rows longer than `chunk`) ----------------------------------------
+LONG = [[(7 * i + 3) % 250 + 5 for i in range(37)], [(11 * i + 1) % 250 + 5 for i in range(23)]]
+CHUNKED = f"kvzip(prompt_ids={IDS}, next_prompt_ids=(210, 211), chunk=8, overlap=3, n_sink=2)"
+
+
+def chunk_reference(model, rows, press):
+  """float64 [pressed layers, B, K, T]: kvpress's chunked score_kvzip from one plain causal run
+  of [context, chunk c's repetition] per (row, chunk): the repetition's queries over the first
+  n_sink keys (not for chunk 0), the chunk's keys and their own (causal), max over the queries
+  and each kv head's query heads; the sinks are left at 0 (kvjax raises them above the rest)."""
+  runs, where = [], []
+  for b, r in enumerate(rows):
+    for start in range(0, len(r), press.chunk):
+      head = press.repeat_ids(None) if start == 0 else \
+          press.next_ids(None, r[max(0, start - press.overlap):start])
+      runs.append(r + head + r[start:start + press.chunk])
+      where.append((b, start, len(r)))
+  pre = presses.prefill(model, runs)  # every run at once: one compile
+  pressed = [i for i, w in enumerate(layer_windows(model.config)) if w is None]
+  c = model.config
+  out = np.zeros((len(pressed), len(rows), c.n_kv_heads, max(len(r) for r in rows)))
+  for j, (run, (b, start, n)) in enumerate(zip(runs, where)):
+    end, sink = min(start + press.chunk, n), min(press.n_sink, start)
+    seen = list(range(sink)) + list(range(start, end)) + list(range(n, len(run)))
+    for li, layer in enumerate(pressed):
+      rope, scale = pre.meta[layer]
+      pos = jnp.arange(len(run))[None]
+      q = np.asarray(attn.apply_rope(rope, pre.q[layer][j:j + 1, :len(run)], pos), np.float64)[0]
+      k = np.asarray(attn.apply_rope(rope, pre.k[layer][j:j + 1, :len(run)], pos), np.float64)[0]
+      groups = c.n_heads // c.n_kv_heads
+      logits = np.einsum("qnh,snh->nqs", q[n:], np.repeat(k[seen], groups, axis=1))
+      logits *= c.head_dim**-0.5 if scale is None else scale
+      w = len(run) - n
+      mask = np.ones((w, len(seen)), bool)
+      mask[:, len(seen) - w:] = np.tril(np.ones((w, w), bool))
+      p = np.exp(np.where(mask, logits, -np.inf) - logits.max(-1, keepdims=True))
+      p = np.where(mask, p, 0.0)
+      p /= p.sum(-1, keepdims=True)
+      best = p[:, :, sink:sink + end - start].max(axis=1)  # [N, chunk]
+      out[li, b, :, start:end] = best.reshape(c.n_kv_heads, groups, -1).max(axis=1)
+  return out
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gemma3"])
+def test_chunked_scores_equal_a_causal_run_of_each_repetition(request, name):
+  """Rows over `chunk` tokens are repeated chunk by chunk after the plain prefill (5 and 3 chunks
+  of 8, ragged rows, a later chunk's prompt and overlap, sinks in its softmax; on Gemma 3's layout
+  the sliding layers slide over the context and the repetition): the scores equal a NumPy
+  kvpress score_kvzip over an uncached run of [context, repetition], and the sinks outrank all."""
+  model = request.getfixturevalue(name)
+  press = presses.make_press(CHUNKED)
+  got = np.asarray(presses.score_prompt(model, LONG, press, ratio=0.5).scores)
+  want = chunk_reference(model, LONG, press)
+  for b, r in enumerate(LONG):
+    n = len(r)
+    np.testing.assert_allclose(got[:, b, :, 2:n], want[:, b, :, 2:n], atol=2e-6)
+    assert (got[:, b, :, :2] > got[:, b, :, 2:n].max(axis=-1, keepdims=True)).all()
+    assert not got[:, b, :, n:].any()
+
+
+def test_one_chunk_is_the_one_pass_extension(tiny):
+  """A chunk as long as the row repeats it in one pass: the same scores as the extension."""
+  plain = presses.prefill(tiny, LONG)
+  one = presses.make_press(f"kvzip(prompt_ids={IDS}, chunk=None, n_sink=2)")
+  want = presses.score_prompt(tiny, LONG, one, ratio=0.5).scores
+  got = chunked_scores(tiny, plain, presses.make_press(f"kvzip(prompt_ids={IDS}, n_sink=2)"))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_chunked_compress_reads_the_plain_prefill(tiny):
+  """compress with chunked kvzip from ids equals it from a plain Prefilled and equals compress
+  with the same scores given; an extended Prefilled, or a wrapper that rescores, is refused."""
+  plain = presses.prefill(tiny, LONG)
+  a, info = kvjax.compress(tiny, LONG, CHUNKED, ratio=0.5, room=4, details=True)
+  b, again = kvjax.compress(tiny, plain, CHUNKED, ratio=0.5, room=4, details=True)
+  np.testing.assert_array_equal(np.asarray(again.kept), np.asarray(info.kept))
+  np.testing.assert_array_equal(np.asarray(info.logits), np.asarray(plain.logits))
+  _, given = kvjax.compress(tiny, plain, CHUNKED, ratio=0.5, room=4, details=True,
+                            scores=info.scores)
+  np.testing.assert_array_equal(np.asarray(given.kept), np.asarray(info.kept))
+  np.testing.assert_array_equal(np.asarray(a.lengths), [len(r) for r in LONG])
+  nxt, n = jnp.asarray([[40, 41], [50, 51]], jnp.int32), jnp.asarray([2, 2], jnp.int32)
+  x, _ = _step(static_step(tiny), tiny.params, nxt, a, n)
+  y, _ = _step(static_step(tiny), tiny.params, nxt, b, n)
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  extended = presses.prefill(tiny, LONG, press=f"kvzip(prompt_ids={IDS})")
+  with pytest.raises(SpecError, match="plain prefill"):
+    kvjax.compress(tiny, extended, CHUNKED, ratio=0.5)
+  with pytest.raises(SpecError, match="rescores"):
+    kvjax.compress(tiny, LONG, f"criticalkv({CHUNKED})", ratio=0.5)
+  with pytest.raises(SpecError, match="chunk must be"):
+    presses.make_press("kvzip(chunk=4, overlap=8)")
