@@ -409,6 +409,10 @@ def main() -> None:
   timings["greedy"] = round(time.time() - t0, 2)
   print("greedy:", greedy, flush=True)
 
+  # ---- kvzip: scoring by repeating the context, one pass or chunk by chunk ----------------------
+  if not args.only or "kvzip" in args.only.split(","):
+    press_meta["kvzip"] = record_kvzip(model, gguf_path, prompts, args.out, timings)
+
   # ---- presses that re-rotate keys or choose whole layers (their own capture) -----------------
   extra = [n for n in ("key_rerotation", "simlayerkv", "finch")
            if not args.only or n in args.only.split(",")]
@@ -495,6 +499,92 @@ def main() -> None:
     manifest["timings_s"] = {**previous.get("timings_s", {}), **timings}
   (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
   print(f"done in {timings['total']}s", flush=True)
+
+
+# KVzip's runs: chunk_size 2048 (kvpress's default) repeats each fixture prompt in one pass; 64
+# repeats it in 4-5 chunks (later chunks: another instruction, the previous chunk's last 8 tokens,
+# sinks in the softmax), the path kvpress takes for contexts over 2048 tokens, on short prompts.
+KVZIP_CHUNKS = (2048, 64)
+
+
+def record_kvzip(model, gguf, prompts, out, timings):
+  """KVzipPress(layerwise=True) on each prompt at each chunk size of KVZIP_CHUNKS and ratio:
+  kvpress's final scores (`score_val` after compress_post raised the sinks) and kept positions
+  (the complement of each layer's `masked_key_indices`). kvpress loads a tokenizer from
+  model.config.name_or_path, which a GGUF-loaded model cannot give (saved and reloaded, the GGUF
+  tokenizer encodes spaces and newlines as id 0): for the run, kvpress's module gets the GGUF
+  tokenizer itself, without its chat template, so the prompt has no chat prefix and the
+  repetition's answer opening is "\\n" (kvjax: kvzip(suffix='\\n')). Writes kvzip.npz; returns
+  the manifest entry."""
+  import torch
+  from kvpress import KVzipPress
+  from kvpress.presses import kvzip_press
+  from transformers import AutoTokenizer, DynamicCache
+
+  t0 = time.time()
+  model.set_attn_implementation("sdpa")  # KVzipPress refuses eager attention
+  n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+  tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+  tok.chat_template = None
+
+  class GGUFTokenizer:  # what kvzip_press's AutoTokenizer.from_pretrained(...) returns here
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+      return tok
+
+  original_post, original_prepare = KVzipPress.compress_post, KVzipPress.prepare
+  seen = {}
+
+  def prepare(self, *args, **kwargs):  # the (chunk, repetition) pairs kvpress runs
+    seen["pairs"] = original_prepare(self, *args, **kwargs)
+    return seen["pairs"]
+
+  def compress_post(self, model_):  # record what kvpress decided, then let it decide
+    original_post(self, model_)
+    seen["scores"] = self.score_val[:, 0].float().numpy().copy()  # [L, K, T]
+    seen["pruned"] = [tuple(x.numpy() for x in layer.self_attn.masked_key_indices)
+                      for layer in model_.model.layers]
+
+  arrays, repeat = {}, {}
+  try:
+    KVzipPress.compress_post, KVzipPress.prepare = compress_post, prepare
+    kvzip_press.AutoTokenizer = GGUFTokenizer
+    for pi, p in enumerate(prompts):
+      ids = torch.tensor([p["ids"]])
+      t = ids.shape[1]
+      arrays[f"ids_p{pi}"] = np.asarray(p["ids"], np.int32)
+      for chunk in KVZIP_CHUNKS:
+        for ratio in RATIOS:
+          press = KVzipPress(compression_ratio=ratio, layerwise=True, chunk_size=chunk)
+          with torch.no_grad(), press(model):
+            model(input_ids=ids, past_key_values=DynamicCache())
+          kept = np.ones((n_layers, n_kv, t), bool)
+          for layer, (_, heads, positions) in enumerate(seen["pruned"]):
+            kept[layer, heads, positions] = False
+          key = f"p{pi}_c{chunk}"
+          arrays.setdefault(f"scores_{key}", seen["scores"])  # the same at every ratio
+          assert np.array_equal(arrays[f"scores_{key}"], seen["scores"]), key
+          arrays[f"kept_mask_{key}_r{int(round(ratio * 100))}"] = np.packbits(kept, axis=-1)
+          if pi == 0 and chunk == 64:  # the ids kvpress ran between context and repetition
+            for c, (piece, run) in enumerate(seen["pairs"][:2]):
+              repeat[f"chunk{c}"] = run[0, :run.shape[1] - piece.shape[1]].tolist()
+  finally:
+    KVzipPress.compress_post, KVzipPress.prepare = original_post, original_prepare
+    kvzip_press.AutoTokenizer = AutoTokenizer
+  np.savez_compressed(out / "kvzip.npz", **arrays)
+  timings["kvzip"] = round(time.time() - t0, 2)
+  print(f"kvzip: {timings['kvzip']}s, {len(arrays)} arrays", flush=True)
+  return {"class": "KVzipPress", "fixture_params": {"layerwise": True, "chunk_size": list(KVZIP_CHUNKS)},
+          "kvjax": "kvzip(suffix='\\n', chunk=C)",
+          "repeat_ids": repeat,
+          "arrays": {"scores_p{i}_c{C}": "float32 [layers, kv_heads, T_i] score_val after "
+                                         "compress_post (sinks at max + 1), chunk_size C",
+                     "kept_mask_p{i}_c{C}_r{RR}": "packbits bool [layers, kv_heads, T_i]: not in "
+                                                  "masked_key_indices"},
+          "description": "max attention of the context's repetition to each context token; a "
+                         "layer's kv heads share K n - floor(K n r) kept pairs (layerwise=True). "
+                         "Kim et al. 2025, 'KVzip: Query-Agnostic KV Cache Compression with "
+                         "Context Reconstruction', arXiv:2505.23416"}
 
 
 # Fixture settings of the presses recorded by `record_layer_presses`.

@@ -150,3 +150,45 @@ def test_key_rerotation_decodes_like_kvpress(smollm2):
   first = int(np.argmax(np.asarray(info.logits[0])))
   out = kvjax.generate(smollm2, [[first]], cache=cache, max_new_tokens=7, stop_at_eos=False)
   assert [first] + [int(x) for x in out.tokens[0]] == want["ids"]
+
+
+@pytest.mark.parametrize("chunk", [2048, 64])
+def test_kvzip_matches_kvpress(chunk, smollm2):
+  """KVzipPress(layerwise=True) at chunk_size 2048 (each fixture prompt repeated in one pass) and
+  64 (in 4-5 chunks: kvpress's path for contexts over 2048 tokens). The ids kvpress puts between
+  the context and each repetition are kvjax's; the scores agree to SCORE_RTOL (the sinks, which
+  each raises above the rest its own way, aside). kvpress keeps K n - floor(K n r) (layer, kv
+  head) pairs per layer and kvjax K floor(n (1 - r)), up to K fewer: kvjax's kept set is the
+  top of kvpress's own ranking, of its size, up to exact ties."""
+  fixture, meta = oracle.load("kvzip"), oracle.manifest()["presses"]["kvzip"]
+  rows = [r.tolist() for r in oracle.prompts(fixture)]
+  spec = f"kvzip(suffix='\\n', chunk={chunk})"
+  press = presses.make_press(spec)
+  tok = smollm2.tokenizer
+  assert press.repeat_ids(tok) == meta["repeat_ids"]["chunk0"]
+  assert press.next_ids(tok, rows[0][56:64]) == meta["repeat_ids"]["chunk1"]
+  kv_heads, tied = smollm2.config.n_kv_heads, 0
+  for ratio in oracle.RATIOS:
+    info = presses.score_prompt(smollm2, rows, spec, ratio=ratio)
+    for i, ids in enumerate(rows):
+      t, sink = len(ids), press.n_sink
+      ref = fixture[f"scores_p{i}_c{chunk}"]
+      got_scores = np.asarray(info.scores[:, i, :, :t])
+      scale = np.abs(ref[..., sink:]).max(axis=(1, 2), keepdims=True)
+      assert np.all(np.abs(got_scores[..., sink:] - ref[..., sink:]) <= SCORE_RTOL * scale), \
+          f"kvzip c{chunk} p{i}: scores differ from kvpress"
+      want = np.unpackbits(fixture[f"kept_mask_p{i}_c{chunk}_{oracle.tag(ratio)}"], axis=-1,
+                           count=t).astype(bool)
+      got = np.asarray(info.kept[:, i, :, :t])
+      n_got, n_want = got.sum(axis=(1, 2)), want.sum(axis=(1, 2))
+      assert ((n_want - n_got >= 0) & (n_want - n_got <= kv_heads)).all(), (n_want, n_got)
+      for kept, n in ((want, n_want), (got, n_got)):  # each is the top of kvpress's ranking
+        order = np.argsort(-ref.reshape(len(ref), -1), axis=-1, kind="stable")
+        top = np.zeros(order.shape, bool)
+        for layer in range(len(ref)):
+          top[layer, order[layer, :n[layer]]] = True
+        untied, ties = oracle.untied_mismatches(ref, top.reshape(ref.shape), kept,
+                                                pooled_heads=True)
+        assert untied == 0, f"kvzip c{chunk} p{i} r{ratio}: {untied} layers differ beyond ties"
+        tied += ties
+  print(f"kvzip chunk {chunk}: kept sets equal up to {tied} tied positions")
