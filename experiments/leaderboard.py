@@ -25,9 +25,11 @@ layer's queries, keys and values kept), and every (press, ratio) compresses that
 (`kvjax.compress(model, prefilled, ...)`, which only scores, selects and writes). A press whose
 scores ignore the budget (`Press.budget_free`: all but a few) scores once per setting: its first
 ratio keeps the scores and the later ones pass them back (`compress(..., scores=)`), so they only
-select and write. kvzip, which scores an extension of the prompt, scores it once per setting
-(`kvjax.presses.score_prompt`, with --prefill-dir kept on disk) and compresses the plain prefill
-like every other press; its query-aware first token is the plain prefill's, as for every press.
+select and write. kvzip repeats contexts over 2048 tokens chunk by chunk after the plain
+prefill (as kvpress does), scored like any budget-free press; on shorter rows (--quick) it scores
+an extension of the prompt, once per setting (`kvjax.presses.score_prompt`, with --prefill-dir
+kept on disk) and compresses the plain prefill like every other press; its query-aware first
+token is the plain prefill's, as for every press.
 `--resume` keeps the rows of an earlier run's JSON and
 runs only the missing configurations (a long grid in several sittings); `--prefill-dir` keeps the
 prefills too (`kvjax.presses.save_prefilled`, ~0.5 GB per 4096-token row on SmolLM2), named by a
@@ -116,7 +118,7 @@ parser.add_argument("--time-limit", type=float, default=None,
                          "not_run in the JSON")
 parser.add_argument("--defer", nargs="+", default=[], metavar="PRESS",
                     help="presses (labels) left for a later sitting: listed under not_run, like "
-                         "--time-limit's (kvzip at 8192 tokens scores for an hour per setting)")
+                         "--time-limit's")
 parser.add_argument("--strict", action="store_true", help="raise on a failing press")
 parser.add_argument("--resume", action="store_true",
                     help="keep the rows of the model's JSON in --out and run only the "
@@ -494,10 +496,11 @@ if set(args.defer) - set(specs):
   parser.error(f"--defer: {sorted(set(args.defer) - set(specs))} are not among this run's presses "
                f"({', '.join(specs)})")
 
-def extends(spec: str) -> bool:
-  """True for a press that scores an extension of the prompt (kvzip): `extension_scores`."""
-  probe = [[1, 2, 3]]
-  return make_press(spec).extend(probe, tok)[0] != probe
+def extends(spec: str, rows) -> bool:
+  """True for a press that scores an extension of these rows (kvzip up to its chunk size):
+  `extension_scores`. kvzip repeats longer rows chunk by chunk after their plain prefill, which
+  `compress` does from the prefill like any press's scoring."""
+  return make_press(spec).extend(rows, tok)[0] != rows
 
 
 # One prefill per (length, setting) serves every (press, ratio). Both settings' prefills are held
@@ -600,10 +603,12 @@ for length, todo in plan:
     continue
   # A press that extends the prompt (kvzip) scores its extension before the plain prefills are
   # held (at 8192 tokens the two of them take ~13 GB): its later ratios reuse the scores.
-  for label, spec, setting in dict.fromkeys((c[0], c[1], c[3]) for c in todo if extends(c[1])):
-    with outcomes.guard(f"{label}/{setting}"):
-      for i, batch in enumerate(batches(samples[length])):
-        scored[(label, setting, i)] = extension_scores(prompt_rows(batch, setting), spec)
+  for label, spec, setting in dict.fromkeys((c[0], c[1], c[3]) for c in todo):
+    for i, batch in enumerate(batches(samples[length])):
+      rows = prompt_rows(batch, setting)
+      if extends(spec, rows):
+        with outcomes.guard(f"{label}/{setting}"):
+          scored[(label, setting, i)] = extension_scores(rows, spec)
   prefilled = {}
   for setting in dict.fromkeys(setting for *_, setting in todo):
     t0 = time.perf_counter()
