@@ -466,6 +466,8 @@ def render_leaderboard(d):
     lines.append(f"Not run ({why}): {len(d['not_run'])} "
                  "configurations, " + ", ".join(f"`{k}`" for k in d["not_run"][:12])
                  + (", ..." if len(d["not_run"]) > 12 else "") + ".\n")
+  if d.get("row_notes"):  # said of some rows after the run (e.g. made by an earlier press version)
+    lines.append("Rows: " + "; ".join(f"`{k}`: {v}" for k, v in d["row_notes"].items()) + ".\n")
   if st.get("tasks_left_out"):
     lines.append("Tasks left out: " + "; ".join(f"`{k}` ({v[:90]})" for k, v in
                                                 st["tasks_left_out"].items()) + ".\n")
