@@ -181,28 +181,28 @@ def chunked_scores(model, prefilled, press: KVzipPress):
   size, t = press.chunk, max(len(r) for r in rows)
   n_context = np.array([len(r) for r in rows], np.int32)
   windows = layer_windows(model.config)
-  pressed = [i for i, w in enumerate(windows) if w is None]
   keys = tuple(jnp.pad(k, ((0, 0), (0, size), (0, 0), (0, 0))) for k in prefilled.k)
-  pieces = []
-  for c in range(-(-t // size)):
-    start = c * size
-    heads = [press.repeat_ids(tokenizer) if c == 0 else
+  chunks = []  # per chunk: each row's repetition [instruction (+ overlap), suffix, chunk]
+  for start in range(0, t, size):
+    heads = [press.repeat_ids(tokenizer) if start == 0 else
              press.next_ids(tokenizer, r[max(0, start - press.overlap):start]) for r in rows]
-    runs = [h + r[start:start + size] for h, r in zip(heads, rows)]
-    width = max(len(h) for h in heads) + size  # one shape for every chunk of this call
+    chunks.append([h + r[start:start + size] for h, r in zip(heads, rows)])
+  width = max(len(run) for runs in chunks for run in runs)  # one compiled shape for every chunk
+  pieces = []
+  for c, runs in enumerate(chunks):
     tokens = np.zeros((len(rows), width), np.int32)
     for b, run in enumerate(runs):
       tokens[b, :len(run)] = run
     pieces.append(_repeat_chunk(
         static_step(model), model.params, jnp.asarray(tokens),
         jnp.asarray([len(x) for x in runs], jnp.int32), keys, prefilled.v,
-        jnp.asarray(n_context), jnp.int32(start), size, press.n_sink, press.block,
+        jnp.asarray(n_context), jnp.int32(c * size), size, press.n_sink, press.block,
         tuple(windows)))
   scores = jnp.concatenate(pieces, axis=-1)[..., :t]  # [pressed, B, K, T]
   context = jnp.arange(t)[None, :] < n_context[:, None]
   scores = jnp.where(context[None, :, None, :], scores, 0.0)
   sinks = (jnp.arange(t) < press.n_sink)[None, None, :]
-  return jnp.stack([protect(scores[i], sinks) for i in range(len(pressed))])
+  return jax.vmap(protect, in_axes=(0, None))(scores, sinks)  # each layer's sinks above its max
 
 
 @functools.partial(jax.jit, static_argnames=("step", "size", "n_sink", "block", "windows"))
