@@ -38,6 +38,11 @@ FULL_LANE = {
     "tests/caches/test_hybrid.py::test_share_cal_with_identity_maps_equals_share_on_gemma3": 12.8,
     "tests/experiments/test_leaderboard.py::test_leaderboard_quick_structure": 23.7,
     "tests/presses/test_compress.py::test_pyramid_budgets_make_a_layered_cache": 4.6,
+    # (2026-12-07, the suite at 310 s on a fresh clone after chunked kvzip's tests) the one-pass
+    # equivalence of a single chunk and the hybrid variant of the chunked reference check (the
+    # tiny variant and the compress checks stay; the kvpress oracle checks both paths).
+    "tests/presses/test_kvzip.py::test_one_chunk_is_the_one_pass_extension": 7.2,
+    "tests/presses/test_kvzip.py::test_chunked_scores_equal_a_causal_run_of_each_repetition[tiny_gemma3]": 4.8,
     "tests/presses/test_compress.py::test_a_user_press_end_to_end": 10.0,
     "tests/test_research_doc.py::test_a_press_compresses_the_pages_own_model": 15.0,
     "tests/presses/test_compress.py::test_a_prefilled_refuses_what_it_cannot_replay": 6.0,
